@@ -1,0 +1,5 @@
+import sys
+
+from peftgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,371 @@
+"""The experiment spec: pydantic models for spec v1 (``../shared/spec-v1.md``).
+
+Only shape and single-section rules live here: types, ranges, enums and rules that
+need nothing but the spec itself. Rules that need the resolved architecture or GPU
+(``target_modules`` names, bf16 support) live in ``peftgen.resolve``. No I/O here.
+
+Every model is frozen and forbids unknown keys: a misspelt key that were silently
+ignored would surface as a wrong run an hour later, which is the failure this tool
+exists to prevent.
+
+Convention for rules that span fields (model validators): the message starts with the
+field path relative to the model that raises it, then ``": "`` (e.g.
+``"dataset.format: ..."`` on the spec, ``"distributed: ..."`` on ``hardware``), so the
+loader can point at that field's line instead of the section's.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+SPEC_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+# A Python identifier-like module name as peft matches it (a suffix of a dotted module path).
+MODULE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_0-9][A-Za-z0-9_]*)*$"
+# "path/to/file.py:function" for a user reward function.
+USER_REWARD_PATTERN = re.compile(r"^(?P<path>[^:\n\r\x00]+\.py):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
+
+Method = Literal["sft", "dpo", "grpo"]
+Precision = Literal["auto", "bf16", "fp16", "8bit", "4bit"]
+AttnImplementation = Literal["sdpa", "flash_attention_2", "eager"]
+DatasetFormat = Literal["messages", "prompt_completion", "text", "preference", "prompt"]
+Distributed = Literal["none", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
+# transformers 5.24 OptimizerNames that peftgen models and renders.
+Optim = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_lion_8bit",
+    "paged_lion_32bit",
+]
+SchedulerName = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+]
+SaveStrategy = Literal["no", "steps", "epoch", "best"]
+ReportTo = Literal["none", "tensorboard", "wandb", "mlflow", "trackio"]
+# trl 1.16 DPOConfig.loss_type values.
+DpoLossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+BuiltinReward = Literal["format", "length"]
+BUILTIN_REWARDS: tuple[str, ...] = ("format", "length")
+ChatTemplateName = Literal["chatml"]
+
+# Which dataset formats each method can train on.
+FORMATS_BY_METHOD: dict[str, tuple[str, ...]] = {
+    "sft": ("messages", "prompt_completion", "text"),
+    "dpo": ("preference",),
+    "grpo": ("prompt", "messages"),
+}
+
+
+class _Frozen(BaseModel):
+    """Base of every spec model: immutable, unknown keys are errors, docs become schema."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+
+class ModelSpec(_Frozen):
+    """The base model to fine-tune."""
+
+    id: Annotated[str, Field(min_length=1, max_length=300)]
+    """Catalogue id or alias (e.g. `meta-llama/Meta-Llama-3-8B`, `llama3-8b`), a hub id, or a local folder with config.json."""
+    revision: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    """Hub revision (branch, tag or commit) to load; `null` for the default branch."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code. Never on by default: it executes code from the hub."""
+    attn_implementation: AttnImplementation = "sdpa"
+    """Attention kernel: `sdpa` (PyTorch), `flash_attention_2` (needs Ampere or newer and flash-attn), or `eager`."""
+
+    @field_validator("id", "revision")
+    @classmethod
+    def _no_control_characters(cls, value: str | None) -> str | None:
+        if value is not None and any(ch in value for ch in "\n\r\t\x00"):
+            raise ValueError("must be a single line without control characters")
+        return value
+
+
+class DatasetSpec(_Frozen):
+    """Where the training data comes from and how its rows are shaped."""
+
+    path: Annotated[str, Field(min_length=1, max_length=1000)]
+    """A local .jsonl/.json/.csv/.parquet file (relative to the current directory), or a hub dataset id."""
+    split: Annotated[str, Field(min_length=1, max_length=100)] = "train"
+    """Dataset split to train on."""
+    format: DatasetFormat
+    """Row shape: `messages` (chat turns), `prompt_completion`, `text`, `preference` (prompt/chosen/rejected), `prompt` (GRPO)."""
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Share of rows held out for evaluation (0 <= x < 1); 0 disables evaluation."""
+    chat_template: ChatTemplateName | None = None
+    """A named chat template to install when the model's tokenizer has none (adds special tokens, so embeddings and lm_head are trained and saved)."""
+
+    @field_validator("path", "split")
+    @classmethod
+    def _single_line(cls, value: str) -> str:
+        if any(ch in value for ch in "\n\r\x00"):
+            raise ValueError("must be a single line without control characters")
+        return value
+
+
+class HardwareSpec(_Frozen):
+    """The GPU(s) the run targets; the plan's fit check uses these."""
+
+    gpu: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    """Catalogue GPU name or alias (case, space and dash insensitive), e.g. `rtx-4090`, `A100 80GB`."""
+    vram_gib: Annotated[float, Field(gt=0, le=4096)] | None = None
+    """GPU memory in GiB; overrides the catalogue's figure, or replaces `gpu` when the card is not catalogued."""
+    num_gpus: Annotated[int, Field(ge=1, le=1024)] = 1
+    """GPUs per node."""
+    num_nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Machines taking part; each has `num_gpus` GPUs."""
+    distributed: Distributed = "none"
+    """Multi-GPU engine through accelerate: `none`, `ddp`, `fsdp`, `deepspeed-zero2`, `deepspeed-zero3`."""
+    headroom_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.05
+    """Share of GPU memory the plan keeps free (other processes, allocator spikes): budget = memory x (1 - headroom)."""
+
+    @model_validator(mode="after")
+    def _gpu_or_memory(self) -> HardwareSpec:
+        if self.gpu is None and self.vram_gib is None:
+            raise ValueError("gpu: give `gpu` (a catalogue name) or `vram_gib` (memory in GiB)")
+        world = self.num_gpus * self.num_nodes
+        if self.distributed == "none" and world > 1:
+            raise ValueError(
+                f"distributed: {world} GPUs need a `distributed` engine: ddp, fsdp, deepspeed-zero2 or deepspeed-zero3"
+            )
+        if self.distributed != "none" and world == 1:
+            raise ValueError(
+                f"distributed: `{self.distributed}` needs num_gpus (or num_nodes) > 1; use distributed: none"
+            )
+        return self
+
+
+class QuantizationSpec(_Frozen):
+    """bitsandbytes 4-bit settings, used when the plan loads the base model in 4-bit."""
+
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: NormalFloat4 (`nf4`, best for normally distributed weights) or `fp4`."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bits per parameter)."""
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."""
+
+
+class LoraSpec(_Frozen):
+    """peft.LoraConfig keys, passed through 1:1."""
+
+    r: Annotated[int, Field(gt=0, le=4096)] = 16
+    """Adapter rank: capacity of the update (8-64 typical)."""
+    lora_alpha: Annotated[float, Field(gt=0)] = 16
+    """Scaling numerator: the update is scaled by lora_alpha / r (or / sqrt(r) with rsLoRA)."""
+    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Dropout on the adapter input, 0 <= x < 1."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train."""
+    target_modules: Literal["all-linear"] | list[Annotated[str, Field(pattern=MODULE_NAME_PATTERN)]] = (
+        "all-linear"
+    )
+    """`all-linear` (every linear layer but the output head) or a list of module names such as `[q_proj, v_proj]`."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): adds a trained magnitude vector per adapted layer."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r)."""
+    modules_to_save: list[Annotated[str, Field(pattern=MODULE_NAME_PATTERN)]] = []
+    """Modules trained in full and saved with the adapter, e.g. `[embed_tokens, lm_head]` after adding tokens."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("list at least one module name, or use all-linear")
+            if len(set(value)) != len(value):
+                raise ValueError("lists a module name twice")
+        return value
+
+
+class TrainingSpec(_Frozen):
+    """Trainer arguments (trl SFTConfig / DPOConfig / GRPOConfig names)."""
+
+    max_length: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    """Tokens per sequence (longer rows are truncated)."""
+    per_device_train_batch_size: Annotated[int, Field(ge=1, le=4096)] = 1
+    """Sequences per GPU per forward pass (the micro-batch)."""
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=65536)] = 8
+    """Micro-batches per optimizer step; effective batch = micro-batch x this x GPUs."""
+    num_train_epochs: Annotated[float, Field(gt=0, le=1000)] = 1
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: Annotated[int, Field(ge=-1)] = -1
+    """Optimizer steps to run; -1 trains for num_train_epochs."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2.0e-4
+    """Peak learning rate."""
+    lr_scheduler_type: SchedulerName = "cosine"
+    """Learning-rate schedule."""
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.03
+    """Share of steps spent warming up the learning rate."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less activation memory for ~30% more compute."""
+    packing: bool = False
+    """Pack several short rows into each max_length sequence (SFT only)."""
+    optim: Optim = "adamw_torch"
+    """Optimizer (transformers OptimizerNames); 8-bit and paged variants use bitsandbytes."""
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    """Random seed for data order and adapter initialisation."""
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    """Log every this many optimizer steps."""
+    save_strategy: SaveStrategy = "epoch"
+    """When to write checkpoints."""
+    save_steps: Annotated[int, Field(ge=1)] = 500
+    """Checkpoint interval when save_strategy is `steps`."""
+    report_to: ReportTo = "none"
+    """Experiment tracker to log to."""
+
+    @model_validator(mode="after")
+    def _best_needs_eval(self) -> TrainingSpec:
+        if self.save_strategy == "best":
+            raise ValueError("save_strategy: `best` needs a metric to track; use steps or epoch")
+        return self
+
+
+class DpoSpec(_Frozen):
+    """DPO settings (trl DPOConfig names); only with `method: dpo`."""
+
+    beta: Annotated[float, Field(gt=0, le=100)] = 0.1
+    """Strength of the pull towards the reference model."""
+    loss_type: DpoLossType = "sigmoid"
+    """Preference loss."""
+    precompute_ref_log_probs: bool = False
+    """Compute the reference model's log-probs once before training instead of at every step."""
+
+
+class GrpoSpec(_Frozen):
+    """GRPO settings (trl GRPOConfig names); only with `method: grpo`."""
+
+    num_generations: Annotated[int, Field(ge=2, le=1024)] = 8
+    """Completions sampled per prompt (the group whose rewards are compared)."""
+    max_completion_length: Annotated[int, Field(ge=1, le=1_048_576)] = 256
+    """Tokens generated per completion."""
+    reward_funcs: Annotated[list[str], Field(min_length=1)]
+    """Built-in rewards (`format`, `length`) or user functions as `path/to/file.py:function`."""
+    beta: Annotated[float, Field(ge=0, le=100)] = 0.0
+    """KL penalty towards the reference model; 0 (trl's default) keeps no reference pass."""
+    temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
+    """Sampling temperature for the generations."""
+
+    @field_validator("reward_funcs")
+    @classmethod
+    def _known_rewards(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item not in BUILTIN_REWARDS and not USER_REWARD_PATTERN.match(item):
+                raise ValueError(
+                    f"unknown reward {item!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}) "
+                    "or 'path/to/file.py:function'"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("lists a reward twice")
+        return value
+
+
+class _SpecBase(_Frozen):
+    name: Annotated[str, Field(pattern=SPEC_NAME_PATTERN, max_length=100)]
+    """Experiment name: lowercase letters, digits, `.`, `_`, `-`; names the output folder and generated files."""
+    model: ModelSpec
+    dataset: DatasetSpec
+    hardware: HardwareSpec
+    precision: Precision = "auto"
+    """Base-model loading: `auto` (the planner picks bf16, else 8-bit, else 4-bit), `bf16`, `fp16`, `8bit`, `4bit`."""
+    quantization: QuantizationSpec = QuantizationSpec()
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    output_dir: Annotated[str, Field(min_length=1, max_length=1000)] | None = None
+    """Where checkpoints and the adapter go; defaults to `outputs/<name>`."""
+
+    @model_validator(mode="after")
+    def _format_fits_method(self) -> _SpecBase:
+        method = getattr(self, "method", "sft")
+        allowed = FORMATS_BY_METHOD[method]
+        if self.dataset.format not in allowed:
+            raise ValueError(
+                f"dataset.format: {self.dataset.format!r} cannot train method {method!r}; "
+                f"use one of: {', '.join(allowed)}"
+            )
+        if self.training.packing and method != "sft":
+            raise ValueError(f"training.packing: packing is for SFT only; method {method!r} cannot pack")
+        if self.output_dir is not None and any(ch in self.output_dir for ch in "\n\r\x00"):
+            raise ValueError("output_dir: must be a single line")
+        return self
+
+    @property
+    def resolved_output_dir(self) -> str:
+        return self.output_dir if self.output_dir is not None else f"outputs/{self.name}"
+
+
+class SftSpec(_SpecBase):
+    """Supervised fine-tuning with trl's SFTTrainer."""
+
+    method: Literal["sft"]
+    """Training objective: `sft`, `dpo` or `grpo`."""
+
+
+class DpoRunSpec(_SpecBase):
+    """Direct preference optimisation with trl's DPOTrainer."""
+
+    method: Literal["dpo"]
+    """Training objective: `sft`, `dpo` or `grpo`."""
+    dpo: DpoSpec = DpoSpec()
+
+
+class GrpoRunSpec(_SpecBase):
+    """Group relative policy optimisation with trl's GRPOTrainer."""
+
+    method: Literal["grpo"]
+    """Training objective: `sft`, `dpo` or `grpo`."""
+    grpo: GrpoSpec
+
+
+Spec = Annotated[SftSpec | DpoRunSpec | GrpoRunSpec, Field(discriminator="method")]
+SPEC_ADAPTER: TypeAdapter[SftSpec | DpoRunSpec | GrpoRunSpec] = TypeAdapter(Spec)
+AnySpec = SftSpec | DpoRunSpec | GrpoRunSpec
+
+
+def spec_json_schema() -> dict[str, object]:
+    """The JSON Schema editors use to complete and check spec files."""
+    schema = SPEC_ADAPTER.json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "peftgen experiment spec v1"
+    return schema
