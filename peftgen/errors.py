@@ -25,6 +25,8 @@ class Problem:
     """Dotted path of the field, e.g. ``lora.r``."""
     hint: str | None = None
     """A did-you-mean or a fix, shown after the message."""
+    source_line: str | None = None
+    """The text of ``line`` in ``file``, quoted under the message with a caret at ``column``."""
 
     def location(self) -> str:
         """``file:line:col`` as far as it is known."""
@@ -40,6 +42,11 @@ class Problem:
         where = self.location()
         field_part = f" {self.field_path}:" if self.field_path else ""
         text = f"{where}:{field_part} {self.message}"
+        if self.source_line is not None and self.line is not None:
+            gutter = " " * len(str(self.line))
+            text += f"\n  {self.line} | {self.source_line}"
+            if self.column is not None:
+                text += f"\n  {gutter} | {' ' * (self.column - 1)}^"
         if self.hint:
             text += f"\n    hint: {self.hint}"
         return text
