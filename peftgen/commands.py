@@ -11,6 +11,7 @@ import json
 import sys
 
 from peftgen.load import load_spec
+from peftgen.plan import Plan
 from peftgen.spec import spec_json_schema
 
 
@@ -33,7 +34,80 @@ def schema(args: argparse.Namespace) -> int:
 
 
 def plan(args: argparse.Namespace) -> int:
-    raise NotImplementedError("issue 3")
+    """Print the memory plan (a table, or ``--json``); exit 3 when nothing fits."""
+    from peftgen.plan import make_plan
+    from peftgen.resolve import resolve
+
+    result = make_plan(resolve(load_spec(args.spec)), args.gpu, args.vram_gib)
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+    else:
+        _print_plan(result)
+    return 0 if result.fits else 3
+
+
+def _print_plan(result: Plan) -> None:
+    """The rich table: components x precisions, fit marks, chosen column highlighted."""
+    from rich.console import Console
+    from rich.table import Table
+
+    gib = 2**30
+    console = Console(highlight=False)
+    gpu = result.gpu
+    console.print(
+        f"[bold]{result.spec}[/] on {gpu.name} ({gpu.vram_bytes / gib:.1f} GiB, "
+        f"budget {result.budget_bytes / gib:.1f} GiB)"
+    )
+    trainable, total = result.trainable_parameters, result.total_parameters
+    console.print(
+        f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
+    table = Table(title="peak GPU memory per component (GiB)")
+    table.add_column("component")
+    for candidate in result.candidates:
+        chosen = candidate.precision == result.chosen_precision
+        table.add_column(
+            f"{candidate.precision}{' (chosen)' if chosen else ''}",
+            justify="right",
+            style="bold green" if chosen else None,
+        )
+    for key in (
+        "weights_bytes",
+        "adapter_bytes",
+        "gradient_bytes",
+        "optimizer_bytes",
+        "activation_bytes",
+        "logits_bytes",
+        "overhead_bytes",
+    ):
+        table.add_row(
+            key.removesuffix("_bytes"),
+            *(f"{getattr(c.breakdown, key) / gib:.2f}" for c in result.candidates),
+        )
+    table.add_section()
+    table.add_row(
+        "peak allocated", *(f"{c.peak_allocated_bytes / gib:.2f}" for c in result.candidates)
+    )
+    table.add_row(
+        "peak reserved", *(f"{c.peak_reserved_bytes / gib:.2f}" for c in result.candidates)
+    )
+    if any(c.managed_bytes for c in result.candidates):
+        table.add_row(
+            "paged (managed, outside)",
+            *(f"{c.managed_bytes / gib:.2f}" for c in result.candidates),
+        )
+    table.add_row("fits", *("yes" if c.fits else "[red]no[/]" for c in result.candidates))
+    console.print(table)
+    for decision in result.decisions:
+        console.print(f"[bold]{decision.knob}[/] = {decision.value}: {decision.reason}")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/]: {warning}")
+    if not result.fits:
+        console.print("[red bold]nothing fits.[/] Suggestions, best first:")
+    for number, suggestion in enumerate(result.suggestions, 1):
+        change = ", ".join(f"{k}: {v}" for k, v in suggestion.change.items())
+        console.print(f"  {number}. {suggestion.action} ({change}) - {suggestion.detail}")
 
 
 def emit(args: argparse.Namespace) -> int:

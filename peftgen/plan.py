@@ -9,8 +9,14 @@ Field names follow the public contract in spec-v1 (``plan --json``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
+
+from peftgen.catalog import Gpu, find_gpu, gpu_catalogue, gpu_names, suggest
+from peftgen.errors import UserError
+from peftgen.memory import GIB, PAGED_OPTIMIZERS, Estimate, EstimateInput, adapter_dtype, estimate
+from peftgen.resolve import Resolved
 
 LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
 
@@ -68,6 +74,8 @@ class Candidate:
     breakdown: MemoryBreakdown
     managed_bytes: int = 0
     """Paged optimizer state in CUDA managed memory: outside torch's counters and the peak."""
+    torch_reserved_bytes: int = 0
+    """What ``torch.cuda.max_memory_reserved`` would report: reserved minus the CUDA context."""
     phase: str = "train"
     """The phase that sets the peak (GRPO: ``generation`` or ``train``)."""
     assumptions: tuple[Assumption, ...] = ()
@@ -85,6 +93,8 @@ class Suggestion:
     """The spec edit as dotted keys, e.g. {"training.gradient_checkpointing": true}."""
     peak_reserved_bytes: int | None = None
     """Peak after the change, when the planner computed it."""
+    fits: bool = False
+    """The run fits the budget after this change alone."""
 
 
 @dataclass(frozen=True)
@@ -133,3 +143,467 @@ class Plan:
         for candidate, raw in zip(self.candidates, data["candidates"], strict=True):
             raw["breakdown"] = asdict(candidate.breakdown)
         return data
+
+
+# --------------------------------------------------------------------------- the planner
+
+MIN_MAX_LENGTH = 16
+"""The smallest ``training.max_length`` the spec allows."""
+
+# Spec keys a suggestion or an override may change, and the estimate field each feeds.
+SPEC_KEY_TO_FIELD: dict[str, str] = {
+    "training.gradient_checkpointing": "gradient_checkpointing",
+    "training.optim": "optim",
+    "training.per_device_train_batch_size": "micro_batch",
+    "training.gradient_accumulation_steps": "gradient_accumulation_steps",
+    "training.max_length": "max_length",
+    "lora.r": "lora_r",
+    "lora.use_dora": "use_dora",
+    "lora.lora_dropout": "lora_dropout",
+    "model.attn_implementation": "attn_implementation",
+    "grpo.num_generations": "num_generations",
+    "grpo.max_completion_length": "max_completion_length",
+}
+
+
+def precision_order(gpu: Gpu) -> tuple[LoadPrecision, ...]:
+    """Candidates from the most to the least faithful: the GPU's 16-bit dtype, 8-bit, 4-bit."""
+    return ("bf16" if gpu.bf16 else "fp16", "8bit", "4bit")
+
+
+def budget_bytes(gpu: Gpu, headroom_fraction: float) -> int:
+    """What the run may hold: GPU memory less the spec's headroom."""
+    return int(gpu.memory_bytes * (1.0 - headroom_fraction))
+
+
+def estimate_input(
+    resolved: Resolved,
+    precision: LoadPrecision,
+    overrides: Mapping[str, Any] | None = None,
+    gpu: Gpu | None = None,
+) -> EstimateInput:
+    """The estimator's input for the resolved spec loaded in ``precision``.
+
+    ``overrides`` are dotted spec keys (``SPEC_KEY_TO_FIELD``), so a suggestion's
+    ``change`` can be estimated before the user edits the spec.
+    """
+    spec = resolved.loaded.spec
+    target = gpu or resolved.gpu
+    lora, training = spec.lora, spec.training
+    targets = (
+        lora.target_modules if lora.target_modules == "all-linear" else tuple(lora.target_modules)
+    )
+    grpo = getattr(spec, "grpo", None)
+    inputs = EstimateInput(
+        arch=resolved.arch,
+        precision=precision,
+        method=spec.method,
+        compute_dtype="bf16" if target.bf16 and precision != "fp16" else "fp16",
+        bnb_4bit_quant_type=spec.quantization.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=spec.quantization.bnb_4bit_use_double_quant,
+        lora_r=lora.r,
+        target_modules=targets,
+        use_dora=lora.use_dora,
+        modules_to_save=tuple(lora.modules_to_save),
+        lora_dropout=lora.lora_dropout,
+        lora_bias=lora.bias,
+        micro_batch=training.per_device_train_batch_size,
+        max_length=training.max_length,
+        gradient_checkpointing=training.gradient_checkpointing,
+        attn_implementation=spec.model.attn_implementation,
+        optim=training.optim,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        num_generations=grpo.num_generations if grpo else 8,
+        max_completion_length=grpo.max_completion_length if grpo else 256,
+        grpo_beta=grpo.beta if grpo else 0.0,
+        world_size=spec.hardware.num_gpus * spec.hardware.num_nodes,
+    )
+    if overrides:
+        unknown = set(overrides) - set(SPEC_KEY_TO_FIELD)
+        if unknown:
+            raise KeyError(f"cannot override {sorted(unknown)}; known: {sorted(SPEC_KEY_TO_FIELD)}")
+        inputs = replace(inputs, **{SPEC_KEY_TO_FIELD[k]: v for k, v in overrides.items()})
+    return inputs
+
+
+def candidate_from_estimate(precision: LoadPrecision, result: Estimate, budget: int) -> Candidate:
+    breakdown = MemoryBreakdown(
+        weights_bytes=result.weights_bytes,
+        adapter_bytes=result.adapter_bytes,
+        gradient_bytes=result.gradient_bytes,
+        optimizer_bytes=result.optimizer_bytes,
+        activation_bytes=result.activation_bytes,
+        logits_bytes=result.logits_bytes,
+        overhead_bytes=result.overhead_bytes,
+    )
+    return Candidate(
+        precision=precision,
+        fits=result.peak_reserved_bytes <= budget,
+        peak_allocated_bytes=result.peak_allocated_bytes,
+        peak_reserved_bytes=result.peak_reserved_bytes,
+        breakdown=breakdown,
+        managed_bytes=result.managed_bytes,
+        phase=result.phase,
+        torch_reserved_bytes=result.torch_reserved_bytes,
+    )
+
+
+def estimate_candidate(
+    resolved: Resolved,
+    precision: LoadPrecision,
+    overrides: Mapping[str, Any] | None = None,
+    gpu: Gpu | None = None,
+) -> Candidate:
+    """The peak for the spec as written (or with ``overrides``) loaded in ``precision``."""
+    target = gpu or resolved.gpu
+    budget = budget_bytes(target, resolved.loaded.spec.hardware.headroom_fraction)
+    result = estimate(estimate_input(resolved, precision, overrides, target))
+    return candidate_from_estimate(precision, result, budget)
+
+
+def _largest_fitting(low: int, high: int, fits: Callable[[int], bool]) -> int | None:
+    """Largest n in [low, high] with ``fits(n)``, for a monotone ``fits`` (binary search)."""
+    if high < low or not fits(low):
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def largest_fitting_max_length(
+    resolved: Resolved,
+    precision: LoadPrecision,
+    overrides: Mapping[str, Any] | None = None,
+    gpu: Gpu | None = None,
+    upper: int | None = None,
+) -> int | None:
+    """The longest ``training.max_length`` whose peak fits the budget (None: not even 16)."""
+    spec = resolved.loaded.spec
+    limit = upper or max(spec.training.max_length, resolved.arch.config.max_position_embeddings)
+
+    def fits(length: int) -> bool:
+        changed = {**(overrides or {}), "training.max_length": length}
+        return estimate_candidate(resolved, precision, changed, gpu).fits
+
+    return _largest_fitting(MIN_MAX_LENGTH, limit, fits)
+
+
+def largest_fitting_batch(
+    resolved: Resolved,
+    precision: LoadPrecision,
+    overrides: Mapping[str, Any] | None = None,
+    gpu: Gpu | None = None,
+    upper: int = 4096,
+) -> int | None:
+    """The largest ``per_device_train_batch_size`` whose peak fits (None: not even 1)."""
+
+    def fits(batch: int) -> bool:
+        changed = {**(overrides or {}), "training.per_device_train_batch_size": batch}
+        return estimate_candidate(resolved, precision, changed, gpu).fits
+
+    return _largest_fitting(1, upper, fits)
+
+
+def make_plan(
+    resolved: Resolved, gpu_override: str | None = None, vram_gib_override: float | None = None
+) -> Plan:
+    """Estimate every precision, choose one, explain the choice, and suggest fixes."""
+    spec = resolved.loaded.spec
+    gpu = target_gpu(resolved, gpu_override, vram_gib_override)
+    budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
+    order = precision_order(gpu)
+    candidates = tuple(estimate_candidate(resolved, p, gpu=gpu) for p in order)
+    chosen = choose_precision(spec.precision, candidates)
+    first = estimate(estimate_input(resolved, order[0], gpu=gpu))
+    fits = chosen is not None
+    suggestions: tuple[Suggestion, ...] = ()
+    if not fits:
+        fallback = order[-1] if spec.precision == "auto" else _fixed(spec.precision)
+        suggestions = tuple(suggest_changes(resolved, gpu, fallback, candidates))
+    return Plan(
+        spec=spec.name,
+        gpu=GpuTarget(
+            name=gpu.name,
+            vram_bytes=gpu.memory_bytes,
+            bf16=gpu.bf16,
+            count=spec.hardware.num_gpus * spec.hardware.num_nodes,
+            compute_capability=gpu.compute_capability,
+            flash_attention_2=gpu.flash_attention_2,
+        ),
+        budget_bytes=budget,
+        trainable_parameters=first.trainable_parameters,
+        total_parameters=first.total_parameters,
+        chosen_precision=chosen,
+        fits=fits,
+        candidates=candidates,
+        suggestions=suggestions,
+        warnings=tuple(plan_warnings(resolved, gpu, chosen)),
+        decisions=tuple(plan_decisions(resolved, gpu, budget, candidates, chosen)),
+    )
+
+
+def _fixed(precision: str) -> LoadPrecision:
+    assert precision in ("bf16", "fp16", "8bit", "4bit")
+    return precision  # type: ignore[return-value]
+
+
+def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None) -> Gpu:
+    """The spec's GPU, or the one named on the command line, with memory overridden."""
+    gpu = resolved.gpu
+    if gpu_name is not None:
+        found = find_gpu(gpu_name)
+        if found is None:
+            hints = suggest(gpu_name, gpu_names())
+            raise UserError.single(
+                f"unknown GPU {gpu_name!r}",
+                field_path="--gpu",
+                hint=f"did you mean {', '.join(hints)}?" if hints else "see the GPU catalogue",
+            )
+        gpu = found
+    if vram_gib is not None:
+        if vram_gib <= 0:
+            raise UserError.single(f"must be > 0; got {vram_gib:g}", field_path="--vram-gib")
+        gpu = gpu.model_copy(update={"memory_bytes": int(vram_gib * GIB)})
+    return gpu
+
+
+def choose_precision(requested: str, candidates: tuple[Candidate, ...]) -> LoadPrecision | None:
+    """``auto``: the first (most faithful) candidate that fits; a fixed precision: itself,
+    if it fits. None when nothing acceptable fits."""
+    for candidate in candidates:
+        if requested in ("auto", candidate.precision) and candidate.fits:
+            return candidate.precision
+    return None
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.1f} GiB"
+
+
+def plan_decisions(
+    resolved: Resolved,
+    gpu: Gpu,
+    budget: int,
+    candidates: tuple[Candidate, ...],
+    chosen: LoadPrecision | None,
+) -> list[Decision]:
+    """Each knob the plan sets, with a reason carrying the plan's numbers."""
+    spec = resolved.loaded.spec
+    by_precision = {c.precision: c for c in candidates}
+    decisions: list[Decision] = []
+    peaks = ", ".join(f"{c.precision} {_gib(c.peak_reserved_bytes)}" for c in candidates)
+    if chosen is None:
+        reason = f"nothing fits the {_gib(budget)} budget on {gpu.name} (peaks: {peaks})"
+    elif spec.precision != "auto":
+        reason = (
+            f"precision {chosen} set in the spec; peak "
+            f"{_gib(by_precision[chosen].peak_reserved_bytes)} fits the {_gib(budget)} budget "
+            f"on {gpu.name}"
+        )
+    else:
+        better = candidates[: [c.precision for c in candidates].index(chosen)]
+        too_big = "; ".join(
+            f"{c.precision} would peak at {_gib(c.peak_reserved_bytes)}" for c in better
+        )
+        reason = (
+            f"{chosen} peaks at {_gib(by_precision[chosen].peak_reserved_bytes)} of the "
+            f"{_gib(budget)} budget on {gpu.name}"
+            + (
+                f"; {too_big}, over budget"
+                if too_big
+                else "; the most faithful precision that fits"
+            )
+        )
+    decisions.append(Decision("precision", chosen, reason))
+    compute = "bf16" if gpu.bf16 else "fp16"
+    decisions.append(
+        Decision(
+            "compute_dtype",
+            compute,
+            f"{gpu.name} {'supports' if gpu.bf16 else 'lacks'} native bfloat16"
+            f" (compute capability {gpu.compute_capability})",
+        )
+    )
+    if chosen is not None:
+        chosen_candidate = by_precision[chosen]
+        inputs = estimate_input(resolved, chosen, gpu=gpu)
+        decisions.append(
+            Decision(
+                "adapter_dtype",
+                adapter_dtype(inputs),
+                "trl casts trainable parameters of 8/4-bit models to bf16"
+                if chosen in ("8bit", "4bit")
+                else "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)",
+            )
+        )
+        checkpointing = spec.training.gradient_checkpointing
+        flipped = estimate_candidate(
+            resolved, chosen, {"training.gradient_checkpointing": not checkpointing}, gpu
+        )
+        delta = abs(flipped.peak_reserved_bytes - chosen_candidate.peak_reserved_bytes)
+        decisions.append(
+            Decision(
+                "gradient_checkpointing",
+                checkpointing,
+                f"saves {_gib(delta)} of activations for ~30% more compute"
+                if checkpointing
+                else f"off: turning it on would save {_gib(delta)}",
+            )
+        )
+    return decisions
+
+
+def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) -> list[str]:
+    """Traps the spec walks into on this GPU; each says what to do instead."""
+    spec = resolved.loaded.spec
+    warnings: list[str] = []
+    if spec.model.attn_implementation == "flash_attention_2" and not gpu.flash_attention_2:
+        warnings.append(
+            f"model.attn_implementation: flash_attention_2 has no kernels for {gpu.name} "
+            f"(compute capability {gpu.compute_capability}); use sdpa"
+        )
+    if spec.training.optim in PAGED_OPTIMIZERS:
+        warnings.append(
+            f"training.optim: {spec.training.optim} keeps its states in CUDA managed memory, "
+            "invisible to torch.cuda.max_memory_allocated/reserved (nvidia-smi shows them); "
+            "the plan lists them as managed_bytes outside the peak"
+        )
+    if spec.model.attn_implementation == "eager":
+        warnings.append(
+            "model.attn_implementation: eager materialises (seq x seq) attention scores per "
+            "head; sdpa computes the same without them"
+        )
+    if not gpu.bf16 and chosen in ("8bit", "4bit"):
+        warnings.append(
+            f"{gpu.name} lacks bfloat16, but trl 1.16 casts the LoRA weights of 8/4-bit models "
+            "to bf16 anyway: they run through slower emulated bf16 kernels"
+        )
+    if not gpu.bf16 and chosen == "fp16" and spec.lora.modules_to_save:
+        warnings.append(
+            "lora.modules_to_save: with an fp16 base the saved modules train in fp16, and "
+            "the fp16 gradient scaler refuses fp16 parameters ('Attempting to unscale FP16 "
+            "gradients'); load in 8bit/4bit or drop modules_to_save"
+        )
+    if spec.method == "grpo":
+        warnings.append(
+            "grpo: the estimate takes training.max_length as the prompt length, so each row "
+            "is max_length + grpo.max_completion_length tokens"
+        )
+    if not spec.training.packing and spec.method == "sft":
+        warnings.append(
+            "training.packing: off, so batches pad to their longest row; the plan assumes "
+            "rows as long as training.max_length"
+        )
+    return warnings
+
+
+def suggest_changes(
+    resolved: Resolved, gpu: Gpu, precision: LoadPrecision, candidates: tuple[Candidate, ...]
+) -> list[Suggestion]:
+    """Spec edits that would make ``precision`` fit (or come closer), ranked: edits that
+    fit first, in order of how little they change the training, then the rest by peak."""
+    spec = resolved.loaded.spec
+    training = spec.training
+    base = next(c for c in candidates if c.precision == precision)
+    made: list[Suggestion] = []
+
+    def add(action: str, change: dict[str, Any], what: str) -> None:
+        after = estimate_candidate(resolved, precision, change, gpu)
+        saved = base.peak_reserved_bytes - after.peak_reserved_bytes
+        verdict = "fits" if after.fits else "still over"
+        made.append(
+            Suggestion(
+                action=action,
+                detail=f"{what}: saves {_gib(saved)}, "
+                f"peak {_gib(after.peak_reserved_bytes)} ({verdict})",
+                change=change,
+                peak_reserved_bytes=after.peak_reserved_bytes,
+                fits=after.fits,
+            )
+        )
+
+    if spec.precision not in ("auto", "4bit"):
+        for candidate in candidates:
+            if candidate.fits:
+                made.append(
+                    Suggestion(
+                        action=f"load in {candidate.precision}",
+                        detail=f"peak {_gib(candidate.peak_reserved_bytes)} (fits)",
+                        change={"precision": candidate.precision},
+                        peak_reserved_bytes=candidate.peak_reserved_bytes,
+                        fits=True,
+                    )
+                )
+                break
+    if not training.gradient_checkpointing:
+        add(
+            "turn on gradient checkpointing",
+            {"training.gradient_checkpointing": True},
+            "keeps one layer's activations instead of all",
+        )
+    if training.optim not in PAGED_OPTIMIZERS and training.optim not in (
+        "adamw_8bit",
+        "adamw_bnb_8bit",
+    ):
+        add(
+            "use the paged 8-bit AdamW",
+            {"training.optim": "paged_adamw_8bit"},
+            "optimizer state in 8 bits, paged to host memory under pressure",
+        )
+    effective = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    batch = largest_fitting_batch(
+        resolved, precision, gpu=gpu, upper=training.per_device_train_batch_size - 1
+    )
+    while batch is not None and batch > 1 and effective % batch:
+        batch -= 1
+    if batch is not None and training.per_device_train_batch_size > 1:
+        add(
+            f"lower the micro-batch to {batch} and raise accumulation to {effective // batch}",
+            {
+                "training.per_device_train_batch_size": batch,
+                "training.gradient_accumulation_steps": effective // batch,
+            },
+            f"same effective batch of {effective}",
+        )
+    length = largest_fitting_max_length(resolved, precision, gpu=gpu, upper=training.max_length - 1)
+    if length is not None:
+        add(
+            f"shorten max_length to {length}",
+            {"training.max_length": length},
+            f"the longest sequence that fits (was {training.max_length})",
+        )
+    if spec.lora.r > 4:
+        smaller = max(4, spec.lora.r // 4)
+        add(f"lower the LoRA rank to {smaller}", {"lora.r": smaller}, "fewer adapter parameters")
+    made.extend(smallest_fitting_gpu(resolved, gpu))
+    fitting = [s for s in made if s.fits]
+    others = sorted((s for s in made if not s.fits), key=lambda s: s.peak_reserved_bytes or 0)
+    return fitting + others
+
+
+def smallest_fitting_gpu(resolved: Resolved, current: Gpu) -> list[Suggestion]:
+    """The catalogue GPU with the least memory on which some precision fits."""
+    headroom = resolved.loaded.spec.hardware.headroom_fraction
+    for gpu in sorted(gpu_catalogue(), key=lambda g: g.memory_bytes):
+        if gpu.memory_bytes <= current.memory_bytes:
+            continue
+        for precision in precision_order(gpu):
+            candidate = estimate_candidate(resolved, precision, gpu=gpu)
+            if candidate.fits:
+                return [
+                    Suggestion(
+                        action=f"use a {gpu.name}",
+                        detail=(
+                            f"{precision} peaks at {_gib(candidate.peak_reserved_bytes)} of "
+                            f"{_gib(budget_bytes(gpu, headroom))} (fits)"
+                        ),
+                        change={"hardware.gpu": gpu.aliases[0] if gpu.aliases else gpu.name},
+                        peak_reserved_bytes=candidate.peak_reserved_bytes,
+                        fits=True,
+                    )
+                ]
+    return []

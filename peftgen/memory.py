@@ -1,0 +1,784 @@
+"""The memory estimator: peak GPU bytes per component for one LoRA/QLoRA training run.
+
+Pure functions, bytes in and bytes out, one per term, no torch. Each term mirrors what the
+generated script really does with the pinned stack (transformers 5.24, peft 0.21.2, trl 1.16,
+bitsandbytes 0.50.2, torch 2.13); the source lines each rule comes from are cited in the
+docstrings (paths relative to ``site-packages``).
+
+Mechanisms that changed between stacks (the loss path, adapter dtype, fp32 upcasts) are
+switches of ``StackProfile``, whose default is the pinned stack, so older published
+measurements can be reproduced by *selecting* their mechanisms rather than by fitting
+constants (``benchmarks/accuracy.py``).
+
+Per-GPU figures: ``world_size`` is carried for the multi-GPU work (sharded weights and
+optimizer states divide by it); today every function assumes one GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peftgen.catalog import LinearModule, ModelArch, linear_modules
+
+MIB = 2**20
+GIB = 2**30
+
+LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
+Method = Literal["sft", "dpo", "grpo"]
+AdapterDtype = Literal["bf16", "fp16", "fp32"]
+LossPath = Literal["fused_lm_head", "full_logits_fp32", "chunked_logits"]
+
+DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# bitsandbytes 4-bit: bitsandbytes/nn/modules.py:230 (Params4bit blocksize default 64);
+# double quantization quantizes the fp32 absmax per 256 blocks (functional.quantize_4bit,
+# ``state2.blocksize == 256`` checked at autograd/_functions.py:333).
+NF4_BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+# bitsandbytes 8-bit optimizers: blockwise state quantization, 256 values per fp32 absmax;
+# tensors under ``min_8bit_size`` (4096 elements) keep 32-bit states (optim/optimizer.py).
+OPTIM_8BIT_BLOCKSIZE = 256
+OPTIM_8BIT_MIN_NUMEL = 4096
+# trl/kernels/chunked_logprob.py:23 and trl/trainer/utils.py:1506: the fused LM head
+# projects [4096 tokens x 32768 vocabulary] tiles.
+FUSED_HEAD_TOKEN_TILE = 4096
+FUSED_HEAD_VOCAB_TILE = 32768
+# Allocator-level overheads (torch 2.13 CUDA caching allocator).
+CUDA_CONTEXT_BYTES = 512 * MIB
+"""CUDA context + torch kernels with lazy module loading; held by the process (nvidia-smi)
+but outside ``torch.cuda.memory_reserved``."""
+CUBLAS_WORKSPACE_BYTES = 32 * MIB
+"""cuBLAS/cuBLASLt workspaces, allocated through the caching allocator (Hopper size)."""
+TRANSIENT_FRAGMENTATION_FRACTION = 0.10
+"""Share of the peak's short-lived tensors (activations, logits, dequantized weights) the
+caching allocator holds in blocks it cannot reuse for the next, differently sized request."""
+PERSISTENT_ROUNDING_FRACTION = 0.01
+"""Rounding of long-lived tensors to 512-byte / 2 MiB allocator blocks."""
+
+
+@dataclass(frozen=True)
+class StackProfile:
+    """The mechanisms the estimate assumes; the default is the pinned stack.
+
+    Each switch names a behaviour that differs between library versions or frameworks.
+    ``benchmarks/accuracy.py`` selects, per published row, the mechanisms that row's stack
+    had; nothing here is a fitted number.
+    """
+
+    name: str = "pinned (transformers 5.24, peft 0.21.2, trl 1.16, bitsandbytes 0.50.2)"
+    loss_path: LossPath = "fused_lm_head"
+    """``fused_lm_head``: trl 1.16 SFT/DPO/GRPO score tokens through tiled log-probs
+    (trl/trainer/utils.py:1548, sft_trainer.py:1144, dpo_trainer.py:960,
+    grpo_trainer.py:1068); ``full_logits_fp32``: a plain ``model(labels=...)`` loss
+    (bf16 logits + fp32 upcast + fp32 log-softmax, transformers loss_utils);
+    ``chunked_logits``: litgpt/torchtune chunked cross-entropy (bf16 logits kept, fp32
+    log-softmax per chunk saved for backward)."""
+    quantized_adapter_dtype: AdapterDtype = "bf16"
+    """trl 1.16 casts trainable params (not DoRA magnitudes) of 8/4-bit models to bf16
+    (sft_trainer.py:906-911, dpo_trainer.py:726-729, grpo_trainer.py:538-541)."""
+    unquantized_adapter_dtype: AdapterDtype = "fp32"
+    """peft ``autocast_adapter_dtype=True`` upcasts bf16/fp16 LoRA weights to fp32
+    (peft/tuners/tuners_utils.py:628)."""
+    upcast_unquantized_to_fp32: bool = False
+    """peft ``prepare_model_for_kbit_training`` casts every non-quantized floating parameter
+    (embeddings, lm_head, norms) to fp32. trl 1.16's SFT/DPO/GRPO trainers no longer call
+    it (only experimental ORPO/CPO do); older trl and most QLoRA scripts did."""
+    norm_saves_fp32_input: bool = True
+    """HF RMSNorm upcasts its input to fp32 and ``pow`` saves it for backward."""
+    checkpoint_saves_layer_input_only: bool = True
+    """Non-reentrant checkpointing (transformers modeling_utils.py:3158 default
+    ``use_reentrant=False``) keeps only each decoder layer's input."""
+    lora_input_copies: bool = True
+    """peft casts the LoRA input to the adapter dtype (peft/tuners/lora/layer.py:1100) and
+    applies a per-module dropout: each adapted linear saves its own copy of its input."""
+    cuda_context_bytes: int = CUDA_CONTEXT_BYTES
+
+
+PINNED_STACK = StackProfile()
+
+
+@dataclass(frozen=True)
+class EstimateInput:
+    """Everything the estimate depends on, independent of the spec's file format.
+
+    Built from a spec by ``peftgen.plan.estimate_input``; the accuracy benchmark builds it
+    directly for published rows.
+    """
+
+    arch: ModelArch
+    precision: LoadPrecision
+    method: Method = "sft"
+    compute_dtype: Literal["bf16", "fp16"] = "bf16"
+    """Dtype of unquantized weights and of the autocast compute (fp16 on GPUs without bf16)."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    lora_r: int = 16
+    target_modules: tuple[str, ...] | Literal["all-linear"] = "all-linear"
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    lora_dropout: float = 0.05
+    lora_bias: Literal["none", "all", "lora_only"] = "none"
+    micro_batch: int = 1
+    max_length: int = 2048
+    gradient_checkpointing: bool = True
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    optim: str = "adamw_torch"
+    gradient_accumulation_steps: int = 1
+    num_generations: int = 8
+    max_completion_length: int = 256
+    grpo_beta: float = 0.0
+    world_size: int = 1
+    """GPUs sharing the run (multi-GPU sharding: issue 8); 1 today."""
+    stack: StackProfile = field(default_factory=StackProfile)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Per-component peak bytes plus what sits outside torch's counters."""
+
+    weights_bytes: int
+    adapter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    logits_bytes: int
+    overhead_bytes: int
+    torch_reserved_bytes: int
+    """What ``torch.cuda.max_memory_reserved`` would report (no CUDA context)."""
+    managed_bytes: int
+    """Paged optimizer states in CUDA managed memory: invisible to torch, evictable."""
+    phase: str
+    trainable_parameters: int
+    total_parameters: int
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return (
+            self.weights_bytes
+            + self.adapter_bytes
+            + self.gradient_bytes
+            + self.optimizer_bytes
+            + self.activation_bytes
+            + self.logits_bytes
+        )
+
+    @property
+    def peak_reserved_bytes(self) -> int:
+        return self.peak_allocated_bytes + self.overhead_bytes
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class ParameterGroup:
+    """Non-linear parameters (embeddings, norms, head) that stay in the load dtype."""
+
+    name: str
+    numel: int
+
+
+def non_linear_parameter_groups(arch: ModelArch) -> list[ParameterGroup]:
+    """Embeddings, output head (when untied) and norm weights of a decoder-only model.
+
+    Kept here until the catalogue offers a parameter-groups helper. Covers the families
+    whose layers carry two RMS/LayerNorms plus a final one; extra norms (q/k norms,
+    Gemma's sandwich norms) are read from ``config.extra`` markers when present.
+    """
+    c = arch.config
+    groups = [ParameterGroup("embed_tokens", c.vocab_size * c.hidden_size)]
+    if not c.tie_word_embeddings:
+        groups.append(ParameterGroup("lm_head", c.vocab_size * c.hidden_size))
+    norms_per_layer = 2 + int(c.extra.get("extra_norms_per_layer", 0))
+    groups.append(
+        ParameterGroup("norms", (norms_per_layer * c.num_hidden_layers + 1) * c.hidden_size)
+    )
+    if c.model_type in QK_NORM_TYPES:
+        groups.append(ParameterGroup("qk_norms", 2 * c.num_hidden_layers * c.head_dim))
+    if c.num_local_experts:
+        groups.append(
+            ParameterGroup("router", c.num_hidden_layers * c.num_local_experts * c.hidden_size)
+        )
+    return groups
+
+
+# Families with a per-head RMSNorm on q and k (Qwen3, OLMo2-style).
+QK_NORM_TYPES = frozenset({"qwen3", "qwen3_moe"})
+
+
+def linear_parameter_count(module: LinearModule) -> int:
+    """Weights (+ bias) of all ``module.count`` instances."""
+    per = module.in_features * module.out_features + (module.out_features if module.bias else 0)
+    return per * module.count
+
+
+def base_parameter_count(arch: ModelArch) -> int:
+    """Parameters of the base model as ``numel`` counts them before quantization."""
+    linear = sum(linear_parameter_count(m) for m in linear_modules(arch))
+    return linear + sum(g.numel for g in non_linear_parameter_groups(arch))
+
+
+def targeted_modules(arch: ModelArch, target_modules: tuple[str, ...] | str) -> list[LinearModule]:
+    """The linear modules peft wraps with LoRA.
+
+    ``all-linear`` is every linear but the output layer (peft/tuners/tuners_utils.py,
+    ``_maybe_include_all_linear_layers``); listed names match a module by its last
+    dotted component(s), as peft's suffix match does.
+    """
+    modules = linear_modules(arch)
+    if target_modules == "all-linear":
+        return modules
+    leaves = {name.rsplit(".", 1)[-1] for name in target_modules}
+    return [m for m in modules if m.name in leaves]
+
+
+def lora_parameter_count(arch: ModelArch, inputs: EstimateInput) -> int:
+    """LoRA A (r x in) + B (out x r) per wrapped module, DoRA magnitudes (out) and biases.
+
+    ``bias="all"``/``"lora_only"`` make the base biases trainable (peft
+    ``mark_only_lora_as_trainable``); they are counted in ``trainable`` but already in the
+    base weights' bytes.
+    """
+    total = 0
+    for module in targeted_modules(arch, inputs.target_modules):
+        per = inputs.lora_r * (module.in_features + module.out_features)
+        if inputs.use_dora:
+            per += module.out_features
+        total += per * module.count
+    return total
+
+
+def trainable_bias_count(arch: ModelArch, inputs: EstimateInput) -> int:
+    """Base biases peft makes trainable: all (``all``) or the wrapped ones (``lora_only``)."""
+    if inputs.lora_bias == "none":
+        return 0
+    modules = (
+        linear_modules(arch)
+        if inputs.lora_bias == "all"
+        else targeted_modules(arch, inputs.target_modules)
+    )
+    return sum(m.out_features * m.count for m in modules if m.bias)
+
+
+def modules_to_save_parameter_count(arch: ModelArch, modules_to_save: tuple[str, ...]) -> int:
+    """Parameters of the full trainable copies peft makes of ``modules_to_save``."""
+    numel_by_name = {g.name: g.numel for g in non_linear_parameter_groups(arch)}
+    if arch.config.tie_word_embeddings:
+        numel_by_name["lm_head"] = numel_by_name["embed_tokens"]
+    for module in linear_modules(arch):
+        numel_by_name.setdefault(module.name, linear_parameter_count(module))
+    return sum(numel_by_name.get(name.rsplit(".", 1)[-1], 0) for name in modules_to_save)
+
+
+def trainable_parameter_count(arch: ModelArch, inputs: EstimateInput) -> int:
+    """What peft's ``print_trainable_parameters`` reports as ``trainable params``."""
+    return (
+        lora_parameter_count(arch, inputs)
+        + modules_to_save_parameter_count(arch, inputs.modules_to_save)
+        + trainable_bias_count(arch, inputs)
+    )
+
+
+def peft_total_parameter_count(arch: ModelArch, inputs: EstimateInput) -> int:
+    """peft's ``all params``: base + LoRA + modules_to_save copies.
+
+    peft counts a packed 4-bit tensor as ``numel * 2 * quant_storage.itemsize``
+    (peft/peft_model.py:947-954), which recovers the unpacked count, so the figure does
+    not depend on the loading precision.
+    """
+    return (
+        base_parameter_count(arch)
+        + lora_parameter_count(arch, inputs)
+        + modules_to_save_parameter_count(arch, inputs.modules_to_save)
+    )
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def int8_linear_bytes(in_features: int, out_features: int) -> int:
+    """LLM.int8 ``Int8Params``: int8 ``CB`` [out, in] plus one fp32 ``SCB`` scale per row."""
+    return in_features * out_features + 4 * out_features
+
+
+def nf4_linear_bytes(in_features: int, out_features: int, double_quant: bool) -> int:
+    """bitsandbytes 4-bit (NF4 or FP4; same layout): packed nibbles + block scales.
+
+    Packed weight: 2 values per byte. One absmax per 64-value block: fp32 without double
+    quantization; with it, uint8 codes plus one fp32 absmax per 256 blocks, an fp32
+    offset and the 256-entry fp32 code book of the nested state. The 16-entry fp32 quant
+    map is carried in both cases.
+    """
+    numel = in_features * out_features
+    packed = math.ceil(numel / 2)
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    quant_map = 16 * 4
+    if not double_quant:
+        return packed + 4 * blocks + quant_map
+    nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
+    return packed + blocks + 4 * nested_blocks + 4 + 256 * 4 + quant_map
+
+
+def linear_weight_bytes(module: LinearModule, inputs: EstimateInput) -> int:
+    """One module kind's weights (+ bias, kept in the load dtype) for all its instances."""
+    load_bytes = DTYPE_BYTES[inputs.compute_dtype]
+    if inputs.precision == "8bit":
+        per = int8_linear_bytes(module.in_features, module.out_features)
+    elif inputs.precision == "4bit":
+        per = nf4_linear_bytes(
+            module.in_features, module.out_features, inputs.bnb_4bit_use_double_quant
+        )
+    else:
+        per = module.in_features * module.out_features * load_bytes
+    bias_dtype_bytes = unquantized_weight_dtype_bytes(inputs)
+    bias = module.out_features * bias_dtype_bytes if module.bias else 0
+    return (per + bias) * module.count
+
+
+def unquantized_weight_dtype_bytes(inputs: EstimateInput) -> int:
+    """Bytes per element of embeddings, norms, head and biases: the load dtype, or fp32
+    when the stack runs ``prepare_model_for_kbit_training`` on a quantized model."""
+    quantized = inputs.precision in ("8bit", "4bit")
+    if quantized and inputs.stack.upcast_unquantized_to_fp32:
+        return 4
+    return DTYPE_BYTES[inputs.compute_dtype]
+
+
+def weights_bytes(inputs: EstimateInput) -> int:
+    """The frozen base model on the GPU (per GPU; sharding divides it, issue 8)."""
+    linear = sum(linear_weight_bytes(m, inputs) for m in linear_modules(inputs.arch))
+    other = sum(g.numel for g in non_linear_parameter_groups(inputs.arch))
+    return linear + other * unquantized_weight_dtype_bytes(inputs)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def adapter_dtype(inputs: EstimateInput) -> AdapterDtype:
+    """Dtype of LoRA A/B: bf16 on quantized models (trl's cast), else peft's fp32 upcast."""
+    if inputs.precision in ("8bit", "4bit"):
+        return inputs.stack.quantized_adapter_dtype
+    return inputs.stack.unquantized_adapter_dtype
+
+
+@dataclass(frozen=True)
+class TrainableTensors:
+    """Trainable parameters split by the dtype they live in (bytes per element)."""
+
+    numel_by_bytes: dict[int, int]
+    """Element size in bytes -> number of trainable elements of that size."""
+    tensor_numels: tuple[int, ...]
+    """Sizes of the individual trainable tensors (for per-tensor optimizer rules)."""
+    tensor_shapes: tuple[tuple[int, int], ...]
+
+
+def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> TrainableTensors:
+    """Every trainable tensor with its dtype: LoRA A/B, DoRA magnitudes (always fp32:
+    peft's autocast, and trl skips them in its bf16 cast), modules_to_save copies (load
+    dtype, bf16 under trl's quantized cast) and trainable biases."""
+    arch = inputs.arch
+    lora_bytes = DTYPE_BYTES[adapter_dtype(inputs)]
+    quantized = inputs.precision in ("8bit", "4bit")
+    copy_bytes = 2 if quantized else DTYPE_BYTES[inputs.compute_dtype]
+    numel_by_bytes: dict[int, int] = {}
+    shapes: list[tuple[int, int]] = []
+
+    def add(size: int, rows: int, cols: int, times: int) -> None:
+        numel_by_bytes[size] = numel_by_bytes.get(size, 0) + rows * cols * times
+        shapes.extend([(rows, cols)] * times)
+
+    for module in targeted_modules(arch, inputs.target_modules):
+        add(lora_bytes, inputs.lora_r, module.in_features, module.count)
+        add(lora_bytes, module.out_features, inputs.lora_r, module.count)
+        if inputs.use_dora:
+            add(4, module.out_features, 1, module.count)
+    mts = modules_to_save_parameter_count(arch, inputs.modules_to_save)
+    if mts:
+        add(copy_bytes, mts // arch.config.hidden_size, arch.config.hidden_size, 1)
+    biases = trainable_bias_count(arch, inputs) if include_biases else 0
+    if biases:
+        add(copy_bytes, biases, 1, 1)
+    return TrainableTensors(numel_by_bytes, tuple(r * c for r, c in shapes), tuple(shapes))
+
+
+def adapter_bytes(inputs: EstimateInput) -> int:
+    """Trainable parameters' own storage (LoRA, DoRA magnitudes, modules_to_save copies);
+    trainable base biases are already in ``weights_bytes``."""
+    tensors = trainable_tensors(inputs, include_biases=False)
+    return sum(size * n for size, n in tensors.numel_by_bytes.items())
+
+
+def gradient_bytes(inputs: EstimateInput) -> int:
+    """``.grad`` of every trainable tensor, in the parameter's dtype; kept across micro-batches."""
+    tensors = trainable_tensors(inputs)
+    return sum(size * n for size, n in tensors.numel_by_bytes.items())
+
+
+# --------------------------------------------------------------------------- optimizer
+
+PAGED_OPTIMIZERS = frozenset(
+    {"paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "paged_lion_32bit"}
+)
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_lion_8bit",
+    "paged_lion_32bit",
+)
+
+
+def bnb_state_bytes(numel: int, states: int, bits: int) -> int:
+    """bitsandbytes optimizer state for one tensor: 8-bit blockwise (uint8 + fp32 absmax per
+    256) for tensors of at least 4096 elements, fp32 otherwise (optim/optimizer.py)."""
+    if bits == 8 and numel >= OPTIM_8BIT_MIN_NUMEL:
+        per_state = numel + 4 * math.ceil(numel / OPTIM_8BIT_BLOCKSIZE)
+    else:
+        per_state = 4 * numel
+    return states * per_state
+
+
+def optimizer_state_bytes(inputs: EstimateInput) -> int:
+    """Optimizer state plus the step's temporaries, for the trainable tensors.
+
+    torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; its default
+    foreach step allocates one more parameter-sized tensor (``_foreach_sqrt`` of
+    exp_avg_sq), the fused step none. bitsandbytes keeps 8- or 32-bit states whatever
+    the parameter dtype. transformers' Adafactor (beta1=None) keeps factored fp32 row and
+    column second moments and upcasts each gradient to fp32 in turn. SGD without momentum
+    keeps nothing. Paged states are counted by ``managed_optimizer_bytes`` instead.
+    """
+    if inputs.optim in PAGED_OPTIMIZERS:
+        return 0
+    return _optimizer_bytes_unpaged(inputs)
+
+
+def managed_optimizer_bytes(inputs: EstimateInput) -> int:
+    """Paged optimizer states: cudaMallocManaged, outside torch's counters, evictable to
+    host memory under pressure, so they do not make a run run out of memory."""
+    if inputs.optim not in PAGED_OPTIMIZERS:
+        return 0
+    return _optimizer_bytes_unpaged(inputs)
+
+
+def _optimizer_bytes_unpaged(inputs: EstimateInput) -> int:
+    tensors = trainable_tensors(inputs)
+    optim = inputs.optim.removeprefix("paged_")
+    numels = tensors.tensor_numels
+    param_bytes = sum(size * n for size, n in tensors.numel_by_bytes.items())
+    if optim == "adamw_torch":
+        return 2 * param_bytes + param_bytes
+    if optim == "adamw_torch_fused":
+        return 2 * param_bytes
+    if optim in ("adamw_8bit", "adamw_bnb_8bit"):
+        return sum(bnb_state_bytes(n, 2, 8) for n in numels)
+    if optim == "adamw_32bit":
+        return sum(bnb_state_bytes(n, 2, 32) for n in numels)
+    if optim == "lion_8bit":
+        return sum(bnb_state_bytes(n, 1, 8) for n in numels)
+    if optim == "lion_32bit":
+        return sum(bnb_state_bytes(n, 1, 32) for n in numels)
+    if optim == "adafactor":
+        factored = sum(4 * (r + c) if c > 1 else 4 * r for r, c in tensors.tensor_shapes)
+        largest_temp = 2 * 4 * max(numels, default=0)
+        return factored + largest_temp
+    if optim == "sgd":
+        return 0
+    raise ValueError(f"optimizer {inputs.optim!r} is not modelled")
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def tokens_per_micro_batch(inputs: EstimateInput) -> int:
+    """Token positions in one training forward: DPO concatenates chosen and rejected
+    (dpo_trainer.py:349-352); GRPO trains on prompt + completion rows."""
+    if inputs.method == "dpo":
+        return 2 * inputs.micro_batch * inputs.max_length
+    if inputs.method == "grpo":
+        return inputs.micro_batch * grpo_sequence_length(inputs)
+    return inputs.micro_batch * inputs.max_length
+
+
+def sequences_per_micro_batch(inputs: EstimateInput) -> int:
+    return 2 * inputs.micro_batch if inputs.method == "dpo" else inputs.micro_batch
+
+
+def sequence_length(inputs: EstimateInput) -> int:
+    return grpo_sequence_length(inputs) if inputs.method == "grpo" else inputs.max_length
+
+
+def grpo_sequence_length(inputs: EstimateInput) -> int:
+    """GRPO rows are a prompt (bounded by ``max_length``) plus ``max_completion_length``."""
+    return inputs.max_length + inputs.max_completion_length
+
+
+def _input_groups(inputs: EstimateInput) -> list[tuple[int, list[LinearModule]]]:
+    """Linear modules grouped by the tensor they read: (input width, members)."""
+    groups: dict[str, tuple[int, list[LinearModule]]] = {}
+    for module in linear_modules(inputs.arch):
+        key = INPUT_GROUP.get(module.name, module.name)
+        _, members = groups.setdefault(key, (module.in_features, []))
+        members.append(module)
+    return list(groups.values())
+
+
+# Which linears share an input tensor (one saved copy for all of them).
+INPUT_GROUP = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "qkv_proj": "attn_in",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "gate_up_proj": "mlp_in",
+}
+
+
+def lora_saved_input_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
+    """Inputs the adapted (and 8-bit) linears of one layer save for backward.
+
+    A frozen ``nn.Linear`` or 4-bit matmul saves no input (it needs only the weight for
+    the input gradient; bitsandbytes MatMul4Bit keeps ``(None, B)``,
+    autograd/_functions.py:357); LLM.int8 keeps its input A (autograd/_functions.py:186).
+    Each LoRA A saves its own input: with dropout the bf16 dropout output plus its bool
+    mask (3 B/element); without dropout, fp32 adapters still see an autocast bf16 copy of
+    the fp32-cast input (2 B/element), bf16 adapters share the layer's tensor. lora_A's
+    output (r per token) is saved by lora_B; DoRA saves the base and LoRA outputs for its
+    magnitude scaling.
+    """
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    wrapped = {m.name for m in targeted_modules(inputs.arch, inputs.target_modules)}
+    fp32_adapters = adapter_dtype(inputs) == "fp32"
+    total = 0
+    for width, members in _input_groups(inputs):
+        adapted = [m for m in members if m.name in wrapped]
+        share_input = inputs.precision == "8bit"
+        per_module = 0
+        if adapted and inputs.stack.lora_input_copies:
+            if inputs.lora_dropout > 0:
+                per_module = 3
+            elif fp32_adapters:
+                per_module = compute
+            else:
+                share_input = True
+        elif adapted:
+            share_input = True
+        total += len(adapted) * per_module * tokens * width
+        if share_input:
+            total += compute * tokens * width
+        for module in adapted:
+            total += compute * tokens * inputs.lora_r
+            if inputs.use_dora:
+                total += 2 * compute * tokens * module.out_features
+    return total
+
+
+def attention_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
+    """What attention saves for backward in one layer.
+
+    sdpa / flash-attention: q, k, v (k/v at the key-value head count), the output and a
+    fp32 log-sum-exp per head and token, plus the contiguous copy of the output that
+    o_proj reads. Eager: k/v expanded to every head (``repeat_kv``), the fp32 softmax and
+    its compute-dtype copy over (seq x seq) per head: the seq² term.
+    """
+    c = inputs.arch.config
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    q_width = c.num_attention_heads * c.head_dim
+    kv_width = c.num_key_value_heads * c.head_dim
+    if inputs.attn_implementation == "eager":
+        seq = sequence_length(inputs)
+        rows = sequences_per_micro_batch(inputs)
+        scores = rows * c.num_attention_heads * seq * seq * (4 + compute)
+        return compute * tokens * (3 * q_width) + scores
+    lse = 4 * tokens * c.num_attention_heads
+    return compute * tokens * (2 * q_width + 2 * kv_width) + lse
+
+
+def mlp_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
+    """Gated MLP: the activation's input, its output and the up projection (3 x T x I).
+
+    MoE layers run each token through ``num_experts_per_tok`` experts of width
+    ``moe_intermediate_size``.
+    """
+    c = inputs.arch.config
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    width = c.intermediate_size
+    if c.num_local_experts:
+        width = (c.moe_intermediate_size or c.intermediate_size) * (c.num_experts_per_tok or 1)
+    return 3 * compute * tokens * width
+
+
+def norm_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
+    """Two RMSNorms per layer; each saves its fp32-upcast input (``pow`` needs it)."""
+    h = inputs.arch.config.hidden_size
+    per = 4 if inputs.stack.norm_saves_fp32_input else DTYPE_BYTES[inputs.compute_dtype]
+    return 2 * per * tokens * h
+
+
+def layer_saved_activation_bytes(inputs: EstimateInput, tokens: int) -> int:
+    """Everything one decoder layer keeps for its backward pass (no checkpointing)."""
+    return (
+        norm_saved_bytes_per_layer(inputs, tokens)
+        + attention_saved_bytes_per_layer(inputs, tokens)
+        + mlp_saved_bytes_per_layer(inputs, tokens)
+        + lora_saved_input_bytes_per_layer(inputs, tokens)
+    )
+
+
+def backward_transient_bytes(inputs: EstimateInput, tokens: int) -> int:
+    """Short-lived tensors at the worst moment of one layer's backward: two gradients of
+    the MLP's widest activation, and the dequantized weight of the largest 8/4-bit linear
+    (MatMul4Bit dequantizes the whole weight to the compute dtype in forward and backward,
+    autograd/_functions.py:384,446; LLM.int8 dequantizes CB in backward, :237)."""
+    c = inputs.arch.config
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    grads = 2 * compute * tokens * max(c.intermediate_size, c.num_attention_heads * c.head_dim)
+    return grads + dequantized_weight_transient_bytes(inputs)
+
+
+def dequantized_weight_transient_bytes(inputs: EstimateInput) -> int:
+    """The largest quantized linear dequantized to the compute dtype (0 when unquantized)."""
+    if inputs.precision not in ("8bit", "4bit"):
+        return 0
+    largest = max(m.in_features * m.out_features for m in linear_modules(inputs.arch))
+    return DTYPE_BYTES[inputs.compute_dtype] * largest
+
+
+def activation_bytes(inputs: EstimateInput) -> int:
+    """Activations alive at the peak of one micro-batch's forward + backward.
+
+    Without checkpointing every layer's saved tensors live until its backward. With
+    (non-reentrant) checkpointing only each layer's input (``T x hidden`` in the compute
+    dtype) is kept, and one layer at a time is recomputed in full during backward. The
+    embedding output, the backward transient and the final norm's fp32 input are added
+    in both cases.
+    """
+    c = inputs.arch.config
+    tokens = tokens_per_micro_batch(inputs)
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    layer = layer_saved_activation_bytes(inputs, tokens)
+    hidden = compute * tokens * c.hidden_size
+    if inputs.gradient_checkpointing:
+        kept = c.num_hidden_layers * hidden + layer
+    else:
+        kept = c.num_hidden_layers * layer + hidden
+    final_norm = 4 * tokens * c.hidden_size
+    return kept + final_norm + backward_transient_bytes(inputs, tokens)
+
+
+# --------------------------------------------------------------------------- logits / loss
+
+
+def logits_bytes(inputs: EstimateInput) -> int:
+    """The LM head and loss at their peak, per the stack's loss path.
+
+    ``fused_lm_head`` (trl 1.16): the compact hidden states (one copy), two
+    [4096 x 32768] compute-dtype tiles (forward buffer and backward tile), the fp32
+    gradient of the hidden states and a handful of fp32 per-token statistics
+    (trl/kernels/chunked_logprob.py:340-349, 406-415). ``full_logits_fp32``: bf16 logits,
+    their fp32 upcast and the fp32 log-softmax (10 B per token x vocab entry).
+    ``chunked_logits``: bf16 logits plus fp32 log-softmax saved per chunk (6 B).
+    """
+    c = inputs.arch.config
+    tokens = tokens_per_micro_batch(inputs)
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    if inputs.stack.loss_path == "full_logits_fp32":
+        return 10 * tokens * c.vocab_size
+    if inputs.stack.loss_path == "chunked_logits":
+        return 6 * tokens * c.vocab_size
+    tile = compute * min(tokens, FUSED_HEAD_TOKEN_TILE) * min(c.vocab_size, FUSED_HEAD_VOCAB_TILE)
+    return compute * tokens * c.hidden_size + 2 * tile + 4 * tokens * c.hidden_size + 8 * 4 * tokens
+
+
+# --------------------------------------------------------------------------- GRPO generation
+
+
+def kv_cache_bytes(inputs: EstimateInput, rows: int, positions: int) -> int:
+    """Keys and values of every layer for ``rows`` sequences of ``positions`` tokens."""
+    c = inputs.arch.config
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * rows * positions * compute
+
+
+def grpo_generation_rows(inputs: EstimateInput) -> int:
+    """Sequences generated at once: trl's generation batch is
+    ``per_device_train_batch_size x steps_per_generation`` (= gradient accumulation,
+    grpo_config.py:1098-1100), all passed to one ``generate`` call (grpo_trainer.py:1873)."""
+    return inputs.micro_batch * inputs.gradient_accumulation_steps
+
+
+def grpo_generation_bytes(inputs: EstimateInput) -> int:
+    """Transient memory of the generation phase (no grad): the KV cache of the whole
+    generation batch at full length, the prefill's widest MLP activations for one layer,
+    and the fp32 next-token logits."""
+    c = inputs.arch.config
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    rows = grpo_generation_rows(inputs)
+    prefill_tokens = rows * inputs.max_length
+    cache = kv_cache_bytes(inputs, rows, grpo_sequence_length(inputs))
+    prefill = 3 * compute * prefill_tokens * c.intermediate_size
+    next_token_logits = 2 * 4 * rows * c.vocab_size
+    return cache + prefill + next_token_logits + dequantized_weight_transient_bytes(inputs)
+
+
+# --------------------------------------------------------------------------- totals
+
+
+def overhead_bytes(persistent_bytes: int, transient_bytes: int, stack: StackProfile) -> int:
+    """Reserved minus allocated: cuBLAS workspace, allocator rounding of long-lived
+    tensors, fragmentation among short-lived ones, and the CUDA context."""
+    return (
+        CUBLAS_WORKSPACE_BYTES
+        + int(PERSISTENT_ROUNDING_FRACTION * persistent_bytes)
+        + int(TRANSIENT_FRAGMENTATION_FRACTION * transient_bytes)
+        + stack.cuda_context_bytes
+    )
+
+
+def estimate(inputs: EstimateInput) -> Estimate:
+    """Peak memory of the run, per component.
+
+    Parameters, gradients and optimizer state coexist with a micro-batch's activations
+    from the second optimizer step on (gradients survive across accumulation steps), so
+    the peak is their sum. GRPO's peak is the larger of its generation phase (no gradients:
+    trainer zeroes them to None after each step) and its training phase.
+    """
+    weights = weights_bytes(inputs)
+    adapter = adapter_bytes(inputs)
+    gradient = gradient_bytes(inputs)
+    optimizer = optimizer_state_bytes(inputs)
+    activation = activation_bytes(inputs)
+    logits = logits_bytes(inputs)
+    phase = "train"
+    if inputs.method == "grpo":
+        generation = grpo_generation_bytes(inputs)
+        if generation > gradient + activation + logits:
+            phase = "generation"
+            gradient, activation, logits = 0, generation, 0
+    persistent = weights + adapter + gradient + optimizer
+    overhead = overhead_bytes(persistent, activation + logits, inputs.stack)
+    allocated = persistent + activation + logits
+    return Estimate(
+        weights_bytes=weights,
+        adapter_bytes=adapter,
+        gradient_bytes=gradient,
+        optimizer_bytes=optimizer,
+        activation_bytes=activation,
+        logits_bytes=logits,
+        overhead_bytes=overhead,
+        torch_reserved_bytes=allocated + overhead - inputs.stack.cuda_context_bytes,
+        managed_bytes=managed_optimizer_bytes(inputs),
+        phase=phase,
+        trainable_parameters=trainable_parameter_count(inputs.arch, inputs),
+        total_parameters=peft_total_parameter_count(inputs.arch, inputs),
+    )
