@@ -1,0 +1,393 @@
+"""Render a spec and its plan into the files ``peftgen emit`` writes.
+
+One Jinja environment for every template. It is strict (a misspelt variable is an
+error, not an empty string) and never lets a spec value into the code as raw text: every
+value goes through the ``py`` filter, which writes a Python literal, and every name that
+becomes code (a function to import, a module to adapt) is checked against a pattern
+first. So a hostile string in a spec can change what the script *does* only in the way
+the same string in a hand-written literal would.
+
+The template context is built here from the spec and the ``Plan``; templates only lay
+it out, so the choices (which precision, which dtype, what the comments say) are made in
+one place.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from peftgen.errors import UserError
+from peftgen.load import LoadedSpec
+from peftgen.plan import Candidate, Plan
+from peftgen.spec import USER_REWARD_PATTERN, AnySpec, DpoRunSpec, GrpoRunSpec
+
+# The versions the generated scripts are written for and the end-to-end tests run
+# (pyproject's `train` extra). PEP 723 headers pin exactly these.
+PINNED_VERSIONS: dict[str, str] = {
+    "torch": "2.13.0",
+    "transformers": "5.24.0",
+    "peft": "0.21.2",
+    "trl": "1.16.0",
+    "bitsandbytes": "0.50.2",
+    "datasets": "5.2.0",
+    "accelerate": "1.15.0",
+}
+LOCAL_DATA_LOADERS: dict[str, str] = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+GIB = 2**30
+# Exploded lists keep `ruff format` and a reader happy once a literal gets long.
+_INLINE_LIST_MAX_CHARS = 60
+TRAIN_TEMPLATES: dict[str, str] = {
+    "sft": "train_sft.py.j2",
+    "dpo": "train_dpo.py.j2",
+    "grpo": "train_grpo.py.j2",
+}
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML as a Jinja chat template; its markers become new special tokens."""
+CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+class RenderError(Exception):
+    """A template failed to render: a bug in peftgen, named by its template."""
+
+
+# --- Python literals --------------------------------------------------------------------
+
+
+def _escape_string_body(text: str, quote: str) -> str:
+    """The inside of a string literal, escaped the way ``repr`` does, for ``quote``."""
+    parts: list[str] = []
+    for char in text:
+        if char == "\\":
+            parts.append("\\\\")
+        elif char == quote:
+            parts.append("\\" + char)
+        elif char == "\n":
+            parts.append("\\n")
+        elif char == "\r":
+            parts.append("\\r")
+        elif char == "\t":
+            parts.append("\\t")
+        elif not char.isprintable():
+            parts.append(repr(char)[1:-1])
+        else:
+            parts.append(char)
+    return "".join(parts)
+
+
+def python_string(text: str) -> str:
+    """A str literal quoted as ``ruff format`` wants: double, unless single escapes less."""
+    quote = "'" if text.count('"') > text.count("'") else '"'
+    return quote + _escape_string_body(text, quote) + quote
+
+
+def python_literal(value: object) -> str:
+    """Render ``value`` as Python source that evaluates to an equal value.
+
+    Only plain data is accepted (None, bool, int, finite float, str, and lists, tuples and
+    dicts of those); anything else is a bug in the caller, not something to stringify.
+    """
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UserError.single(f"a number in the spec is not finite: {value!r}")
+        return repr(value)
+    if isinstance(value, str):
+        return python_string(value)
+    if isinstance(value, list | tuple):
+        items = [python_literal(item) for item in value]
+        inline = ", ".join(items)
+        if isinstance(value, tuple):
+            return f"({inline},)" if len(items) == 1 else f"({inline})"
+        if len(inline) > _INLINE_LIST_MAX_CHARS:
+            return "[\n" + "".join(f"    {item},\n" for item in items) + "]"
+        return f"[{inline}]"
+    if isinstance(value, dict):
+        pairs = [f"{python_literal(key)}: {python_literal(item)}" for key, item in value.items()]
+        return "{" + ", ".join(pairs) + "}"
+    raise TypeError(f"cannot render {type(value).__name__} as a Python literal")
+
+
+def identifier(name: str) -> str:
+    """``name`` if it is a plain Python identifier, else an error (it is about to become code)."""
+    if not IDENTIFIER_PATTERN.match(name):
+        raise UserError.single(f"{name!r} is not a Python identifier")
+    return name
+
+
+def comment_text(text: object) -> str:
+    """Text for a ``#`` comment or the docstring: one line, no quotes that end a docstring."""
+    flat = " ".join(str(text).split())
+    return flat.replace("\\", "/").replace('"""', "'''")
+
+
+# --- Template environment ---------------------------------------------------------------
+
+
+def _template_root() -> Traversable | Path:
+    """The installed ``peftgen/_templates`` (wheel), else the checkout's ``templates/``."""
+    installed = resources.files("peftgen") / "_templates"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+class _TraversableLoader(jinja2.BaseLoader):
+    """Loads templates from a ``Traversable``, so a zipped wheel works as well as a folder."""
+
+    def __init__(self, root: Traversable | Path) -> None:
+        self.root = root
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str | None, Callable[[], bool] | None]:
+        source = self.root / template
+        if not source.is_file():
+            raise jinja2.TemplateNotFound(template)
+        return source.read_text(encoding="utf-8"), template, lambda: True
+
+
+@cache
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=_TraversableLoader(_template_root()),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["py"] = python_literal
+    env.filters["ident"] = identifier
+    env.filters["comment"] = comment_text
+    env.filters["gib"] = lambda value: f"{value / GIB:.1f} GiB"
+    return env
+
+
+def render_template(name: str, context: Mapping[str, Any]) -> str:
+    """Render one template; any Jinja failure becomes a ``RenderError`` naming it."""
+    try:
+        return environment().get_template(name).render(context)
+    except UserError:
+        raise
+    except jinja2.TemplateError as error:
+        where = f"{name}:{error.lineno}" if isinstance(error, jinja2.TemplateSyntaxError) else name
+        raise RenderError(f"template {where}: {error}") from error
+
+
+# --- Context ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardFunc:
+    """One GRPO reward as the script refers to it."""
+
+    name: str
+    """The Python name the script binds it to."""
+    builtin: bool
+    path: str | None = None
+    function: str | None = None
+
+
+def _dataset_source(path: str) -> tuple[str | None, str]:
+    """(loader, path): the ``datasets`` builder for a local file, or None for a hub id."""
+    suffix = Path(path).suffix.lower()
+    return LOCAL_DATA_LOADERS.get(suffix), path
+
+
+def _reward_funcs(spec: GrpoRunSpec) -> list[RewardFunc]:
+    rewards: list[RewardFunc] = []
+    for item in spec.grpo.reward_funcs:
+        match = USER_REWARD_PATTERN.match(item)
+        if match is None:
+            rewards.append(RewardFunc(name=identifier(f"{item}_reward"), builtin=True))
+        else:
+            rewards.append(
+                RewardFunc(
+                    name=identifier(match["func"]),
+                    builtin=False,
+                    path=match["path"],
+                    function=identifier(match["func"]),
+                )
+            )
+    return rewards
+
+
+def _check_generation_batch(spec: GrpoRunSpec, gpu_count: int, spec_file: Path) -> None:
+    """trl refuses a generation batch that is not whole groups; say so before emitting."""
+    training = spec.training
+    batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * gpu_count
+    if batch % spec.grpo.num_generations:
+        raise UserError.single(
+            f"per_device_train_batch_size x gradient_accumulation_steps x GPUs = {batch} "
+            f"sequences per step is not a multiple of num_generations "
+            f"({spec.grpo.num_generations}); trl samples whole groups",
+            file=str(spec_file),
+            field_path="grpo.num_generations",
+        )
+
+
+def _modules_to_save(spec: AnySpec) -> list[str]:
+    """The spec's list, plus embeddings and head when a chat template adds tokens."""
+    modules = list(spec.lora.modules_to_save)
+    if spec.dataset.chat_template is not None:
+        for name in ("embed_tokens", "lm_head"):
+            if name not in modules:
+                modules.append(name)
+    return modules
+
+
+def _breakdown_rows(candidate: Candidate) -> list[tuple[str, int]]:
+    breakdown = candidate.breakdown
+    return [
+        ("weights", breakdown.weights_bytes),
+        ("LoRA adapter", breakdown.adapter_bytes),
+        ("gradients", breakdown.gradient_bytes),
+        ("optimizer state", breakdown.optimizer_bytes),
+        ("activations", breakdown.activation_bytes),
+        ("logits / loss", breakdown.logits_bytes),
+        ("CUDA context, allocator", breakdown.overhead_bytes),
+    ]
+
+
+def _decision_reasons(plan: Plan) -> dict[str, str]:
+    return {decision.knob: comment_text(decision.reason) for decision in plan.decisions}
+
+
+def _ampere_or_newer(compute_capability: str | None) -> bool:
+    if compute_capability is None:
+        return False
+    major = int(compute_capability.split(".")[0])
+    return major >= 8
+
+
+def _precision_text(spec: AnySpec, precision: str, compute_dtype: str) -> str:
+    if precision == "4bit":
+        quant = spec.quantization
+        double = ", double quantization" if quant.bnb_4bit_use_double_quant else ""
+        quant_type = quant.bnb_4bit_quant_type.upper()
+        return f"4-bit ({quant_type}{double}, {compute_dtype} compute) + LoRA (QLoRA)"
+    if precision == "8bit":
+        return f"8-bit (LLM.int8, {compute_dtype} compute) + LoRA"
+    return f"{compute_dtype} + LoRA"
+
+
+def _split_template(template: str) -> list[str]:
+    """A Jinja chat template cut at its tags, one readable literal per line."""
+    return [part for part in re.split(r"(?<=%})|(?<=}})", template) if part]
+
+
+def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
+    """Everything the templates read: spec values, plan numbers and the choices they imply."""
+    spec = loaded.spec
+    precision = plan.chosen_precision
+    if precision is None:
+        # Forced emit of a plan where nothing fits: render the smallest candidate.
+        precision = min(plan.candidates, key=lambda c: c.peak_reserved_bytes).precision
+    candidate = next(c for c in plan.candidates if c.precision == precision)
+    bf16 = plan.gpu.bf16
+    compute_dtype = "bfloat16" if bf16 else "float16"
+    loader, data_path = _dataset_source(spec.dataset.path)
+    training = spec.training
+    uses_bnb = precision in ("8bit", "4bit") or "8bit" in training.optim
+    reasons = _decision_reasons(plan)
+    context: dict[str, Any] = {
+        "spec": spec,
+        "method": spec.method,
+        "spec_name": spec.name,
+        "spec_sha256": loaded.sha256,
+        "plan": plan,
+        "gpu_name": comment_text(plan.gpu.name),
+        "gpu_count": plan.gpu.count,
+        "distributed": spec.hardware.distributed,
+        "fits": plan.fits,
+        "candidate": candidate,
+        "breakdown_rows": _breakdown_rows(candidate),
+        "precision": precision,
+        "compute_dtype": compute_dtype,
+        "mixed_precision_flag": "bf16" if bf16 else "fp16",
+        "tf32": _ampere_or_newer(plan.gpu.compute_capability),
+        "uses_bitsandbytes": uses_bnb,
+        "pinned": {
+            name: version
+            for name, version in PINNED_VERSIONS.items()
+            if name != "bitsandbytes" or uses_bnb
+        },
+        "data_loader": loader,
+        "data_path": data_path,
+        "modules_to_save": _modules_to_save(spec),
+        "chatml_template": CHATML_TEMPLATE,
+        "chatml_tokens": list(CHATML_SPECIAL_TOKENS),
+        "output_dir": spec.resolved_output_dir,
+        "merged_dir": spec.resolved_output_dir.rstrip("/") + "-merged",
+        "precision_text": _precision_text(spec, precision, compute_dtype),
+        "eval_strategy": "steps" if training.save_strategy == "steps" else "epoch",
+        "chatml_template_lines": _split_template(CHATML_TEMPLATE),
+        "reasons": reasons,
+        "reason": lambda knob: reasons.get(knob, ""),
+        "warnings": [comment_text(text) for text in plan.warnings],
+    }
+    if isinstance(spec, GrpoRunSpec):
+        _check_generation_batch(spec, plan.gpu.count, loaded.path)
+        rewards = _reward_funcs(spec)
+        context["rewards"] = rewards
+        context["builtin_rewards"] = [
+            item for item in spec.grpo.reward_funcs if item in ("format", "length")
+        ]
+        context["user_rewards"] = any(not reward.builtin for reward in rewards)
+        # The length reward peaks halfway to the generation limit: long enough to
+        # reason, short of truncation.
+        context["length_target_tokens"] = max(1, spec.grpo.max_completion_length // 2)
+    if isinstance(spec, DpoRunSpec):
+        context["dpo_loss_types"] = [spec.dpo.loss_type]
+    return context
+
+
+# --- Public entry points -------------------------------------------------------------------
+
+
+def render_train_script(loaded: LoadedSpec, plan: Plan) -> str:
+    context = build_context(loaded, plan)
+    return render_template(TRAIN_TEMPLATES[loaded.spec.method], context)
+
+
+def render_merge_script(loaded: LoadedSpec, plan: Plan) -> str:
+    return render_template("merge.py.j2", build_context(loaded, plan))
+
+
+def render_plan_markdown(plan: Plan, loaded: LoadedSpec) -> str:
+    """The plan summary written next to the script (replaceable by the report module)."""
+    return render_template("plan.md.j2", build_context(loaded, plan))
+
+
+def render_all(loaded: LoadedSpec, plan: Plan) -> dict[str, str]:
+    """Every file ``emit -o DIR`` writes, by file name, in a fixed order."""
+    return {
+        "train.py": render_train_script(loaded, plan),
+        "merge.py": render_merge_script(loaded, plan),
+        "plan.md": render_plan_markdown(plan, loaded),
+        "spec.yaml": loaded.text if loaded.text.endswith("\n") else loaded.text + "\n",
+    }
