@@ -144,6 +144,16 @@ def comment_text(text: object) -> str:
     return flat.replace("\\", "/").replace('"""', "'''")
 
 
+def wrap_comment(text: object, indent: int = 0, width: int = 100) -> str:
+    """``# text`` wrapped to ``width``; continuation lines start at ``indent`` columns."""
+    import textwrap
+
+    lines = textwrap.wrap(
+        comment_text(text), width=width - indent - 2, break_long_words=False, break_on_hyphens=False
+    )
+    return ("\n" + " " * indent).join(f"# {line}" for line in lines)
+
+
 # --- Template environment ---------------------------------------------------------------
 
 
@@ -183,6 +193,7 @@ def environment() -> jinja2.Environment:
     env.filters["py"] = python_literal
     env.filters["ident"] = identifier
     env.filters["comment"] = comment_text
+    env.filters["wrap_comment"] = wrap_comment
     env.filters["gib"] = lambda value: f"{value / GIB:.1f} GiB"
     return env
 
@@ -284,6 +295,14 @@ def _ampere_or_newer(compute_capability: str | None) -> bool:
     return major >= 8
 
 
+def _forced_candidate(spec: AnySpec, plan: Plan) -> Candidate:
+    """What ``emit --force`` renders when nothing fits: the spec's precision, else the smallest."""
+    for candidate in plan.candidates:
+        if candidate.precision == spec.precision:
+            return candidate
+    return min(plan.candidates, key=lambda c: c.peak_reserved_bytes)
+
+
 def _precision_text(spec: AnySpec, precision: str, compute_dtype: str) -> str:
     if precision == "4bit":
         quant = spec.quantization
@@ -303,16 +322,18 @@ def _split_template(template: str) -> list[str]:
 def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
     """Everything the templates read: spec values, plan numbers and the choices they imply."""
     spec = loaded.spec
-    precision = plan.chosen_precision
-    if precision is None:
-        # Forced emit of a plan where nothing fits: render the smallest candidate.
-        precision = min(plan.candidates, key=lambda c: c.peak_reserved_bytes).precision
-    candidate = next(c for c in plan.candidates if c.precision == precision)
+    candidate = plan.chosen or _forced_candidate(spec, plan)
+    precision = candidate.precision
     bf16 = plan.gpu.bf16
     compute_dtype = "bfloat16" if bf16 else "float16"
     loader, data_path = _dataset_source(spec.dataset.path)
     training = spec.training
-    uses_bnb = precision in ("8bit", "4bit") or "8bit" in training.optim
+    # bitsandbytes: k-bit loading, or an 8-bit / paged optimizer.
+    uses_bnb = (
+        precision in ("8bit", "4bit")
+        or "8bit" in training.optim
+        or training.optim.startswith("paged_")
+    )
     reasons = _decision_reasons(plan)
     context: dict[str, Any] = {
         "spec": spec,
@@ -389,5 +410,68 @@ def render_all(loaded: LoadedSpec, plan: Plan) -> dict[str, str]:
         "train.py": render_train_script(loaded, plan),
         "merge.py": render_merge_script(loaded, plan),
         "plan.md": render_plan_markdown(plan, loaded),
-        "spec.yaml": loaded.text if loaded.text.endswith("\n") else loaded.text + "\n",
+        "spec.yaml": resolved_spec_yaml(loaded),
     }
+
+
+def resolved_spec_yaml(loaded: LoadedSpec) -> str:
+    """The spec with every default filled in, as YAML: what the script was rendered from."""
+    from io import StringIO
+
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]
+    buffer = StringIO()
+    yaml.dump(loaded.spec.model_dump(mode="json"), buffer)
+    header = (
+        f"# The spec {loaded.path.as_posix()} (sha256 {loaded.sha256})\n"
+        "# with every default filled in: the values train.py was rendered from.\n"
+    )
+    return header + buffer.getvalue()
+
+
+OUTPUT_FILES = ("train.py", "merge.py", "plan.md", "spec.yaml")
+
+
+def write_output_dir(directory: Path, files: Mapping[str, str]) -> None:
+    """Write ``files`` into ``directory`` all at once, or not at all.
+
+    The files go into a fresh folder beside ``directory`` that is then renamed into place,
+    so an interrupted or failed emit never leaves a half-written folder. An existing
+    folder is replaced only when it holds nothing but files emit writes: anything else in
+    it might be the user's, and is not ours to delete.
+    """
+    import shutil
+    import tempfile
+
+    directory = directory.resolve()
+    if directory.exists():
+        if not directory.is_dir():
+            raise UserError.single("exists and is not a folder", file=str(directory))
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in OUTPUT_FILES)
+        if foreign:
+            raise UserError.single(
+                f"the folder holds files emit did not write ({', '.join(foreign[:5])}); "
+                "choose a new or empty folder",
+                file=str(directory),
+            )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    backup: Path | None = None
+    try:
+        for name, text in files.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        if directory.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            directory.rename(backup / directory.name)
+        staging.rename(directory)
+    except BaseException:
+        if backup is not None and not directory.exists():
+            (backup / directory.name).rename(directory)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
