@@ -19,7 +19,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 SPEC_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 # A Python identifier-like module name as peft matches it (a suffix of a dotted module path).
@@ -58,7 +66,8 @@ SchedulerName = Literal[
     "cosine_with_min_lr",
     "warmup_stable_decay",
 ]
-SaveStrategy = Literal["no", "steps", "epoch", "best"]
+# "best" is left out: it needs a metric to track, which peftgen does not configure.
+SaveStrategy = Literal["no", "steps", "epoch"]
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow", "trackio"]
 # trl 1.16 DPOConfig.loss_type values.
 DpoLossType = Literal[
@@ -98,6 +107,9 @@ class _Frozen(BaseModel):
         extra="forbid",
         use_attribute_docstrings=True,
         validate_default=True,
+        # `.inf` / `.nan` are valid YAML floats but never a sensible setting; an unbounded
+        # field such as lora_alpha would otherwise accept them.
+        allow_inf_nan=False,
     )
 
 
@@ -105,13 +117,16 @@ class ModelSpec(_Frozen):
     """The base model to fine-tune."""
 
     id: Annotated[str, Field(min_length=1, max_length=300)]
-    """Catalogue id or alias (e.g. `meta-llama/Meta-Llama-3-8B`, `llama3-8b`), a hub id, or a local folder with config.json."""
+    """Catalogue id or alias (e.g. `meta-llama/Meta-Llama-3-8B`, `llama3-8b`), a hub id, or a local
+    folder with config.json."""
     revision: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     """Hub revision (branch, tag or commit) to load; `null` for the default branch."""
     trust_remote_code: bool = False
-    """Run the model repository's own Python code. Never on by default: it executes code from the hub."""
+    """Run the model repository's own Python code. Never on by default: it executes code from the
+    hub."""
     attn_implementation: AttnImplementation = "sdpa"
-    """Attention kernel: `sdpa` (PyTorch), `flash_attention_2` (needs Ampere or newer and flash-attn), or `eager`."""
+    """Attention kernel: `sdpa` (PyTorch), `flash_attention_2` (needs Ampere or newer and
+    flash-attn), or `eager`."""
 
     @field_validator("id", "revision")
     @classmethod
@@ -125,15 +140,18 @@ class DatasetSpec(_Frozen):
     """Where the training data comes from and how its rows are shaped."""
 
     path: Annotated[str, Field(min_length=1, max_length=1000)]
-    """A local .jsonl/.json/.csv/.parquet file (relative to the current directory), or a hub dataset id."""
+    """A local .jsonl/.json/.csv/.parquet file (relative to the current directory), or a hub dataset
+    id."""
     split: Annotated[str, Field(min_length=1, max_length=100)] = "train"
     """Dataset split to train on."""
     format: DatasetFormat
-    """Row shape: `messages` (chat turns), `prompt_completion`, `text`, `preference` (prompt/chosen/rejected), `prompt` (GRPO)."""
+    """Row shape: `messages` (chat turns), `prompt_completion`, `text`, `preference`
+    (prompt/chosen/rejected), `prompt` (GRPO)."""
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     """Share of rows held out for evaluation (0 <= x < 1); 0 disables evaluation."""
     chat_template: ChatTemplateName | None = None
-    """A named chat template to install when the model's tokenizer has none (adds special tokens, so embeddings and lm_head are trained and saved)."""
+    """A named chat template to install when the model's tokenizer has none (adds special tokens, so
+    embeddings and lm_head are trained and saved)."""
 
     @field_validator("path", "split")
     @classmethod
@@ -147,17 +165,21 @@ class HardwareSpec(_Frozen):
     """The GPU(s) the run targets; the plan's fit check uses these."""
 
     gpu: Annotated[str, Field(min_length=1, max_length=100)] | None = None
-    """Catalogue GPU name or alias (case, space and dash insensitive), e.g. `rtx-4090`, `A100 80GB`."""
+    """Catalogue GPU name or alias (case, space and dash insensitive), e.g. `rtx-4090`,
+    `A100 80GB`."""
     vram_gib: Annotated[float, Field(gt=0, le=4096)] | None = None
-    """GPU memory in GiB; overrides the catalogue's figure, or replaces `gpu` when the card is not catalogued."""
+    """GPU memory in GiB; overrides the catalogue's figure, or replaces `gpu` when the card is not
+    catalogued."""
     num_gpus: Annotated[int, Field(ge=1, le=1024)] = 1
     """GPUs per node."""
     num_nodes: Annotated[int, Field(ge=1, le=1024)] = 1
     """Machines taking part; each has `num_gpus` GPUs."""
     distributed: Distributed = "none"
-    """Multi-GPU engine through accelerate: `none`, `ddp`, `fsdp`, `deepspeed-zero2`, `deepspeed-zero3`."""
+    """Multi-GPU engine through accelerate: `none`, `ddp`, `fsdp`, `deepspeed-zero2`,
+    `deepspeed-zero3`."""
     headroom_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.05
-    """Share of GPU memory the plan keeps free (other processes, allocator spikes): budget = memory x (1 - headroom)."""
+    """Share of GPU memory the plan keeps free (other processes, allocator spikes): budget = memory
+    x (1 - headroom)."""
 
     @model_validator(mode="after")
     def _gpu_or_memory(self) -> HardwareSpec:
@@ -165,14 +187,25 @@ class HardwareSpec(_Frozen):
             raise ValueError("gpu: give `gpu` (a catalogue name) or `vram_gib` (memory in GiB)")
         world = self.num_gpus * self.num_nodes
         if self.distributed == "none" and world > 1:
+            # Point at the field the user wrote: `distributed` if given, else the GPU count.
+            given = "distributed" if "distributed" in self.model_fields_set else "num_gpus"
+            if given == "num_gpus" and "num_gpus" not in self.model_fields_set:
+                given = "num_nodes"
             raise ValueError(
-                f"distributed: {world} GPUs need a `distributed` engine: ddp, fsdp, deepspeed-zero2 or deepspeed-zero3"
+                f"{given}: {world} GPUs need a `distributed` engine "
+                "(ddp, fsdp, deepspeed-zero2 or deepspeed-zero3); distributed is none"
             )
         if self.distributed != "none" and world == 1:
             raise ValueError(
-                f"distributed: `{self.distributed}` needs num_gpus (or num_nodes) > 1; use distributed: none"
+                f"distributed: `{self.distributed}` needs num_gpus (or num_nodes) > 1; "
+                "use distributed: none"
             )
         return self
+
+    @property
+    def world_size(self) -> int:
+        """GPUs taking part in the run, over all nodes."""
+        return self.num_gpus * self.num_nodes
 
 
 class QuantizationSpec(_Frozen):
@@ -197,16 +230,18 @@ class LoraSpec(_Frozen):
     """Dropout on the adapter input, 0 <= x < 1."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train."""
-    target_modules: Literal["all-linear"] | list[Annotated[str, Field(pattern=MODULE_NAME_PATTERN)]] = (
-        "all-linear"
-    )
-    """`all-linear` (every linear layer but the output head) or a list of module names such as `[q_proj, v_proj]`."""
+    target_modules: (
+        Literal["all-linear"] | list[Annotated[str, Field(pattern=MODULE_NAME_PATTERN)]]
+    ) = "all-linear"
+    """`all-linear` (every linear layer but the output head) or a list of module names such as
+    `[q_proj, v_proj]`."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA): adds a trained magnitude vector per adapted layer."""
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r)."""
     modules_to_save: list[Annotated[str, Field(pattern=MODULE_NAME_PATTERN)]] = []
-    """Modules trained in full and saved with the adapter, e.g. `[embed_tokens, lm_head]` after adding tokens."""
+    """Modules trained in full and saved with the adapter, e.g. `[embed_tokens, lm_head]` after
+    adding tokens."""
 
     @field_validator("target_modules")
     @classmethod
@@ -239,7 +274,8 @@ class TrainingSpec(_Frozen):
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.03
     """Share of steps spent warming up the learning rate."""
     gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: much less activation memory for ~30% more compute."""
+    """Recompute activations in the backward pass: much less activation memory for ~30% more
+    compute."""
     packing: bool = False
     """Pack several short rows into each max_length sequence (SFT only)."""
     optim: Optim = "adamw_torch"
@@ -255,12 +291,6 @@ class TrainingSpec(_Frozen):
     report_to: ReportTo = "none"
     """Experiment tracker to log to."""
 
-    @model_validator(mode="after")
-    def _best_needs_eval(self) -> TrainingSpec:
-        if self.save_strategy == "best":
-            raise ValueError("save_strategy: `best` needs a metric to track; use steps or epoch")
-        return self
-
 
 class DpoSpec(_Frozen):
     """DPO settings (trl DPOConfig names); only with `method: dpo`."""
@@ -273,6 +303,17 @@ class DpoSpec(_Frozen):
     """Compute the reference model's log-probs once before training instead of at every step."""
 
 
+def _known_reward(item: str) -> str:
+    """A reward is a built-in name or ``path/to/file.py:function`` (checked per item, so an
+    error points at the item's line)."""
+    if item not in BUILTIN_REWARDS and not USER_REWARD_PATTERN.match(item):
+        raise ValueError(
+            f"unknown reward {item!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}) "
+            "or 'path/to/file.py:function'"
+        )
+    return item
+
+
 class GrpoSpec(_Frozen):
     """GRPO settings (trl GRPOConfig names); only with `method: grpo`."""
 
@@ -280,7 +321,9 @@ class GrpoSpec(_Frozen):
     """Completions sampled per prompt (the group whose rewards are compared)."""
     max_completion_length: Annotated[int, Field(ge=1, le=1_048_576)] = 256
     """Tokens generated per completion."""
-    reward_funcs: Annotated[list[str], Field(min_length=1)]
+    reward_funcs: Annotated[
+        list[Annotated[str, AfterValidator(_known_reward)]], Field(min_length=1)
+    ]
     """Built-in rewards (`format`, `length`) or user functions as `path/to/file.py:function`."""
     beta: Annotated[float, Field(ge=0, le=100)] = 0.0
     """KL penalty towards the reference model; 0 (trl's default) keeps no reference pass."""
@@ -289,13 +332,7 @@ class GrpoSpec(_Frozen):
 
     @field_validator("reward_funcs")
     @classmethod
-    def _known_rewards(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if item not in BUILTIN_REWARDS and not USER_REWARD_PATTERN.match(item):
-                raise ValueError(
-                    f"unknown reward {item!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}) "
-                    "or 'path/to/file.py:function'"
-                )
+    def _rewards_once(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError("lists a reward twice")
         return value
@@ -303,12 +340,14 @@ class GrpoSpec(_Frozen):
 
 class _SpecBase(_Frozen):
     name: Annotated[str, Field(pattern=SPEC_NAME_PATTERN, max_length=100)]
-    """Experiment name: lowercase letters, digits, `.`, `_`, `-`; names the output folder and generated files."""
+    """Experiment name: lowercase letters, digits, `.`, `_`, `-`; names the output folder and
+    generated files."""
     model: ModelSpec
     dataset: DatasetSpec
     hardware: HardwareSpec
     precision: Precision = "auto"
-    """Base-model loading: `auto` (the planner picks bf16, else 8-bit, else 4-bit), `bf16`, `fp16`, `8bit`, `4bit`."""
+    """Base-model loading: `auto` (the planner picks bf16, else 8-bit, else 4-bit), `bf16`, `fp16`,
+    `8bit`, `4bit`."""
     quantization: QuantizationSpec = QuantizationSpec()
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
@@ -325,9 +364,22 @@ class _SpecBase(_Frozen):
                 f"use one of: {', '.join(allowed)}"
             )
         if self.training.packing and method != "sft":
-            raise ValueError(f"training.packing: packing is for SFT only; method {method!r} cannot pack")
+            raise ValueError(
+                f"training.packing: packing is for SFT only; method {method!r} cannot pack"
+            )
         if self.output_dir is not None and any(ch in self.output_dir for ch in "\n\r\x00"):
             raise ValueError("output_dir: must be a single line")
+        if (
+            self.precision == "4bit"
+            and self.hardware.distributed == "fsdp"
+            and self.quantization.bnb_4bit_quant_storage == "uint8"
+        ):
+            # FSDP flattens parameters of one dtype; packed uint8 4-bit weights cannot be
+            # sharded next to bf16 ones (the QLoRA + FSDP recipe stores them as bfloat16).
+            raise ValueError(
+                "quantization.bnb_4bit_quant_storage: FSDP with 4-bit loading needs the packed "
+                "weights stored in the compute dtype; set bnb_4bit_quant_storage: bfloat16"
+            )
         return self
 
     @property
@@ -357,6 +409,25 @@ class GrpoRunSpec(_SpecBase):
     """Training objective: `sft`, `dpo` or `grpo`."""
     grpo: GrpoSpec
 
+    @model_validator(mode="after")
+    def _whole_generation_groups(self) -> GrpoRunSpec:
+        # trl's GRPOConfig samples per_device_train_batch_size x GPUs x gradient_accumulation_steps
+        # completions per generation round and refuses a round that splits a prompt's group.
+        training = self.training
+        world = self.hardware.world_size
+        generation_batch = (
+            training.per_device_train_batch_size * world * (training.gradient_accumulation_steps)
+        )
+        if generation_batch % self.grpo.num_generations != 0:
+            raise ValueError(
+                f"grpo.num_generations: {self.grpo.num_generations} must divide the generation "
+                f"batch per_device_train_batch_size x GPUs x gradient_accumulation_steps = "
+                f"{training.per_device_train_batch_size} x {world} x "
+                f"{training.gradient_accumulation_steps} = {generation_batch} "
+                "(trl samples whole groups of num_generations completions per prompt)"
+            )
+        return self
+
 
 Spec = Annotated[SftSpec | DpoRunSpec | GrpoRunSpec, Field(discriminator="method")]
 SPEC_ADAPTER: TypeAdapter[SftSpec | DpoRunSpec | GrpoRunSpec] = TypeAdapter(Spec)
@@ -368,4 +439,19 @@ def spec_json_schema() -> dict[str, object]:
     schema = SPEC_ADAPTER.json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "peftgen experiment spec v1"
+    _one_line_descriptions(schema)
     return schema
+
+
+def _one_line_descriptions(node: object) -> None:
+    """Docstrings wrapped at 100 columns become one-line descriptions (editors show them
+    as hover text)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                node[key] = " ".join(value.split())
+            else:
+                _one_line_descriptions(value)
+    elif isinstance(node, list):
+        for item in node:
+            _one_line_descriptions(item)
