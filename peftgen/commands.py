@@ -111,7 +111,39 @@ def _print_plan(result: Plan) -> None:
 
 
 def emit(args: argparse.Namespace) -> int:
-    raise NotImplementedError("issue 4")
+    """Render the training script (stdout) or every emitted file (``-o DIR``, atomically).
+
+    A plan where nothing fits is refused (exit 3) unless ``--force``: a script that runs
+    out of memory an hour in is worse than no script.
+    """
+    from peftgen.errors import NothingFitsError
+    from peftgen.plan import make_plan
+    from peftgen.render import render_all, render_train_script, write_output_dir
+    from peftgen.resolve import resolve
+
+    resolved = resolve(load_spec(args.spec))
+    result = make_plan(resolved, args.gpu, args.vram_gib)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not result.fits:
+        peaks = ", ".join(
+            f"{c.precision} {c.peak_reserved_bytes / 2**30:.1f} GiB" for c in result.candidates
+        )
+        message = (
+            f"{args.spec}: nothing fits the {result.budget_bytes / 2**30:.1f} GiB budget on "
+            f"{result.gpu.name} (peaks: {peaks}); `peftgen plan {args.spec}` lists what to change"
+        )
+        if not args.force:
+            raise NothingFitsError(message + ", or emit anyway with --force")
+        print(f"warning: {message}; emitting anyway (--force)", file=sys.stderr)
+    if args.output_dir is None:
+        sys.stdout.write(render_train_script(resolved.loaded, result))
+        return 0
+    files = render_all(resolved.loaded, result)
+    write_output_dir(args.output_dir, files)
+    for name in files:
+        print(f"wrote {args.output_dir / name}", file=sys.stderr)
+    return 0
 
 
 def report(args: argparse.Namespace) -> int:
