@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path, metavar="SPEC")
     p.add_argument("--limit", type=int, help="check only the first N rows")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: model.id)"
+    )
     p.set_defaults(func=_cmd_check_data)
 
     p = sub.add_parser("calibrate", help="compare memory receipts with their predictions")

@@ -1,0 +1,397 @@
+"""Stream a dataset's rows with where each came from, never holding the whole file.
+
+Every reader yields ``Row``s: the decoded record (or why it could not be decoded) and
+its location: the physical line for JSON lines, the line a record starts on for a JSON
+array or a CSV file, the 0-based row index for parquet and hub datasets (what
+``dataset[index]`` returns). Readers report how many bytes they have consumed so the
+caller can draw a progress bar without a second pass over the file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from peftgen.errors import UserError
+
+LOCAL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet")
+UTF8_BOM = codecs.BOM_UTF8
+# Bytes read at a time when a JSON array is parsed incrementally.
+JSON_ARRAY_CHUNK_BYTES = 1 << 20
+# One array element larger than this is reported instead of buffered further: a
+# malformed element would otherwise pull the rest of a 10 GB file into memory.
+JSON_ARRAY_MAX_ELEMENT_BYTES = 64 << 20
+PARQUET_BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record of the dataset, or the reason it is not one."""
+
+    line: int | None
+    """1-based line the record starts on (text formats)."""
+    index: int | None
+    """0-based row index (parquet and hub datasets)."""
+    record: dict[str, Any] | None
+    """The decoded record; ``None`` when ``error`` says why it could not be decoded."""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceNote:
+    """Something worth knowing about the file that is not a bad row (e.g. a BOM)."""
+
+    line: int | None
+    message: str
+
+
+class RowSource:
+    """A dataset opened for streaming: rows, notes, progress in bytes."""
+
+    def __init__(self, label: str, total_bytes: int | None) -> None:
+        self.label = label
+        """How problems name the source: the file path, or ``hub:<id>``."""
+        self.total_bytes = total_bytes
+        """Size of the file, for the progress bar; ``None`` when unknown (hub)."""
+        self.bytes_read = 0
+        self.notes: list[SourceNote] = []
+
+    def rows(self) -> Iterator[Row]:
+        raise NotImplementedError
+
+
+def open_source(dataset_path: str, split: str) -> RowSource:
+    """Pick the reader for ``dataset.path``: a local file by suffix, else a hub dataset."""
+    path = Path(dataset_path)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise UserError.single(
+            f"{dataset_path!r} is a folder; give one .jsonl/.json/.csv/.parquet file",
+            field_path="dataset.path",
+        )
+    if suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise UserError.single(
+                f"dataset file {dataset_path!r} does not exist "
+                f"(relative paths are resolved from the current directory, {os.getcwd()})",
+                field_path="dataset.path",
+            )
+        size_bytes = path.stat().st_size
+        if suffix == ".jsonl":
+            return JsonLinesSource(path, size_bytes)
+        if suffix == ".json":
+            return JsonSource(path, size_bytes)
+        if suffix == ".csv":
+            return CsvSource(path, size_bytes)
+        return ParquetSource(path, size_bytes)
+    return HubSource(dataset_path, split)
+
+
+def _decode_line(raw: bytes, line_number: int) -> Row:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Row(
+            line_number, None, None, f"not valid UTF-8 at byte {error.start + 1} of the line"
+        )
+    return _parse_json_record(text, line_number)
+
+
+def _parse_json_record(text: str, line_number: int) -> Row:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return Row(line_number, None, None, f"invalid JSON: {error.msg} (column {error.colno})")
+    if not isinstance(value, dict):
+        return Row(line_number, None, None, f"a row must be a JSON object; got {_json_kind(value)}")
+    return Row(line_number, None, value)
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"
+
+
+class JsonLinesSource(RowSource):
+    """One JSON object per physical line; blank lines are skipped, as ``datasets`` does."""
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        super().__init__(str(path), size_bytes)
+        self.path = path
+
+    def rows(self) -> Iterator[Row]:
+        with self.path.open("rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                self.bytes_read += len(raw)
+                if line_number == 1 and raw.startswith(UTF8_BOM):
+                    raw = raw[len(UTF8_BOM) :]
+                    self.notes.append(_bom_note())
+                if not raw.strip():
+                    continue
+                yield _decode_line(raw, line_number)
+
+
+def _bom_note() -> SourceNote:
+    return SourceNote(
+        1,
+        "the file starts with a UTF-8 byte-order mark; accepted (datasets.load_dataset skips it "
+        "too), but other tools may not",
+    )
+
+
+class JsonSource(RowSource):
+    """A ``.json`` file: a JSON array of objects, or JSON lines (both load with ``datasets``)."""
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        super().__init__(str(path), size_bytes)
+        self.path = path
+
+    def rows(self) -> Iterator[Row]:
+        with self.path.open("rb") as handle:
+            has_bom = handle.read(len(UTF8_BOM)) == UTF8_BOM
+            if not has_bom:
+                handle.seek(0)
+            if _peek_first_non_space(handle) == b"[":
+                if has_bom:
+                    self.notes.append(_bom_note())
+                yield from self._array_rows(handle)
+                return
+        lines = JsonLinesSource(self.path, self.total_bytes or 0)
+        lines.notes = self.notes
+        for row in lines.rows():
+            self.bytes_read = lines.bytes_read
+            yield row
+
+    def _array_rows(self, handle: BinaryIO) -> Iterator[Row]:
+        """Parse ``[obj, obj, ...]`` element by element with a bounded buffer."""
+        decoder = json.JSONDecoder()
+        reader = io.TextIOWrapper(handle, encoding="utf-8", errors="strict", newline="")
+        buffer = ""
+        position = 0
+        line_number = 1
+        at_eof = False
+        expecting = "["
+
+        def refill() -> bool:
+            nonlocal buffer, position, at_eof
+            chunk = reader.read(JSON_ARRAY_CHUNK_BYTES)
+            self.bytes_read = handle.tell()
+            if not chunk:
+                at_eof = True
+                return False
+            buffer = buffer[position:] + chunk
+            position = 0
+            return True
+
+        try:
+            refill()
+        except UnicodeDecodeError:
+            yield Row(1, None, None, "not valid UTF-8")
+            return
+        while True:
+            # Skip whitespace, counting lines, and the separators between elements.
+            while True:
+                while position < len(buffer) and buffer[position] in " \t\r\n":
+                    if buffer[position] == "\n":
+                        line_number += 1
+                    position += 1
+                if position < len(buffer) or at_eof or not refill():
+                    break
+            if position >= len(buffer):
+                yield Row(line_number, None, None, "invalid JSON: the array is not closed with ']'")
+                return
+            char = buffer[position]
+            if expecting == "[":
+                position += 1  # _peek_first_non_space made sure this is '['
+                expecting = "element_or_end"
+                continue
+            if char == "]" and expecting in ("element_or_end", "comma_or_end"):
+                return
+            if expecting == "comma_or_end":
+                if char != ",":
+                    yield Row(
+                        line_number, None, None, f"invalid JSON: expected ',' or ']', got {char!r}"
+                    )
+                    return
+                position += 1
+                expecting = "element"
+                continue
+            start_line = line_number
+            while True:
+                try:
+                    value, end = decoder.raw_decode(buffer, position)
+                    break
+                except json.JSONDecodeError as error:
+                    too_big = len(buffer) - position > JSON_ARRAY_MAX_ELEMENT_BYTES
+                    if at_eof or too_big or not refill():
+                        yield Row(
+                            error.lineno - buffer.count("\n", 0, position) + start_line - 1,
+                            None,
+                            None,
+                            f"invalid JSON: {error.msg}",
+                        )
+                        return
+                except UnicodeDecodeError:
+                    yield Row(start_line, None, None, "not valid UTF-8")
+                    return
+            line_number += buffer.count("\n", position, end)
+            position = end
+            expecting = "comma_or_end"
+            if isinstance(value, dict):
+                yield Row(start_line, None, value)
+            else:
+                yield Row(
+                    start_line, None, None, f"a row must be a JSON object; got {_json_kind(value)}"
+                )
+
+
+def _peek_first_non_space(handle: BinaryIO) -> bytes:
+    """The first non-whitespace byte, leaving the handle where it was."""
+    start = handle.tell()
+    while True:
+        chunk = handle.read(4096)
+        if not chunk:
+            handle.seek(start)
+            return b""
+        stripped = chunk.lstrip()
+        if stripped:
+            handle.seek(start)
+            return stripped[:1]
+
+
+class CsvSource(RowSource):
+    """A CSV file with a header line; each record is located by the line it starts on."""
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        super().__init__(str(path), size_bytes)
+        self.path = path
+        self.columns: list[str] = []
+
+    def rows(self) -> Iterator[Row]:
+        with self.path.open("rb") as binary:
+            if binary.read(len(UTF8_BOM)) == UTF8_BOM:
+                self.notes.append(_bom_note())
+            else:
+                binary.seek(0)
+            text = io.TextIOWrapper(binary, encoding="utf-8", newline="")
+            reader = csv.reader(text)
+            try:
+                header = next(reader, None)
+            except (csv.Error, UnicodeDecodeError) as error:
+                yield Row(1, None, None, f"unreadable CSV header: {error}")
+                return
+            if header is None:
+                return
+            self.columns = [name.strip() for name in header]
+            previous_line = reader.line_num
+            while True:
+                try:
+                    fields = next(reader)
+                except StopIteration:
+                    return
+                except (csv.Error, UnicodeDecodeError) as error:
+                    yield Row(previous_line + 1, None, None, f"unreadable CSV record: {error}")
+                    return
+                start_line = previous_line + 1
+                previous_line = reader.line_num
+                self.bytes_read = binary.tell()
+                if not fields:
+                    continue
+                if len(fields) != len(self.columns):
+                    yield Row(
+                        start_line,
+                        None,
+                        None,
+                        f"has {len(fields)} fields; the header (line 1) names {len(self.columns)}",
+                    )
+                    continue
+                yield Row(start_line, None, dict(zip(self.columns, fields, strict=True)))
+
+
+class ParquetSource(RowSource):
+    """A parquet file read one row group batch at a time (pyarrow, from ``peftgen[train]``)."""
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        super().__init__(str(path), size_bytes)
+        self.path = path
+        self.columns: list[str] = []
+
+    def rows(self) -> Iterator[Row]:
+        try:
+            import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        except ImportError:
+            raise UserError.single(
+                "reading .parquet needs pyarrow: pip install 'peftgen[train]' (or pyarrow)",
+                file=str(self.path),
+            ) from None
+        try:
+            parquet = pq.ParquetFile(self.path)
+        except Exception as error:  # pyarrow raises several types for a bad file
+            raise UserError.single(
+                f"not a readable parquet file: {error}", file=str(self.path)
+            ) from None
+        self.columns = list(parquet.schema_arrow.names)
+        total_rows = max(parquet.metadata.num_rows, 1)
+        index = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                yield Row(None, index, record)
+                index += 1
+            # Bytes are not known per row; scale the row count to the file size instead.
+            self.bytes_read = (self.total_bytes or 0) * index // total_rows
+
+
+class HubSource(RowSource):
+    """A hub dataset streamed with ``datasets`` (needs the network and ``peftgen[train]``)."""
+
+    def __init__(self, dataset_id: str, split: str) -> None:
+        super().__init__(f"hub:{dataset_id}", None)
+        self.dataset_id = dataset_id
+        self.split = split
+
+    def rows(self) -> Iterator[Row]:
+        if _hub_offline():
+            raise UserError.single(
+                f"{self.dataset_id!r} is not a local file and the hub is offline "
+                "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); point dataset.path at a local "
+                ".jsonl/.json/.csv/.parquet file",
+                field_path="dataset.path",
+            )
+        try:
+            import datasets
+        except ImportError:
+            raise UserError.single(
+                f"{self.dataset_id!r} is not a local file; streaming a hub dataset needs "
+                "`pip install 'peftgen[train]'`",
+                field_path="dataset.path",
+            ) from None
+        try:
+            stream = datasets.load_dataset(self.dataset_id, split=self.split, streaming=True)
+            for index, record in enumerate(stream):
+                yield Row(None, index, dict(record))
+        except Exception as error:  # network, auth, missing split: all the user's to fix
+            raise UserError.single(
+                f"cannot stream hub dataset {self.dataset_id!r} (split {self.split!r}): {error}",
+                field_path="dataset.path",
+            ) from None
+
+
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )

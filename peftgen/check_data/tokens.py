@@ -1,0 +1,244 @@
+"""Tokenize rows exactly as the generated trl 1.16 script will, and say which tokens train.
+
+This mirrors ``SFTTrainer._prepare_dataset`` / ``DPOTrainer._prepare_dataset`` with the
+settings peftgen's scripts use (trl defaults: ``assistant_only_loss=False``,
+``completion_only_loss=None``, ``truncation_mode="keep_start"``):
+
+- ``messages``: ``apply_chat_template(messages)``; every token is trained.
+- ``text``: the eos token is appended unless present, then plain tokenization; every
+  token is trained.
+- ``prompt_completion``: prompt and prompt+completion are tokenized (with the chat
+  template and ``add_generation_prompt=True`` for the prompt when conversational, with
+  eos appended to a plain completion); the completion starts where the two diverge
+  (``common_prefix_length``) and only completion tokens are trained.
+- ``preference`` (DPO): prompt+chosen and prompt+rejected, each truncated on its own;
+  the row's length is the longer of the two; the chosen sequence is the one shown.
+- ``prompt`` (GRPO): the prompt only (the generation prompt added after a user turn);
+  nothing in it is trained, the completion is generated at run time.
+
+transformers is imported here only (``peftgen[train]``); the rest of check-data runs
+without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftgen.check_data.rows import split_implicit_prompt
+from peftgen.errors import UserError
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    input_ids: list[int]
+    trained_mask: list[bool]
+    """True where the token's label is kept (it contributes to the loss)."""
+    sequence_length: int
+    """Tokens the trainer sees for the row: ``len(input_ids)``, for DPO the longer of the
+    chosen and rejected sequences."""
+
+
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    tokenizer: Any
+    """A transformers tokenizer (typed loosely: transformers is an optional extra)."""
+    source: str
+    """Where it came from: a folder, or a hub id."""
+    max_position_embeddings: int | None
+    """The model's context length from its config.json, when known."""
+
+
+class TokenizerUnavailable(Exception):
+    """Token statistics cannot be computed; the message says why (shown, not fatal)."""
+
+
+def load_tokenizer(
+    model_id: str,
+    revision: str | None,
+    override_dir: Path | None,
+    trust_remote_code: bool,
+    chat_template: str | None,
+) -> LoadedTokenizer:
+    """The tokenizer of ``--tokenizer DIR``, else ``model.id``'s: a local folder, or the hub.
+
+    With ``dataset.chat_template`` set it is changed the way the generated script changes
+    it, so lengths count the template's markers as the single tokens they become.
+    """
+    if override_dir is not None and not override_dir.is_dir():
+        raise UserError.single(f"--tokenizer {str(override_dir)!r} is not a folder")
+    folder = override_dir if override_dir is not None else Path(model_id)
+    is_local = folder.is_dir()
+    if not is_local and _hub_offline():
+        raise TokenizerUnavailable(
+            f"model.id {model_id!r} is not a local folder and the hub is offline; "
+            "pass --tokenizer DIR (a folder with the tokenizer files)"
+        )
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise TokenizerUnavailable(
+            "transformers is not installed (pip install 'peftgen[train]')"
+        ) from None
+    source = str(folder) if is_local else model_id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source,
+            revision=None if is_local else revision,
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as error:  # network, missing files, a catalogue alias that is no hub id
+        raise TokenizerUnavailable(f"cannot load the tokenizer from {source!r}: {error}") from None
+    if chat_template == "chatml":
+        _install_chatml(tokenizer)
+    return LoadedTokenizer(tokenizer, source, _max_positions(folder) if is_local else None)
+
+
+def _install_chatml(tokenizer: Any) -> None:
+    """What ``train.py`` does when the spec names ``chatml`` (templates/train_base.py.j2)."""
+    from peftgen.render import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE
+
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": list(CHATML_SPECIAL_TOKENS)}, replace_extra_special_tokens=False
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = CHATML_SPECIAL_TOKENS[1]
+
+
+def _max_positions(folder: Path) -> int | None:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def needs_chat_template(shape: str) -> bool:
+    return shape.startswith("conversational")
+
+
+class RowTokenizer:
+    """Tokenizes rows of one shape for one method/format, as the trainer will."""
+
+    def __init__(self, tokenizer: Any, method: str, data_format: str) -> None:
+        self.tokenizer = tokenizer
+        self.method = method
+        self.data_format = data_format
+        self.eos_token: str = tokenizer.eos_token or ""
+
+    def tokenize(self, record: dict[str, Any], shape: str) -> TokenizedRow:
+        conversational = needs_chat_template(shape)
+        if self.data_format == "text":
+            return _all_trained(self._text_ids(_with_eos(record["text"], self.eos_token)))
+        if self.data_format == "messages" and self.method == "sft":
+            return _all_trained(self._chat_ids(record["messages"], record))
+        if self.data_format == "prompt_completion":
+            return self._prompt_completion(record, conversational)
+        if self.data_format == "preference":
+            return self._preference(record, shape)
+        prompt = record["messages"] if self.data_format == "messages" else record["prompt"]
+        return self._prompt_only(prompt, record)
+
+    def _text_ids(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text=text)["input_ids"]
+        return ids
+
+    def _chat_ids(self, messages: list[Any], record: dict[str, Any], **kwargs: Any) -> list[int]:
+        tools = record.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        result = self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=True,
+            return_dict=True,
+            tools=tools,
+            **record.get("chat_template_kwargs", {}),
+            **kwargs,
+        )
+        ids: list[int] = list(result["input_ids"])
+        return ids
+
+    def _prompt_completion(self, record: dict[str, Any], conversational: bool) -> TokenizedRow:
+        if conversational:
+            prompt_ids = self._chat_ids(record["prompt"], record, add_generation_prompt=True)
+            full_ids = self._chat_ids(record["prompt"] + record["completion"], record)
+        else:
+            completion = _with_eos(record["completion"], self.eos_token)
+            prompt_ids = self._text_ids(record["prompt"])
+            full_ids = self._text_ids(record["prompt"] + completion)
+        prompt_length = common_prefix_length(prompt_ids, full_ids)
+        mask = [index >= prompt_length for index in range(len(full_ids))]
+        return TokenizedRow(full_ids, mask, len(full_ids))
+
+    def _preference(self, record: dict[str, Any], shape: str) -> TokenizedRow:
+        """The chosen sequence; its length is the longer of the chosen and rejected ones."""
+        if "prompt" in record:
+            prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+        else:
+            prompt, chosen, rejected = split_implicit_prompt(record["chosen"], record["rejected"])
+        if needs_chat_template(shape):
+            prompt_ids = self._chat_ids(prompt, record, add_generation_prompt=True)
+            chosen_ids = self._chat_ids(prompt + chosen, record)
+            rejected_ids = self._chat_ids(prompt + rejected, record)
+        else:
+            prompt_ids = self._text_ids(prompt)
+            chosen_ids = self._text_ids(prompt + _with_eos(chosen, self.eos_token))
+            rejected_ids = self._text_ids(prompt + _with_eos(rejected, self.eos_token))
+        prompt_length = min(
+            common_prefix_length(prompt_ids, chosen_ids),
+            common_prefix_length(prompt_ids, rejected_ids),
+        )
+        mask = [index >= prompt_length for index in range(len(chosen_ids))]
+        return TokenizedRow(chosen_ids, mask, max(len(chosen_ids), len(rejected_ids)))
+
+    def _prompt_only(self, prompt: Any, record: dict[str, Any]) -> TokenizedRow:
+        if isinstance(prompt, str):
+            ids = self._text_ids(prompt)
+        elif prompt[-1]["role"] == "assistant":
+            ids = self._chat_ids(prompt, record, continue_final_message=True)
+        else:
+            ids = self._chat_ids(prompt, record, add_generation_prompt=True)
+        return TokenizedRow(ids, [False] * len(ids), len(ids))
+
+
+def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    """trl 1.16's ``common_prefix_length``: leading tokens the two sequences share."""
+    length = 0
+    for token, other in zip(ids, other_ids, strict=False):
+        if token != other:
+            break
+        length += 1
+    return length
+
+
+def _with_eos(text: str, eos_token: str) -> str:
+    return text if not eos_token or text.endswith(eos_token) else text + eos_token
+
+
+def _all_trained(ids: list[int]) -> TokenizedRow:
+    return TokenizedRow(ids, [True] * len(ids), len(ids))
+
+
+@dataclass(frozen=True)
+class RenderedSpan:
+    text: str
+    trained: bool
+
+
+def render_spans(tokenizer: Any, row: TokenizedRow) -> list[RenderedSpan]:
+    """The example's text split where training switches on or off."""
+    spans: list[RenderedSpan] = []
+    start = 0
+    for index in range(1, len(row.input_ids) + 1):
+        if index == len(row.input_ids) or row.trained_mask[index] != row.trained_mask[start]:
+            text = tokenizer.decode(row.input_ids[start:index], skip_special_tokens=False)
+            spans.append(RenderedSpan(text, row.trained_mask[start]))
+            start = index
+    return spans
