@@ -151,7 +151,36 @@ def report(args: argparse.Namespace) -> int:
 
 
 def check_data(args: argparse.Namespace) -> int:
-    raise NotImplementedError("issue 9")
+    """Check the spec's dataset row by row; exit 2 (via ``UserError``) when any row is bad."""
+    from peftgen.check_data import check_dataset
+    from peftgen.check_data.output import printed_problems, progress_bar, report_json, report_text
+    from peftgen.errors import UserError
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError.single(f"--limit must be at least 1; got {args.limit}")
+    loaded = load_spec(args.spec)
+    try:
+        with progress_bar(f"checking {loaded.spec.dataset.path}") as progress:
+            result = check_dataset(
+                loaded.spec, limit=args.limit, tokenizer_dir=args.tokenizer, progress=progress
+            )
+    except UserError as error:
+        # A missing file or an offline hub is a problem with the spec's dataset.path: point there.
+        raise UserError(
+            [
+                loaded.problem(p.field_path, p.message, p.hint)
+                if p.file is None and p.field_path
+                else p
+                for p in error.problems
+            ]
+        ) from None
+    if args.json:
+        sys.stdout.write(json.dumps(report_json(result), indent=2) + "\n")
+    else:
+        sys.stdout.write(report_text(result))
+    if result.problems_total:
+        raise UserError(printed_problems(result))
+    return 0
 
 
 def calibrate(args: argparse.Namespace) -> int:
