@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from peftgen.catalog import LinearModule, ModelArch, linear_modules
+from peftgen.catalog import LinearModule, ModelArch, linear_modules, parameter_groups
+from peftgen.catalog.structure import LANGUAGE_MODEL
 
 MIB = 2**20
 GIB = 2**30
@@ -172,52 +173,58 @@ class Estimate:
 # --------------------------------------------------------------------------- parameters
 
 
-@dataclass(frozen=True)
-class ParameterGroup:
-    """Non-linear parameters (embeddings, norms, head) that stay in the load dtype."""
-
-    name: str
-    numel: int
-
-
-def non_linear_parameter_groups(arch: ModelArch) -> list[ParameterGroup]:
-    """Embeddings, output head (when untied) and norm weights of a decoder-only model.
-
-    Kept here until the catalogue offers a parameter-groups helper. Covers the families
-    whose layers carry two RMS/LayerNorms plus a final one; extra norms (q/k norms,
-    Gemma's sandwich norms) are read from ``config.extra`` markers when present.
-    """
-    c = arch.config
-    groups = [ParameterGroup("embed_tokens", c.vocab_size * c.hidden_size)]
-    if not c.tie_word_embeddings:
-        groups.append(ParameterGroup("lm_head", c.vocab_size * c.hidden_size))
-    norms_per_layer = 2 + int(c.extra.get("extra_norms_per_layer", 0))
-    groups.append(
-        ParameterGroup("norms", (norms_per_layer * c.num_hidden_layers + 1) * c.hidden_size)
-    )
-    if c.model_type in QK_NORM_TYPES:
-        groups.append(ParameterGroup("qk_norms", 2 * c.num_hidden_layers * c.head_dim))
-    if c.num_local_experts:
-        groups.append(
-            ParameterGroup("router", c.num_hidden_layers * c.num_local_experts * c.hidden_size)
-        )
-    return groups
-
-
-# Families with a per-head RMSNorm on q and k (Qwen3, OLMo2-style).
-QK_NORM_TYPES = frozenset({"qwen3", "qwen3_moe"})
-
-
 def linear_parameter_count(module: LinearModule) -> int:
     """Weights (+ bias) of all ``module.count`` instances."""
-    per = module.in_features * module.out_features + (module.out_features if module.bias else 0)
-    return per * module.count
+    return module.weight_parameters + module.bias_parameters
 
 
 def base_parameter_count(arch: ModelArch) -> int:
     """Parameters of the base model as ``numel`` counts them before quantization."""
-    linear = sum(linear_parameter_count(m) for m in linear_modules(arch))
-    return linear + sum(g.numel for g in non_linear_parameter_groups(arch))
+    return parameter_groups(arch).total
+
+
+def language_linear_modules(arch: ModelArch) -> list[LinearModule]:
+    """The decoder's linears: what text-only training pushes activations through (a
+    multimodal wrapper's vision tower sits idle)."""
+    return [m for m in linear_modules(arch) if m.component == LANGUAGE_MODEL]
+
+
+def moe_experts_per_layer(arch: ModelArch) -> int:
+    """Experts per layer of a fused-expert MoE (transformers 5 Mixtral), else 0."""
+    c = arch.config
+    return (c.num_local_experts or 0) if parameter_groups(arch).moe_experts else 0
+
+
+def moe_lora_parameter_count(arch: ModelArch, r: int) -> int:
+    """LoRA peft 0.21.2 adds to fused MoE layers under ``all-linear``.
+
+    peft maps the transformers-5 fused experts back to their v4 linears
+    (peft/utils/transformers_weight_conversion.py:474): the router ``mlp.gate`` gets a
+    rank-r adapter (A r x H, B E x r), and each 3-D expert parameter a per-expert one
+    stacked to rank r x E, doubled for ``gate_up_proj`` (two v4 linears fused into it):
+    gate_up A (2rE x H), B (2I x 2rE); down A (rE x I), B (H x rE). Checked against peft
+    on the meta device by ``tests/test_adapter_count.py``.
+    """
+    per_layer = sum(rows * cols for rows, cols in moe_lora_shapes(arch, r))
+    return arch.config.num_hidden_layers * per_layer
+
+
+def moe_lora_shapes(arch: ModelArch, r: int) -> list[tuple[int, int]]:
+    """Shapes of one layer's MoE LoRA tensors (see ``moe_lora_parameter_count``)."""
+    experts = moe_experts_per_layer(arch)
+    if not experts:
+        return []
+    c = arch.config
+    h = c.hidden_size
+    width = c.moe_intermediate_size or c.intermediate_size
+    return [
+        (r, h),
+        (experts, r),
+        (2 * r * experts, h),
+        (2 * width, 2 * r * experts),
+        (r * experts, width),
+        (h, r * experts),
+    ]
 
 
 def targeted_modules(arch: ModelArch, target_modules: tuple[str, ...] | str) -> list[LinearModule]:
@@ -247,6 +254,8 @@ def lora_parameter_count(arch: ModelArch, inputs: EstimateInput) -> int:
         if inputs.use_dora:
             per += module.out_features
         total += per * module.count
+    if inputs.target_modules == "all-linear":
+        total += moe_lora_parameter_count(arch, inputs.lora_r)
     return total
 
 
@@ -264,9 +273,11 @@ def trainable_bias_count(arch: ModelArch, inputs: EstimateInput) -> int:
 
 def modules_to_save_parameter_count(arch: ModelArch, modules_to_save: tuple[str, ...]) -> int:
     """Parameters of the full trainable copies peft makes of ``modules_to_save``."""
-    numel_by_name = {g.name: g.numel for g in non_linear_parameter_groups(arch)}
-    if arch.config.tie_word_embeddings:
-        numel_by_name["lm_head"] = numel_by_name["embed_tokens"]
+    groups = parameter_groups(arch)
+    numel_by_name = {
+        "embed_tokens": groups.embedding,
+        "lm_head": groups.lm_head or groups.embedding,
+    }
     for module in linear_modules(arch):
         numel_by_name.setdefault(module.name, linear_parameter_count(module))
     return sum(numel_by_name.get(name.rsplit(".", 1)[-1], 0) for name in modules_to_save)
@@ -307,9 +318,10 @@ def nf4_linear_bytes(in_features: int, out_features: int, double_quant: bool) ->
     """bitsandbytes 4-bit (NF4 or FP4; same layout): packed nibbles + block scales.
 
     Packed weight: 2 values per byte. One absmax per 64-value block: fp32 without double
-    quantization; with it, uint8 codes plus one fp32 absmax per 256 blocks, an fp32
-    offset and the 256-entry fp32 code book of the nested state. The 16-entry fp32 quant
-    map is carried in both cases.
+    quantization; with it (bitsandbytes/functional.py:938-950) uint8 codes of the
+    mean-centred absmax, one fp32 absmax per 256 blocks and the fp32 mean (``offset``).
+    Each module also carries its 16-entry fp32 quant map (``get_4bit_type``, :936); the
+    nested 256-entry code book is one cached tensor shared by all modules (:655).
     """
     numel = in_features * out_features
     packed = math.ceil(numel / 2)
@@ -318,7 +330,7 @@ def nf4_linear_bytes(in_features: int, out_features: int, double_quant: bool) ->
     if not double_quant:
         return packed + 4 * blocks + quant_map
     nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
-    return packed + blocks + 4 * nested_blocks + 4 + 256 * 4 + quant_map
+    return packed + blocks + 4 * nested_blocks + 4 + quant_map
 
 
 def linear_weight_bytes(module: LinearModule, inputs: EstimateInput) -> int:
@@ -349,8 +361,10 @@ def unquantized_weight_dtype_bytes(inputs: EstimateInput) -> int:
 def weights_bytes(inputs: EstimateInput) -> int:
     """The frozen base model on the GPU (per GPU; sharding divides it, issue 8)."""
     linear = sum(linear_weight_bytes(m, inputs) for m in linear_modules(inputs.arch))
-    other = sum(g.numel for g in non_linear_parameter_groups(inputs.arch))
-    return linear + other * unquantized_weight_dtype_bytes(inputs)
+    groups = parameter_groups(inputs.arch)
+    return linear + (groups.non_linear - groups.linear_bias) * unquantized_weight_dtype_bytes(
+        inputs
+    )
 
 
 # --------------------------------------------------------------------------- adapters
@@ -394,6 +408,9 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
         add(lora_bytes, module.out_features, inputs.lora_r, module.count)
         if inputs.use_dora:
             add(4, module.out_features, 1, module.count)
+    if inputs.target_modules == "all-linear":
+        for rows, cols in moe_lora_shapes(arch, inputs.lora_r):
+            add(lora_bytes, rows, cols, arch.config.num_hidden_layers)
     mts = modules_to_save_parameter_count(arch, inputs.modules_to_save)
     if mts:
         add(copy_bytes, mts // arch.config.hidden_size, arch.config.hidden_size, 1)
@@ -525,7 +542,7 @@ def grpo_sequence_length(inputs: EstimateInput) -> int:
 def _input_groups(inputs: EstimateInput) -> list[tuple[int, list[LinearModule]]]:
     """Linear modules grouped by the tensor they read: (input width, members)."""
     groups: dict[str, tuple[int, list[LinearModule]]] = {}
-    for module in linear_modules(inputs.arch):
+    for module in language_linear_modules(inputs.arch):
         key = INPUT_GROUP.get(module.name, module.name)
         _, members = groups.setdefault(key, (module.in_features, []))
         members.append(module)
@@ -557,7 +574,11 @@ def lora_saved_input_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
     magnitude scaling.
     """
     compute = DTYPE_BYTES[inputs.compute_dtype]
-    wrapped = {m.name for m in targeted_modules(inputs.arch, inputs.target_modules)}
+    wrapped = {
+        m.name
+        for m in targeted_modules(inputs.arch, inputs.target_modules)
+        if m.component == LANGUAGE_MODEL
+    }
     fp32_adapters = adapter_dtype(inputs) == "fp32"
     total = 0
     for width, members in _input_groups(inputs):

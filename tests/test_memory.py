@@ -1,0 +1,212 @@
+"""Properties of the memory estimator, plus hand-computed byte counts of quantized weights."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from peftgen.catalog import LinearModule, ModelArch, find_model, model_catalogue
+from peftgen.load import load_spec
+from peftgen.memory import (
+    OPTIMIZERS,
+    EstimateInput,
+    activation_bytes,
+    estimate,
+    int8_linear_bytes,
+    linear_weight_bytes,
+    nf4_linear_bytes,
+    weights_bytes,
+)
+from peftgen.plan import make_plan
+from peftgen.resolve import resolve
+
+PLAN_SPECS = Path(__file__).parent / "plan_specs"
+# Language-only catalogue entries the structural properties are drawn from.
+ARCHS = [a for a in model_catalogue() if a.config.text_config_model_type is None]
+
+LLAMA3_8B = find_model("meta-llama/Meta-Llama-3-8B")
+assert LLAMA3_8B is not None
+
+inputs_strategy = st.builds(
+    EstimateInput,
+    arch=st.sampled_from(ARCHS),
+    precision=st.sampled_from(["bf16", "fp16", "8bit", "4bit"]),
+    method=st.sampled_from(["sft", "dpo", "grpo"]),
+    compute_dtype=st.sampled_from(["bf16", "fp16"]),
+    bnb_4bit_use_double_quant=st.booleans(),
+    lora_r=st.integers(1, 256),
+    target_modules=st.sampled_from(["all-linear", ("q_proj", "v_proj"), ("down_proj",)]),
+    use_dora=st.booleans(),
+    modules_to_save=st.sampled_from([(), ("embed_tokens", "lm_head")]),
+    lora_dropout=st.sampled_from([0.0, 0.05]),
+    micro_batch=st.integers(1, 16),
+    max_length=st.integers(16, 16384),
+    gradient_checkpointing=st.booleans(),
+    attn_implementation=st.sampled_from(["sdpa", "flash_attention_2", "eager"]),
+    optim=st.sampled_from(OPTIMIZERS),
+    gradient_accumulation_steps=st.integers(1, 16),
+    num_generations=st.integers(2, 16),
+    max_completion_length=st.integers(1, 2048),
+)
+
+fast = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@fast
+@given(inputs_strategy)
+def test_total_is_the_sum_of_the_parts(inputs: EstimateInput) -> None:
+    result = estimate(inputs)
+    parts = (
+        result.weights_bytes,
+        result.adapter_bytes,
+        result.gradient_bytes,
+        result.optimizer_bytes,
+        result.activation_bytes,
+        result.logits_bytes,
+    )
+    assert all(part >= 0 for part in parts)
+    assert result.peak_allocated_bytes == sum(parts)
+    assert result.peak_reserved_bytes == sum(parts) + result.overhead_bytes
+    assert result.peak_allocated_bytes < result.torch_reserved_bytes < result.peak_reserved_bytes
+
+
+@fast
+@given(inputs_strategy, st.integers(1, 4096))
+def test_monotone_in_max_length(inputs: EstimateInput, extra: int) -> None:
+    longer = replace(inputs, max_length=inputs.max_length + extra)
+    assert estimate(longer).peak_reserved_bytes >= estimate(inputs).peak_reserved_bytes
+
+
+@fast
+@given(inputs_strategy, st.integers(1, 8))
+def test_monotone_in_batch(inputs: EstimateInput, extra: int) -> None:
+    bigger = replace(inputs, micro_batch=inputs.micro_batch + extra)
+    assert estimate(bigger).peak_reserved_bytes >= estimate(inputs).peak_reserved_bytes
+
+
+@fast
+@given(inputs_strategy, st.integers(1, 128))
+def test_monotone_in_rank(inputs: EstimateInput, extra: int) -> None:
+    bigger = replace(inputs, lora_r=inputs.lora_r + extra)
+    assert estimate(bigger).peak_reserved_bytes >= estimate(inputs).peak_reserved_bytes
+
+
+@fast
+@given(inputs_strategy, st.integers(1, 16))
+def test_monotone_in_parameters(inputs: EstimateInput, extra_layers: int) -> None:
+    """More layers (more parameters, same shapes) never need less memory."""
+    config = inputs.arch.config
+    deeper_config = config.model_copy(
+        update={"num_hidden_layers": config.num_hidden_layers + extra_layers}
+    )
+    deeper_arch = inputs.arch.model_copy(update={"config": deeper_config})
+    deeper = replace(inputs, arch=deeper_arch)
+    assert estimate(deeper).total_parameters > estimate(inputs).total_parameters
+    assert estimate(deeper).peak_reserved_bytes >= estimate(inputs).peak_reserved_bytes
+
+
+@fast
+@given(inputs_strategy)
+def test_gradient_checkpointing_never_raises_activations(inputs: EstimateInput) -> None:
+    on = activation_bytes(replace(inputs, gradient_checkpointing=True))
+    off = activation_bytes(replace(inputs, gradient_checkpointing=False))
+    assert on <= off
+
+
+@fast
+@given(inputs_strategy)
+def test_quantized_weights_are_smaller(inputs: EstimateInput) -> None:
+    by_precision = {
+        p: weights_bytes(replace(inputs, precision=p)) for p in ("bf16", "8bit", "4bit")
+    }
+    assert by_precision["4bit"] <= by_precision["8bit"] <= by_precision["bf16"]
+
+
+PRECISION_RANK = {"bf16": 0, "fp16": 0, "8bit": 1, "4bit": 2}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    vram_gib=st.floats(4, 120),
+    max_length=st.integers(256, 16384),
+    batch=st.integers(1, 8),
+    checkpointing=st.booleans(),
+)
+def test_planner_never_under_picks(
+    vram_gib: float, max_length: int, batch: int, checkpointing: bool
+) -> None:
+    """``auto`` takes the most faithful precision that fits, and only one that fits."""
+    resolved = resolve(load_spec(PLAN_SPECS / "llama3-8b-sft-auto.yaml"))
+    spec = resolved.loaded.spec
+    training = spec.training.model_copy(
+        update={
+            "max_length": max_length,
+            "per_device_train_batch_size": batch,
+            "gradient_checkpointing": checkpointing,
+        }
+    )
+    changed = replace(
+        resolved,
+        loaded=replace(resolved.loaded, spec=spec.model_copy(update={"training": training})),
+    )
+    plan = make_plan(changed, vram_gib_override=vram_gib)
+    fitting = [c.precision for c in plan.candidates if c.fits]
+    if not fitting:
+        assert plan.chosen_precision is None and not plan.fits
+        return
+    assert plan.chosen_precision is not None and plan.fits
+    chosen = plan.chosen
+    assert chosen is not None and chosen.fits
+    assert all(PRECISION_RANK[plan.chosen_precision] <= PRECISION_RANK[p] for p in fitting)
+
+
+# --------------------------------------------------------------------------- exact bytes
+
+SMALL = LinearModule("q_proj", in_features=128, out_features=64, count=1)
+
+
+def test_int8_weight_bytes_by_hand() -> None:
+    # 128 x 64 int8 weights + one fp32 scale per output row.
+    assert int8_linear_bytes(128, 64) == 8192 + 64 * 4
+
+
+def test_nf4_weight_bytes_by_hand() -> None:
+    # 8192 weights: 4096 packed bytes, 128 blocks of 64 -> 128 fp32 absmax, 16-entry fp32 map.
+    assert nf4_linear_bytes(128, 64, double_quant=False) == 4096 + 128 * 4 + 64
+
+
+def test_nf4_double_quant_bytes_by_hand() -> None:
+    # 128 uint8 absmax codes, ceil(128 / 256) = 1 fp32 nested absmax, fp32 offset, map.
+    assert nf4_linear_bytes(128, 64, double_quant=True) == 4096 + 128 + 4 + 4 + 64
+
+
+def test_bytes_per_parameter_match_bitsandbytes_rules() -> None:
+    """NF4 is 0.5625 B/param, NF4 + double quant ~0.5159 (published rule)."""
+    n = 4096 * 4096
+    assert nf4_linear_bytes(4096, 4096, False) / n == pytest.approx(0.5625, abs=1e-5)
+    assert nf4_linear_bytes(4096, 4096, True) / n == pytest.approx(0.5159, abs=1e-4)
+
+
+def test_quantized_bias_stays_in_compute_dtype() -> None:
+    biased = replace(SMALL, bias=True, count=3)
+    inputs = EstimateInput(arch=LLAMA3_8B, precision="4bit")
+    expected = 3 * (nf4_linear_bytes(128, 64, True) + 64 * 2)
+    assert linear_weight_bytes(biased, inputs) == expected
+
+
+def test_llama3_8b_weights_by_hand() -> None:
+    """bf16: every parameter 2 bytes. 4-bit: linears NF4+DQ, embeddings, head, norms bf16."""
+    arch: ModelArch = LLAMA3_8B
+    bf16 = weights_bytes(EstimateInput(arch=arch, precision="bf16"))
+    assert bf16 == 2 * 8_030_261_248
+    embed_head_norms = 2 * 128256 * 4096 + (2 * 32 + 1) * 4096
+    attention = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096)]
+    mlp = [(4096, 14336), (4096, 14336), (14336, 4096)]
+    linear_shapes = [*attention, *mlp]
+    linear = 32 * sum(nf4_linear_bytes(i, o, True) for i, o in linear_shapes)
+    four_bit = weights_bytes(EstimateInput(arch=arch, precision="4bit"))
+    assert four_bit == linear + 2 * embed_head_norms
