@@ -12,24 +12,46 @@ import sys
 
 from peftgen.load import load_spec
 from peftgen.plan import Plan
-from peftgen.spec import spec_json_schema
 
 
 def validate(args: argparse.Namespace) -> int:
+    """Check every spec file; report all problems of all files (exit 2), else one ok line each.
+
+    Warnings go to stderr; ``PATH: ok`` lines to stdout.
+    """
+    from peftgen.errors import UserError
     from peftgen.resolve import resolve
 
+    problems = []
     for path in args.specs:
-        resolve(load_spec(path))
-        print(f"{path}: ok", file=sys.stderr)
+        try:
+            resolved = resolve(load_spec(path))
+        except UserError as error:
+            problems.extend(error.problems)
+            continue
+        for warning in resolved.warnings:
+            print(warning, file=sys.stderr)
+        print(f"{path}: ok")
+    if problems:
+        raise UserError(problems)
     return 0
 
 
 def schema(args: argparse.Namespace) -> int:
-    text = json.dumps(spec_json_schema(), indent=2, sort_keys=True) + "\n"
-    if args.output:
-        args.output.write_text(text, encoding="utf-8")
-    else:
+    """Print the spec's JSON Schema, or write it (``-o specs/peftgen.schema.json``)."""
+    from peftgen.docs import schema_text
+    from peftgen.errors import UserError
+
+    text = schema_text()
+    if args.output is None:
         sys.stdout.write(text)
+        return 0
+    try:
+        args.output.write_text(text, encoding="utf-8")
+    except OSError as error:
+        message = f"cannot write the schema: {error.strerror}"
+        raise UserError.single(message, file=str(args.output)) from None
+    print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 

@@ -1,51 +1,214 @@
 """Resolve a spec's model and GPU, and check the rules that need them.
 
-(Minimal first version; the full rules, did-you-mean and local/online resolution are
-built in issue 2.)
+``load`` checks what the spec alone can tell; this module adds what needs the model's
+architecture or the GPU: module names that exist in the model, bf16 and FlashAttention-2
+support of the card, lengths past the model's context. These are the mistakes a user
+would otherwise find only after downloading 16 GB of weights, or an hour into a run.
+Every problem is located at the spec line it is about, and all are reported at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftgen.catalog import Gpu, ModelArch, find_gpu, find_model
-from peftgen.errors import UserError
-from peftgen.load import LoadedSpec
+from peftgen.catalog import Gpu, ModelArch, linear_modules, lookup_gpu, lookup_model
+from peftgen.errors import Problem, UserError
+from peftgen.load import LoadedSpec, did_you_mean
+from peftgen.spec import AnySpec, GrpoRunSpec
 
 GIB = 2**30
+
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+"""Non-linear (or output) modules peft can train in full through ``modules_to_save``."""
 
 
 @dataclass(frozen=True)
 class Resolved:
-    """A loaded spec with its architecture and target GPU."""
+    """A loaded spec with its architecture and target GPU (memory override applied)."""
 
     loaded: LoadedSpec
     arch: ModelArch
     gpu: Gpu
+    warnings: tuple[str, ...] = ()
+    """The loader's warnings and the resolver's, rendered ``file:line:col: warning: ...``."""
+
+    @property
+    def spec(self) -> AnySpec:
+        return self.loaded.spec
 
 
 def resolve(loaded: LoadedSpec) -> Resolved:
-    spec = loaded.spec
-    arch = find_model(spec.model.id)
-    if arch is None:
-        raise UserError.single(
-            f"unknown model {spec.model.id!r}", file=str(loaded.path), field_path="model.id"
+    """Find the model and GPU, then check the rules that need them; raise every problem."""
+    problems: list[Problem] = []
+    arch = _resolve_model(loaded, problems)
+    gpu = _resolve_gpu(loaded, problems)
+    warnings: list[str] = list(loaded.warnings)
+    if arch is not None:
+        problems.extend(_module_problems(loaded, arch))
+        warnings.extend(_length_warnings(loaded, arch))
+        warnings.extend(_chat_template_warnings(loaded, arch))
+    if gpu is not None:
+        problems.extend(_gpu_problems(loaded, gpu))
+        warnings.extend(_memory_warnings(loaded, gpu))
+    if problems or arch is None or gpu is None:
+        raise UserError(sorted(problems, key=lambda p: (p.line or 0, p.column or 0)))
+    return Resolved(loaded, arch, _with_memory_override(loaded, gpu), tuple(warnings))
+
+
+def _resolve_model(loaded: LoadedSpec, problems: list[Problem]) -> ModelArch | None:
+    model = loaded.spec.model
+    try:
+        return lookup_model(
+            model.id,
+            base_dir=loaded.path.parent,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
         )
-    hardware = spec.hardware
-    gpu = find_gpu(hardware.gpu) if hardware.gpu else None
-    if gpu is None and hardware.gpu:
-        raise UserError.single(
-            f"unknown GPU {hardware.gpu!r}", file=str(loaded.path), field_path="hardware.gpu"
-        )
-    if gpu is None:
-        assert hardware.vram_gib is not None
-        gpu = Gpu(
-            name=f"{hardware.vram_gib:g} GiB GPU",
+    except UserError as error:
+        problems.extend(_relocated(loaded, "model.id", error))
+        return None
+
+
+def _resolve_gpu(loaded: LoadedSpec, problems: list[Problem]) -> Gpu | None:
+    hardware = loaded.spec.hardware
+    if hardware.gpu is None:
+        assert hardware.vram_gib is not None  # the spec requires one of the two
+        # No card named: assume a current (Ampere or newer) one with the given memory.
+        return Gpu(
+            name=f"GPU with {hardware.vram_gib:g} GiB",
             memory_bytes=int(hardware.vram_gib * GIB),
             compute_capability="8.0",
             bf16=True,
             flash_attention_2=True,
         )
-    elif hardware.vram_gib is not None:
-        gpu = gpu.model_copy(update={"memory_bytes": int(hardware.vram_gib * GIB)})
-    return Resolved(loaded, arch, gpu)
+    try:
+        return lookup_gpu(hardware.gpu)
+    except UserError as error:
+        problems.extend(_relocated(loaded, "hardware.gpu", error))
+        return None
+
+
+def _relocated(loaded: LoadedSpec, field_path: str, error: UserError) -> list[Problem]:
+    """The catalogue's problems (message and hint, no position) placed at ``field_path``."""
+    return [loaded.problem(field_path, problem.message, problem.hint) for problem in error.problems]
+
+
+def _with_memory_override(loaded: LoadedSpec, gpu: Gpu) -> Gpu:
+    vram_gib = loaded.spec.hardware.vram_gib
+    if vram_gib is None:
+        return gpu
+    return gpu.model_copy(update={"memory_bytes": int(vram_gib * GIB)})
+
+
+def _module_problems(loaded: LoadedSpec, arch: ModelArch) -> list[Problem]:
+    lora = loaded.spec.lora
+    linear_names = list(dict.fromkeys(module.name for module in linear_modules(arch)))
+    problems: list[Problem] = []
+    if isinstance(lora.target_modules, list):
+        for index, name in enumerate(lora.target_modules):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in linear_names:
+                continue
+            hint: str | None = did_you_mean(leaf, linear_names)
+            if leaf in EMBEDDING_MODULES:
+                hint = f"to train {leaf} in full, list it in lora.modules_to_save instead"
+            problems.append(
+                loaded.problem(
+                    f"lora.target_modules.{index}",
+                    f"{arch.display_name} has no linear module {name!r}; "
+                    f"its linear modules: {', '.join(linear_names)} (or use all-linear)",
+                    hint,
+                )
+            )
+    saveable = [*EMBEDDING_MODULES, *linear_names]
+    for index, name in enumerate(lora.modules_to_save):
+        if name.rsplit(".", 1)[-1] not in saveable:
+            problems.append(
+                loaded.problem(
+                    f"lora.modules_to_save.{index}",
+                    f"{arch.display_name} has no module {name!r} to save; "
+                    f"allowed: {', '.join(saveable)}",
+                    did_you_mean(name, saveable),
+                )
+            )
+    return problems
+
+
+def _gpu_problems(loaded: LoadedSpec, gpu: Gpu) -> list[Problem]:
+    spec = loaded.spec
+    problems: list[Problem] = []
+    if spec.precision == "bf16" and not gpu.bf16:
+        problems.append(
+            loaded.problem(
+                "precision",
+                f"{gpu.name} (compute capability {gpu.compute_capability}) has no bfloat16; "
+                "bf16 needs compute capability 8.0 (Ampere) or newer",
+                "use precision: fp16, or auto to let the planner choose",
+            )
+        )
+    if spec.model.attn_implementation == "flash_attention_2" and not gpu.flash_attention_2:
+        problems.append(
+            loaded.problem(
+                "model.attn_implementation",
+                f"FlashAttention-2 has no kernels for {gpu.name} "
+                f"(compute capability {gpu.compute_capability}; it needs 8.0 or newer)",
+                "use attn_implementation: sdpa",
+            )
+        )
+    return problems
+
+
+def _length_warnings(loaded: LoadedSpec, arch: ModelArch) -> list[str]:
+    spec = loaded.spec
+    limit = arch.config.max_position_embeddings
+    warnings: list[str] = []
+    if spec.training.max_length > limit:
+        warnings.append(
+            loaded.warning(
+                "training.max_length",
+                f"{spec.training.max_length} is past {arch.display_name}'s "
+                f"{limit} positions (max_position_embeddings); quality degrades past them",
+            )
+        )
+    if isinstance(spec, GrpoRunSpec):
+        total = spec.training.max_length + spec.grpo.max_completion_length
+        if total > limit >= spec.training.max_length:
+            warnings.append(
+                loaded.warning(
+                    "grpo.max_completion_length",
+                    f"prompt (training.max_length) + completion = {total} tokens, past "
+                    f"{arch.display_name}'s {limit} positions",
+                )
+            )
+    return warnings
+
+
+def _chat_template_warnings(loaded: LoadedSpec, arch: ModelArch) -> list[str]:
+    dataset = loaded.spec.dataset
+    if dataset.format != "messages" or dataset.chat_template is not None:
+        return []
+    if arch.has_chat_template:
+        return []
+    return [
+        loaded.warning(
+            "dataset.format",
+            f"`messages` rows are rendered with the tokenizer's chat template, and "
+            f"{arch.display_name}'s tokenizer has none; trl stops at the first batch. "
+            "Set dataset.chat_template: chatml (or use the model's instruct variant)",
+        )
+    ]
+
+
+def _memory_warnings(loaded: LoadedSpec, gpu: Gpu) -> list[str]:
+    vram_gib = loaded.spec.hardware.vram_gib
+    if loaded.spec.hardware.gpu is None or vram_gib is None:
+        return []
+    if vram_gib * GIB <= gpu.memory_bytes:
+        return []
+    return [
+        loaded.warning(
+            "hardware.vram_gib",
+            f"{vram_gib:g} GiB is more than {gpu.name}'s {gpu.memory_bytes / GIB:.1f} GiB; "
+            "the plan will assume memory the card does not have",
+        )
+    ]
