@@ -170,6 +170,8 @@ def check_dataset(
                 )
     if progress is not None:
         progress(source.bytes_read, source.total_bytes)
+    if report.rows_checked == 0 and report.problems_total == 0:
+        report.add_problem(BadRow(source.label, None, None, None, "the dataset has no rows"))
     report.notes = list(source.notes)
     report.tokens = (
         pass_state.finish(report, spec)
