@@ -142,7 +142,10 @@ def load_spec(path: Path) -> LoadedSpec:
         problems.append(_top_level_problem(path, text, data, document))
     else:
         spec, validation_problems = _validate(path, text, data, document)
-        problems.extend(validation_problems)
+        # A value the reader already refused (a YAML tag, an unreadable number) was
+        # replaced by null; pydantic's complaint about that null would only repeat it.
+        refused = {problem.field_path for problem in document.problems}
+        problems.extend(p for p in validation_problems if p.field_path not in refused)
     if problems or spec is None:
         raise UserError(_sorted(problems))
     return LoadedSpec(
@@ -400,7 +403,7 @@ class _Builder:
         self._fail(
             _mark_position(node),
             path,
-            f"YAML tag {node.tag} is not allowed in a spec",
+            f"YAML tag {str(node.tag).replace(_TAG, '!!')} is not allowed in a spec",
             "remove the `!tag`; a spec holds plain text, numbers, true/false, lists and mappings",
         )
         return None
@@ -726,7 +729,14 @@ class _ErrorMapper:
             where = positions.key_positions[doc_path]
         else:
             where = _locate(doc_path, positions.value_positions, positions.key_positions)
-        return _problem(self.path, self.text, where, field_path or _dotted(doc_path), message, hint)
+        problem = _problem(
+            self.path, self.text, where, field_path or _dotted(doc_path), message, hint
+        )
+        if doc_path and doc_path[:1] not in positions.value_positions:
+            # Nothing of the path is written: the position is the top of the file, whose
+            # line says nothing about the problem.
+            return replace(problem, source_line=None)
+        return problem
 
     def _field_info(self, doc_path: DocPath) -> Any:
         names = [part for part in doc_path if isinstance(part, str)]
@@ -1015,8 +1025,11 @@ def _show(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (dict, list)):
-        return "a mapping" if isinstance(value, dict) else "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        flow = "[" + ", ".join(_show(item).strip("'") for item in value) + "]"
+        return flow if len(flow) <= 60 else f"a list of {len(value)} items"
     if isinstance(value, str):
         shown = value if len(value) <= 60 else value[:57] + "..."
         return repr(shown)
