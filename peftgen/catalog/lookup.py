@@ -218,7 +218,9 @@ def arch_from_config(raw: dict[str, Any], where: str = "config.json") -> ArchCon
             model_type=model_type,
             architectures=list(raw.get("architectures") or []),
             extra=extra,
-            text_config_model_type=str(language.get("model_type")) if wrapper or nested else None,
+            text_config_model_type=str(language.get("model_type"))
+            if isinstance(nested, dict)
+            else None,
             wrapper_extra=wrapper,
             **fields,
         )
