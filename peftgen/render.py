@@ -271,17 +271,19 @@ def _modules_to_save(spec: AnySpec) -> list[str]:
     return modules
 
 
+BREAKDOWN_LABELS: tuple[tuple[str, str], ...] = (
+    ("weights_bytes", "weights"),
+    ("adapter_bytes", "LoRA adapter"),
+    ("gradient_bytes", "gradients"),
+    ("optimizer_bytes", "optimizer state"),
+    ("activation_bytes", "activations"),
+    ("logits_bytes", "logits / loss"),
+    ("overhead_bytes", "CUDA context, allocator"),
+)
+
+
 def _breakdown_rows(candidate: Candidate) -> list[tuple[str, int]]:
-    breakdown = candidate.breakdown
-    return [
-        ("weights", breakdown.weights_bytes),
-        ("LoRA adapter", breakdown.adapter_bytes),
-        ("gradients", breakdown.gradient_bytes),
-        ("optimizer state", breakdown.optimizer_bytes),
-        ("activations", breakdown.activation_bytes),
-        ("logits / loss", breakdown.logits_bytes),
-        ("CUDA context, allocator", breakdown.overhead_bytes),
-    ]
+    return [(label, getattr(candidate.breakdown, key)) for key, label in BREAKDOWN_LABELS]
 
 
 def _decision_reasons(plan: Plan) -> dict[str, str]:
@@ -347,6 +349,7 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
         "fits": plan.fits,
         "candidate": candidate,
         "breakdown_rows": _breakdown_rows(candidate),
+        "breakdown_keys": BREAKDOWN_LABELS,
         "precision": precision,
         "compute_dtype": compute_dtype,
         "mixed_precision_flag": "bf16" if bf16 else "fp16",
@@ -424,7 +427,10 @@ def resolved_spec_yaml(loaded: LoadedSpec) -> str:
     yaml.default_flow_style = False
     yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]
     buffer = StringIO()
-    yaml.dump(loaded.spec.model_dump(mode="json"), buffer)
+    fields = loaded.spec.model_dump(mode="json")
+    # name and method first, as people write them; the rest in the models' order.
+    ordered = {"name": fields.pop("name"), "method": fields.pop("method"), **fields}
+    yaml.dump(ordered, buffer)
     header = (
         f"# The spec {loaded.path.as_posix()} (sha256 {loaded.sha256})\n"
         "# with every default filled in: the values train.py was rendered from.\n"
