@@ -145,6 +145,8 @@ def emit(args: argparse.Namespace) -> int:
 
     resolved = resolve(load_spec(args.spec))
     result = make_plan(resolved, args.gpu, args.vram_gib)
+    for warning in resolved.warnings:
+        print(warning, file=sys.stderr)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not result.fits:
