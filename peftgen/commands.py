@@ -181,7 +181,9 @@ def check_data(args: argparse.Namespace) -> int:
     from peftgen.errors import UserError
 
     if args.limit is not None and args.limit < 1:
-        raise UserError.single(f"--limit must be at least 1; got {args.limit}")
+        raise UserError.single(
+            f"--limit must be at least 1; got {args.limit}", file="peftgen check-data"
+        )
     loaded = load_spec(args.spec)
     try:
         with progress_bar(f"checking {loaded.spec.dataset.path}") as progress:

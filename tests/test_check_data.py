@@ -407,6 +407,35 @@ def test_preference_length_is_the_longer_sequence(tmp_path: Path, tiny_model_dir
     assert list(report.lengths) == direct
 
 
+def test_grpo_messages_lengths_are_the_prompt_without_the_answer(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoTokenizer
+
+    rows = _messages_rows(9)
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    spec_path = write_spec(
+        tmp_path, data, "grpo", "messages", model_id=tiny_model_dir, max_length=16
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    direct = [
+        len(
+            tokenizer.apply_chat_template(
+                row["messages"][:-1], tokenize=True, return_dict=True, add_generation_prompt=True
+            )["input_ids"]
+        )
+        for row in rows
+    ]
+    report = check_dataset(load_spec(spec_path).spec)
+    assert list(report.lengths) == direct
+    # Prompts are not truncated by the GRPO script, so the measured length is not capped.
+    assert measured_length_percentile(load_spec(spec_path).spec, 100) == max(direct) > 16
+    code, out, _ = run_cli(capsys, spec_path)
+    assert code == 0
+    assert "prompt length in tokens over 9 rows" in out
+    assert "9 prompts (100.0%) are longer than training.max_length 16" in out
+
+
 def test_base_tokenizer_without_template_skips_stats_unless_chatml_is_named(
     tmp_path: Path, tiny_base_model_dir: Path
 ) -> None:

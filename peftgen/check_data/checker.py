@@ -86,12 +86,15 @@ class LengthStats:
     max_length: int
     """The spec's ``training.max_length``."""
     truncated_rows: int
-    """Rows longer than ``max_length`` (the trainer cuts them to ``max_length``)."""
+    """Rows longer than ``max_length`` (SFT/DPO cut them to ``max_length``)."""
     dropped_rows: int
     """Rows with no trained token inside ``max_length``: trl drops them (without packing)."""
     recommended_max_length: int
     recommendation: str
     """Why that value."""
+    prompt_only: bool = False
+    """GRPO: the lengths are prompts. The script does not truncate them; the plan takes
+    ``max_length`` as the longest prompt and adds ``grpo.max_completion_length``."""
 
     @property
     def truncated_fraction(self) -> float:
@@ -304,6 +307,7 @@ class _TokenPass:
             max_length=self.max_length,
             dropped_rows=self.dropped_rows if not spec.training.packing else 0,
             max_positions=self.loaded.max_position_embeddings,
+            prompt_only=spec.method == "grpo",
         )
         spans = render_spans(self.loaded.tokenizer, self.example)
         return TokenReport(self.loaded.source, self.example_location, spans, trains_on, stats, None)
@@ -357,7 +361,12 @@ def _sorted(lengths: array[int]) -> Any:
 
 
 def length_stats(
-    lengths: array[int], *, max_length: int, dropped_rows: int, max_positions: int | None
+    lengths: array[int],
+    *,
+    max_length: int,
+    dropped_rows: int,
+    max_positions: int | None,
+    prompt_only: bool = False,
 ) -> LengthStats:
     ordered = _sorted(lengths)
     percentiles = {p: nearest_rank_percentile(ordered, p) for p in REPORTED_PERCENTILES}
@@ -379,6 +388,7 @@ def length_stats(
         dropped_rows=dropped_rows,
         recommended_max_length=recommended,
         recommendation=reason,
+        prompt_only=prompt_only,
     )
 
 
@@ -403,8 +413,9 @@ def measured_length_percentile(
     """The ``percentile``-th token length of the spec's dataset, tokenized as the script will.
 
     For a planner that sizes activations by the data instead of ``training.max_length``
-    (proposed spec field ``training.length_source: max_length | p99``). The result never
-    exceeds ``max_length``: longer rows are truncated to it. Needs a tokenizer; raises a
+    (proposed spec field ``training.length_source: max_length | p99``). For SFT/DPO the
+    result never exceeds ``max_length`` (longer rows are truncated to it); for GRPO it is
+    the prompt length, which the script does not truncate. Needs a tokenizer; raises a
     ``UserError`` when the data is bad or no tokenizer is at hand.
     """
     report = check_dataset(spec, limit=limit, tokenizer_dir=tokenizer_dir)
@@ -420,4 +431,4 @@ def measured_length_percentile(
             field_path="training.length_source",
         )
     measured = nearest_rank_percentile(_sorted(report.lengths), percentile)
-    return min(measured, spec.training.max_length)
+    return measured if spec.method == "grpo" else min(measured, spec.training.max_length)

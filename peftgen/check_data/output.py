@@ -77,6 +77,15 @@ def example_text(tokens: TokenReport) -> str:
 
 def _stats_lines(stats: LengthStats) -> list[str]:
     percentiles = "  ".join(f"p{p} {value:,}" for p, value in stats.percentiles.items())
+    if stats.prompt_only:
+        return [
+            f"  prompt length in tokens over {stats.rows:,} rows: {percentiles}  max {stats.max:,}",
+            f"  {stats.truncated_rows:,} prompts ({stats.truncated_fraction:.1%}) are longer than "
+            f"training.max_length {stats.max_length:,}, which the plan takes as the longest "
+            "prompt (the script does not truncate prompts; it generates up to "
+            "grpo.max_completion_length more tokens)",
+            f"  recommended max_length: {stats.recommended_max_length:,} ({stats.recommendation})",
+        ]
     lines = [
         f"  length in tokens over {stats.rows:,} rows: {percentiles}  max {stats.max:,}",
         f"  training.max_length {stats.max_length:,} truncates {stats.truncated_rows:,} rows "
@@ -130,6 +139,7 @@ def _tokens_json(tokens: TokenReport, stats: LengthStats | None) -> dict[str, An
             "dropped_rows": stats.dropped_rows,
             "recommended_max_length": stats.recommended_max_length,
             "recommendation": stats.recommendation,
+            "lengths_are": "prompts" if stats.prompt_only else "sequences",
         },
     }
 

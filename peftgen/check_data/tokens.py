@@ -15,6 +15,8 @@ settings peftgen's scripts use (trl defaults: ``assistant_only_loss=False``,
   the row's length is the longer of the two; the chosen sequence is the one shown.
 - ``prompt`` (GRPO): the prompt only (the generation prompt added after a user turn);
   nothing in it is trained, the completion is generated at run time.
+  For ``messages`` the prompt is the conversation without a final assistant turn, as
+  the GRPO script maps it.
 
 transformers is imported here only (``peftgen[train]``); the rest of check-data runs
 without it.
@@ -69,7 +71,10 @@ def load_tokenizer(
     it, so lengths count the template's markers as the single tokens they become.
     """
     if override_dir is not None and not override_dir.is_dir():
-        raise UserError.single(f"--tokenizer {str(override_dir)!r} is not a folder")
+        raise UserError.single(
+            "not a folder; --tokenizer needs the folder holding the tokenizer files",
+            file=str(override_dir),
+        )
     folder = override_dir if override_dir is not None else Path(model_id)
     is_local = folder.is_dir()
     if not is_local and _hub_offline():
@@ -144,7 +149,13 @@ class RowTokenizer:
             return self._prompt_completion(record, conversational)
         if self.data_format == "preference":
             return self._preference(record, shape)
-        prompt = record["messages"] if self.data_format == "messages" else record["prompt"]
+        if self.data_format == "messages":
+            # The GRPO script's `conversation_prompt`: a final assistant turn is the
+            # reference answer, not part of the prompt.
+            messages = record["messages"]
+            prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        else:
+            prompt = record["prompt"]
         return self._prompt_only(prompt, record)
 
     def _text_ids(self, text: str) -> list[int]:
