@@ -171,7 +171,38 @@ def emit(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    raise NotImplementedError("issue 5")
+    """Write the VRAM advisor report (HTML, or Markdown with its chart files beside it)."""
+    from pathlib import Path
+
+    from peftgen.errors import UserError
+    from peftgen.plan import make_plan
+    from peftgen.report import render_html, render_markdown, report_data
+    from peftgen.resolve import resolve
+
+    resolved = resolve(load_spec(args.spec))
+    data = report_data(resolved, make_plan(resolved, args.gpu, args.vram_gib))
+    output: Path | None = args.output
+    charts: dict[str, str] = {}
+    if args.format == "html":
+        text = render_html(data)
+    elif output is None:
+        text = render_markdown(data, charts="inline").text
+    else:
+        markdown = render_markdown(data, charts="files", chart_stem=output.stem)
+        text, charts = markdown.text, markdown.charts
+    if output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        for name, svg in charts.items():
+            (output.parent / name).write_text(svg, encoding="utf-8")
+    except OSError as error:
+        raise UserError.single(f"cannot write the report: {error}", file=str(output)) from None
+    for path in (output, *(output.parent / name for name in charts)):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 def check_data(args: argparse.Namespace) -> int:

@@ -1,0 +1,130 @@
+"""Ask the planner the report's what-if questions; compute nothing here.
+
+Every number comes from ``peftgen.plan``: the plan itself (what ``plan --json`` prints),
+``estimate_candidate`` for the same spec on another GPU or with another ``max_length``,
+and ``largest_fitting_max_length`` / ``largest_fitting_batch`` for the limits, the same
+searches the planner's own suggestions use.
+"""
+
+from __future__ import annotations
+
+from peftgen.catalog import Gpu, gpu_catalogue
+from peftgen.plan import (
+    LoadPrecision,
+    Plan,
+    budget_bytes,
+    estimate_candidate,
+    largest_fitting_batch,
+    largest_fitting_max_length,
+    precision_order,
+)
+from peftgen.render import PINNED_VERSIONS
+from peftgen.report.data import (
+    CurvePoint,
+    FitCell,
+    GpuFitRow,
+    PrecisionCurve,
+    PrecisionLimits,
+    ReportData,
+    SpecSource,
+    fit_status,
+)
+from peftgen.resolve import Resolved
+
+CURVE_MAX_LENGTHS: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+"""From short chat turns to long-context fine-tuning."""
+
+
+def report_data(resolved: Resolved, plan: Plan) -> ReportData:
+    """The plan plus the planner's answers for other GPUs, lengths and batch sizes.
+
+    ``plan`` is the one ``plan`` / ``emit`` made (with any ``--gpu`` / ``--vram-gib``
+    override already applied); the what-ifs use the very GPU it was made for.
+    """
+    spec = resolved.loaded.spec
+    gpu = plan_gpu(plan)
+    precisions = [candidate.precision for candidate in plan.candidates]
+    return ReportData(
+        plan=plan,
+        source=SpecSource(
+            path=str(resolved.loaded.path),
+            text=resolved.loaded.text,
+            sha256=resolved.loaded.sha256,
+            model_id=spec.model.id,
+            method=spec.method,
+            max_length=spec.training.max_length,
+            per_device_train_batch_size=spec.training.per_device_train_batch_size,
+            model_max_positions=resolved.arch.config.max_position_embeddings,
+        ),
+        fit_matrix=_fit_matrix(resolved, plan),
+        length_curves=tuple(
+            PrecisionCurve(
+                precision,
+                tuple(
+                    _curve_point(resolved, precision, length, gpu) for length in CURVE_MAX_LENGTHS
+                ),
+            )
+            for precision in precisions
+        ),
+        limits=tuple(
+            PrecisionLimits(
+                precision,
+                max_length=largest_fitting_max_length(resolved, precision, gpu=gpu),
+                per_device_train_batch_size=largest_fitting_batch(resolved, precision, gpu=gpu),
+            )
+            for precision in precisions
+        ),
+        versions=tuple(PINNED_VERSIONS.items()),
+    )
+
+
+def plan_gpu(plan: Plan) -> Gpu:
+    """The GPU the plan was made for, as the estimator takes it."""
+    target = plan.gpu
+    return Gpu(
+        name=target.name,
+        memory_bytes=target.vram_bytes,
+        compute_capability=target.compute_capability or "8.0",
+        bf16=target.bf16,
+        flash_attention_2=target.flash_attention_2,
+    )
+
+
+def _curve_point(resolved: Resolved, precision: LoadPrecision, length: int, gpu: Gpu) -> CurvePoint:
+    candidate = estimate_candidate(resolved, precision, {"training.max_length": length}, gpu=gpu)
+    return CurvePoint(length, candidate.peak_reserved_bytes, candidate.fits)
+
+
+def _fit_matrix(resolved: Resolved, plan: Plan) -> tuple[GpuFitRow, ...]:
+    """The target GPU (from the plan itself), then the other catalogue GPUs by memory,
+    those with identical answers merged into one row."""
+    target_row = GpuFitRow(
+        gpu_names=(plan.gpu.name,),
+        vram_bytes=plan.gpu.vram_bytes,
+        budget_bytes=plan.budget_bytes,
+        cells=tuple(
+            FitCell(
+                c.precision,
+                c.peak_reserved_bytes,
+                fit_status(c.peak_reserved_bytes, plan.budget_bytes, c.fits),
+            )
+            for c in plan.candidates
+        ),
+        is_target=True,
+    )
+    headroom = resolved.loaded.spec.hardware.headroom_fraction
+    groups: dict[tuple[int, int, tuple[FitCell, ...]], list[str]] = {}
+    for gpu in sorted(gpu_catalogue(), key=lambda g: (g.memory_bytes, g.name)):
+        if gpu.name == plan.gpu.name and gpu.memory_bytes == plan.gpu.vram_bytes:
+            continue
+        budget = budget_bytes(gpu, headroom)
+        cells = []
+        for precision in precision_order(gpu):
+            candidate = estimate_candidate(resolved, precision, gpu=gpu)
+            status = fit_status(candidate.peak_reserved_bytes, budget, candidate.fits)
+            cells.append(FitCell(precision, candidate.peak_reserved_bytes, status))
+        groups.setdefault((gpu.memory_bytes, budget, tuple(cells)), []).append(gpu.name)
+    rows = [target_row]
+    for (vram, budget, cells_key), names in groups.items():
+        rows.append(GpuFitRow(tuple(names), vram, budget, cells_key, is_target=False))
+    return tuple(rows)

@@ -1,0 +1,124 @@
+"""What the report shows, as plain data: the plan plus the planner's answers to "what if".
+
+The report never computes a memory number itself. Every figure here is either a field of
+the ``Plan`` that ``plan --json`` prints, or a ``Plan`` the same planner made for a changed
+spec (another GPU, another precision, another ``max_length``). The renderers only format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from peftgen.plan import LoadPrecision, Plan
+
+FitStatus = Literal["fits", "tight", "no"]
+
+TIGHT_FRACTION = 0.9
+"""A run that fits but peaks above this share of the budget is "tight": a longer batch in
+the data, another process on the GPU or allocator fragmentation can push it over."""
+
+COMPONENTS: tuple[tuple[str, str], ...] = (
+    ("weights_bytes", "Weights"),
+    ("adapter_bytes", "LoRA adapters"),
+    ("gradient_bytes", "Gradients"),
+    ("optimizer_bytes", "Optimizer state"),
+    ("activation_bytes", "Activations"),
+    ("logits_bytes", "Logits and loss"),
+    ("overhead_bytes", "Overhead (context, allocator)"),
+)
+"""Breakdown keys (``MemoryBreakdown`` fields) in stacking order, with their labels."""
+
+
+def precision_label(precision: str) -> str:
+    """How people say it: ``4-bit`` rather than ``4bit``."""
+    return {"8bit": "8-bit", "4bit": "4-bit"}.get(precision, precision)
+
+
+def fit_status(peak_reserved_bytes: int, budget_bytes: int, fits: bool) -> FitStatus:
+    """``fits`` / ``tight`` / ``no``; ``fits`` is the planner's own verdict, never redone."""
+    if not fits:
+        return "no"
+    if peak_reserved_bytes > TIGHT_FRACTION * budget_bytes:
+        return "tight"
+    return "fits"
+
+
+@dataclass(frozen=True)
+class FitCell:
+    """One GPU x precision cell of the fit matrix."""
+
+    precision: LoadPrecision
+    peak_reserved_bytes: int
+    status: FitStatus
+
+
+@dataclass(frozen=True)
+class GpuFitRow:
+    """Catalogue GPUs with the same memory and the same answer, per precision.
+
+    GPUs that differ only in name (an RTX 4090 and an RTX A5000 both report 23.99 GiB)
+    share a row, which keeps the matrix short enough to read.
+    """
+
+    gpu_names: tuple[str, ...]
+    vram_bytes: int
+    budget_bytes: int
+    cells: tuple[FitCell, ...]
+    is_target: bool
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    max_length: int
+    peak_reserved_bytes: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class PrecisionCurve:
+    """Peak reserved memory vs ``max_length`` for one precision on the target GPU."""
+
+    precision: LoadPrecision
+    points: tuple[CurvePoint, ...]
+
+
+@dataclass(frozen=True)
+class PrecisionLimits:
+    """The largest settings that still fit the target GPU, other knobs as in the spec.
+
+    ``None`` means not even the smallest value fits.
+    """
+
+    precision: LoadPrecision
+    max_length: int | None
+    per_device_train_batch_size: int | None
+
+
+@dataclass(frozen=True)
+class SpecSource:
+    """The spec as the user wrote it, shown verbatim (escaped) at the end of the report."""
+
+    path: str
+    text: str
+    sha256: str
+    model_id: str
+    method: str
+    max_length: int
+    per_device_train_batch_size: int
+    model_max_positions: int
+    """The model's ``max_position_embeddings``: longer sequences are past what it was built for."""
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything the HTML and Markdown reports show; both render from this alone."""
+
+    plan: Plan
+    source: SpecSource
+    fit_matrix: tuple[GpuFitRow, ...]
+    length_curves: tuple[PrecisionCurve, ...]
+    limits: tuple[PrecisionLimits, ...]
+    versions: tuple[tuple[str, str], ...]
+    """(library, version) pairs the estimator models, e.g. ("trl", "1.16.0")."""
+    common_gpu_sizes_gib: tuple[int, ...] = (16, 24, 40, 48, 80)

@@ -1,0 +1,293 @@
+"""Render ``ReportData`` as HTML or Markdown through the Jinja templates.
+
+Both formats get the same context, built here once, so their tables cannot drift apart.
+Formatting (GiB with two decimals, escaping) happens in filters; no numbers are derived
+here beyond differences of the plan's own figures (headroom = budget - peak).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING, Any, Literal
+
+from jinja2 import Environment
+from markupsafe import Markup
+
+from peftgen import __version__, render
+from peftgen.plan import Candidate, Plan
+from peftgen.report.data import (
+    COMPONENTS,
+    TIGHT_FRACTION,
+    FitStatus,
+    ReportData,
+    fit_status,
+    precision_label,
+)
+
+if TYPE_CHECKING:
+    from peftgen.load import LoadedSpec
+
+GIB = 2**30
+ChartMode = Literal["files", "inline", "none"]
+STATUS_LABELS: dict[FitStatus, str] = {"fits": "✓ fits", "tight": "⚠ tight", "no": "✗ no"}
+
+
+@dataclass(frozen=True)
+class MarkdownReport:
+    """The Markdown text and the chart files it links to (file name -> SVG text)."""
+
+    text: str
+    charts: dict[str, str] = field(default_factory=dict)
+
+
+def render_html(data: ReportData) -> str:
+    """The self-contained HTML page: inline CSS and SVG, a CSP that forbids any request."""
+    from peftgen.report.charts import max_length_curve_svg, memory_breakdown_svg
+
+    charts = {
+        "breakdown": Markup(memory_breakdown_svg(data.plan)),
+        "max_length": Markup(_curve_svg(data, max_length_curve_svg)),
+    }
+    return _environment(html=True).get_template("report.html.j2").render(_context(data, charts))
+
+
+def render_markdown(
+    data: ReportData, charts: ChartMode = "files", chart_stem: str = "report"
+) -> MarkdownReport:
+    """The report as Markdown with the same tables as the HTML page.
+
+    ``files``: charts are SVG files named ``<chart_stem>.memory.svg`` and
+    ``<chart_stem>.max-length.svg``, linked relatively (GitHub and most viewers show them;
+    many strip ``data:`` images). ``inline``: charts are ``data:`` URIs, for a single
+    stream such as stdout. ``none``: tables only, and matplotlib is not imported.
+    """
+    chart_files: dict[str, str] = {}
+    links = {"breakdown": "", "max_length": ""}
+    if charts != "none":
+        from peftgen.report.charts import max_length_curve_svg, memory_breakdown_svg
+
+        svgs = {
+            "breakdown": (f"{chart_stem}.memory.svg", memory_breakdown_svg(data.plan)),
+            "max_length": (
+                f"{chart_stem}.max-length.svg",
+                _curve_svg(data, max_length_curve_svg),
+            ),
+        }
+        for key, (name, svg) in svgs.items():
+            if charts == "files":
+                chart_files[name] = svg
+                links[key] = name
+            else:
+                links[key] = "data:image/svg+xml;base64," + base64.b64encode(
+                    svg.encode("utf-8")
+                ).decode("ascii")
+    text = _environment(html=False).get_template("report.md.j2").render(_context(data, links))
+    return MarkdownReport(text, chart_files)
+
+
+def render_plan_markdown(plan: Plan, loaded: LoadedSpec) -> str:
+    """The Markdown report without charts, for ``emit -o`` to write as ``plan.md``.
+
+    Same signature as ``peftgen.render.render_plan_markdown``. Needs no matplotlib, so
+    emitting stays light and its output does not depend on whether the ``report`` extra
+    is installed.
+    """
+    from peftgen.report.collect import report_data
+    from peftgen.resolve import resolve
+
+    return render_markdown(report_data(resolve(loaded), plan), charts="none").text
+
+
+def _curve_svg(data: ReportData, draw: Any) -> str:
+    svg: str = draw(
+        data.plan,
+        data.length_curves,
+        data.source.max_length,
+        data.source.model_max_positions,
+        data.common_gpu_sizes_gib,
+    )
+    return svg
+
+
+def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
+    plan = data.plan
+    return {
+        "data": data,
+        "charts": charts,
+        "version": __version__,
+        "verdict": _verdict(plan),
+        "components": COMPONENTS,
+        "candidate_status": {
+            c.precision: fit_status(c.peak_reserved_bytes, plan.budget_bytes, c.fits)
+            for c in plan.candidates
+        },
+        "status_labels": STATUS_LABELS,
+        "tight_percent": round(TIGHT_FRACTION * 100),
+        "show_managed": any(c.managed_bytes for c in plan.candidates),
+        "show_phase": any(c.phase != "train" for c in plan.candidates),
+        "matrix_columns": _matrix_columns(data),
+        "length_cap": max(data.source.max_length, data.source.model_max_positions),
+        "precision_reason": next((d.reason for d in plan.decisions if d.knob == "precision"), None),
+        "curve_lengths": [p.max_length for p in data.length_curves[0].points]
+        if data.length_curves
+        else [],
+        "micro_batch": data.source.per_device_train_batch_size,
+        "spec_max_length": data.source.max_length,
+        "trainable_line": trainable_parameters_line(
+            plan.trainable_parameters, plan.total_parameters
+        ),
+        "assumptions": _assumption_groups(plan.candidates),
+    }
+
+
+def _matrix_columns(data: ReportData) -> list[str]:
+    """Column headings of the fit matrix: ``bf16 / fp16`` where GPUs differ (no bf16 on T4)."""
+    columns: list[list[str]] = []
+    for row in data.fit_matrix:
+        for index, cell in enumerate(row.cells):
+            if index == len(columns):
+                columns.append([])
+            label = precision_label(cell.precision)
+            if label not in columns[index]:
+                columns[index].append(label)
+    return [" / ".join(labels) for labels in columns]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: FitStatus
+    headroom_bytes: int
+    """Budget minus the chosen (or, when nothing fits, the smallest) peak; negative = over."""
+    smallest: Candidate
+    budget_percent: int
+
+
+def _verdict(plan: Plan) -> Verdict:
+    smallest = min(plan.candidates, key=lambda c: c.peak_reserved_bytes)
+    shown = plan.chosen or smallest
+    status = fit_status(shown.peak_reserved_bytes, plan.budget_bytes, plan.chosen is not None)
+    return Verdict(
+        status=status,
+        headroom_bytes=plan.budget_bytes - shown.peak_reserved_bytes,
+        smallest=smallest,
+        budget_percent=round(100 * plan.budget_bytes / plan.gpu.vram_bytes),
+    )
+
+
+def trainable_parameters_line(trainable: int, total: int) -> str:
+    """peft 0.21's ``print_trainable_parameters()`` line, character for character."""
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+@dataclass(frozen=True)
+class _AssumptionItem:
+    text: str
+    precisions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _AssumptionGroup:
+    label: str
+    items: tuple[_AssumptionItem, ...]
+
+
+def _assumption_groups(candidates: tuple[Candidate, ...]) -> list[_AssumptionGroup]:
+    """Assumptions per component; a text shared by several precisions is listed once."""
+    labels = dict(COMPONENTS)
+    by_component: dict[str, dict[str, list[str]]] = {}
+    for candidate in candidates:
+        for assumption in candidate.assumptions:
+            texts = by_component.setdefault(assumption.component, {})
+            texts.setdefault(assumption.text, []).append(candidate.precision)
+    order = [key for key, _ in COMPONENTS] + sorted(set(by_component) - set(labels))
+    return [
+        _AssumptionGroup(
+            labels.get(key, key),
+            tuple(_AssumptionItem(text, tuple(p)) for text, p in by_component[key].items()),
+        )
+        for key in order
+        if key in by_component
+    ]
+
+
+def gib_text(value_bytes: int) -> str:
+    """Bytes as GiB with two decimals: the one number format of the report."""
+    return f"{value_bytes / GIB:.2f}"
+
+
+def _bytes_span(value_bytes: int, plan_key: str) -> Markup:
+    """A figure from the plan, tagged with its ``plan --json`` key for the tests."""
+    return Markup('<span data-plan-key="{}" data-bytes="{}">{}</span>').format(
+        plan_key, value_bytes, gib_text(value_bytes)
+    )
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
+
+
+def markdown_text(text: object) -> str:
+    """Plain text safe inside Markdown (and tables): its syntax and HTML tags escaped."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
+
+
+def markdown_code(text: object) -> str:
+    """An inline code span that holds any text, backticks included."""
+    value = str(text).replace("\n", " ")
+    longest = max((len(run) for run in re.findall(r"`+", value)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if value.startswith("`") or value.endswith("`") else ""
+    return f"{fence}{pad}{value}{pad}{fence}".replace("|", "\\|")
+
+
+def markdown_fence(text: str, language: str) -> str:
+    """A fenced code block longer than any backtick run inside ``text``."""
+    longest = max((len(run) for run in re.findall(r"`{3,}", text)), default=2)
+    fence = "`" * (longest + 1)
+    return f"{fence}{language}\n{text.rstrip(chr(10))}\n{fence}"
+
+
+def yaml_value(value: object) -> str:
+    """A spec value as the user would write it in YAML (JSON is valid YAML)."""
+    return json.dumps(value)
+
+
+@cache
+def _environment(html: bool) -> Environment:
+    """The emit templates' environment (strict, same loader), escaping HTML for the page."""
+    base = render.environment()
+    environment = base.overlay(autoescape=html, trim_blocks=False, lstrip_blocks=False)
+    environment.filters = {
+        **base.filters,
+        "gib": gib_text,
+        "precision_label": precision_label,
+        "yaml_value": yaml_value,
+        "md": markdown_text,
+        "md_code": markdown_code,
+        "md_fence": markdown_fence,
+    }
+    environment.globals = {
+        **base.globals,
+        "bytes": _bytes_span if html else _bytes_plain,
+        "length_limit_text": length_limit_text,
+    }
+    return environment
+
+
+def length_limit_text(max_length: int | None, cap: int) -> str:
+    """The largest fitting ``max_length``; at ``cap`` the search stopped at the model's limit."""
+    if max_length is None:
+        return "none fits"
+    if max_length == cap:
+        return f"{max_length:,} (model maximum)"
+    return f"{max_length:,}"
+
+
+def _bytes_plain(value_bytes: int, _plan_key: str) -> str:
+    return gib_text(value_bytes)

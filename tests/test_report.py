@@ -1,0 +1,462 @@
+"""The VRAM report: every example renders in both formats, its numbers are the plan's,
+it is byte-stable, self-contained, and escapes what it shows."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from functools import cache
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+from peftgen.cli import main
+from peftgen.errors import UserError
+from peftgen.load import load_spec
+from peftgen.plan import make_plan
+from peftgen.report import render_html, render_markdown, render_plan_markdown, report_data
+from peftgen.report.data import TIGHT_FRACTION
+from peftgen.report.document import markdown_code, markdown_fence, markdown_text
+from peftgen.resolve import resolve
+
+REPO = Path(__file__).resolve().parent.parent
+SPECS = sorted((REPO / "specs").rglob("*.yaml"))
+GIB = 2**30
+BREAKDOWN_KEYS = (
+    "weights_bytes",
+    "adapter_bytes",
+    "gradient_bytes",
+    "optimizer_bytes",
+    "activation_bytes",
+    "logits_bytes",
+    "overhead_bytes",
+)
+
+
+def test_there_are_example_specs() -> None:
+    assert len(SPECS) >= 5, SPECS
+
+
+def spec_id(path: Path) -> str:
+    return str(path.relative_to(REPO / "specs"))
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Specs name their data and local models relative to the repository root."""
+    monkeypatch.chdir(REPO)
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(list(argv))
+    return code, out.getvalue()
+
+
+def plan_json(spec: Path, *extra: str) -> dict[str, Any]:
+    code, out = run_cli("plan", str(spec), "--json", *extra)
+    assert code in (0, 3), code
+    data: dict[str, Any] = json.loads(out)
+    return data
+
+
+def gib(value_bytes: int) -> str:
+    return f"{value_bytes / GIB:.2f}"
+
+
+class _Elements(HTMLParser):
+    """Every element's attributes and text, plus table rows by table id."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tagged: list[dict[str, str]] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self._open: list[dict[str, str]] = []
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self.start_tags: list[tuple[str, dict[str, str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {k: v or "" for k, v in attrs}
+        self.start_tags.append((tag, attributes))
+        if tag == "table":
+            self._table = attributes.get("id", f"table-{len(self.tables)}")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table is not None:
+            self._cell = []
+        if "data-plan-key" in attributes or "data-bytes" in attributes:
+            attributes["_text"] = ""
+            self.tagged.append(attributes)
+            self._open.append(attributes)
+        else:
+            self._open.append({})
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._table is not None:
+            self.tables[self._table][-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+        if tag not in ("meta", "br", "input") and self._open:
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+        for attributes in self._open:
+            if "_text" in attributes:
+                attributes["_text"] += data
+
+
+def parse_html(text: str) -> _Elements:
+    parser = _Elements()
+    parser.feed(text)
+    return parser
+
+
+def lookup(plan: dict[str, Any], key: str) -> Any:
+    """``chosen.x`` / ``candidates.<precision>.a.b`` / ``a.b`` in the plan JSON."""
+    parts = key.split(".")
+    if parts[0] == "chosen":
+        node: Any = next(
+            c for c in plan["candidates"] if c["precision"] == plan["chosen_precision"]
+        )
+        parts = parts[1:]
+    elif parts[0] == "candidates":
+        node = next(c for c in plan["candidates"] if c["precision"] == parts[1])
+        parts = parts[2:]
+    else:
+        node = plan
+    for part in parts:
+        node = node[part]
+    return node
+
+
+def expected_status(peak: int, budget: int, fits: bool) -> str:
+    if not fits:
+        return "no"
+    return "tight" if peak > TIGHT_FRACTION * budget else "fits"
+
+
+def render_to(tmp_path: Path, spec: Path, fmt: str, *extra: str) -> Path:
+    output = tmp_path / f"report.{fmt}"
+    code, _ = run_cli("report", str(spec), "--format", fmt, "-o", str(output), *extra)
+    assert code == 0
+    return output
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One example's ``plan --json`` and its report in both formats, made once per session."""
+
+    plan: dict[str, Any]
+    html: str
+    page: _Elements
+    markdown: str
+    directory: Path
+
+
+@pytest.fixture(scope="session")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Rendered]:
+    @cache
+    def render(spec: Path) -> Rendered:
+        directory = tmp_path_factory.mktemp(spec.stem)
+        plan = plan_json(spec)
+        html_text = render_to(directory, spec, "html").read_text(encoding="utf-8")
+        markdown = render_to(directory, spec, "md").read_text(encoding="utf-8")
+        return Rendered(plan, html_text, parse_html(html_text), markdown, directory)
+
+    return render
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_html_numbers_are_plan_json_numbers(
+    spec: Path, rendered: Callable[[Path], Rendered]
+) -> None:
+    plan, page = rendered(spec).plan, rendered(spec).page
+    keyed = [e for e in page.tagged if "data-plan-key" in e]
+    shown_keys = set()
+    for element in keyed:
+        key = element["data-plan-key"]
+        shown_keys.add(key)
+        if key == "trainable_line":
+            trainable, total = plan["trainable_parameters"], plan["total_parameters"]
+            assert element["_text"] == (
+                f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                f"trainable%: {100 * trainable / total:.4f}"
+            )
+        elif "data-bytes" in element:
+            value = lookup(plan, key)
+            assert int(element["data-bytes"]) == value, key
+            assert element["_text"].strip() == gib(value), key
+        else:
+            assert element["data-value"] == json.dumps(lookup(plan, key)), key
+    # Every component of every candidate is on the page, not just some.
+    for candidate in plan["candidates"]:
+        p = candidate["precision"]
+        for field in (
+            *(f"breakdown.{k}" for k in BREAKDOWN_KEYS),
+            "peak_allocated_bytes",
+            "peak_reserved_bytes",
+            "fits",
+        ):
+            assert f"candidates.{p}.{field}" in shown_keys
+    assert {"budget_bytes", "gpu.vram_bytes", "trainable_parameters"} <= shown_keys
+    if plan["chosen_precision"]:
+        assert "chosen.peak_reserved_bytes" in shown_keys
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_fit_matrix_is_plan_json_for_each_gpu(
+    spec: Path, rendered: Callable[[Path], Rendered]
+) -> None:
+    plan, page = rendered(spec).plan, rendered(spec).page
+    cells = [e for e in page.tagged if "data-gpu" in e]
+    gpus = {cell["data-gpu"] for cell in cells}
+    assert plan["gpu"]["name"] in gpus and len(gpus) > 1
+    for gpu in gpus:
+        gpu_plan = plan if gpu == plan["gpu"]["name"] else plan_json(spec, "--gpu", gpu)
+        for cell in (c for c in cells if c["data-gpu"] == gpu):
+            candidate = lookup(gpu_plan, f"candidates.{cell['data-precision']}")
+            assert int(cell["data-bytes"]) == candidate["peak_reserved_bytes"], (gpu, cell)
+            assert cell["data-status"] == expected_status(
+                candidate["peak_reserved_bytes"], gpu_plan["budget_bytes"], candidate["fits"]
+            )
+            assert gib(candidate["peak_reserved_bytes"]) in cell["_text"]
+
+
+def with_changes(spec: Path, tmp_path: Path, changes: dict[str, Any]) -> Path:
+    """A copy of ``spec`` with dotted keys changed, for asking ``plan --json`` what-ifs."""
+    yaml = YAML()
+    document = yaml.load(spec.read_text(encoding="utf-8"))
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = document
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    name = "-".join(f"{k.split('.')[-1]}{v}" for k, v in changes.items())
+    path = tmp_path / f"{spec.stem}-{name}.yaml"
+    with path.open("w", encoding="utf-8") as handle:
+        yaml.dump(document, handle)
+    return path
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_curve_and_limits_are_plan_json_for_changed_specs(
+    spec: Path, tmp_path: Path, rendered: Callable[[Path], Rendered]
+) -> None:
+    plan, page = rendered(spec).plan, rendered(spec).page
+    points = [e for e in page.tagged if "data-max-length" in e]
+    lengths = sorted({int(p["data-max-length"]) for p in points})
+    assert lengths[0] <= 256 and lengths[-1] >= 32768
+    assert len(points) == len(lengths) * len(plan["candidates"])
+    for length in lengths:
+        changed = plan_json(with_changes(spec, tmp_path, {"training.max_length": length}))
+        for point in (p for p in points if int(p["data-max-length"]) == length):
+            candidate = lookup(changed, f"candidates.{point['data-precision']}")
+            assert int(point["data-bytes"]) == candidate["peak_reserved_bytes"]
+
+    # The largest max_length / micro-batch shown fit, and one more does not (or the
+    # search stopped at its cap: the model's positions, 4096 sequences).
+    limit_cells = [e for e in page.start_tags if "data-limit" in e[1]]
+    assert len(limit_cells) == 2 * len(plan["candidates"])
+    for _, cell in limit_cells:
+        key = {"max_length": "training.max_length"}.get(
+            cell["data-limit"], "training.per_device_train_batch_size"
+        )
+        precision = cell["data-precision"]
+        if cell["data-value"] == "none":
+            smallest = 16 if cell["data-limit"] == "max_length" else 1
+            at = plan_json(with_changes(spec, tmp_path, {key: smallest}))
+            assert not lookup(at, f"candidates.{precision}")["fits"]
+            continue
+        value = int(cell["data-value"])
+        at = plan_json(with_changes(spec, tmp_path, {key: value}))
+        assert lookup(at, f"candidates.{precision}")["fits"], (precision, key, value)
+        above = plan_json(with_changes(spec, tmp_path, {key: value + 1}))
+        capped = "(model maximum)" in page_text_of_limit(page, cell) or value == 4096
+        assert capped or not lookup(above, f"candidates.{precision}")["fits"], (key, value)
+
+
+def page_text_of_limit(page: _Elements, cell: dict[str, str]) -> str:
+    table = page.tables["limits-table"]
+    column = 1 if cell["data-limit"] == "max_length" else 2
+    label = {"8bit": "8-bit", "4bit": "4-bit"}.get(cell["data-precision"], cell["data-precision"])
+    return next(row[column] for row in table[1:] if row[0] == label)
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every pipe table in ``text`` as rows of cells, separator rows dropped."""
+    tables: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip().replace("**", "") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            if not all(re.fullmatch(r"-+:?", c) for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_markdown_has_the_html_tables(spec: Path, rendered: Callable[[Path], Rendered]) -> None:
+    html_page, markdown = rendered(spec).page, rendered(spec).markdown
+    tables = markdown_tables(markdown)
+    by_first_header = {table[0][0]: table for table in tables}
+    for table_id, header in (
+        ("breakdown-table", "Component"),
+        ("limits-table", "Precision"),
+        ("curve-table", "max_length"),
+    ):
+        assert by_first_header[header] == html_page.tables[table_id], table_id
+    html_matrix = html_page.tables["fit-matrix-table"]
+    md_matrix = by_first_header["GPU"]
+    assert [row[1:] for row in md_matrix] == [row[1:] for row in html_matrix]
+    assert [markdown_unescape(row[0]).split(" (target)")[0] for row in md_matrix[1:]] == [
+        row[0].removesuffix(" target") for row in html_matrix[1:]
+    ]
+    for name in ("report.memory.svg", "report.max-length.svg"):
+        assert f"]({name})" in markdown
+        assert (rendered(spec).directory / name).read_text(encoding="utf-8").startswith("<svg")
+
+
+def markdown_unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def test_markdown_to_stdout_embeds_charts_as_data_uris() -> None:
+    code, out = run_cli("report", str(SPECS[0]), "--format", "md")
+    assert code == 0
+    assert out.count("](data:image/svg+xml;base64,") == 2
+
+
+def test_rendering_twice_gives_identical_bytes(tmp_path: Path) -> None:
+    spec = REPO / "specs" / "llama3-8b-clinical-qlora.yaml"
+    resolved = resolve(load_spec(spec))
+    data = report_data(resolved, make_plan(resolved))
+    first_md = render_markdown(data, charts="files")
+    assert render_html(data) == render_html(data)
+    assert render_markdown(data, charts="files") == first_md
+    # A fresh process too: no ids, dates or salts that change from run to run.
+    output = tmp_path / "fresh.html"
+    subprocess.run(
+        [sys.executable, "-m", "peftgen", "report", str(spec), "-o", str(output)],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
+    assert output.read_text(encoding="utf-8") == render_html(data)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_html_is_self_contained(spec: Path, rendered: Callable[[Path], Rendered]) -> None:
+    text, page = rendered(spec).html, rendered(spec).page
+    tags = {tag for tag, _ in page.start_tags}
+    assert not tags & {"script", "link", "iframe", "object", "embed", "img", "base"}
+    for _, attributes in page.start_tags:
+        for name in ("src", "href", "xlink:href", "action", "srcset"):
+            value = attributes.get(name)
+            assert value is None or value.startswith("#") or value.startswith("data:"), value
+    assert re.findall(r"url\((?!#)", text) == []
+    assert "@import" not in text
+    # The only URLs are XML namespace names, which are never fetched.
+    urls = set(re.findall(r"https?://[^\s\"'<>)]+", text))
+    assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}, urls
+    csp = [a for t, a in page.start_tags if a.get("http-equiv") == "Content-Security-Policy"]
+    assert csp and "default-src 'none'" in csp[0]["content"]
+    assert text.count("<svg") == 2
+
+
+def test_nothing_fits_says_so_and_lists_the_suggestions(tmp_path: Path) -> None:
+    spec = REPO / "specs" / "llama3-8b-clinical-qlora.yaml"
+    plan = plan_json(spec, "--vram-gib", "4")
+    assert plan["fits"] is False and plan["suggestions"]
+    text = render_to(tmp_path, spec, "html", "--vram-gib", "4").read_text(encoding="utf-8")
+    assert 'class="verdict no"' in text
+    assert "Does not fit" in text
+    page = parse_html(text)
+    smallest = min(c["peak_reserved_bytes"] for c in plan["candidates"])
+    verdict_numbers = [
+        e for e in page.tagged if e.get("data-plan-key", "").endswith("peak_reserved_bytes")
+    ]
+    assert int(verdict_numbers[0]["data-bytes"]) == smallest
+    from html import escape
+
+    for suggestion in plan["suggestions"]:
+        assert escape(suggestion["action"], quote=False) in text
+        assert escape(suggestion["detail"], quote=False) in text
+    markdown = render_to(tmp_path, spec, "md", "--vram-gib", "4").read_text(encoding="utf-8")
+    assert "**Does not fit" in markdown
+    assert len(re.findall(r"^\d+\. \*\*", markdown, flags=re.MULTILINE)) == len(plan["suggestions"])
+
+
+def test_the_spec_is_shown_escaped(tmp_path: Path) -> None:
+    source = (REPO / "specs" / "llama3-8b-clinical-qlora.yaml").read_text(encoding="utf-8")
+    hostile = "# </code></pre><script>alert('x')</script> ``` | **bold**\n"
+    spec = tmp_path / "hostile.yaml"
+    spec.write_text(hostile + source, encoding="utf-8")
+    html_text = render_to(tmp_path, spec, "html").read_text(encoding="utf-8")
+    assert "<script>" not in html_text
+    assert "&lt;/code&gt;&lt;/pre&gt;&lt;script&gt;" in html_text
+    markdown = render_to(tmp_path, spec, "md").read_text(encoding="utf-8")
+    fenced = re.search(r"^(`{4,})yaml\n(.*?)\n\1$", markdown, flags=re.DOTALL | re.MULTILINE)
+    assert fenced is not None and fenced.group(2) == (hostile + source).rstrip("\n")
+
+
+def test_markdown_escaping() -> None:
+    assert markdown_text("a|b <i>*x*</i> [l](u)") == r"a\|b \<i\>\*x\*\</i\> \[l\](u)"
+    assert markdown_code("a`b") == "``a`b``"
+    assert markdown_code("x|y") == r"`x\|y`"
+    assert markdown_fence("```\ncode\n```", "yaml").startswith("````yaml\n")
+
+
+def test_missing_matplotlib_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    resolved = resolve(load_spec(SPECS[0]))
+    data = report_data(resolved, make_plan(resolved))
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UserError, match=re.escape("pip install 'peftgen[report]'")):
+        render_html(data)
+    # Tables only (what emit writes as plan.md) need no matplotlib.
+    assert render_markdown(data, charts="none").charts == {}
+
+
+def test_plan_markdown_for_emit_does_not_import_matplotlib() -> None:
+    spec = REPO / "specs" / "llama3-8b-clinical-qlora.yaml"
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from peftgen.load import load_spec; from peftgen.resolve import resolve\n"
+        "from peftgen.plan import make_plan; from peftgen.report import render_plan_markdown\n"
+        f"loaded = load_spec(Path({str(spec)!r}))\n"
+        "text = render_plan_markdown(make_plan(resolve(loaded)), loaded)\n"
+        "assert '| Component |' in text and '![' not in text, text[:500]\n"
+        "assert 'matplotlib' not in sys.modules\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
+
+
+def test_plan_markdown_matches_the_report_tables() -> None:
+    spec = REPO / "specs" / "llama3-8b-clinical-qlora.yaml"
+    loaded = load_spec(spec)
+    resolved = resolve(loaded)
+    plan = make_plan(resolved)
+    plan_md = render_plan_markdown(plan, loaded)
+    full_md = render_markdown(report_data(resolved, plan), charts="files").text
+    assert markdown_tables(plan_md) == markdown_tables(full_md)
