@@ -1005,7 +1005,10 @@ def did_you_mean(value: object, choices: Iterable[str]) -> str | None:
     if not isinstance(value, str):
         return None
     keyed = {_normalise(choice): choice for choice in choices}
-    matches = difflib.get_close_matches(_normalise(value), list(keyed), n=3, cutoff=0.6)
+    wanted = _normalise(value)
+    if wanted in keyed:  # the same name spelt another way ("4-bit", "BF16")
+        return f"did you mean {keyed[wanted]!r}?"
+    matches = difflib.get_close_matches(wanted, list(keyed), n=3, cutoff=0.6)
     if not matches:
         return None
     return "did you mean " + " or ".join(repr(keyed[match]) for match in matches) + "?"

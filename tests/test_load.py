@@ -19,6 +19,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from peftgen.cli import main
 from peftgen.errors import UserError
@@ -300,3 +302,28 @@ def test_validate_prints_warnings_on_stderr_and_ok_on_stdout(
     assert "warning: cutoff_len: LLaMA-Factory's name; read as training.max_length" in (
         captured.err
     )
+
+
+# --- any text: a spec or a UserError, never a traceback ---------------------------------------
+
+_YAML_PIECES = [*":-[]{}&*!|>'\"#%@`,?\t\n x0.~<", "&a ", "*a", "<<: ", "!!str ", "!!binary "]
+_YAML_PIECES += ["---\n", "...\n", "\x85", "\ufeff", "\x00", "\\", "lora_r: ", "dpo:\n"]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    position=st.integers(0, len(VALID_SPEC)),
+    insert=st.lists(st.sampled_from(_YAML_PIECES), max_size=6).map("".join),
+    cut=st.integers(0, 5),
+)
+def test_any_edit_of_a_spec_loads_or_raises_a_user_error(
+    tmp_path: Path, position: int, insert: str, cut: int
+) -> None:
+    path = _write(tmp_path, VALID_SPEC[:position] + insert + VALID_SPEC[position + cut :])
+    try:
+        load_spec(path)
+    except UserError as error:
+        assert all(problem.message for problem in error.problems)
+        error.render()
