@@ -219,6 +219,29 @@ def test_json_array_with_invalid_element_names_its_line(tmp_path: Path) -> None:
     assert [(p.line, p.message.split(":")[0]) for p in report.problems] == [(3, "invalid JSON")]
 
 
+def test_json_array_parsed_in_tiny_chunks_equals_json_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Elements, multi-byte characters and line counts survive any chunk boundary."""
+    from peftgen.check_data import sources
+
+    monkeypatch.setattr(sources, "JSON_ARRAY_CHUNK_BYTES", 7)
+    rows = [{"text": f"é{index} ü {'x' * index}", "n": [index, {"k": "ß"}]} for index in range(30)]
+    data = tmp_path / "rows.json"
+    data.write_text("[\n" + ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n]")
+    source = sources.JsonSource(data, data.stat().st_size)
+    parsed = list(source.rows())
+    assert [row.record for row in parsed] == json.loads(data.read_text(encoding="utf-8"))
+    assert [row.line for row in parsed] == list(range(2, 32))
+
+
+def test_json_array_with_bad_utf8_names_its_line(tmp_path: Path) -> None:
+    data = tmp_path / "rows.json"
+    data.write_bytes(b'[\n{"text": "a"},\n{"text": "\xff"}\n]')
+    report = check_dataset(load_spec(write_spec(tmp_path, data, "sft", "text")).spec)
+    assert [(p.line, p.message) for p in report.problems] == [(3, "not valid UTF-8")]
+
+
 def test_json_file_holding_json_lines_is_read_line_by_line(tmp_path: Path) -> None:
     data = tmp_path / "rows.json"
     data.write_text('{"text": "one"}\n{"txt": "two"}\n', encoding="utf-8")

@@ -177,86 +177,109 @@ class JsonSource(RowSource):
             yield row
 
     def _array_rows(self, handle: BinaryIO) -> Iterator[Row]:
-        """Parse ``[obj, obj, ...]`` element by element with a bounded buffer."""
-        decoder = json.JSONDecoder()
-        reader = io.TextIOWrapper(handle, encoding="utf-8", errors="strict", newline="")
-        buffer = ""
-        position = 0
-        line_number = 1
-        at_eof = False
-        expecting = "["
-
-        def refill() -> bool:
-            nonlocal buffer, position, at_eof
-            chunk = reader.read(JSON_ARRAY_CHUNK_BYTES)
-            self.bytes_read = handle.tell()
-            if not chunk:
-                at_eof = True
-                return False
-            buffer = buffer[position:] + chunk
-            position = 0
-            return True
-
+        reader = _JsonArrayReader(handle)
         try:
-            refill()
-        except UnicodeDecodeError:
-            yield Row(1, None, None, "not valid UTF-8")
+            for row in reader.rows():
+                self.bytes_read = handle.tell()
+                yield row
+        except _NotUtf8 as error:
+            yield Row(error.line, None, None, "not valid UTF-8")
+
+
+class _NotUtf8(Exception):
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class _JsonArrayReader:
+    """``[obj, obj, ...]`` parsed element by element from a bounded text buffer.
+
+    ``json.load`` would hold the whole array; here the buffer holds the unread rest of
+    the current chunk plus, at most, one element (``JSON_ARRAY_MAX_ELEMENT_BYTES``).
+    """
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="strict")
+        self.decoder = json.JSONDecoder()
+        self.buffer = ""
+        self.position = 0
+        self.line_number = 1
+        """Line of ``buffer[position]`` in the file."""
+        self.at_eof = False
+
+    def rows(self) -> Iterator[Row]:
+        self._skip_space()
+        self.position += 1  # the '[' that JsonSource saw
+        self._skip_space()
+        if self._peek() == "]":
             return
         while True:
-            # Skip whitespace, counting lines, and the separators between elements.
-            while True:
-                while position < len(buffer) and buffer[position] in " \t\r\n":
-                    if buffer[position] == "\n":
-                        line_number += 1
-                    position += 1
-                if position < len(buffer) or at_eof or not refill():
-                    break
-            if position >= len(buffer):
-                yield Row(line_number, None, None, "invalid JSON: the array is not closed with ']'")
+            start_line = self.line_number
+            value, error = self._next_value()
+            if error is not None:
+                yield Row(error[0], None, None, f"invalid JSON: {error[1]}")
                 return
-            char = buffer[position]
-            if expecting == "[":
-                position += 1  # _peek_first_non_space made sure this is '['
-                expecting = "element_or_end"
-                continue
-            if char == "]" and expecting in ("element_or_end", "comma_or_end"):
-                return
-            if expecting == "comma_or_end":
-                if char != ",":
-                    yield Row(
-                        line_number, None, None, f"invalid JSON: expected ',' or ']', got {char!r}"
-                    )
-                    return
-                position += 1
-                expecting = "element"
-                continue
-            start_line = line_number
-            while True:
-                try:
-                    value, end = decoder.raw_decode(buffer, position)
-                    break
-                except json.JSONDecodeError as error:
-                    too_big = len(buffer) - position > JSON_ARRAY_MAX_ELEMENT_BYTES
-                    if at_eof or too_big or not refill():
-                        yield Row(
-                            error.lineno - buffer.count("\n", 0, position) + start_line - 1,
-                            None,
-                            None,
-                            f"invalid JSON: {error.msg}",
-                        )
-                        return
-                except UnicodeDecodeError:
-                    yield Row(start_line, None, None, "not valid UTF-8")
-                    return
-            line_number += buffer.count("\n", position, end)
-            position = end
-            expecting = "comma_or_end"
             if isinstance(value, dict):
                 yield Row(start_line, None, value)
             else:
+                message = f"a row must be a JSON object; got {_json_kind(value)}"
+                yield Row(start_line, None, None, message)
+            self._skip_space()
+            separator = self._peek()
+            if separator == "]":
+                return
+            if separator != ",":
+                found = repr(separator) if separator else "the end of the file"
                 yield Row(
-                    start_line, None, None, f"a row must be a JSON object; got {_json_kind(value)}"
+                    self.line_number, None, None, f"invalid JSON: expected ',' or ']', got {found}"
                 )
+                return
+            self.position += 1
+            self._skip_space()
+
+    def _refill(self) -> bool:
+        raw = self.handle.read(JSON_ARRAY_CHUNK_BYTES)
+        try:
+            chunk = self.utf8.decode(raw, final=not raw)
+        except UnicodeDecodeError as error:
+            pending = self.buffer.count("\n", self.position)
+            raise _NotUtf8(self.line_number + pending + raw.count(b"\n", 0, error.start)) from None
+        if not chunk:
+            self.at_eof = True
+            return False
+        self.buffer = self.buffer[self.position :] + chunk
+        self.position = 0
+        return True
+
+    def _peek(self) -> str:
+        return self.buffer[self.position] if self.position < len(self.buffer) else ""
+
+    def _skip_space(self) -> None:
+        while True:
+            while self.position < len(self.buffer) and self.buffer[self.position] in " \t\r\n":
+                if self.buffer[self.position] == "\n":
+                    self.line_number += 1
+                self.position += 1
+            if self.position < len(self.buffer) or not self._refill():
+                return
+
+    def _next_value(self) -> tuple[Any, tuple[int, str] | None]:
+        """The next JSON value, or (line, message) of why it is not one."""
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.buffer, self.position)
+            except json.JSONDecodeError as error:
+                # Incomplete is indistinguishable from invalid until more text is read.
+                too_big = len(self.buffer) - self.position > JSON_ARRAY_MAX_ELEMENT_BYTES
+                if too_big or not self._refill():
+                    lines_before = self.buffer.count("\n", 0, self.position)
+                    return None, (self.line_number + error.lineno - 1 - lines_before, error.msg)
+                continue
+            self.line_number += self.buffer.count("\n", self.position, end)
+            self.position = end
+            return value, None
 
 
 def _peek_first_non_space(handle: BinaryIO) -> bytes:
