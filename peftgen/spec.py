@@ -376,9 +376,13 @@ class _SpecBase(_Frozen):
         ):
             # FSDP flattens parameters of one dtype; packed uint8 4-bit weights cannot be
             # sharded next to bf16 ones (the QLoRA + FSDP recipe stores them as bfloat16).
+            # Point at the storage setting if written, else at the precision that needs it.
+            where = "quantization.bnb_4bit_quant_storage"
+            if "quantization" not in self.model_fields_set:
+                where = "precision"
             raise ValueError(
-                "quantization.bnb_4bit_quant_storage: FSDP with 4-bit loading needs the packed "
-                "weights stored in the compute dtype; set bnb_4bit_quant_storage: bfloat16"
+                f"{where}: FSDP with 4-bit loading needs the packed weights stored in the "
+                "compute dtype; set quantization.bnb_4bit_quant_storage: bfloat16"
             )
         return self
 
