@@ -399,9 +399,11 @@ def test_text_report_shows_trained_tokens_and_stats(
         tmp_path / "pc.jsonl",
         [{"prompt": "What is the BMI?", "completion": " The BMI is 26.8."}] * 3,
     )
-    spec = write_spec(tmp_path, data, "sft", "prompt_completion", model_id=tiny_model_dir)
-    code, out, err = run_cli(capsys, spec)
+    # model.id is a hub id (offline here); --tokenizer supplies the tokenizer instead.
+    spec = write_spec(tmp_path, data, "sft", "prompt_completion")
+    code, out, err = run_cli(capsys, spec, "--tokenizer", str(tiny_model_dir))
     assert code == 0, err
+    assert f"tokens (tokenizer {tiny_model_dir})" in out
     # The prompt is masked; the completion and the eos the trainer appends are trained.
     assert "What is the BMI?⟦ The BMI is 26.8.<|im_end|>⟧" in out
     assert "training.max_length 2,048 truncates 0 rows (0.0%)" in out

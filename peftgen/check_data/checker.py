@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from peftgen.check_data.rows import KEYS_BY_FORMAT, RowFault, check_row
 from peftgen.check_data.sources import (
     CsvSource,
@@ -280,7 +282,8 @@ class _TokenPass:
             return []
         try:
             tokenized = self.row_tokenizer.tokenize(row.record, shape)
-        except Exception as error:  # the chat template's raise_exception, bad tool JSON ...
+        except (TemplateError, ValueError, TypeError, KeyError) as error:
+            # The chat template's raise_exception, a content it cannot concatenate, bad tools JSON.
             return [RowFault(None, f"the tokenizer rejects this row: {error}")]
         self.lengths.append(tokenized.sequence_length)
         first_trained = next(

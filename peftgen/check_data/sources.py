@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ class SourceNote:
     message: str
 
 
-class RowSource:
+class RowSource(ABC):
     """A dataset opened for streaming: rows, notes, progress in bytes."""
 
     def __init__(self, label: str, total_bytes: int | None) -> None:
@@ -63,8 +64,9 @@ class RowSource:
         self.bytes_read = 0
         self.notes: list[SourceNote] = []
 
+    @abstractmethod
     def rows(self) -> Iterator[Row]:
-        raise NotImplementedError
+        """Each record once, in file order; updates ``bytes_read`` and ``notes`` as it goes."""
 
 
 def open_source(dataset_path: str, split: str) -> RowSource:
