@@ -417,6 +417,13 @@ def render_all(loaded: LoadedSpec, plan: Plan) -> dict[str, str]:
     }
 
 
+def _yaml_string(representer: Any, value: str) -> Any:
+    """Printable ASCII as ruamel likes it; anything else double-quoted, where YAML escapes
+    line and paragraph separators (``\\x85``, ``\\u2028``) that a plain scalar would fold."""
+    style = None if re.fullmatch(r"[\x20-\x7e]*", value) else '"'
+    return representer.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
 def resolved_spec_yaml(loaded: LoadedSpec) -> str:
     """The spec with every default filled in, as YAML: what the script was rendered from."""
     from io import StringIO
@@ -426,13 +433,14 @@ def resolved_spec_yaml(loaded: LoadedSpec) -> str:
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]
+    yaml.representer.add_representer(str, _yaml_string)
     buffer = StringIO()
     fields = loaded.spec.model_dump(mode="json")
     # name and method first, as people write them; the rest in the models' order.
     ordered = {"name": fields.pop("name"), "method": fields.pop("method"), **fields}
     yaml.dump(ordered, buffer)
     header = (
-        f"# The spec {loaded.path.as_posix()} (sha256 {loaded.sha256})\n"
+        f"# The spec {comment_text(loaded.path.as_posix())} (sha256 {loaded.sha256})\n"
         "# with every default filled in: the values train.py was rendered from.\n"
     )
     return header + buffer.getvalue()

@@ -1,0 +1,233 @@
+"""Spec values never become code: hostile strings either fail validation or stay literals.
+
+Every string field of the spec gets quotes, triple quotes, backslashes, newlines, Jinja
+delimiters and odd unicode. Rendering goes straight from the validated spec to the
+templates with a fixed plan (the resolver would reject most of these ids before
+rendering, which would leave the renderer untested). Either pydantic rejects the spec, or
+both scripts parse and the literal the script holds equals the input exactly.
+
+Text that only reaches comments and the docstring (the plan's reasons, the GPU's name) is
+checked too: whatever it holds, the script's syntax tree is the same as with plain text.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+
+from peftgen.load import LoadedSpec
+from peftgen.plan import Candidate, Decision, GpuTarget, MemoryBreakdown, Plan
+from peftgen.render import render_all
+from peftgen.spec import SPEC_ADAPTER
+
+HOSTILE_PIECES = [
+    '"',
+    "'",
+    '"""',
+    "'''",
+    "\\",
+    "\\n",
+    "\n",
+    "\r\n",
+    "\t",
+    "\x00",
+    "{{ x }}",
+    "{% if 1 %}",
+    "{#",
+    "#}",
+    "{%- raw %}",
+    "); import os; os.system('x'); (",
+    "\u2028",
+    "\u202e",
+    "é",
+    "😀",
+    "ℕ",
+    "#",
+    " ",
+    ".py:f",
+    ".jsonl",
+]
+hostile_text = st.one_of(
+    st.lists(st.sampled_from(HOSTILE_PIECES) | st.text(max_size=4), min_size=1, max_size=6).map(
+        "".join
+    ),
+    st.text(min_size=1, max_size=30),
+)
+
+BASE: dict[str, Any] = {
+    "name": "hostile",
+    "model": {"id": "org/model"},
+    "dataset": {"path": "data/train.jsonl", "format": "messages"},
+    "hardware": {"gpu": "rtx-4090"},
+    "lora": {"target_modules": ["q_proj"]},
+}
+METHOD_SECTIONS: dict[str, dict[str, Any]] = {
+    "sft": {"method": "sft"},
+    "dpo": {"method": "dpo", "dataset": {"path": "data/train.jsonl", "format": "preference"}},
+    "grpo": {
+        "method": "grpo",
+        "dataset": {"path": "data/train.jsonl", "format": "prompt"},
+        "grpo": {"num_generations": 2, "reward_funcs": ["format", "r.py:score"]},
+        "training": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1},
+    },
+}
+
+
+def _plan(precision: str, gpu_name: str = "GPU", reason: str = "why") -> Plan:
+    breakdown = MemoryBreakdown(1, 1, 1, 1, 1, 1, 1)
+    candidate = Candidate(precision, True, 6, 7, breakdown)  # type: ignore[arg-type]
+    return Plan(
+        spec="hostile",
+        gpu=GpuTarget(gpu_name, 2**34, True, 1, "8.0"),
+        budget_bytes=2**33,
+        trainable_parameters=1,
+        total_parameters=2,
+        chosen_precision=precision,  # type: ignore[arg-type]
+        fits=True,
+        candidates=(candidate,),
+        warnings=(reason,),
+        decisions=(
+            Decision("precision", precision, reason),
+            Decision("compute_dtype", "bf16", reason),
+            Decision("gradient_checkpointing", True, reason),
+        ),
+    )
+
+
+def _render(raw: dict[str, Any], precision: str) -> dict[str, str] | None:
+    """The emitted files, or None when validation rejects the spec."""
+    try:
+        spec = SPEC_ADAPTER.validate_python(raw)
+    except ValidationError:
+        return None
+    loaded = LoadedSpec(spec, Path("specs/hostile.yaml"), "", "0" * 64)
+    return render_all(loaded, _plan(precision))
+
+
+def _constants(source: str) -> dict[str, Any]:
+    """Top-level NAME = literal assignments of a script."""
+    values: dict[str, Any] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name):
+                try:
+                    values[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+    return values
+
+
+def _load_reward_args(source: str) -> list[tuple[Any, ...]]:
+    calls = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "load_reward"
+        ):
+            calls.append(tuple(ast.literal_eval(arg) for arg in node.args))
+    return calls
+
+
+def _with(raw: dict[str, Any], dotted: str, value: object) -> dict[str, Any]:
+    result = copy.deepcopy(raw)
+    *parents, leaf = dotted.split(".")
+    node = result
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    return result
+
+
+# field path -> (value built from the hostile text, the script constant that must hold it)
+FIELDS = {
+    "model.id": (lambda s: s, "MODEL_ID"),
+    "model.revision": (lambda s: s, "MODEL_REVISION"),
+    "dataset.path": (lambda s: s, "DATASET_PATH"),
+    "output_dir": (lambda s: s, "OUTPUT_DIR"),
+    "name": (lambda s: s, None),
+    "lora.target_modules": (lambda s: [s], "TARGET_MODULES"),
+    "lora.modules_to_save": (lambda s: [s], "MODULES_TO_SAVE"),
+    "hardware.gpu": (lambda s: s, None),
+}
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("field", sorted(FIELDS))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=hostile_text, precision=st.sampled_from(["bf16", "4bit"]))
+def test_hostile_string_fields_stay_literals(
+    method: str, field: str, text: str, precision: str
+) -> None:
+    build, constant = FIELDS[field]
+    raw = _with(BASE | METHOD_SECTIONS[method], field, build(text))
+    files = _render(raw, precision)
+    if files is None:
+        return
+    train = _constants(files["train.py"])
+    merge = _constants(files["merge.py"])
+    if constant is not None:
+        assert train[constant] == build(text)
+    if field == "output_dir":
+        assert merge["ADAPTER_DIR"] == text
+    if field == "model.revision":
+        assert "revision=MODEL_REVISION" in files["train.py"]
+    yaml_text = files["spec.yaml"]
+    assert SPEC_ADAPTER.validate_python(YAML(typ="safe").load(yaml_text)) == (
+        SPEC_ADAPTER.validate_python(raw)
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=hostile_text)
+def test_hostile_hub_split_stays_literal(text: str) -> None:
+    raw = _with(BASE | METHOD_SECTIONS["sft"], "dataset", {"path": "org/data", "format": "text"})
+    files = _render(_with(raw, "dataset.split", text), "bf16")
+    if files is not None:
+        assert _constants(files["train.py"])["DATASET_SPLIT"] == text
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=hostile_text)
+def test_hostile_reward_path_stays_literal(text: str) -> None:
+    item = f"{text}.py:score"
+    files = _render(_with(BASE | METHOD_SECTIONS["grpo"], "grpo.reward_funcs", [item]), "4bit")
+    if files is not None:
+        assert _load_reward_args(files["train.py"]) == [(f"{text}.py", "score")]
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=hostile_text, method=st.sampled_from(sorted(METHOD_SECTIONS)))
+def test_hostile_plan_text_only_reaches_comments(text: str, method: str) -> None:
+    spec = SPEC_ADAPTER.validate_python(BASE | METHOD_SECTIONS[method])
+    loaded = LoadedSpec(spec, Path("specs/hostile.yaml"), "", "0" * 64)
+    plain = render_all(loaded, _plan("4bit"))
+    hostile = render_all(loaded, _plan("4bit", gpu_name=text, reason=text))
+    for name in ("train.py", "merge.py"):
+        plain_tree, hostile_tree = ast.parse(plain[name]), ast.parse(hostile[name])
+        # The docstring may quote the text; everything after it must be identical.
+        assert ast.dump(ast.Module(plain_tree.body[1:], [])) == ast.dump(
+            ast.Module(hostile_tree.body[1:], [])
+        )
+
+
+KNOWN_HOSTILE = 'q"\'\\ {{ x }} {% if 1 %} """ \u2028 \x85 \u202e 😀 ); import os #'
+
+
+@pytest.mark.parametrize("field", ["model.id", "model.revision", "dataset.path", "output_dir"])
+def test_a_known_hostile_value_renders_as_its_literal(field: str) -> None:
+    """Guards the property test against passing by rejecting everything."""
+    constant = FIELDS[field][1]
+    for method in METHOD_SECTIONS:
+        files = _render(_with(BASE | METHOD_SECTIONS[method], field, KNOWN_HOSTILE), "4bit")
+        assert files is not None
+        assert _constants(files["train.py"])[constant] == KNOWN_HOSTILE
