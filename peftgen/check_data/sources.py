@@ -69,6 +69,16 @@ class RowSource(ABC):
         """Each record once, in file order; updates ``bytes_read`` and ``notes`` as it goes."""
 
 
+class FileSource(RowSource):
+    """A local file of one of ``LOCAL_SUFFIXES``."""
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        super().__init__(str(path), size_bytes)
+        self.path = path
+        self.columns: list[str] = []
+        """Column names, for formats with a header (CSV, parquet); checked once, not per row."""
+
+
 def open_source(dataset_path: str, split: str) -> RowSource:
     """Pick the reader for ``dataset.path``: a local file by suffix, else a hub dataset."""
     path = Path(dataset_path)
@@ -128,12 +138,8 @@ def _json_kind(value: object) -> str:
     return "a number"
 
 
-class JsonLinesSource(RowSource):
+class JsonLinesSource(FileSource):
     """One JSON object per physical line; blank lines are skipped, as ``datasets`` does."""
-
-    def __init__(self, path: Path, size_bytes: int) -> None:
-        super().__init__(str(path), size_bytes)
-        self.path = path
 
     def rows(self) -> Iterator[Row]:
         with self.path.open("rb") as handle:
@@ -155,12 +161,8 @@ def _bom_note() -> SourceNote:
     )
 
 
-class JsonSource(RowSource):
+class JsonSource(FileSource):
     """A ``.json`` file: a JSON array of objects, or JSON lines (both load with ``datasets``)."""
-
-    def __init__(self, path: Path, size_bytes: int) -> None:
-        super().__init__(str(path), size_bytes)
-        self.path = path
 
     def rows(self) -> Iterator[Row]:
         with self.path.open("rb") as handle:
@@ -298,13 +300,8 @@ def _peek_first_non_space(handle: BinaryIO) -> bytes:
             return stripped[:1]
 
 
-class CsvSource(RowSource):
+class CsvSource(FileSource):
     """A CSV file with a header line; each record is located by the line it starts on."""
-
-    def __init__(self, path: Path, size_bytes: int) -> None:
-        super().__init__(str(path), size_bytes)
-        self.path = path
-        self.columns: list[str] = []
 
     def rows(self) -> Iterator[Row]:
         with self.path.open("rb") as binary:
@@ -347,13 +344,8 @@ class CsvSource(RowSource):
                 yield Row(start_line, None, dict(zip(self.columns, fields, strict=True)))
 
 
-class ParquetSource(RowSource):
+class ParquetSource(FileSource):
     """A parquet file read one row group batch at a time (pyarrow, from ``peftgen[train]``)."""
-
-    def __init__(self, path: Path, size_bytes: int) -> None:
-        super().__init__(str(path), size_bytes)
-        self.path = path
-        self.columns: list[str] = []
 
     def rows(self) -> Iterator[Row]:
         try:
