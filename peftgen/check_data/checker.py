@@ -162,11 +162,11 @@ def check_dataset(
         faults, shape = _row_faults(row, spec)
         if not faults and shape is not None:
             if report.shape is None:
-                report.shape, first_shape_location = shape, _location(source, row)
+                report.shape, first_shape_location = shape, _location(row)
             elif shape != report.shape:
                 faults = [_shape_mismatch(shape, report.shape, first_shape_location)]
         if not faults and pass_state is not None and row.record is not None and shape is not None:
-            faults = pass_state.add(row, shape, _location(source, row))
+            faults = pass_state.add(row, shape, _location(row))
         if faults:
             report.bad_rows += 1
             for fault in faults:
@@ -246,7 +246,7 @@ def _header_problem(source: RowSource, spec: AnySpec, report: DataReport) -> boo
     return True
 
 
-def _location(source: RowSource, row: Row) -> str:
+def _location(row: Row) -> str:
     if row.line is not None:
         return f"line {row.line}"
     return f"row {row.index}"
