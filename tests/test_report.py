@@ -269,8 +269,9 @@ def test_curve_and_limits_are_plan_json_for_changed_specs(
             candidate = lookup(changed, f"candidates.{point['data-precision']}")
             assert int(point["data-bytes"]) == candidate["peak_reserved_bytes"]
 
-    # The largest max_length / micro-batch shown fit, and one more does not (or the
-    # search stopped at its cap: the model's positions, 4096 sequences).
+    # The largest max_length / micro-batch shown is a setting the spec accepts and that
+    # fits, and the next accepted one does not (unless the search stopped at its cap: the
+    # model's positions, 4096 sequences).
     limit_cells = [e for e in page.start_tags if "data-limit" in e[1]]
     assert len(limit_cells) == 2 * len(plan["candidates"])
     for _, cell in limit_cells:
@@ -286,9 +287,21 @@ def test_curve_and_limits_are_plan_json_for_changed_specs(
         value = int(cell["data-value"])
         at = plan_json(with_changes(spec, tmp_path, {key: value}))
         assert lookup(at, f"candidates.{precision}")["fits"], (precision, key, value)
-        above = plan_json(with_changes(spec, tmp_path, {key: value + 1}))
-        capped = "(model maximum)" in page_text_of_limit(page, cell) or value == 4096
-        assert capped or not lookup(above, f"candidates.{precision}")["fits"], (key, value)
+        if "(model maximum)" in page_text_of_limit(page, cell) or value == 4096:
+            continue
+        above = next_accepted_plan(spec, tmp_path, key, value)
+        assert not lookup(above, f"candidates.{precision}")["fits"], (precision, key, value)
+
+
+def next_accepted_plan(spec: Path, tmp_path: Path, key: str, value: int) -> dict[str, Any]:
+    """``plan --json`` for the next value above ``value`` that the spec accepts (GRPO, for
+    one, needs the generation batch to be a multiple of ``num_generations``)."""
+    for candidate in range(value + 1, value + 65):
+        code, out = run_cli("plan", str(with_changes(spec, tmp_path, {key: candidate})), "--json")
+        if code in (0, 3):
+            data: dict[str, Any] = json.loads(out)
+            return data
+    raise AssertionError(f"no accepted {key} within 64 above {value}")
 
 
 def page_text_of_limit(page: _Elements, cell: dict[str, str]) -> str:

@@ -6,8 +6,8 @@ full-page screenshot, and records every network request the page makes: there mu
 none beyond the page's own file. Skipped only where chromium is missing *and* this is
 not CI; in CI (``CI`` set) a missing chromium fails the test.
 
-Also a script: ``python tests/test_report_browser.py SPEC OUT.png [WIDTH]`` saves the
-screenshot used in ``docs/``.
+Also a script: ``python tests/test_report_browser.py SPEC OUT.png [WIDTH [HEIGHT]]`` saves
+the screenshots in ``docs/``.
 """
 
 from __future__ import annotations
@@ -167,9 +167,16 @@ DOM_PROBE = """
 
 
 def load_in_chromium(
-    chromium: str, page: Path, screenshot: Path | None, width: int = 1100
+    chromium: str,
+    page: Path,
+    screenshot: Path | None,
+    width: int = 1100,
+    height: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Open ``page``; return the DOM probe's answer and every DevTools event seen."""
+    """Open ``page``; return the DOM probe's answer and every DevTools event seen.
+
+    The screenshot is the whole page, or its top ``height`` pixels.
+    """
     with tempfile.TemporaryDirectory(prefix="peftgen-chromium-") as profile:
         browser = DevTools(chromium, Path(profile))
         try:
@@ -201,7 +208,13 @@ def load_in_chromium(
                     session,
                     format="png",
                     captureBeyondViewport=True,
-                    clip={"x": 0, "y": 0, "width": width, "height": probe["height"], "scale": 1},
+                    clip={
+                        "x": 0,
+                        "y": 0,
+                        "width": width,
+                        "height": min(height or probe["height"], probe["height"]),
+                        "scale": 1,
+                    },
                 )
                 screenshot.write_bytes(base64.b64decode(shot["data"]))
             return probe, list(browser.events)
@@ -280,17 +293,19 @@ def test_report_in_headless_chromium(
 
 
 def _main(argv: list[str]) -> int:
+    """``SPEC OUT.png [WIDTH [HEIGHT]]``: screenshot the report of SPEC (top HEIGHT pixels)."""
     found = find_chromium()
     if found is None:
         print("chromium is not installed", file=sys.stderr)
         return 1
     spec, output = Path(argv[0]), Path(argv[1])
     width = int(argv[2]) if len(argv) > 2 else 1100
+    height = int(argv[3]) if len(argv) > 3 else None
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / "report.html"
         render_report(spec, page)
-        probe, _ = load_in_chromium(found, page, output, width)
-    print(f"wrote {output} ({width}x{probe['height']})")
+        probe, _ = load_in_chromium(found, page, output, width, height)
+    print(f"wrote {output} (page {width}x{probe['height']})")
     return 0
 
 
