@@ -147,3 +147,54 @@ def test_emitted_scripts_train_save_and_merge(
     # The merged fp16 checkpoint reproduces base + adapter up to fp16 rounding.
     assert torch.allclose(merged_logits, adapted_logits, atol=5e-2)  # type: ignore[arg-type]
     assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_chatml_on_a_base_model_grows_and_trains_the_embeddings(
+    tiny_base_model_dir: Path, tmp_path: Path
+) -> None:
+    """A model without a chat template: the script installs ChatML, adds its two special
+    tokens, grows the embeddings, and trains and saves embed_tokens and lm_head in full."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec_text = _spec_text("sft", "bf16", tiny_base_model_dir).replace(
+        "  format: messages\n", "  format: messages\n  chat_template: chatml\n"
+    )
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(spec_text, encoding="utf-8")
+    emitted = tmp_path / "emitted"
+    assert peftgen_main(["emit", str(spec_path), "-o", str(emitted)]) == 0
+
+    trained = _run(emitted / "train.py", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    adapter_dir = tmp_path / "adapter"
+    base_tokenizer = AutoTokenizer.from_pretrained(tiny_base_model_dir)
+    saved_tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    assert len(saved_tokenizer) == len(base_tokenizer) + 2
+    assert saved_tokenizer.eos_token == "<|im_end|>"
+    assert saved_tokenizer.chat_template is not None
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as tensors:
+        keys = list(tensors.keys())
+        embed_key = next(k for k in keys if "embed_tokens" in k and "lora" not in k)
+        assert any("lm_head" in k and "lora" not in k for k in keys)
+        assert tensors.get_tensor(embed_key).shape[0] == len(saved_tokenizer)
+
+    merged_run = _run(emitted / "merge.py", cwd=tmp_path)
+    assert merged_run.returncode == 0, merged_run.stderr[-4000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter-merged", dtype=torch.float32)
+    assert merged.get_input_embeddings().weight.shape[0] == len(saved_tokenizer)
+    input_ids = saved_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Compute the BMI"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    assert input_ids.max().item() >= len(base_tokenizer)  # the new ChatML markers
+    assert torch.isfinite(_logits(merged, input_ids)).all()  # type: ignore[call-overload]
+    # embed_tokens trained in full: the base rows moved.
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_model_dir, dtype=torch.float32)
+    base_rows = base.get_input_embeddings().weight
+    merged_rows = merged.get_input_embeddings().weight[: base_rows.shape[0]]
+    assert (merged_rows - base_rows).abs().max().item() > 1e-3

@@ -23,8 +23,10 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-"""Fixed ids 0-5 so the model config can name bos/eos/pad before the tokenizer exists."""
+BASE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+"""Only the chat model knows these: a base model gets them from the script that installs
+ChatML, which must then grow the embeddings."""
 
 # Clinical-flavoured text, so the byte-level BPE learns merges that the test data uses.
 TRAINING_SENTENCES = [
@@ -46,7 +48,7 @@ VOCAB_SIZE = 512
 SEED = 0
 
 
-def _train_tokenizer() -> object:
+def _train_tokenizer(special_tokens: list[str]) -> object:
     """A byte-level BPE tokenizer (the Llama-3 kind) trained on the sentences above."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -55,7 +57,7 @@ def _train_tokenizer() -> object:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -76,7 +78,9 @@ def build_tiny_llama(path: Path, *, with_chat_template: bool = True) -> Path:
 
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(),
+        tokenizer_object=_train_tokenizer(
+            BASE_SPECIAL_TOKENS + (CHATML_TOKENS if with_chat_template else [])
+        ),
         bos_token="<s>",
         eos_token="<|im_end|>" if with_chat_template else "</s>",
         unk_token="<unk>",
