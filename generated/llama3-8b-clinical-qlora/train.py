@@ -18,13 +18,13 @@ Edit the spec and run `peftgen emit` again rather than editing this file.
 
 Target: NVIDIA GeForce RTX 4090 x 1, memory budget 22.8 GiB per GPU.
 Base model loaded in 4-bit (NF4, double quantization, bfloat16 compute) + LoRA (QLoRA).
-Predicted peak per GPU: 8.0 GiB reserved (7.2 GiB allocated):
+Predicted peak per GPU: 7.6 GiB reserved (6.9 GiB allocated):
     weights                   5.3 GiB
     LoRA adapter              0.1 GiB
     gradients                 0.1 GiB
     optimizer state           0.2 GiB
     activations               1.2 GiB
-    logits / loss             0.3 GiB
+    logits / loss             0.0 GiB
     CUDA context, allocator   0.7 GiB
 
 Run:
@@ -73,7 +73,7 @@ def main() -> None:
 
     # --- Load ---
     tokenizer = AutoTokenizer.from_pretrained(MODEL_ID)
-    # Why 4-bit: precision 4bit set in the spec; peak 8.0 GiB fits the 22.8 GiB budget on NVIDIA
+    # Why 4-bit: precision 4bit set in the spec; peak 7.6 GiB fits the 22.8 GiB budget on NVIDIA
     # GeForce RTX 4090
     quantization_config = BitsAndBytesConfig(
         load_in_4bit=True,
