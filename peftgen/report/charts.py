@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftgen.errors import UserError
 from peftgen.plan import Plan
-from peftgen.report.data import COMPONENTS, PrecisionCurve, precision_label
+from peftgen.report.data import COMPONENTS, ReportData, precision_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -179,14 +179,20 @@ def _gpu_lines(axes: Axes, plan: Plan) -> None:
     )
 
 
-def max_length_curve_svg(
-    plan: Plan,
-    curves: Sequence[PrecisionCurve],
-    spec_max_length: int,
-    model_max_positions: int,
-    common_gpu_sizes_gib: Sequence[int],
-) -> str:
+def report_charts_svg(data: ReportData) -> dict[str, str]:
+    """Both charts of the report, by the name the templates use."""
+    return {
+        "breakdown": memory_breakdown_svg(data.plan),
+        "max_length": max_length_curve_svg(data),
+    }
+
+
+def max_length_curve_svg(data: ReportData) -> str:
     """Peak memory against ``max_length`` per precision, with GPU sizes as lines."""
+    plan, curves = data.plan, data.length_curves
+    spec_max_length = data.source.max_length
+    model_max_positions = data.source.model_max_positions
+    common_gpu_sizes_gib = data.common_gpu_sizes_gib
     figure_class = _matplotlib_figure()
     title = f"Peak GPU memory vs max_length ({plan.gpu.name})"
     with _chart_style("peftgen-max-length"):

@@ -46,12 +46,10 @@ class MarkdownReport:
 
 def render_html(data: ReportData) -> str:
     """The self-contained HTML page: inline CSS and SVG, a CSP that forbids any request."""
-    from peftgen.report.charts import max_length_curve_svg, memory_breakdown_svg
+    from peftgen.report.charts import report_charts_svg
 
-    charts = {
-        "breakdown": Markup(memory_breakdown_svg(data.plan)),
-        "max_length": Markup(_curve_svg(data, max_length_curve_svg)),
-    }
+    # matplotlib escapes the SVG's text itself; the markup is ours to inline as is.
+    charts = {name: Markup(svg) for name, svg in report_charts_svg(data).items()}
     return _environment(html=True).get_template("report.html.j2").render(_context(data, charts))
 
 
@@ -68,23 +66,17 @@ def render_markdown(
     chart_files: dict[str, str] = {}
     links = {"breakdown": "", "max_length": ""}
     if charts != "none":
-        from peftgen.report.charts import max_length_curve_svg, memory_breakdown_svg
+        from peftgen.report.charts import report_charts_svg
 
-        svgs = {
-            "breakdown": (f"{chart_stem}.memory.svg", memory_breakdown_svg(data.plan)),
-            "max_length": (
-                f"{chart_stem}.max-length.svg",
-                _curve_svg(data, max_length_curve_svg),
-            ),
-        }
-        for key, (name, svg) in svgs.items():
+        names = {"breakdown": "memory", "max_length": "max-length"}
+        for key, svg in report_charts_svg(data).items():
             if charts == "files":
-                chart_files[name] = svg
-                links[key] = name
+                file_name = f"{chart_stem}.{names[key]}.svg"
+                chart_files[file_name] = svg
+                links[key] = file_name
             else:
-                links[key] = "data:image/svg+xml;base64," + base64.b64encode(
-                    svg.encode("utf-8")
-                ).decode("ascii")
+                encoded = base64.b64encode(svg.encode("utf-8")).decode("ascii")
+                links[key] = f"data:image/svg+xml;base64,{encoded}"
     text = _environment(html=False).get_template("report.md.j2").render(_context(data, links))
     return MarkdownReport(text, chart_files)
 
@@ -100,17 +92,6 @@ def render_plan_markdown(plan: Plan, loaded: LoadedSpec) -> str:
     from peftgen.resolve import resolve
 
     return render_markdown(report_data(resolve(loaded), plan), charts="none").text
-
-
-def _curve_svg(data: ReportData, draw: Any) -> str:
-    svg: str = draw(
-        data.plan,
-        data.length_curves,
-        data.source.max_length,
-        data.source.model_max_positions,
-        data.common_gpu_sizes_gib,
-    )
-    return svg
 
 
 def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
