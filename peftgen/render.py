@@ -223,10 +223,22 @@ class RewardFunc:
     function: str | None = None
 
 
-def _dataset_source(path: str) -> tuple[str | None, str]:
-    """(loader, path): the ``datasets`` builder for a local file, or None for a hub id."""
-    suffix = Path(path).suffix.lower()
-    return LOCAL_DATA_LOADERS.get(suffix), path
+def _dataset_loader(loaded: LoadedSpec) -> str | None:
+    """The ``datasets`` builder for a local file (json, csv, parquet), or None for a hub id.
+
+    A single local file loads as one split named ``train``; any other split would fail at
+    run time, so it fails here.
+    """
+    dataset = loaded.spec.dataset
+    loader = LOCAL_DATA_LOADERS.get(Path(dataset.path).suffix.lower())
+    if loader is not None and dataset.split != "train":
+        raise UserError.single(
+            f"a local file has one split, `train`; got {dataset.split!r} "
+            "(hold out evaluation rows with dataset.eval_fraction)",
+            file=str(loaded.path),
+            field_path="dataset.split",
+        )
+    return loader
 
 
 def _reward_funcs(spec: GrpoRunSpec) -> list[RewardFunc]:
@@ -328,7 +340,7 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
     precision = candidate.precision
     bf16 = plan.gpu.bf16
     compute_dtype = "bfloat16" if bf16 else "float16"
-    loader, data_path = _dataset_source(spec.dataset.path)
+    loader = _dataset_loader(loaded)
     training = spec.training
     # bitsandbytes: k-bit loading, or an 8-bit / paged optimizer.
     uses_bnb = (
@@ -361,7 +373,7 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
             if name != "bitsandbytes" or uses_bnb
         },
         "data_loader": loader,
-        "data_path": data_path,
+        "data_path": spec.dataset.path,
         "modules_to_save": _modules_to_save(spec),
         "chatml_template": CHATML_TEMPLATE,
         "chatml_tokens": list(CHATML_SPECIAL_TOKENS),

@@ -403,3 +403,12 @@ def test_emit_refuses_when_nothing_fits_unless_forced(
     forced = capsys.readouterr().out
     ast.parse(forced)
     assert "does NOT fit" in forced
+
+
+def test_local_file_with_another_split_is_refused(tmp_path: Path) -> None:
+    path = _spec(tmp_path)
+    path.write_text(
+        path.read_text().replace("  format: messages\n", "  format: messages\n  split: test\n")
+    )
+    with pytest.raises(UserError, match=r"dataset\.split"):
+        _render(path)
