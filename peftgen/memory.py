@@ -29,7 +29,13 @@ GIB = 2**30
 LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
 Method = Literal["sft", "dpo", "grpo"]
 AdapterDtype = Literal["bf16", "fp16", "fp32"]
-LossPath = Literal["fused_lm_head", "full_logits_fp32", "chunked_logits"]
+LossPath = Literal[
+    "fused_lm_head",
+    "full_logits_fp32",
+    "full_logits_fp32_shifted",
+    "chunked_logits_fp32",
+    "chunked_logits_bf16",
+]
 
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -72,10 +78,14 @@ class StackProfile:
     loss_path: LossPath = "fused_lm_head"
     """``fused_lm_head``: trl 1.16 SFT/DPO/GRPO score tokens through tiled log-probs
     (trl/trainer/utils.py:1548, sft_trainer.py:1144, dpo_trainer.py:960,
-    grpo_trainer.py:1068); ``full_logits_fp32``: a plain ``model(labels=...)`` loss
-    (bf16 logits + fp32 upcast + fp32 log-softmax, transformers loss_utils);
-    ``chunked_logits``: litgpt/torchtune chunked cross-entropy (bf16 logits kept, fp32
-    log-softmax per chunk saved for backward)."""
+    grpo_trainer.py:1068). ``full_logits_fp32``: a plain ``model(labels=...)`` loss in
+    transformers 5 (compute-dtype logits, their fp32 upcast, the fp32 log-softmax saved for
+    backward: 10 B per token x vocabulary entry), also torchtune 2024's ``.float()`` output.
+    ``full_logits_fp32_shifted``: transformers < 4.45 also made a contiguous fp32 copy of
+    the shifted logits (14 B). ``chunked_logits_fp32``: torchtune >= 0.3's
+    ``CEWithChunkedOutputLoss`` (bf16 output chunks, each upcast to fp32 whose log-softmax
+    is saved: 6 B). ``chunked_logits_bf16``: litgpt's chunked cross-entropy on bf16 logit
+    chunks (logits + bf16 log-softmax, 4 B)."""
     quantized_adapter_dtype: AdapterDtype = "bf16"
     """trl 1.16 casts trainable params (not DoRA magnitudes) of 8/4-bit models to bf16
     (sft_trainer.py:906-911, dpo_trainer.py:726-729, grpo_trainer.py:538-541)."""
@@ -88,12 +98,13 @@ class StackProfile:
     it (only experimental ORPO/CPO do); older trl and most QLoRA scripts did."""
     norm_saves_fp32_input: bool = True
     """HF RMSNorm upcasts its input to fp32 and ``pow`` saves it for backward."""
-    checkpoint_saves_layer_input_only: bool = True
-    """Non-reentrant checkpointing (transformers modeling_utils.py:3158 default
-    ``use_reentrant=False``) keeps only each decoder layer's input."""
-    lora_input_copies: bool = True
+    lora_input_copy_per_module: bool = True
     """peft casts the LoRA input to the adapter dtype (peft/tuners/lora/layer.py:1100) and
-    applies a per-module dropout: each adapted linear saves its own copy of its input."""
+    applies a per-module dropout: each adapted linear saves its own copy of its input.
+    False: one copy per shared input (litgpt's LoRA on its fused qkv projection)."""
+    bnb_4bit_saves_input: bool = False
+    """bitsandbytes < 0.43 ``MatMul4Bit`` saved its input A for backward even for frozen
+    weights; 0.50.2 keeps ``(None, B)`` (bitsandbytes/autograd/_functions.py:357)."""
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES
 
 
@@ -465,18 +476,34 @@ def bnb_state_bytes(numel: int, states: int, bits: int) -> int:
 
 
 def optimizer_state_bytes(inputs: EstimateInput) -> int:
-    """Optimizer state plus the step's temporaries, for the trainable tensors.
+    """Optimizer state for the trainable tensors (paged states: ``managed_optimizer_bytes``).
 
-    torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; its default
-    foreach step allocates one more parameter-sized tensor (``_foreach_sqrt`` of
-    exp_avg_sq), the fused step none. bitsandbytes keeps 8- or 32-bit states whatever
-    the parameter dtype. transformers' Adafactor (beta1=None) keeps factored fp32 row and
-    column second moments and upcasts each gradient to fp32 in turn. SGD without momentum
-    keeps nothing. Paged states are counted by ``managed_optimizer_bytes`` instead.
+    torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; bitsandbytes keeps
+    8- or 32-bit states whatever the parameter dtype; transformers' Adafactor
+    (beta1=None) keeps factored fp32 row and column second moments; SGD without momentum
+    keeps nothing.
     """
     if inputs.optim in PAGED_OPTIMIZERS:
         return 0
     return _optimizer_bytes_unpaged(inputs)
+
+
+def optimizer_step_temporary_bytes(inputs: EstimateInput) -> int:
+    """Tensors the optimizer step allocates and frees, on top of its state.
+
+    torch's default foreach AdamW allocates one parameter-sized tensor (``_foreach_sqrt``
+    of exp_avg_sq); the fused step and bitsandbytes' kernels update in place;
+    Adafactor upcasts each gradient to fp32 and squares it, one tensor at a time. The
+    step runs after the last backward, when activations are freed, so these only matter
+    when they exceed the activations (see ``estimate``).
+    """
+    tensors = trainable_tensors(inputs)
+    optim = inputs.optim.removeprefix("paged_")
+    if optim == "adamw_torch":
+        return sum(size * n for size, n in tensors.numel_by_bytes.items())
+    if optim == "adafactor":
+        return 2 * 4 * max(tensors.tensor_numels, default=0)
+    return 0
 
 
 def managed_optimizer_bytes(inputs: EstimateInput) -> int:
@@ -492,9 +519,7 @@ def _optimizer_bytes_unpaged(inputs: EstimateInput) -> int:
     optim = inputs.optim.removeprefix("paged_")
     numels = tensors.tensor_numels
     param_bytes = sum(size * n for size, n in tensors.numel_by_bytes.items())
-    if optim == "adamw_torch":
-        return 2 * param_bytes + param_bytes
-    if optim == "adamw_torch_fused":
+    if optim in ("adamw_torch", "adamw_torch_fused"):
         return 2 * param_bytes
     if optim in ("adamw_8bit", "adamw_bnb_8bit"):
         return sum(bnb_state_bytes(n, 2, 8) for n in numels)
@@ -505,9 +530,7 @@ def _optimizer_bytes_unpaged(inputs: EstimateInput) -> int:
     if optim == "lion_32bit":
         return sum(bnb_state_bytes(n, 1, 32) for n in numels)
     if optim == "adafactor":
-        factored = sum(4 * (r + c) if c > 1 else 4 * r for r, c in tensors.tensor_shapes)
-        largest_temp = 2 * 4 * max(numels, default=0)
-        return factored + largest_temp
+        return sum(4 * (r + c) if c > 1 else 4 * r for r, c in tensors.tensor_shapes)
     if optim == "sgd":
         return 0
     raise ValueError(f"optimizer {inputs.optim!r} is not modelled")
@@ -583,18 +606,19 @@ def lora_saved_input_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
     total = 0
     for width, members in _input_groups(inputs):
         adapted = [m for m in members if m.name in wrapped]
-        share_input = inputs.precision == "8bit"
+        share_input = inputs.precision == "8bit" or (
+            inputs.precision == "4bit" and inputs.stack.bnb_4bit_saves_input
+        )
         per_module = 0
-        if adapted and inputs.stack.lora_input_copies:
+        if adapted:
             if inputs.lora_dropout > 0:
                 per_module = 3
             elif fp32_adapters:
                 per_module = compute
             else:
                 share_input = True
-        elif adapted:
-            share_input = True
-        total += len(adapted) * per_module * tokens * width
+        copies = len(adapted) if inputs.stack.lora_input_copy_per_module else min(len(adapted), 1)
+        total += copies * per_module * tokens * width
         if share_input:
             total += compute * tokens * width
         for module in adapted:
@@ -675,50 +699,97 @@ def dequantized_weight_transient_bytes(inputs: EstimateInput) -> int:
     return DTYPE_BYTES[inputs.compute_dtype] * largest
 
 
-def activation_bytes(inputs: EstimateInput) -> int:
-    """Activations alive at the peak of one micro-batch's forward + backward.
+def kept_activation_bytes(inputs: EstimateInput) -> int:
+    """Activations saved across the whole forward, alive when backward starts.
 
-    Without checkpointing every layer's saved tensors live until its backward. With
-    (non-reentrant) checkpointing only each layer's input (``T x hidden`` in the compute
-    dtype) is kept, and one layer at a time is recomputed in full during backward. The
-    embedding output, the backward transient and the final norm's fp32 input are added
-    in both cases.
+    Without checkpointing every layer's saved tensors (plus the embedding output). With
+    (non-reentrant) checkpointing only each layer's input, ``T x hidden`` in the compute
+    dtype. Both keep the final norm's fp32 input.
     """
     c = inputs.arch.config
     tokens = tokens_per_micro_batch(inputs)
-    compute = DTYPE_BYTES[inputs.compute_dtype]
-    layer = layer_saved_activation_bytes(inputs, tokens)
-    hidden = compute * tokens * c.hidden_size
+    hidden = DTYPE_BYTES[inputs.compute_dtype] * tokens * c.hidden_size
     if inputs.gradient_checkpointing:
-        kept = c.num_hidden_layers * hidden + layer
+        kept = c.num_hidden_layers * (hidden + int8_inputs_outside_checkpoint_bytes(inputs, tokens))
     else:
-        kept = c.num_hidden_layers * layer + hidden
-    final_norm = 4 * tokens * c.hidden_size
-    return kept + final_norm + backward_transient_bytes(inputs, tokens)
+        kept = c.num_hidden_layers * layer_saved_activation_bytes(inputs, tokens) + hidden
+    return kept + 4 * tokens * c.hidden_size
+
+
+def int8_inputs_outside_checkpoint_bytes(inputs: EstimateInput, tokens: int) -> int:
+    """Inputs of one layer's LLM.int8 linears that survive activation checkpointing.
+
+    ``MatMul8bitLt`` keeps its input on ``ctx.tensors`` (bitsandbytes
+    autograd/_functions.py:186), not through ``save_for_backward``, so checkpointing's
+    saved-tensor hooks never see it: every 8-bit layer's inputs stay alive through the
+    forward even with gradient checkpointing on. One tensor per shared input.
+    """
+    if inputs.precision != "8bit":
+        return 0
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    return sum(compute * tokens * width for width, _ in _input_groups(inputs))
+
+
+def backward_layer_bytes(inputs: EstimateInput) -> int:
+    """What one layer's backward adds to the kept activations: its recomputed forward
+    (checkpointing only) and the backward's transients. The LM head's backward runs
+    before any layer's, and has finished by then."""
+    tokens = tokens_per_micro_batch(inputs)
+    transient = backward_transient_bytes(inputs, tokens)
+    if inputs.gradient_checkpointing:
+        return layer_saved_activation_bytes(inputs, tokens) + transient
+    return transient
+
+
+def activation_bytes(inputs: EstimateInput) -> int:
+    """Activations at the worst moment of the decoder layers' backward."""
+    return kept_activation_bytes(inputs) + backward_layer_bytes(inputs)
+
+
+def train_step_peak_parts(inputs: EstimateInput) -> tuple[int, int]:
+    """(activation, logits) bytes at the training step's peak.
+
+    Two moments compete: the LM head and loss (forward end / backward start: the kept
+    activations plus ``logits_bytes``) and a decoder layer's backward (the kept
+    activations plus ``backward_layer_bytes``; the head's tensors are freed by then).
+    """
+    kept = kept_activation_bytes(inputs)
+    head = logits_bytes(inputs)
+    layer = backward_layer_bytes(inputs)
+    if head >= layer:
+        return kept, head
+    return kept + layer, 0
 
 
 # --------------------------------------------------------------------------- logits / loss
 
 
+FULL_LOGITS_BYTES_PER_ENTRY = {
+    "full_logits_fp32": 2 + 4 + 4,
+    "full_logits_fp32_shifted": 2 + 4 + 4 + 4,
+    "chunked_logits_fp32": 2 + 4,
+    "chunked_logits_bf16": 2 + 2,
+}
+"""Bytes alive per (token x vocabulary entry) at the loss's peak, per full-logits path."""
+
+
 def logits_bytes(inputs: EstimateInput) -> int:
     """The LM head and loss at their peak, per the stack's loss path.
 
-    ``fused_lm_head`` (trl 1.16): the compact hidden states (one copy), two
-    [4096 x 32768] compute-dtype tiles (forward buffer and backward tile), the fp32
+    ``fused_lm_head`` (trl 1.16): the compact hidden states (one copy), one
+    [4096 x 32768] compute-dtype tile (forward's buffer, freed before backward allocates
+    its own; the Triton kernels fold each tile in place), the fp32
     gradient of the hidden states and a handful of fp32 per-token statistics
-    (trl/kernels/chunked_logprob.py:340-349, 406-415). ``full_logits_fp32``: bf16 logits,
-    their fp32 upcast and the fp32 log-softmax (10 B per token x vocab entry).
-    ``chunked_logits``: bf16 logits plus fp32 log-softmax saved per chunk (6 B).
+    (trl/kernels/chunked_logprob.py:340-349, 406-415). The full-logits paths cost their
+    bytes per token x vocabulary entry (``StackProfile.loss_path``).
     """
     c = inputs.arch.config
     tokens = tokens_per_micro_batch(inputs)
     compute = DTYPE_BYTES[inputs.compute_dtype]
-    if inputs.stack.loss_path == "full_logits_fp32":
-        return 10 * tokens * c.vocab_size
-    if inputs.stack.loss_path == "chunked_logits":
-        return 6 * tokens * c.vocab_size
+    if inputs.stack.loss_path in FULL_LOGITS_BYTES_PER_ENTRY:
+        return FULL_LOGITS_BYTES_PER_ENTRY[inputs.stack.loss_path] * tokens * c.vocab_size
     tile = compute * min(tokens, FUSED_HEAD_TOKEN_TILE) * min(c.vocab_size, FUSED_HEAD_VOCAB_TILE)
-    return compute * tokens * c.hidden_size + 2 * tile + 4 * tokens * c.hidden_size + 8 * 4 * tokens
+    return compute * tokens * c.hidden_size + tile + 4 * tokens * c.hidden_size + 8 * 4 * tokens
 
 
 # --------------------------------------------------------------------------- GRPO generation
@@ -771,21 +842,22 @@ def estimate(inputs: EstimateInput) -> Estimate:
 
     Parameters, gradients and optimizer state coexist with a micro-batch's activations
     from the second optimizer step on (gradients survive across accumulation steps), so
-    the peak is their sum. GRPO's peak is the larger of its generation phase (no gradients:
-    trainer zeroes them to None after each step) and its training phase.
+    the peak is their sum; the optimizer step's temporaries replace the (then freed)
+    activations when they are larger. GRPO's peak is the larger of its generation phase
+    (no gradients: the trainer sets them to None after each step) and its training phase.
     """
     weights = weights_bytes(inputs)
     adapter = adapter_bytes(inputs)
     gradient = gradient_bytes(inputs)
     optimizer = optimizer_state_bytes(inputs)
-    activation = activation_bytes(inputs)
-    logits = logits_bytes(inputs)
+    activation, logits = train_step_peak_parts(inputs)
     phase = "train"
     if inputs.method == "grpo":
         generation = grpo_generation_bytes(inputs)
         if generation > gradient + activation + logits:
             phase = "generation"
             gradient, activation, logits = 0, generation, 0
+    optimizer += max(0, optimizer_step_temporary_bytes(inputs) - (activation + logits))
     persistent = weights + adapter + gradient + optimizer
     overhead = overhead_bytes(persistent, activation + logits, inputs.stack)
     allocated = persistent + activation + logits

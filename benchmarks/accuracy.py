@@ -1,0 +1,297 @@
+"""Reproduce the published peak-memory measurements (``shared/calibration/published.md``).
+
+Every row the estimator covers is rebuilt as an ``EstimateInput`` with the row's own
+configuration and the *mechanisms of the stack it ran on*, selected through
+``peftgen.memory.StackProfile`` switches (loss path, adapter dtype, fp32 upcasts, what
+bitsandbytes saved for backward, how LoRA dropout copies its input). The profiles below are
+chosen from what each framework/version does, never tuned to a row; the pinned stack is
+``StackProfile()``.
+
+Metrics: ``alloc`` rows are compared with ``peak_allocated_bytes``; ``resv`` rows with
+``torch_reserved_bytes`` (``torch.cuda.max_memory_reserved``: no CUDA context); ``weights``
+rows with the weights term; ``fit`` rows (T4 fit / OOM) with ``peak_reserved_bytes``
+(CUDA context included) against the card's memory.
+
+    python benchmarks/accuracy.py            # table, median / max |error|
+    python benchmarks/accuracy.py --markdown # the table for docs/plan.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from peftgen.catalog import ArchConfig, ModelArch, find_gpu, find_model
+from peftgen.memory import Estimate, EstimateInput, StackProfile, estimate
+
+GB = 10**9
+GIB = 2**30
+
+Metric = Literal["alloc", "resv", "weights"]
+
+# ----------------------------------------------------------------------------- stacks
+
+LITGPT_2023 = StackProfile(
+    name="litgpt 2023 (bf16-true, bnb 0.41)",
+    # finetune/lora.py: logits in lm_head chunks of 128, cross-entropy on the bf16 chunks.
+    loss_path="chunked_logits_bf16",
+    # bf16-true precision: every parameter, LoRA included, is bf16.
+    quantized_adapter_dtype="bf16",
+    unquantized_adapter_dtype="bf16",
+    # LoRAQKVLinear: one dropout on the fused qkv input, shared by the q and v adapters.
+    lora_input_copy_per_module=False,
+    # bitsandbytes 0.41 MatMul4Bit saved its input for backward.
+    bnb_4bit_saves_input=True,
+)
+TORCHTUNE_2024 = StackProfile(
+    name="torchtune early 2024 (output .float(), torchao NF4)",
+    # TransformerDecoder returned ``self.output(h).float()``; CrossEntropyLoss on it.
+    loss_path="full_logits_fp32",
+    # LoRA parameters in the model dtype (bf16 recipes).
+    quantized_adapter_dtype="bf16",
+    unquantized_adapter_dtype="bf16",
+    # torchao's linear_nf4 saves no input (only the weight is needed for grad_input).
+    bnb_4bit_saves_input=False,
+)
+TORCHTUNE_0_3 = replace(
+    TORCHTUNE_2024,
+    name="torchtune 0.3 (CEWithChunkedOutputLoss)",
+    loss_path="chunked_logits_fp32",
+)
+HF_2023 = StackProfile(
+    name="HF 2023 (transformers 4.30, peft 0.4, bnb 0.39)",
+    # LlamaForCausalLM: logits.float(), then a contiguous shifted copy, then CE.
+    loss_path="full_logits_fp32_shifted",
+    # peft created LoRA layers in fp32 and trainers did not cast them.
+    quantized_adapter_dtype="fp32",
+    unquantized_adapter_dtype="fp32",
+    # prepare_model_for_kbit_training (the blog's notebook) upcast norms, embeddings, head.
+    upcast_unquantized_to_fp32=True,
+    bnb_4bit_saves_input=True,
+)
+HF_FSDP_QLORA_2024 = StackProfile(
+    name="HF Mar 2024 (fsdp_qlora: transformers 4.38, bnb 0.43, pure bf16)",
+    loss_path="full_logits_fp32_shifted",
+    # --precision bf16: the whole model, LoRA included, cast to bf16.
+    quantized_adapter_dtype="bf16",
+    unquantized_adapter_dtype="bf16",
+    bnb_4bit_saves_input=True,
+)
+HF_PEFT_2025 = StackProfile(
+    name="HF 2025 (peft method comparison: transformers 4.5x, fp32 adapters)",
+    # model(**batch) with labels: transformers >= 4.46 pads labels, no shifted copy.
+    loss_path="full_logits_fp32",
+)
+
+# ----------------------------------------------------------------------------- models
+
+
+def catalogued(model_id: str) -> ModelArch:
+    arch = find_model(model_id)
+    if arch is None:
+        raise SystemExit(f"{model_id} left the catalogue")
+    return arch
+
+
+LLAMA2_7B = catalogued("meta-llama/Llama-2-7b-hf")
+LLAMA2_13B = catalogued("meta-llama/Llama-2-13b-hf")
+LLAMA3_8B = catalogued("meta-llama/Meta-Llama-3-8B")
+LLAMA31_8B = catalogued("meta-llama/Llama-3.1-8B")
+LLAMA32_3B = catalogued("meta-llama/Llama-3.2-3B")
+# Not in the catalogue (no fine-tuning target): meta-llama/Llama-2-70b-hf config.json.
+LLAMA2_70B = ModelArch(
+    id="meta-llama/Llama-2-70b-hf",
+    display_name="Llama 2 70B",
+    source="meta-llama/Llama-2-70b-hf config.json",
+    config=ArchConfig(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    ),
+)
+
+ALPACA_LONGEST = 1304
+"""Longest Alpaca sample under the Llama-2 tokenizer (litgpt's resource table). Unpacked
+batches pad to their longest row, so the peak batch holds rows of this length. The
+torchtune Alpaca rows reuse it (their own longest sample is not published)."""
+
+QV = ("q_proj", "v_proj")
+ALL_BUT_O = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+QVO_MLP = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One published number and the estimate of the same run."""
+
+    label: str
+    framework: str
+    what: str
+    inputs: EstimateInput
+    measured_bytes: int
+    metric: Metric
+    note: str = ""
+
+    def predicted_bytes(self) -> int:
+        result: Estimate = estimate(self.inputs)
+        if self.metric == "alloc":
+            return result.peak_allocated_bytes
+        if self.metric == "resv":
+            return result.torch_reserved_bytes
+        return result.weights_bytes
+
+    def error(self) -> float:
+        return (self.predicted_bytes() - self.measured_bytes) / self.measured_bytes
+
+
+def lora(arch: ModelArch, stack: StackProfile, **kwargs: object) -> EstimateInput:
+    """Defaults shared by the published LoRA runs: SFT, bf16 compute, no checkpointing."""
+    base: dict[str, object] = {
+        "arch": arch,
+        "precision": "bf16",
+        "lora_r": 8,
+        "target_modules": QV,
+        "lora_dropout": 0.05,
+        "micro_batch": 1,
+        "max_length": ALPACA_LONGEST,
+        "gradient_checkpointing": False,
+        "optim": "adamw_torch",
+        "stack": stack,
+    }
+    base.update(kwargs)
+    return EstimateInput(**base)  # type: ignore[arg-type]
+
+
+def weights_only(arch: ModelArch, precision: str, double_quant: bool = False) -> EstimateInput:
+    return EstimateInput(
+        arch=arch,
+        precision=precision,  # type: ignore[arg-type]
+        bnb_4bit_use_double_quant=double_quant,
+        stack=LITGPT_2023,
+    )
+
+
+def published_rows() -> list[Row]:
+    """Every row of published.md the estimator covers, with the row's mechanisms."""
+    lit, tt, tt3 = LITGPT_2023, TORCHTUNE_2024, TORCHTUNE_0_3
+    rows = [
+        Row("1", "litgpt", "Llama-2-7B LoRA r8 q,v mbs1", lora(LLAMA2_7B, lit), int(21.30 * GB), "alloc"),
+        Row("2", "litgpt", "Llama-2-7B LoRA r8 q,v mbs2", lora(LLAMA2_7B, lit, micro_batch=2), int(29.07 * GB), "alloc"),
+        Row("3a", "litgpt", "Llama-2-7B QLoRA nf4, paged AdamW", lora(LLAMA2_7B, lit, precision="4bit", bnb_4bit_use_double_quant=False, optim="paged_adamw_32bit"), int(14.14 * GB), "alloc"),
+        Row("3b", "litgpt", "Llama-2-7B QLoRA nf4+DQ, paged AdamW", lora(LLAMA2_7B, lit, precision="4bit", bnb_4bit_use_double_quant=True, optim="paged_adamw_32bit"), int(13.84 * GB), "alloc"),
+        Row("4a", "litgpt", "Llama-2-13B LoRA r8 q,v", lora(LLAMA2_13B, lit), int(38.12 * GB), "alloc"),
+        Row("4b", "litgpt", "Llama-2-13B QLoRA nf4", lora(LLAMA2_13B, lit, precision="4bit", bnb_4bit_use_double_quant=False, optim="paged_adamw_32bit"), int(23.14 * GB), "alloc"),
+        Row("4c", "litgpt", "Llama-2-13B QLoRA nf4+DQ", lora(LLAMA2_13B, lit, precision="4bit", bnb_4bit_use_double_quant=True, optim="paged_adamw_32bit"), int(22.55 * GB), "alloc"),
+        Row("7a", "litgpt", "Llama-2-7B weights bf16", weights_only(LLAMA2_7B, "bf16"), int(13.52 * GB), "weights"),
+        Row("7b", "litgpt", "Llama-2-7B weights nf4", weights_only(LLAMA2_7B, "4bit"), int(4.57 * GB), "weights"),
+        Row("7c", "litgpt", "Llama-2-7B weights nf4+DQ", weights_only(LLAMA2_7B, "4bit", True), int(4.26 * GB), "weights"),
+        Row("7d", "litgpt", "Llama-2-13B weights bf16", weights_only(LLAMA2_13B, "bf16"), int(26.21 * GB), "weights"),
+        Row("7e", "litgpt", "Llama-2-13B weights nf4", weights_only(LLAMA2_13B, "4bit"), int(8.32 * GB), "weights"),
+        Row("7f", "litgpt", "Llama-2-13B weights nf4+DQ", weights_only(LLAMA2_13B, "4bit", True), int(7.72 * GB), "weights"),
+        Row("7g", "litgpt", "Llama-2-70B weights nf4+DQ", weights_only(LLAMA2_70B, "4bit", True), int(37.21 * GB), "weights"),
+        Row("8", "torchtune", "Llama-2-7B QLoRA r8 all linear, mbs2, GC", lora(LLAMA2_7B, tt, precision="4bit", bnb_4bit_use_double_quant=True, target_modules="all-linear", micro_batch=2, gradient_checkpointing=True), int(9.29 * GB), "resv", "sequence length assumed (Alpaca longest)"),
+        Row("9", "torchtune", "Llama-2-7B LoRA r8 q,v, mbs2, GC", lora(LLAMA2_7B, tt, micro_batch=2, gradient_checkpointing=True), int(15.57 * GB), "resv", "sequence length assumed (Alpaca longest)"),
+        Row("10", "torchtune", "Llama-3-8B LoRA r8 q,v, mbs2, GC", lora(LLAMA3_8B, tt, micro_batch=2, gradient_checkpointing=True), int(18.5 * GB), "alloc", "sequence length assumed; 'torch stats' read as allocated"),
+        Row("11a", "torchtune", "Llama-3.1-8B QLoRA r8 qvo+MLP, packed 2048, mbs2, GC", lora(LLAMA31_8B, tt3, precision="4bit", bnb_4bit_use_double_quant=True, target_modules=QVO_MLP, micro_batch=2, max_length=2048, gradient_checkpointing=True), int(7.4 * GIB), "alloc", "'torch stats' read as allocated"),
+        Row("11b", "torchtune", "Llama-3.1-8B LoRA r8 qvo+MLP, packed 2048, mbs2, GC", lora(LLAMA31_8B, tt3, target_modules=QVO_MLP, micro_batch=2, max_length=2048, gradient_checkpointing=True), int(16.2 * GIB), "alloc", "'torch stats' read as allocated"),
+        Row("12a", "HF+peft", "Llama-3.2-3B LoRA r32 q,v, mbs4, <=768", lora(LLAMA32_3B, HF_PEFT_2025, lora_r=32, lora_dropout=0.0, micro_batch=4, max_length=768), int(22.27 * GB), "resv", "eval generation (batch 50) shares the process"),
+        Row("12b", "HF+peft", "Llama-3.2-3B LoRA r64 q,v, mbs4, <=768", lora(LLAMA32_3B, HF_PEFT_2025, lora_r=64, lora_dropout=0.0, micro_batch=4, max_length=768), int(22.55 * GB), "resv", "eval generation (batch 50) shares the process"),
+        Row("13a", "HF+peft", "Llama-3.2-3B DoRA r32 q,v, mbs4, <=768", lora(LLAMA32_3B, HF_PEFT_2025, lora_r=32, lora_dropout=0.0, use_dora=True, micro_batch=4, max_length=768), int(24.53 * GB), "resv", "eval generation (batch 50) shares the process"),
+        Row("13b", "HF+peft", "Llama-3.2-3B LoRA r10 MLP, mbs4, <=768", lora(LLAMA32_3B, HF_PEFT_2025, lora_r=10, lora_dropout=0.0, target_modules=("gate_proj", "up_proj", "down_proj"), micro_batch=4, max_length=768), int(24.70 * GB), "resv", "eval generation (batch 50) shares the process"),
+        Row("14", "HF+bnb", "Llama-2-7B QLoRA r64 all but o, 2048, mbs8, GC", lora(LLAMA2_7B, HF_FSDP_QLORA_2024, precision="4bit", bnb_4bit_use_double_quant=False, lora_r=64, lora_dropout=0.1, target_modules=ALL_BUT_O, micro_batch=8, max_length=2048, gradient_checkpointing=True), int(20.94 * GIB), "resv"),
+        Row("15", "HF+bnb", "Llama-2-7B LoRA r64 all but o, 2048, mbs4, GC", lora(LLAMA2_7B, HF_FSDP_QLORA_2024, lora_r=64, lora_dropout=0.1, target_modules=ALL_BUT_O, micro_batch=4, max_length=2048, gradient_checkpointing=True), int(22.04 * GIB), "resv"),
+    ]
+    return rows
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """A published fit / OOM observation on a given card."""
+
+    label: str
+    what: str
+    inputs: EstimateInput
+    fits: bool
+
+
+def fit_rows() -> list[FitRow]:
+    """Row 17: the HF 4-bit blog's T4 experiments (batch 1, LoRA r8 q,v, fp16 compute)."""
+    t4 = dict(stack=HF_2023, compute_dtype="fp16", lora_dropout=0.05)
+    return [
+        FitRow("17a", "LLaMA-7B int8 + GC, 512", lora(LLAMA2_7B, precision="8bit", max_length=512, gradient_checkpointing=True, **t4), True),  # type: ignore[arg-type]
+        FitRow("17b", "LLaMA-7B int8 + GC, 1024", lora(LLAMA2_7B, precision="8bit", max_length=1024, gradient_checkpointing=True, **t4), False),  # type: ignore[arg-type]
+        FitRow("17c", "LLaMA-7B nf4 no GC, 1024", lora(LLAMA2_7B, precision="4bit", bnb_4bit_use_double_quant=False, max_length=1024, **t4), False),  # type: ignore[arg-type]
+        FitRow("17d", "LLaMA-7B nf4 + GC, 1024", lora(LLAMA2_7B, precision="4bit", bnb_4bit_use_double_quant=False, max_length=1024, gradient_checkpointing=True, **t4), True),  # type: ignore[arg-type]
+        FitRow("17e", "LLaMA-13B nf4 + GC, 1024", lora(LLAMA2_13B, precision="4bit", bnb_4bit_use_double_quant=False, max_length=1024, gradient_checkpointing=True, **t4), False),  # type: ignore[arg-type]
+        FitRow("17f", "LLaMA-13B nf4+DQ + GC, 1024", lora(LLAMA2_13B, precision="4bit", bnb_4bit_use_double_quant=True, max_length=1024, gradient_checkpointing=True, **t4), True),  # type: ignore[arg-type]
+    ]
+
+
+NOT_COVERED = [
+    ("5", "StableLM-alpha-3B (GPT-NeoX): architecture not modelled by the catalogue"),
+    ("6", "phi-1.5 (phi): architecture not modelled by the catalogue"),
+    ("13c", "full fine-tune: peftgen plans LoRA only"),
+    ("16", "FSDP over 2 GPUs: multi-GPU sharding is issue 8"),
+    ("18", "QLoRA paper accounting: its terms have no stated metric or configuration"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args()
+    rows = published_rows()
+    errors = [abs(row.error()) for row in rows]
+    if args.markdown:
+        print("| row | framework | run | metric | measured GB | predicted GB | error | stack profile |")
+        print("|---|---|---|---|---:|---:|---:|---|")
+    for row in rows:
+        measured, predicted = row.measured_bytes / GB, row.predicted_bytes() / GB
+        if args.markdown:
+            print(
+                f"| {row.label} | {row.framework} | {row.what} | {row.metric} | {measured:.2f} "
+                f"| {predicted:.2f} | {100 * row.error():+.1f} % | {row.inputs.stack.name} |"
+            )
+        else:
+            print(
+                f"{row.label:>4} {row.framework:<9} {row.what:<52} {row.metric:<7} "
+                f"measured {measured:6.2f} GB  predicted {predicted:6.2f} GB  "
+                f"{100 * row.error():+6.1f} %  {row.note}"
+            )
+    print()
+    print(
+        f"{len(rows)} rows: median |error| {100 * statistics.median(errors):.1f} %, "
+        f"max |error| {100 * max(errors):.1f} %"
+    )
+    t4 = find_gpu("t4")
+    assert t4 is not None
+    print()
+    print(f"fit / OOM on {t4.name} ({t4.memory_bytes / GB:.2f} GB), row 17:")
+    agree = 0
+    for fit in fit_rows():
+        peak = estimate(fit.inputs).peak_reserved_bytes
+        predicted_fit = peak <= t4.memory_bytes
+        agree += predicted_fit == fit.fits
+        print(
+            f"  {fit.label} {fit.what:<30} published {'fits' if fit.fits else 'OOM ':<4}  "
+            f"predicted peak {peak / GB:5.2f} GB -> {'fits' if predicted_fit else 'OOM'}"
+        )
+    print(f"  {agree} of {len(fit_rows())} fit/OOM outcomes agree")
+    print()
+    print("not covered:")
+    for label, reason in NOT_COVERED:
+        print(f"  {label}: {reason}")
+
+
+if __name__ == "__main__":
+    main()
