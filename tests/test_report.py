@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
 from peftgen.cli import main
@@ -473,3 +475,20 @@ def test_plan_markdown_matches_the_report_tables() -> None:
     plan_md = render_plan_markdown(plan, loaded)
     full_md = render_markdown(report_data(resolved, plan), charts="files").text
     assert markdown_tables(plan_md) == markdown_tables(full_md)
+
+
+@given(st.text())
+def test_markdown_text_cannot_break_out(text: str) -> None:
+    escaped = markdown_text(text)
+    assert re.search(r"(?<!\\)[|<>`*_\[\]]", escaped.replace("\\\\", "")) is None
+    assert markdown_unescape(escaped) == text.replace("\n", " ")
+
+
+@given(st.text())
+def test_markdown_code_holds_any_text(text: str) -> None:
+    span = markdown_code(text)
+    fence = re.match(r"`+", span)
+    assert fence is not None and span.endswith(fence.group(0))
+    inner = span[len(fence.group(0)) : -len(fence.group(0))]
+    assert fence.group(0) not in inner
+    assert "|" not in inner.replace("\\|", "")
