@@ -141,7 +141,8 @@ def identifier(name: str) -> str:
 def comment_text(text: object) -> str:
     """Text for a ``#`` comment or the docstring: one line, no quotes that end a docstring."""
     flat = " ".join(str(text).split())
-    return flat.replace("\\", "/").replace('"""', "'''")
+    printable = "".join(char if char.isprintable() else "?" for char in flat)
+    return printable.replace("\\", "/").replace('"""', "'''")
 
 
 def wrap_comment(text: object, indent: int = 0, width: int = 100) -> str:
