@@ -185,31 +185,303 @@ def published_rows() -> list[Row]:
     """Every row of published.md the estimator covers, with the row's mechanisms."""
     lit, tt, tt3 = LITGPT_2023, TORCHTUNE_2024, TORCHTUNE_0_3
     rows = [
-        Row("1", "litgpt", "Llama-2-7B LoRA r8 q,v mbs1", lora(LLAMA2_7B, lit), int(21.30 * GB), "alloc"),
-        Row("2", "litgpt", "Llama-2-7B LoRA r8 q,v mbs2", lora(LLAMA2_7B, lit, micro_batch=2), int(29.07 * GB), "alloc"),
-        Row("3a", "litgpt", "Llama-2-7B QLoRA nf4, paged AdamW", lora(LLAMA2_7B, lit, precision="4bit", bnb_4bit_use_double_quant=False, optim="paged_adamw_32bit"), int(14.14 * GB), "alloc"),
-        Row("3b", "litgpt", "Llama-2-7B QLoRA nf4+DQ, paged AdamW", lora(LLAMA2_7B, lit, precision="4bit", bnb_4bit_use_double_quant=True, optim="paged_adamw_32bit"), int(13.84 * GB), "alloc"),
-        Row("4a", "litgpt", "Llama-2-13B LoRA r8 q,v", lora(LLAMA2_13B, lit), int(38.12 * GB), "alloc"),
-        Row("4b", "litgpt", "Llama-2-13B QLoRA nf4", lora(LLAMA2_13B, lit, precision="4bit", bnb_4bit_use_double_quant=False, optim="paged_adamw_32bit"), int(23.14 * GB), "alloc"),
-        Row("4c", "litgpt", "Llama-2-13B QLoRA nf4+DQ", lora(LLAMA2_13B, lit, precision="4bit", bnb_4bit_use_double_quant=True, optim="paged_adamw_32bit"), int(22.55 * GB), "alloc"),
-        Row("7a", "litgpt", "Llama-2-7B weights bf16", weights_only(LLAMA2_7B, "bf16"), int(13.52 * GB), "weights"),
-        Row("7b", "litgpt", "Llama-2-7B weights nf4", weights_only(LLAMA2_7B, "4bit"), int(4.57 * GB), "weights"),
-        Row("7c", "litgpt", "Llama-2-7B weights nf4+DQ", weights_only(LLAMA2_7B, "4bit", True), int(4.26 * GB), "weights"),
-        Row("7d", "litgpt", "Llama-2-13B weights bf16", weights_only(LLAMA2_13B, "bf16"), int(26.21 * GB), "weights"),
-        Row("7e", "litgpt", "Llama-2-13B weights nf4", weights_only(LLAMA2_13B, "4bit"), int(8.32 * GB), "weights"),
-        Row("7f", "litgpt", "Llama-2-13B weights nf4+DQ", weights_only(LLAMA2_13B, "4bit", True), int(7.72 * GB), "weights"),
-        Row("7g", "litgpt", "Llama-2-70B weights nf4+DQ", weights_only(LLAMA2_70B, "4bit", True), int(37.21 * GB), "weights"),
-        Row("8", "torchtune", "Llama-2-7B QLoRA r8 all linear, mbs2, GC", lora(LLAMA2_7B, tt, precision="4bit", bnb_4bit_use_double_quant=True, target_modules="all-linear", micro_batch=2, gradient_checkpointing=True), int(9.29 * GB), "resv", "sequence length assumed (Alpaca longest)"),
-        Row("9", "torchtune", "Llama-2-7B LoRA r8 q,v, mbs2, GC", lora(LLAMA2_7B, tt, micro_batch=2, gradient_checkpointing=True), int(15.57 * GB), "resv", "sequence length assumed (Alpaca longest)"),
-        Row("10", "torchtune", "Llama-3-8B LoRA r8 q,v, mbs2, GC", lora(LLAMA3_8B, tt, micro_batch=2, gradient_checkpointing=True), int(18.5 * GB), "alloc", "sequence length assumed; 'torch stats' read as allocated"),
-        Row("11a", "torchtune", "Llama-3.1-8B QLoRA r8 qvo+MLP, packed 2048, mbs2, GC", lora(LLAMA31_8B, tt3, precision="4bit", bnb_4bit_use_double_quant=True, target_modules=QVO_MLP, micro_batch=2, max_length=2048, gradient_checkpointing=True), int(7.4 * GIB), "alloc", "'torch stats' read as allocated"),
-        Row("11b", "torchtune", "Llama-3.1-8B LoRA r8 qvo+MLP, packed 2048, mbs2, GC", lora(LLAMA31_8B, tt3, target_modules=QVO_MLP, micro_batch=2, max_length=2048, gradient_checkpointing=True), int(16.2 * GIB), "alloc", "'torch stats' read as allocated"),
-        Row("12a", "HF+peft", "Llama-3.2-3B LoRA r32 q,v, mbs4, <=768", lora(LLAMA32_3B, HF_PEFT_2025, lora_r=32, lora_dropout=0.0, micro_batch=4, max_length=768), int(22.27 * GB), "resv", "eval generation (batch 50) shares the process"),
-        Row("12b", "HF+peft", "Llama-3.2-3B LoRA r64 q,v, mbs4, <=768", lora(LLAMA32_3B, HF_PEFT_2025, lora_r=64, lora_dropout=0.0, micro_batch=4, max_length=768), int(22.55 * GB), "resv", "eval generation (batch 50) shares the process"),
-        Row("13a", "HF+peft", "Llama-3.2-3B DoRA r32 q,v, mbs4, <=768", lora(LLAMA32_3B, HF_PEFT_2025, lora_r=32, lora_dropout=0.0, use_dora=True, micro_batch=4, max_length=768), int(24.53 * GB), "resv", "eval generation (batch 50) shares the process"),
-        Row("13b", "HF+peft", "Llama-3.2-3B LoRA r10 MLP, mbs4, <=768", lora(LLAMA32_3B, HF_PEFT_2025, lora_r=10, lora_dropout=0.0, target_modules=("gate_proj", "up_proj", "down_proj"), micro_batch=4, max_length=768), int(24.70 * GB), "resv", "eval generation (batch 50) shares the process"),
-        Row("14", "HF+bnb", "Llama-2-7B QLoRA r64 all but o, 2048, mbs8, GC", lora(LLAMA2_7B, HF_FSDP_QLORA_2024, precision="4bit", bnb_4bit_use_double_quant=False, lora_r=64, lora_dropout=0.1, target_modules=ALL_BUT_O, micro_batch=8, max_length=2048, gradient_checkpointing=True), int(20.94 * GIB), "resv"),
-        Row("15", "HF+bnb", "Llama-2-7B LoRA r64 all but o, 2048, mbs4, GC", lora(LLAMA2_7B, HF_FSDP_QLORA_2024, lora_r=64, lora_dropout=0.1, target_modules=ALL_BUT_O, micro_batch=4, max_length=2048, gradient_checkpointing=True), int(22.04 * GIB), "resv"),
+        Row(
+            "1",
+            "litgpt",
+            "Llama-2-7B LoRA r8 q,v mbs1",
+            lora(LLAMA2_7B, lit),
+            int(21.30 * GB),
+            "alloc",
+        ),
+        Row(
+            "2",
+            "litgpt",
+            "Llama-2-7B LoRA r8 q,v mbs2",
+            lora(LLAMA2_7B, lit, micro_batch=2),
+            int(29.07 * GB),
+            "alloc",
+        ),
+        Row(
+            "3a",
+            "litgpt",
+            "Llama-2-7B QLoRA nf4, paged AdamW",
+            lora(
+                LLAMA2_7B,
+                lit,
+                precision="4bit",
+                bnb_4bit_use_double_quant=False,
+                optim="paged_adamw_32bit",
+            ),
+            int(14.14 * GB),
+            "alloc",
+        ),
+        Row(
+            "3b",
+            "litgpt",
+            "Llama-2-7B QLoRA nf4+DQ, paged AdamW",
+            lora(
+                LLAMA2_7B,
+                lit,
+                precision="4bit",
+                bnb_4bit_use_double_quant=True,
+                optim="paged_adamw_32bit",
+            ),
+            int(13.84 * GB),
+            "alloc",
+        ),
+        Row(
+            "4a",
+            "litgpt",
+            "Llama-2-13B LoRA r8 q,v",
+            lora(LLAMA2_13B, lit),
+            int(38.12 * GB),
+            "alloc",
+        ),
+        Row(
+            "4b",
+            "litgpt",
+            "Llama-2-13B QLoRA nf4",
+            lora(
+                LLAMA2_13B,
+                lit,
+                precision="4bit",
+                bnb_4bit_use_double_quant=False,
+                optim="paged_adamw_32bit",
+            ),
+            int(23.14 * GB),
+            "alloc",
+        ),
+        Row(
+            "4c",
+            "litgpt",
+            "Llama-2-13B QLoRA nf4+DQ",
+            lora(
+                LLAMA2_13B,
+                lit,
+                precision="4bit",
+                bnb_4bit_use_double_quant=True,
+                optim="paged_adamw_32bit",
+            ),
+            int(22.55 * GB),
+            "alloc",
+        ),
+        Row(
+            "7a",
+            "litgpt",
+            "Llama-2-7B weights bf16",
+            weights_only(LLAMA2_7B, "bf16"),
+            int(13.52 * GB),
+            "weights",
+        ),
+        Row(
+            "7b",
+            "litgpt",
+            "Llama-2-7B weights nf4",
+            weights_only(LLAMA2_7B, "4bit"),
+            int(4.57 * GB),
+            "weights",
+        ),
+        Row(
+            "7c",
+            "litgpt",
+            "Llama-2-7B weights nf4+DQ",
+            weights_only(LLAMA2_7B, "4bit", True),
+            int(4.26 * GB),
+            "weights",
+        ),
+        Row(
+            "7d",
+            "litgpt",
+            "Llama-2-13B weights bf16",
+            weights_only(LLAMA2_13B, "bf16"),
+            int(26.21 * GB),
+            "weights",
+        ),
+        Row(
+            "7e",
+            "litgpt",
+            "Llama-2-13B weights nf4",
+            weights_only(LLAMA2_13B, "4bit"),
+            int(8.32 * GB),
+            "weights",
+        ),
+        Row(
+            "7f",
+            "litgpt",
+            "Llama-2-13B weights nf4+DQ",
+            weights_only(LLAMA2_13B, "4bit", True),
+            int(7.72 * GB),
+            "weights",
+        ),
+        Row(
+            "7g",
+            "litgpt",
+            "Llama-2-70B weights nf4+DQ",
+            weights_only(LLAMA2_70B, "4bit", True),
+            int(37.21 * GB),
+            "weights",
+        ),
+        Row(
+            "8",
+            "torchtune",
+            "Llama-2-7B QLoRA r8 all linear, mbs2, GC",
+            lora(
+                LLAMA2_7B,
+                tt,
+                precision="4bit",
+                bnb_4bit_use_double_quant=True,
+                target_modules="all-linear",
+                micro_batch=2,
+                gradient_checkpointing=True,
+            ),
+            int(9.29 * GB),
+            "resv",
+            "sequence length assumed (Alpaca longest)",
+        ),
+        Row(
+            "9",
+            "torchtune",
+            "Llama-2-7B LoRA r8 q,v, mbs2, GC",
+            lora(LLAMA2_7B, tt, micro_batch=2, gradient_checkpointing=True),
+            int(15.57 * GB),
+            "resv",
+            "sequence length assumed (Alpaca longest)",
+        ),
+        Row(
+            "10",
+            "torchtune",
+            "Llama-3-8B LoRA r8 q,v, mbs2, GC",
+            lora(LLAMA3_8B, tt, micro_batch=2, gradient_checkpointing=True),
+            int(18.5 * GB),
+            "alloc",
+            "sequence length assumed; 'torch stats' read as allocated",
+        ),
+        Row(
+            "11a",
+            "torchtune",
+            "Llama-3.1-8B QLoRA r8 qvo+MLP, packed 2048, mbs2, GC",
+            lora(
+                LLAMA31_8B,
+                tt3,
+                precision="4bit",
+                bnb_4bit_use_double_quant=True,
+                target_modules=QVO_MLP,
+                micro_batch=2,
+                max_length=2048,
+                gradient_checkpointing=True,
+            ),
+            int(7.4 * GIB),
+            "alloc",
+            "'torch stats' read as allocated",
+        ),
+        Row(
+            "11b",
+            "torchtune",
+            "Llama-3.1-8B LoRA r8 qvo+MLP, packed 2048, mbs2, GC",
+            lora(
+                LLAMA31_8B,
+                tt3,
+                target_modules=QVO_MLP,
+                micro_batch=2,
+                max_length=2048,
+                gradient_checkpointing=True,
+            ),
+            int(16.2 * GIB),
+            "alloc",
+            "'torch stats' read as allocated",
+        ),
+        Row(
+            "12a",
+            "HF+peft",
+            "Llama-3.2-3B LoRA r32 q,v, mbs4, <=768",
+            lora(
+                LLAMA32_3B, HF_PEFT_2025, lora_r=32, lora_dropout=0.0, micro_batch=4, max_length=768
+            ),
+            int(22.27 * GB),
+            "resv",
+            "eval generation (batch 50) shares the process",
+        ),
+        Row(
+            "12b",
+            "HF+peft",
+            "Llama-3.2-3B LoRA r64 q,v, mbs4, <=768",
+            lora(
+                LLAMA32_3B, HF_PEFT_2025, lora_r=64, lora_dropout=0.0, micro_batch=4, max_length=768
+            ),
+            int(22.55 * GB),
+            "resv",
+            "eval generation (batch 50) shares the process",
+        ),
+        Row(
+            "13a",
+            "HF+peft",
+            "Llama-3.2-3B DoRA r32 q,v, mbs4, <=768",
+            lora(
+                LLAMA32_3B,
+                HF_PEFT_2025,
+                lora_r=32,
+                lora_dropout=0.0,
+                use_dora=True,
+                micro_batch=4,
+                max_length=768,
+            ),
+            int(24.53 * GB),
+            "resv",
+            "eval generation (batch 50) shares the process",
+        ),
+        Row(
+            "13b",
+            "HF+peft",
+            "Llama-3.2-3B LoRA r10 MLP, mbs4, <=768",
+            lora(
+                LLAMA32_3B,
+                HF_PEFT_2025,
+                lora_r=10,
+                lora_dropout=0.0,
+                target_modules=("gate_proj", "up_proj", "down_proj"),
+                micro_batch=4,
+                max_length=768,
+            ),
+            int(24.70 * GB),
+            "resv",
+            "eval generation (batch 50) shares the process",
+        ),
+        Row(
+            "14",
+            "HF+bnb",
+            "Llama-2-7B QLoRA r64 all but o, 2048, mbs8, GC",
+            lora(
+                LLAMA2_7B,
+                HF_FSDP_QLORA_2024,
+                precision="4bit",
+                bnb_4bit_use_double_quant=False,
+                lora_r=64,
+                lora_dropout=0.1,
+                target_modules=ALL_BUT_O,
+                micro_batch=8,
+                max_length=2048,
+                gradient_checkpointing=True,
+            ),
+            int(20.94 * GIB),
+            "resv",
+        ),
+        Row(
+            "15",
+            "HF+bnb",
+            "Llama-2-7B LoRA r64 all but o, 2048, mbs4, GC",
+            lora(
+                LLAMA2_7B,
+                HF_FSDP_QLORA_2024,
+                lora_r=64,
+                lora_dropout=0.1,
+                target_modules=ALL_BUT_O,
+                micro_batch=4,
+                max_length=2048,
+                gradient_checkpointing=True,
+            ),
+            int(22.04 * GIB),
+            "resv",
+        ),
     ]
     return rows
 
@@ -228,12 +500,65 @@ def fit_rows() -> list[FitRow]:
     """Row 17: the HF 4-bit blog's T4 experiments (batch 1, LoRA r8 q,v, fp16 compute)."""
     t4 = dict(stack=HF_2023, compute_dtype="fp16", lora_dropout=0.05)
     return [
-        FitRow("17a", "LLaMA-7B int8 + GC, 512", lora(LLAMA2_7B, precision="8bit", max_length=512, gradient_checkpointing=True, **t4), True),  # type: ignore[arg-type]
-        FitRow("17b", "LLaMA-7B int8 + GC, 1024", lora(LLAMA2_7B, precision="8bit", max_length=1024, gradient_checkpointing=True, **t4), False),  # type: ignore[arg-type]
-        FitRow("17c", "LLaMA-7B nf4 no GC, 1024", lora(LLAMA2_7B, precision="4bit", bnb_4bit_use_double_quant=False, max_length=1024, **t4), False),  # type: ignore[arg-type]
-        FitRow("17d", "LLaMA-7B nf4 + GC, 1024", lora(LLAMA2_7B, precision="4bit", bnb_4bit_use_double_quant=False, max_length=1024, gradient_checkpointing=True, **t4), True),  # type: ignore[arg-type]
-        FitRow("17e", "LLaMA-13B nf4 + GC, 1024", lora(LLAMA2_13B, precision="4bit", bnb_4bit_use_double_quant=False, max_length=1024, gradient_checkpointing=True, **t4), False),  # type: ignore[arg-type]
-        FitRow("17f", "LLaMA-13B nf4+DQ + GC, 1024", lora(LLAMA2_13B, precision="4bit", bnb_4bit_use_double_quant=True, max_length=1024, gradient_checkpointing=True, **t4), True),  # type: ignore[arg-type]
+        FitRow(
+            "17a",
+            "LLaMA-7B int8 + GC, 512",
+            lora(LLAMA2_7B, precision="8bit", max_length=512, gradient_checkpointing=True, **t4),
+            True,
+        ),  # type: ignore[arg-type]
+        FitRow(
+            "17b",
+            "LLaMA-7B int8 + GC, 1024",
+            lora(LLAMA2_7B, precision="8bit", max_length=1024, gradient_checkpointing=True, **t4),
+            False,
+        ),  # type: ignore[arg-type]
+        FitRow(
+            "17c",
+            "LLaMA-7B nf4 no GC, 1024",
+            lora(
+                LLAMA2_7B, precision="4bit", bnb_4bit_use_double_quant=False, max_length=1024, **t4
+            ),
+            False,
+        ),  # type: ignore[arg-type]
+        FitRow(
+            "17d",
+            "LLaMA-7B nf4 + GC, 1024",
+            lora(
+                LLAMA2_7B,
+                precision="4bit",
+                bnb_4bit_use_double_quant=False,
+                max_length=1024,
+                gradient_checkpointing=True,
+                **t4,
+            ),
+            True,
+        ),  # type: ignore[arg-type]
+        FitRow(
+            "17e",
+            "LLaMA-13B nf4 + GC, 1024",
+            lora(
+                LLAMA2_13B,
+                precision="4bit",
+                bnb_4bit_use_double_quant=False,
+                max_length=1024,
+                gradient_checkpointing=True,
+                **t4,
+            ),
+            False,
+        ),  # type: ignore[arg-type]
+        FitRow(
+            "17f",
+            "LLaMA-13B nf4+DQ + GC, 1024",
+            lora(
+                LLAMA2_13B,
+                precision="4bit",
+                bnb_4bit_use_double_quant=True,
+                max_length=1024,
+                gradient_checkpointing=True,
+                **t4,
+            ),
+            True,
+        ),  # type: ignore[arg-type]
     ]
 
 
@@ -253,7 +578,9 @@ def main() -> None:
     rows = published_rows()
     errors = [abs(row.error()) for row in rows]
     if args.markdown:
-        print("| row | framework | run | metric | measured GB | predicted GB | error | stack profile |")
+        print(
+            "| row | framework | run | metric | measured GB | predicted GB | error | stack profile |"
+        )
         print("|---|---|---|---|---:|---:|---:|---|")
     for row in rows:
         measured, predicted = row.measured_bytes / GB, row.predicted_bytes() / GB

@@ -394,9 +394,8 @@ class TrainableTensors:
 
     numel_by_bytes: dict[int, int]
     """Element size in bytes -> number of trainable elements of that size."""
-    tensor_numels: tuple[int, ...]
-    """Sizes of the individual trainable tensors (for per-tensor optimizer rules)."""
-    tensor_shapes: tuple[tuple[int, int], ...]
+    shape_counts: tuple[tuple[int, int, int], ...]
+    """(rows, cols, how many tensors of that shape), for per-tensor optimizer rules."""
 
 
 def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> TrainableTensors:
@@ -408,11 +407,11 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
     quantized = inputs.precision in ("8bit", "4bit")
     copy_bytes = 2 if quantized else DTYPE_BYTES[inputs.compute_dtype]
     numel_by_bytes: dict[int, int] = {}
-    shapes: list[tuple[int, int]] = []
+    shapes: list[tuple[int, int, int]] = []
 
     def add(size: int, rows: int, cols: int, times: int) -> None:
         numel_by_bytes[size] = numel_by_bytes.get(size, 0) + rows * cols * times
-        shapes.extend([(rows, cols)] * times)
+        shapes.append((rows, cols, times))
 
     for module in targeted_modules(arch, inputs.target_modules):
         add(lora_bytes, inputs.lora_r, module.in_features, module.count)
@@ -428,7 +427,7 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
     biases = trainable_bias_count(arch, inputs) if include_biases else 0
     if biases:
         add(copy_bytes, biases, 1, 1)
-    return TrainableTensors(numel_by_bytes, tuple(r * c for r, c in shapes), tuple(shapes))
+    return TrainableTensors(numel_by_bytes, tuple(shapes))
 
 
 def adapter_bytes(inputs: EstimateInput) -> int:
@@ -502,7 +501,7 @@ def optimizer_step_temporary_bytes(inputs: EstimateInput) -> int:
     if optim == "adamw_torch":
         return sum(size * n for size, n in tensors.numel_by_bytes.items())
     if optim == "adafactor":
-        return 2 * 4 * max(tensors.tensor_numels, default=0)
+        return 2 * 4 * max((r * c for r, c, _ in tensors.shape_counts), default=0)
     return 0
 
 
@@ -517,20 +516,20 @@ def managed_optimizer_bytes(inputs: EstimateInput) -> int:
 def _optimizer_bytes_unpaged(inputs: EstimateInput) -> int:
     tensors = trainable_tensors(inputs)
     optim = inputs.optim.removeprefix("paged_")
-    numels = tensors.tensor_numels
+    shapes = tensors.shape_counts
     param_bytes = sum(size * n for size, n in tensors.numel_by_bytes.items())
     if optim in ("adamw_torch", "adamw_torch_fused"):
         return 2 * param_bytes
     if optim in ("adamw_8bit", "adamw_bnb_8bit"):
-        return sum(bnb_state_bytes(n, 2, 8) for n in numels)
+        return sum(n * bnb_state_bytes(r * c, 2, 8) for r, c, n in shapes)
     if optim == "adamw_32bit":
-        return sum(bnb_state_bytes(n, 2, 32) for n in numels)
+        return sum(n * bnb_state_bytes(r * c, 2, 32) for r, c, n in shapes)
     if optim == "lion_8bit":
-        return sum(bnb_state_bytes(n, 1, 8) for n in numels)
+        return sum(n * bnb_state_bytes(r * c, 1, 8) for r, c, n in shapes)
     if optim == "lion_32bit":
-        return sum(bnb_state_bytes(n, 1, 32) for n in numels)
+        return sum(n * bnb_state_bytes(r * c, 1, 32) for r, c, n in shapes)
     if optim == "adafactor":
-        return sum(4 * (r + c) if c > 1 else 4 * r for r, c in tensors.tensor_shapes)
+        return sum(n * 4 * (r + c if c > 1 else r) for r, c, n in shapes)
     if optim == "sgd":
         return 0
     raise ValueError(f"optimizer {inputs.optim!r} is not modelled")
