@@ -578,9 +578,7 @@ def main() -> None:
     rows = published_rows()
     errors = [abs(row.error()) for row in rows]
     if args.markdown:
-        print(
-            "| row | framework | run | metric | measured GB | predicted GB | error | stack profile |"
-        )
+        print("| row | framework | run | metric | measured GB | predicted GB | error | stack |")
         print("|---|---|---|---|---:|---:|---:|---|")
     for row in rows:
         measured, predicted = row.measured_bytes / GB, row.predicted_bytes() / GB

@@ -40,9 +40,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     baseline = [cold_run_seconds(["--version"]) for _ in range(args.runs)]
-    print(
-        f"python -m peftgen --version: median {statistics.median(baseline):.3f} s (interpreter floor)"
-    )
+    floor = statistics.median(baseline)
+    print(f"python -m peftgen --version: median {floor:.3f} s (interpreter floor)")
     for extra in ([], ["--json"]):
         times = [cold_run_seconds(["plan", str(args.spec), *extra]) for _ in range(args.runs)]
         median = statistics.median(times)
