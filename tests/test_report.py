@@ -503,3 +503,30 @@ def test_markdown_code_holds_any_text(text: str) -> None:
     inner = span[len(fence.group(0)) : -len(fence.group(0))]
     assert fence.group(0) not in inner
     assert "|" not in inner.replace("\\|", "")
+
+
+def test_fixed_precision_that_does_not_fit_names_the_one_that_would(tmp_path: Path) -> None:
+    spec = REPO / "specs" / "mistral-7b-8bit-lora.yaml"  # precision: 8bit
+    plan = plan_json(spec, "--vram-gib", "8")
+    eight_bit = lookup(plan, "candidates.8bit")
+    four_bit = lookup(plan, "candidates.4bit")
+    assert plan["chosen_precision"] is None and not eight_bit["fits"] and four_bit["fits"]
+    text = render_to(tmp_path, spec, "html", "--vram-gib", "8").read_text(encoding="utf-8")
+    first_figure = parse_html(text).tagged[0]
+    assert "Does not fit on NVIDIA A10G in 8-bit, the spec's precision" in text
+    assert f"4-bit would fit: peak {gib(four_bit['peak_reserved_bytes'])} GiB" in text
+    assert first_figure["data-plan-key"] == "candidates.8bit.peak_reserved_bytes"
+    assert first_figure["_text"] == gib(eight_bit["peak_reserved_bytes"])
+    markdown = render_to(tmp_path, spec, "md", "--vram-gib", "8").read_text(encoding="utf-8")
+    assert "in 8-bit, the spec's precision.**" in markdown
+    assert f"4-bit would fit: peak {gib(four_bit['peak_reserved_bytes'])} GiB" in markdown
+
+
+def test_auto_precision_that_nothing_fits_says_any_precision(tmp_path: Path) -> None:
+    spec = REPO / "specs" / "llama3-8b-instruct-dpo-lora.yaml"  # precision: auto
+    plan = plan_json(spec, "--vram-gib", "2")
+    assert plan["fits"] is False
+    text = render_to(tmp_path, spec, "html", "--vram-gib", "2").read_text(encoding="utf-8")
+    assert "in any precision</h2>" in text
+    smallest = min(c["peak_reserved_bytes"] for c in plan["candidates"])
+    assert "The smallest peak, <span" in text and f'data-bytes="{smallest}"' in text

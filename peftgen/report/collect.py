@@ -52,6 +52,7 @@ def report_data(resolved: Resolved, plan: Plan) -> ReportData:
             sha256=resolved.loaded.sha256,
             model_id=spec.model.id,
             method=spec.method,
+            precision=spec.precision,
             max_length=spec.training.max_length,
             per_device_train_batch_size=spec.training.per_device_train_batch_size,
             model_max_positions=resolved.arch.config.max_position_embeddings,

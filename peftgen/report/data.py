@@ -104,6 +104,8 @@ class SpecSource:
     sha256: str
     model_id: str
     method: str
+    precision: str
+    """As written: ``auto`` or the one the user fixed."""
     max_length: int
     per_device_train_batch_size: int
     model_max_positions: int

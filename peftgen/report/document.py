@@ -100,7 +100,7 @@ def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
         "data": data,
         "charts": charts,
         "version": __version__,
-        "verdict": _verdict(plan),
+        "verdict": _verdict(plan, data.source.precision),
         "components": COMPONENTS,
         "candidate_status": {
             c.precision: fit_status(c.peak_reserved_bytes, plan.budget_bytes, c.fits)
@@ -141,20 +141,27 @@ def _matrix_columns(data: ReportData) -> list[str]:
 @dataclass(frozen=True)
 class Verdict:
     status: FitStatus
+    shown: Candidate
+    """The chosen candidate; when none is, the spec's fixed precision, else the smallest."""
     headroom_bytes: int
-    """Budget minus the chosen (or, when nothing fits, the smallest) peak; negative = over."""
-    smallest: Candidate
+    """Budget minus ``shown``'s peak; negative: over the budget."""
+    fixed_precision: bool
+    """The spec fixed ``shown``'s precision (and it does not fit)."""
+    alternative: Candidate | None
+    """When the spec's fixed precision does not fit: the most faithful one that would."""
     budget_percent: int
 
 
-def _verdict(plan: Plan) -> Verdict:
+def _verdict(plan: Plan, requested_precision: str) -> Verdict:
+    fixed = next((c for c in plan.candidates if c.precision == requested_precision), None)
     smallest = min(plan.candidates, key=lambda c: c.peak_reserved_bytes)
-    shown = plan.chosen or smallest
-    status = fit_status(shown.peak_reserved_bytes, plan.budget_bytes, plan.chosen is not None)
+    shown = plan.chosen or fixed or smallest
     return Verdict(
-        status=status,
+        status=fit_status(shown.peak_reserved_bytes, plan.budget_bytes, plan.chosen is not None),
+        shown=shown,
         headroom_bytes=plan.budget_bytes - shown.peak_reserved_bytes,
-        smallest=smallest,
+        fixed_precision=plan.chosen is None and fixed is not None,
+        alternative=next((c for c in plan.candidates if c.fits), None),
         budget_percent=round(100 * plan.budget_bytes / plan.gpu.vram_bytes),
     )
 
