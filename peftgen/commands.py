@@ -56,15 +56,38 @@ def schema(args: argparse.Namespace) -> int:
 
 
 def plan(args: argparse.Namespace) -> int:
-    """Print the memory plan (a table, or ``--json``); exit 3 when nothing fits."""
+    """Print the memory plan (a table, or ``--json``); exit 3 when nothing fits.
+
+    ``--simulate`` also runs one training step on fake tensors for the chosen precision
+    (the last candidate when nothing fits); only then are torch and friends imported.
+    """
     from peftgen.plan import make_plan
     from peftgen.resolve import resolve
 
-    result = make_plan(resolve(load_spec(args.spec)), args.gpu, args.vram_gib)
+    resolved = resolve(load_spec(args.spec))
+    result = make_plan(resolved, args.gpu, args.vram_gib)
+    simulation = None
+    if args.simulate:
+        from peftgen.plan import target_gpu
+        from peftgen.simulate import simulate_candidate
+
+        precision = result.chosen_precision or result.candidates[-1].precision
+        gpu = target_gpu(resolved, args.gpu, args.vram_gib)
+        simulation = simulate_candidate(resolved, precision, gpu)
     if args.json:
-        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
-    else:
-        _print_plan(result)
+        data = result.to_json()
+        if simulation is not None:
+            data["simulation"] = {"precision": simulation.precision, **simulation.to_json()}
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return 0 if result.fits else 3
+    _print_plan(result)
+    if simulation is not None:
+        analytic = next(c for c in result.candidates if c.precision == simulation.precision)
+        print(
+            f"simulated one step at {simulation.precision}: peak allocated "
+            f"{simulation.peak_allocated_bytes / 2**30:.2f} GiB (analytic "
+            f"{analytic.peak_allocated_bytes / 2**30:.2f} GiB), {simulation.seconds:.0f} s"
+        )
     return 0 if result.fits else 3
 
 
@@ -121,6 +144,11 @@ def _print_plan(result: Plan) -> None:
         )
     table.add_row("fits", *("yes" if c.fits else "[red]no[/]" for c in result.candidates))
     console.print(table)
+    if any(c.breakdown.logits_bytes == 0 for c in result.candidates):
+        console.print(
+            "logits 0: the peak is a decoder layer's backward; the LM head's tensors are "
+            "freed by then"
+        )
     for decision in result.decisions:
         console.print(f"[bold]{decision.knob}[/] = {decision.value}: {decision.reason}")
     for warning in result.warnings:
