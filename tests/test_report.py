@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from contextlib import redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from html.parser import HTMLParser
 from pathlib import Path
@@ -25,7 +25,7 @@ from ruamel.yaml import YAML
 from peftgen.cli import main
 from peftgen.errors import UserError
 from peftgen.load import load_spec
-from peftgen.plan import make_plan
+from peftgen.plan import Assumption, make_plan
 from peftgen.report import render_html, render_markdown, render_plan_markdown, report_data
 from peftgen.report.data import TIGHT_FRACTION
 from peftgen.report.document import markdown_code, markdown_fence, markdown_text
@@ -530,3 +530,28 @@ def test_auto_precision_that_nothing_fits_says_any_precision(tmp_path: Path) -> 
     assert "in any precision</h2>" in text
     smallest = min(c["peak_reserved_bytes"] for c in plan["candidates"])
     assert "The smallest peak, <span" in text and f'data-bytes="{smallest}"' in text
+
+
+def test_assumptions_are_grouped_by_component_and_shared_texts_listed_once() -> None:
+    resolved = resolve(load_spec(REPO / "specs" / "llama3-8b-clinical-qlora.yaml"))
+    plan = make_plan(resolved)
+    shared = Assumption("activation_bytes", "gradient checkpointing keeps each layer's input")
+    per_precision = {
+        c.precision: (Assumption("weights_bytes", f"{c.precision} <weights> & scales"), shared)
+        for c in plan.candidates
+    }
+    plan = replace(
+        plan,
+        candidates=tuple(
+            replace(c, assumptions=per_precision[c.precision]) for c in plan.candidates
+        ),
+    )
+    data = report_data(resolved, plan)
+    page = render_html(data)
+    assert page.count("<summary>Weights</summary>") == 1
+    assert page.count("<summary>Activations</summary>") == 1
+    assert page.count("gradient checkpointing keeps each layer&#39;s input") == 1
+    assert "4bit &lt;weights&gt; &amp; scales" in page
+    markdown = render_markdown(data, charts="none").text
+    assert "<details><summary>Weights</summary>" in markdown
+    assert r"*4-bit*: 4bit \<weights\> & scales" in markdown
