@@ -155,6 +155,21 @@ def wrap_comment(text: object, indent: int = 0, width: int = 100) -> str:
     return ("\n" + " " * indent).join(f"# {line}" for line in lines)
 
 
+def wrap_bullet(text: object, indent: int = 4, width: int = 100) -> str:
+    """``- text`` for the docstring, wrapped to ``width`` with a hanging indent."""
+    import textwrap
+
+    lines = textwrap.wrap(
+        comment_text(text),
+        width=width,
+        initial_indent=" " * indent + "- ",
+        subsequent_indent=" " * (indent + 2),
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    return "\n".join(lines)
+
+
 # --- Template environment ---------------------------------------------------------------
 
 
@@ -195,6 +210,7 @@ def environment() -> jinja2.Environment:
     env.filters["ident"] = identifier
     env.filters["comment"] = comment_text
     env.filters["wrap_comment"] = wrap_comment
+    env.filters["wrap_bullet"] = wrap_bullet
     env.filters["gib"] = lambda value: f"{value / GIB:.1f} GiB"
     return env
 
@@ -350,6 +366,7 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
         or training.optim.startswith("paged_")
     )
     reasons = _decision_reasons(plan)
+    values = {decision.knob: comment_text(decision.value) for decision in plan.decisions}
     context: dict[str, Any] = {
         "spec": spec,
         "method": spec.method,
@@ -385,6 +402,7 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
         "chatml_template_lines": _split_template(CHATML_TEMPLATE),
         "reasons": reasons,
         "reason": lambda knob: reasons.get(knob, ""),
+        "plan_value": lambda knob: values.get(knob, ""),
         "warnings": [comment_text(text) for text in plan.warnings],
     }
     if isinstance(spec, GrpoRunSpec):

@@ -94,6 +94,7 @@ def main() -> None:
     )
 
     # --- Adapters ---
+    # Adapter weights in bf16: trl casts trainable parameters of 8/4-bit models to bf16
     peft_config = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,

@@ -83,6 +83,7 @@ def main() -> None:
     )
 
     # --- Adapters ---
+    # Adapter weights in fp32: peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)
     peft_config = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,

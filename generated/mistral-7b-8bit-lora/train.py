@@ -27,6 +27,13 @@ Predicted peak per GPU: 12.6 GiB reserved (11.5 GiB allocated):
     logits / loss             0.0 GiB
     CUDA context, allocator   1.0 GiB
 
+The plan's warnings:
+    - training.optim: paged_adamw_8bit keeps its states in CUDA managed memory, invisible to
+      torch.cuda.max_memory_allocated/reserved (nvidia-smi shows them); the plan lists them as
+      managed_bytes outside the peak
+    - training.packing: off, so batches pad to their longest row; the plan assumes rows as long as
+      training.max_length
+
 Run:
     uv run train.py        (or `python train.py` with the pinned packages installed)
 """
@@ -89,6 +96,7 @@ def main() -> None:
     )
 
     # --- Adapters ---
+    # Adapter weights in bf16: trl casts trainable parameters of 8/4-bit models to bf16
     peft_config = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,

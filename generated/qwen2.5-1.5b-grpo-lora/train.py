@@ -26,6 +26,10 @@ Predicted peak per GPU: 5.2 GiB reserved (4.5 GiB allocated):
     logits / loss             0.0 GiB
     CUDA context, allocator   0.7 GiB
 
+The plan's warnings:
+    - grpo: the estimate takes training.max_length as the prompt length, so each row is max_length +
+      grpo.max_completion_length tokens
+
 Run:
     uv run train.py        (or `python train.py` with the pinned packages installed)
 """
@@ -119,6 +123,7 @@ def main() -> None:
     )
 
     # --- Adapters ---
+    # Adapter weights in fp32: peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)
     peft_config = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,

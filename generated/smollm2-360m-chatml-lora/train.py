@@ -26,6 +26,13 @@ Predicted peak per GPU: 2.6 GiB reserved (2.0 GiB allocated):
     logits / loss             0.3 GiB
     CUDA context, allocator   0.6 GiB
 
+The plan's warnings:
+    - lora.modules_to_save: with an fp16 base the saved modules train in fp16, and the fp16 gradient
+      scaler refuses fp16 parameters ('Attempting to unscale FP16 gradients'); load in 8bit/4bit or
+      drop modules_to_save
+    - training.packing: off, so batches pad to their longest row; the plan assumes rows as long as
+      training.max_length
+
 Run:
     uv run train.py        (or `python train.py` with the pinned packages installed)
 """
@@ -100,6 +107,7 @@ def main() -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
     # --- Adapters ---
+    # Adapter weights in fp32: peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)
     peft_config = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,

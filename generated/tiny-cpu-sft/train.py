@@ -26,6 +26,10 @@ Predicted peak per GPU: 0.5 GiB reserved (0.0 GiB allocated):
     logits / loss             0.0 GiB
     CUDA context, allocator   0.5 GiB
 
+The plan's warnings:
+    - training.packing: off, so batches pad to their longest row; the plan assumes rows as long as
+      training.max_length
+
 Run:
     uv run train.py        (or `python train.py` with the pinned packages installed)
 """
@@ -81,6 +85,7 @@ def main() -> None:
     )
 
     # --- Adapters ---
+    # Adapter weights in fp32: peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)
     peft_config = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,
