@@ -788,7 +788,18 @@ def logits_bytes(inputs: EstimateInput) -> int:
     if inputs.stack.loss_path in FULL_LOGITS_BYTES_PER_ENTRY:
         return FULL_LOGITS_BYTES_PER_ENTRY[inputs.stack.loss_path] * tokens * c.vocab_size
     tile = compute * min(tokens, FUSED_HEAD_TOKEN_TILE) * min(c.vocab_size, FUSED_HEAD_VOCAB_TILE)
-    return compute * tokens * c.hidden_size + tile + 4 * tokens * c.hidden_size + 8 * 4 * tokens
+    fused = compute * tokens * c.hidden_size + tile + 4 * tokens * c.hidden_size + 8 * 4 * tokens
+    return fused + trained_head_gradient_bytes(inputs)
+
+
+def trained_head_gradient_bytes(inputs: EstimateInput) -> int:
+    """A trained ``lm_head`` (``modules_to_save``) gets its gradient from the fused head's
+    backward as an fp32 buffer of the whole head (chunked_logprob.py:411-412), cast to the
+    weight's dtype on return: 4 + 2 bytes per head parameter, on top of ``.grad``."""
+    if "lm_head" not in {name.rsplit(".", 1)[-1] for name in inputs.modules_to_save}:
+        return 0
+    c = inputs.arch.config
+    return (4 + DTYPE_BYTES[inputs.compute_dtype]) * c.vocab_size * c.hidden_size
 
 
 # --------------------------------------------------------------------------- GRPO generation
