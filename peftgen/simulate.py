@@ -32,6 +32,7 @@ simulation runs: the analytic plan never imports them.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import time
 import warnings
@@ -280,7 +281,7 @@ def _make_dispatch_mode(tracker: _StorageTracker, state: _SimState) -> Any:
         ops.bitsandbytes.gemm_4bit.default: lambda *a, **k: _gemm_4bit(tracker, *a, **k),
     }
 
-    class LiveStorageMode(TorchDispatchMode):  # type: ignore[misc]
+    class LiveStorageMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
         def __torch_dispatch__(
             self,
             func: Any,
@@ -296,7 +297,7 @@ def _make_dispatch_mode(tracker: _StorageTracker, state: _SimState) -> Any:
                     tracker.track(leaf)
             return out
 
-    return LiveStorageMode()
+    return LiveStorageMode()  # type: ignore[no-untyped-call]
 
 
 def _all_valid_nonzero(mask: torch.Tensor, state: _SimState) -> torch.Tensor:
@@ -495,7 +496,7 @@ def _simulate(resolved: Resolved, precision: str, compute_dtype: str) -> dict[st
 
 
 def _run_step(
-    model: nn.Module,
+    model: Any,
     optimizer: Any,
     resolved: Resolved,
     compute_dtype: str,
@@ -520,7 +521,7 @@ def _run_step(
         tracker.in_forward = False
         tracker.forward_done()
     with tracker.phase("backward"):
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         del loss
     with tracker.phase("optimizer_step"):
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -529,7 +530,7 @@ def _run_step(
         optimizer.zero_grad(set_to_none=True)
 
 
-def _accumulated_gradients(model: nn.Module, tracker: _StorageTracker) -> None:
+def _accumulated_gradients(model: Any, tracker: _StorageTracker) -> None:
     """Gradients of the earlier micro-batches: from the second micro-batch of an
     accumulation window on, they are alive through forward and backward."""
     import torch
@@ -583,7 +584,7 @@ def _token_ids(rows: int, length: int, vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (rows, length), dtype=torch.long)
 
 
-def _loss(model: nn.Module, method: str, shape: _StepShape, state: _SimState) -> torch.Tensor:
+def _loss(model: Any, method: str, shape: _StepShape, state: _SimState) -> torch.Tensor:
     """The trainer's loss: fused LM head log-probs, per method."""
     import torch
 
@@ -621,14 +622,14 @@ def _loss(model: nn.Module, method: str, shape: _StepShape, state: _SimState) ->
 
 
 @contextlib.contextmanager
-def _checkpointing_disabled(model: nn.Module) -> Iterator[None]:
+def _checkpointing_disabled(model: Any) -> Iterator[None]:
     from trl.models.utils import disable_gradient_checkpointing
 
     with disable_gradient_checkpointing(model, None):
         yield
 
 
-def _generate(model: nn.Module, shape: _StepShape, autocast_dtype: torch.dtype) -> None:
+def _generate(model: Any, shape: _StepShape, autocast_dtype: torch.dtype) -> None:
     """GRPO's ``model.generate`` with a growing ``DynamicCache``, at its largest.
 
     Prefill the prompts, then stand the cache at its final length minus one and decode the
@@ -651,7 +652,8 @@ def _generate(model: nn.Module, shape: _StepShape, autocast_dtype: torch.dtype) 
         out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
         del out, prompt
         final_len = shape.prompt_len + shape.completion_len - 1
-        for layer in cache.layers:
+        layers: list[Any] = list(cache.layers)
+        for layer in layers:
             keys = layer.keys
             if keys is None:
                 continue
@@ -702,7 +704,7 @@ def _attn_implementation(resolved: Resolved) -> str:
     return "eager" if requested == "eager" else "sdpa"
 
 
-def build_model(resolved: Resolved, precision: str, compute_dtype: str = "bf16") -> nn.Module:
+def build_model(resolved: Resolved, precision: str, compute_dtype: str = "bf16") -> Any:
     """The PEFT model on the meta device, loaded and prepared as the trainer has it."""
     import torch
     from accelerate import init_empty_weights
@@ -712,7 +714,7 @@ def build_model(resolved: Resolved, precision: str, compute_dtype: str = "bf16")
     dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float16
     config = transformers_config(resolved)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(
+        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
             config, dtype=dtype, attn_implementation=_attn_implementation(resolved)
         )
     model.tie_weights()  # from_pretrained ties the output head to the embeddings; from_config not
@@ -727,7 +729,7 @@ def build_model(resolved: Resolved, precision: str, compute_dtype: str = "bf16")
 
 
 def _quantize_linears(
-    model: nn.Module, precision: str, resolved: Resolved, compute_dtype: torch.dtype
+    model: Any, precision: str, resolved: Resolved, compute_dtype: torch.dtype
 ) -> None:
     """Swap every ``nn.Linear`` transformers would quantize for a bitsandbytes stand-in."""
     from torch import nn
@@ -758,8 +760,8 @@ def _quantize_linears(
 
 
 def make_linear_4bit(
-    linear: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype
-) -> nn.Module:
+    linear: Any, quant_type: str, double_quant: bool, compute_dtype: torch.dtype
+) -> Any:
     """A ``bnb.nn.Linear4bit`` whose packed weight and quant state are plain tensors.
 
     Same bytes as bitsandbytes stores: the packed weight ``(numel + 1) // 2`` uint8 as
@@ -767,7 +769,7 @@ def make_linear_4bit(
     fp32 second-level absmax per 256, its 256-entry code and an fp32 offset); the 16-entry
     fp32 code of the 4-bit type.
     """
-    import bitsandbytes as bnb
+    bnb: Any = importlib.import_module("bitsandbytes")
     import torch
     from torch import nn
 
@@ -802,7 +804,8 @@ def quant_state_4bit(
 ) -> Any:
     """A bitsandbytes ``QuantState`` with fake tensors of the sizes bitsandbytes allocates."""
     import torch
-    from bitsandbytes.functional import QuantState
+
+    QuantState: Any = importlib.import_module("bitsandbytes.functional").QuantState
 
     numel = out_features * in_features
     blocks = math.ceil(numel / BNB_4BIT_BLOCKSIZE)
@@ -836,7 +839,7 @@ def quant_state_4bit(
 
 def _forward_4bit(self: Any, x: torch.Tensor) -> torch.Tensor:
     """``bnb.nn.Linear4bit.forward`` on the GPU path (no CPU weight repacking)."""
-    import bitsandbytes as bnb
+    bnb: Any = importlib.import_module("bitsandbytes")
 
     input_dtype = x.dtype
     x = x.to(self.compute_dtype)
@@ -847,9 +850,9 @@ def _forward_4bit(self: Any, x: torch.Tensor) -> torch.Tensor:
     return out.to(input_dtype)
 
 
-def make_linear_8bit(linear: nn.Module) -> nn.Module:
-    """A ``bnb.nn.Linear8bitLt`` (``has_fp16_weights=False``): int8 ``CB`` and fp32 row scales ``SCB``."""
-    import bitsandbytes as bnb
+def make_linear_8bit(linear: Any) -> Any:
+    """A ``bnb.nn.Linear8bitLt`` without fp16 weights: int8 ``CB``, fp32 row scales ``SCB``."""
+    bnb: Any = importlib.import_module("bitsandbytes")
     import torch
     from bitsandbytes.autograd._functions import MatmulLtState
     from torch import nn
@@ -889,11 +892,11 @@ def _forward_8bit(self: Any, x: torch.Tensor) -> torch.Tensor:
     bias = self.bias
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    out: torch.Tensor = MatMul8bitLt.apply(x, self.weight, None, bias, self.state)
+    out: torch.Tensor = MatMul8bitLt.apply(x, self.weight, None, bias, self.state)  # type: ignore[no-untyped-call]
     return out
 
 
-def _prepare_peft(model: nn.Module, resolved: Resolved, quantized: bool, gc: bool) -> nn.Module:
+def _prepare_peft(model: Any, resolved: Resolved, quantized: bool, gc: bool) -> Any:
     """peft wrapping and trl 1.16's preparation for PEFT, in the trainer's order."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -906,7 +909,7 @@ def _prepare_peft(model: nn.Module, resolved: Resolved, quantized: bool, gc: boo
     )
     peft_config = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.lora_alpha,
+        lora_alpha=lora.lora_alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=lora.lora_dropout,
         bias=lora.bias,
         target_modules=target,
@@ -915,7 +918,7 @@ def _prepare_peft(model: nn.Module, resolved: Resolved, quantized: bool, gc: boo
         modules_to_save=list(lora.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
+    peft_model: Any = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
     if gc:
         peft_model.enable_input_require_grads()
     if quantized:
@@ -939,19 +942,19 @@ def _prepare_peft(model: nn.Module, resolved: Resolved, quantized: bool, gc: boo
     return peft_model
 
 
-def _base_model(model: nn.Module) -> Any:
+def _base_model(model: Any) -> Any:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if get_base is not None else model
 
 
-def _vocab_size(model: nn.Module) -> int:
+def _vocab_size(model: Any) -> int:
     return int(_base_model(model).config.get_text_config().vocab_size)
 
 
 # --------------------------------------------------------------------------- fake tensors
 
 
-def _materialize(model: nn.Module, tracker: _StorageTracker) -> dict[str, int]:
+def _materialize(model: Any, tracker: _StorageTracker) -> dict[str, int]:
     """Replace every meta parameter and buffer by a fake CPU tensor and count it.
 
     Called inside the ``FakeTensorMode``. Shared parameters (tied embeddings) stay shared.
@@ -1021,7 +1024,7 @@ def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
             yield from (quant_state.offset, quant_state.state2.absmax, quant_state.state2.code)
 
 
-def _hook_gradients(model: nn.Module, tracker: _StorageTracker) -> None:
+def _hook_gradients(model: Any, tracker: _StorageTracker) -> None:
     for param in model.parameters():
         if param.requires_grad:
             param.register_post_accumulate_grad_hook(
@@ -1032,7 +1035,7 @@ def _hook_gradients(model: nn.Module, tracker: _StorageTracker) -> None:
 # --------------------------------------------------------------------------- optimizer
 
 
-def _make_optimizer(model: nn.Module, optim: str, tracker: _StorageTracker) -> tuple[Any, int]:
+def _make_optimizer(model: Any, optim: str, tracker: _StorageTracker) -> tuple[Any, int]:
     """The Trainer's optimizer for ``optim``, with its state created by one warm-up update.
 
     From the second step on, the state lives through every phase; the simulated step is a
@@ -1088,8 +1091,8 @@ def _optimizer_for(optim: str, params: list[Any]) -> Any:
     if optim == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)
-    import bitsandbytes as bnb
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)  # type: ignore[no-untyped-call]
+    bnb: Any = importlib.import_module("bitsandbytes")
 
     bits = 8 if "8bit" in optim else 32
     if "lion" in optim:
@@ -1162,8 +1165,8 @@ def _gpu_lm_head_kernels(tracker: _StorageTracker) -> Iterator[None]:
     buffer. None of them allocates, so the CPU fallbacks (which do) become no-ops. Only the
     labelled positions are scored (``compact``), as with Triton.
     """
-    import trl.kernels.chunked_logprob as kernels
-    import trl.trainer.utils as trainer_utils
+    kernels: Any = importlib.import_module("trl.kernels.chunked_logprob")
+    trainer_utils: Any = importlib.import_module("trl.trainer.utils")
 
     def no_allocation(*args: Any, **kwargs: Any) -> None:
         return None
