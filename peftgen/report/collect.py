@@ -18,7 +18,6 @@ from peftgen.plan import (
     largest_fitting_max_length,
     precision_order,
 )
-from peftgen.render import PINNED_VERSIONS
 from peftgen.report.data import (
     CurvePoint,
     FitCell,
@@ -41,6 +40,9 @@ def report_data(resolved: Resolved, plan: Plan) -> ReportData:
     ``plan`` is the one ``plan`` / ``emit`` made (with any ``--gpu`` / ``--vram-gib``
     override already applied); the what-ifs use the very GPU it was made for.
     """
+    # Imported here: ``peftgen.render`` may import this package to write ``plan.md``.
+    from peftgen.render import PINNED_VERSIONS
+
     spec = resolved.loaded.spec
     gpu = plan_gpu(plan)
     precisions = [candidate.precision for candidate in plan.candidates]

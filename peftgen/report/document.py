@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from jinja2 import Environment
 from markupsafe import Markup
 
-from peftgen import __version__, render
+from peftgen import __version__
 from peftgen.plan import Candidate, Plan
 from peftgen.report.data import (
     COMPONENTS,
@@ -249,7 +249,10 @@ def yaml_value(value: object) -> str:
 @cache
 def _environment(html: bool) -> Environment:
     """The emit templates' environment (strict, same loader), escaping HTML for the page."""
-    base = render.environment()
+    # Imported here: ``peftgen.render`` may import this package to write ``plan.md``.
+    from peftgen.render import environment as emit_environment
+
+    base = emit_environment()
     environment = base.overlay(autoescape=html, trim_blocks=False, lstrip_blocks=False)
     environment.filters = {
         **base.filters,
