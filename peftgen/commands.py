@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from peftgen.load import load_spec
 from peftgen.plan import Plan
+
+if TYPE_CHECKING:
+    from peftgen.simulate import SimulationResult
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -77,18 +81,73 @@ def plan(args: argparse.Namespace) -> int:
     if args.json:
         data = result.to_json()
         if simulation is not None:
-            data["simulation"] = {"precision": simulation.precision, **simulation.to_json()}
+            for candidate in data["candidates"]:
+                if candidate["precision"] == simulation.precision:
+                    candidate["simulated"] = simulation.to_json()
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return 0 if result.fits else 3
     _print_plan(result)
     if simulation is not None:
-        analytic = next(c for c in result.candidates if c.precision == simulation.precision)
-        print(
-            f"simulated one step at {simulation.precision}: peak allocated "
-            f"{simulation.peak_allocated_bytes / 2**30:.2f} GiB (analytic "
-            f"{analytic.peak_allocated_bytes / 2**30:.2f} GiB), {simulation.seconds:.0f} s"
-        )
+        _print_simulation(result, simulation)
     return 0 if result.fits else 3
+
+
+def _print_simulation(result: Plan, simulation: SimulationResult) -> None:
+    """Analytic and simulated side by side: per category at the peak, then per phase."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftgen.simulate import CATEGORIES
+
+    gib = 2**30
+    analytic = next(c for c in result.candidates if c.precision == simulation.precision)
+    console = Console(highlight=False)
+    console.print(
+        f"[bold]simulated one step[/] at {simulation.precision} on fake tensors in "
+        f"{simulation.seconds:.0f} s: peak allocated {simulation.peak_allocated_bytes / gib:.2f} "
+        f"GiB in {simulation.peak_phase} (analytic {analytic.peak_allocated_bytes / gib:.2f} "
+        f"GiB, {analytic.phase})"
+    )
+    b = analytic.breakdown
+    analytic_by_category = {
+        "parameters": b.weights_bytes + b.adapter_bytes,
+        "gradients": b.gradient_bytes,
+        "optimizer_state": b.optimizer_bytes,
+        "activations": b.activation_bytes,
+        "temporaries": b.logits_bytes,
+    }
+    at_peak = simulation.phases[simulation.peak_phase].by_category
+    table = Table(title="at the peak, per category (GiB)")
+    for column in ("category", "analytic", "simulated", "difference"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for name in CATEGORIES:
+        a, s = analytic_by_category[name], at_peak[name]
+        table.add_row(name.replace("_", " "), f"{a / gib:.2f}", f"{s / gib:.2f}", _diff(a, s))
+    table.add_section()
+    a, s = analytic.peak_allocated_bytes, simulation.peak_allocated_bytes
+    table.add_row("peak allocated", f"{a / gib:.2f}", f"{s / gib:.2f}", _diff(a, s))
+    console.print(table)
+    phases = Table(title="simulated peak per phase (GiB)")
+    phases.add_column("phase")
+    for name in ("peak", *CATEGORIES):
+        phases.add_column(name.replace("_", " "), justify="right")
+    for phase, peak in simulation.phases.items():
+        phases.add_row(
+            phase.replace("_", " "),
+            f"{peak.peak_allocated_bytes / gib:.2f}",
+            *(f"{peak.by_category[name] / gib:.2f}" for name in CATEGORIES),
+        )
+    console.print(phases)
+    console.print(
+        "analytic temporaries = its logits/loss term; the analytic estimate has one peak "
+        f"({analytic.phase}), not one per phase"
+    )
+
+
+def _diff(analytic_bytes: int, simulated_bytes: int) -> str:
+    if simulated_bytes == 0:
+        return "-" if analytic_bytes == 0 else "+inf"
+    return f"{100 * (analytic_bytes - simulated_bytes) / simulated_bytes:+.1f}%"
 
 
 def _print_plan(result: Plan) -> None:
@@ -208,6 +267,8 @@ def report(args: argparse.Namespace) -> int:
     from peftgen.resolve import resolve
 
     resolved = resolve(load_spec(args.spec))
+    for warning in resolved.warnings:
+        print(warning, file=sys.stderr)
     data = report_data(resolved, make_plan(resolved, args.gpu, args.vram_gib))
     output: Path | None = args.output
     charts: dict[str, str] = {}

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from markupsafe import escape
 from ruamel.yaml import YAML
 
 from peftgen.cli import main
@@ -421,11 +422,9 @@ def test_nothing_fits_says_so_and_lists_the_suggestions(tmp_path: Path) -> None:
         e for e in page.tagged if e.get("data-plan-key", "").endswith("peak_reserved_bytes")
     ]
     assert int(verdict_numbers[0]["data-bytes"]) == smallest
-    from html import escape
-
     for suggestion in plan["suggestions"]:
-        assert escape(suggestion["action"], quote=False) in text
-        assert escape(suggestion["detail"], quote=False) in text
+        assert escape(suggestion["action"]) in text
+        assert escape(suggestion["detail"]) in text
     markdown = render_to(tmp_path, spec, "md", "--vram-gib", "4").read_text(encoding="utf-8")
     assert "**Does not fit" in markdown
     assert len(re.findall(r"^\d+\. \*\*", markdown, flags=re.MULTILINE)) == len(plan["suggestions"])
@@ -555,3 +554,16 @@ def test_assumptions_are_grouped_by_component_and_shared_texts_listed_once() -> 
     markdown = render_markdown(data, charts="none").text
     assert "<details><summary>Weights</summary>" in markdown
     assert r"*4-bit*: 4bit \<weights\> & scales" in markdown
+
+
+def test_spec_warnings_from_the_resolver_are_on_the_page(tmp_path: Path) -> None:
+    spec = with_changes(
+        REPO / "specs" / "llama3-8b-clinical-qlora.yaml", tmp_path, {"training.max_length": 16384}
+    )
+    resolved = resolve(load_spec(spec))
+    assert resolved.warnings, "the resolver should warn about max_length past 8192 positions"
+    text = render_to(tmp_path, spec, "html").read_text(encoding="utf-8")
+    markdown = render_to(tmp_path, spec, "md").read_text(encoding="utf-8")
+    for warning in resolved.warnings:
+        assert escape(warning) in text
+        assert markdown_text(warning) in markdown

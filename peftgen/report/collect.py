@@ -78,6 +78,7 @@ def report_data(resolved: Resolved, plan: Plan) -> ReportData:
             for precision in precisions
         ),
         versions=tuple(PINNED_VERSIONS.items()),
+        spec_warnings=resolved.warnings,
     )
 
 

@@ -123,4 +123,6 @@ class ReportData:
     limits: tuple[PrecisionLimits, ...]
     versions: tuple[tuple[str, str], ...]
     """(library, version) pairs the estimator models, e.g. ("trl", "1.16.0")."""
+    spec_warnings: tuple[str, ...] = ()
+    """The loader's and resolver's warnings about the spec (the plan has its own)."""
     common_gpu_sizes_gib: tuple[int, ...] = (16, 24, 40, 48, 80)

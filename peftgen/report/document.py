@@ -122,6 +122,7 @@ def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
             plan.trainable_parameters, plan.total_parameters
         ),
         "assumptions": _assumption_groups(plan.candidates),
+        "warnings": [*data.spec_warnings, *plan.warnings],
     }
 
 
