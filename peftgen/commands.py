@@ -128,12 +128,12 @@ def _print_simulation(result: Plan, simulation: SimulationResult) -> None:
     table.add_row("peak allocated", f"{a / gib:.2f}", f"{s / gib:.2f}", _diff(a, s))
     console.print(table)
     phases = Table(title="simulated peak per phase (GiB)")
-    phases.add_column("phase")
-    for name in ("peak", *CATEGORIES):
-        phases.add_column(name.replace("_", " "), justify="right")
+    phases.add_column("phase", no_wrap=True)
+    for name in ("peak", "params", "grads", "optim", "activ", "temp"):
+        phases.add_column(name, justify="right")
     for phase, peak in simulation.phases.items():
         phases.add_row(
-            phase.replace("_", " "),
+            phase.replace("optimizer_step", "optim step"),
             f"{peak.peak_allocated_bytes / gib:.2f}",
             *(f"{peak.by_category[name] / gib:.2f}" for name in CATEGORIES),
         )
