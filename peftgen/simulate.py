@@ -725,6 +725,7 @@ def build_model(resolved: Resolved, precision: str, compute_dtype: str = "bf16")
         resolved,
         quantized=precision in ("8bit", "4bit"),
         gc=spec.training.gradient_checkpointing,
+        compute_dtype=dtype,
     )
 
 
@@ -896,7 +897,9 @@ def _forward_8bit(self: Any, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _prepare_peft(model: Any, resolved: Resolved, quantized: bool, gc: bool) -> Any:
+def _prepare_peft(
+    model: Any, resolved: Resolved, quantized: bool, gc: bool, compute_dtype: torch.dtype
+) -> Any:
     """peft wrapping and trl 1.16's preparation for PEFT, in the trainer's order."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -938,6 +941,12 @@ def _prepare_peft(model: Any, resolved: Resolved, quantized: bool, gc: bool) -> 
         "grpo": ("log_probs", "entropy"),
     }[spec.method]
     add_fused_lm_head(base, outputs=outputs)
+    if compute_dtype == torch.float16:
+        # the generated script: fp16 mixed precision needs fp32 trainable weights (the
+        # gradient scaler refuses fp16 ones)
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     peft_model.train()
     return peft_model
 
