@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,7 @@ class DevTools:
                 "--no-first-run",
                 "--no-default-browser-check",
                 "--disable-gpu",
+                "--disable-dev-shm-usage",
                 "--disable-extensions",
                 "--disable-background-networking",
                 "--disable-component-update",
@@ -112,8 +114,11 @@ class DevTools:
                 seen = event
         return seen
 
-    def _read(self) -> dict[str, Any]:
+    def _read(self, timeout_s: float = 60.0) -> dict[str, Any]:
         while b"\0" not in self._buffer:
+            ready, _, _ = select.select([self._from_browser], [], [], timeout_s)
+            if not ready:
+                raise TimeoutError(f"chromium sent nothing for {timeout_s:.0f} s")
             chunk = os.read(self._from_browser, 1 << 16)
             if not chunk:
                 raise RuntimeError("chromium closed the DevTools pipe")
