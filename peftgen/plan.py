@@ -505,24 +505,28 @@ def suggest_changes(
     resolved: Resolved, gpu: Gpu, precision: LoadPrecision, candidates: tuple[Candidate, ...]
 ) -> list[Suggestion]:
     """Spec edits that would make ``precision`` fit (or come closer), ranked: edits that
-    fit first, in order of how little they change the training, then the rest by peak."""
+    fit first, in order of how little they change what is trained (``DISRUPTION``), then
+    the rest by peak."""
     spec = resolved.loaded.spec
     training = spec.training
     base = next(c for c in candidates if c.precision == precision)
-    made: list[Suggestion] = []
+    made: list[tuple[int, Suggestion]] = []
 
     def add(action: str, change: dict[str, Any], what: str) -> None:
         after = estimate_candidate(resolved, precision, change, gpu)
         saved = base.peak_reserved_bytes - after.peak_reserved_bytes
         verdict = "fits" if after.fits else "still over"
         made.append(
-            Suggestion(
-                action=action,
-                detail=f"{what}: saves {_gib(saved)}, "
-                f"peak {_gib(after.peak_reserved_bytes)} ({verdict})",
-                change=change,
-                peak_reserved_bytes=after.peak_reserved_bytes,
-                fits=after.fits,
+            (
+                _disruption(change),
+                Suggestion(
+                    action=action,
+                    detail=f"{what}: saves {_gib(saved)}, "
+                    f"peak {_gib(after.peak_reserved_bytes)} ({verdict})",
+                    change=change,
+                    peak_reserved_bytes=after.peak_reserved_bytes,
+                    fits=after.fits,
+                ),
             )
         )
 
@@ -530,12 +534,15 @@ def suggest_changes(
         for candidate in candidates:
             if candidate.fits:
                 made.append(
-                    Suggestion(
-                        action=f"load in {candidate.precision}",
-                        detail=f"peak {_gib(candidate.peak_reserved_bytes)} (fits)",
-                        change={"precision": candidate.precision},
-                        peak_reserved_bytes=candidate.peak_reserved_bytes,
-                        fits=True,
+                    (
+                        0,
+                        Suggestion(
+                            action=f"load in {candidate.precision}",
+                            detail=f"peak {_gib(candidate.peak_reserved_bytes)} (fits)",
+                            change={"precision": candidate.precision},
+                            peak_reserved_bytes=candidate.peak_reserved_bytes,
+                            fits=True,
+                        ),
                     )
                 )
                 break
@@ -555,18 +562,21 @@ def suggest_changes(
             "optimizer state in 8 bits, paged to host memory under pressure",
         )
     effective = training.per_device_train_batch_size * training.gradient_accumulation_steps
-    batch = largest_fitting_batch(
-        resolved, precision, gpu=gpu, upper=training.per_device_train_batch_size - 1
-    )
-    while batch is not None and batch > 1 and effective % batch:
-        batch -= 1
-    if batch is not None and training.per_device_train_batch_size > 1:
+    batch_change: dict[str, Any] = {}
+    if training.per_device_train_batch_size > 1:
+        batch = largest_fitting_batch(
+            resolved, precision, gpu=gpu, upper=training.per_device_train_batch_size - 1
+        )
+        batch = batch or 1
+        while batch > 1 and effective % batch:
+            batch -= 1
+        batch_change = {
+            "training.per_device_train_batch_size": batch,
+            "training.gradient_accumulation_steps": effective // batch,
+        }
         add(
             f"lower the micro-batch to {batch} and raise accumulation to {effective // batch}",
-            {
-                "training.per_device_train_batch_size": batch,
-                "training.gradient_accumulation_steps": effective // batch,
-            },
+            batch_change,
             f"same effective batch of {effective}",
         )
     length = largest_fitting_max_length(resolved, precision, gpu=gpu, upper=training.max_length - 1)
@@ -576,13 +586,69 @@ def suggest_changes(
             {"training.max_length": length},
             f"the longest sequence that fits (was {training.max_length})",
         )
+    grpo = getattr(spec, "grpo", None)
+    if grpo is not None:
+        completion = _largest_fitting(
+            1,
+            grpo.max_completion_length - 1,
+            lambda n: (
+                estimate_candidate(resolved, precision, {"grpo.max_completion_length": n}, gpu).fits
+            ),
+        )
+        if completion is not None:
+            add(
+                f"shorten max_completion_length to {completion}",
+                {"grpo.max_completion_length": completion},
+                f"the longest completion that fits (was {grpo.max_completion_length})",
+            )
     if spec.lora.r > 4:
         smaller = max(4, spec.lora.r // 4)
         add(f"lower the LoRA rank to {smaller}", {"lora.r": smaller}, "fewer adapter parameters")
-    made.extend(smallest_fitting_gpu(resolved, gpu))
-    fitting = [s for s in made if s.fits]
-    others = sorted((s for s in made if not s.fits), key=lambda s: s.peak_reserved_bytes or 0)
-    return fitting + others
+    combined = combined_change(resolved, gpu, precision, batch_change)
+    if combined and all(combined != s.change for _, s in made):
+        add("combine these changes", combined, "together")
+    made.extend((_disruption(s.change), s) for s in smallest_fitting_gpu(resolved, gpu))
+    fitting = sorted(((d, s) for d, s in made if s.fits), key=lambda item: item[0])
+    others = sorted((s for _, s in made if not s.fits), key=lambda s: s.peak_reserved_bytes or 0)
+    return [s for _, s in fitting] + others
+
+
+DISRUPTION = {
+    "precision": 0,
+    "training.gradient_checkpointing": 1,
+    "training.optim": 2,
+    "training.per_device_train_batch_size": 3,
+    "training.gradient_accumulation_steps": 3,
+    "lora.r": 4,
+    "hardware.gpu": 5,
+    "grpo.max_completion_length": 6,
+    "training.max_length": 7,
+}
+"""How much an edit changes what is trained (0: nothing but speed or numerics; 7: the
+data seen). A combination counts as its most disruptive edit."""
+
+
+def _disruption(change: Mapping[str, Any]) -> int:
+    return max(DISRUPTION.get(key, len(DISRUPTION)) for key in change)
+
+
+def combined_change(
+    resolved: Resolved, gpu: Gpu, precision: LoadPrecision, batch_change: dict[str, Any]
+) -> dict[str, Any]:
+    """Checkpointing, the paged 8-bit optimizer and the smaller micro-batch together, and
+    when that is not enough the longest ``max_length`` that fits with all of them."""
+    training = resolved.loaded.spec.training
+    change: dict[str, Any] = dict(batch_change)
+    if not training.gradient_checkpointing:
+        change["training.gradient_checkpointing"] = True
+    if training.optim not in PAGED_OPTIMIZERS:
+        change["training.optim"] = "paged_adamw_8bit"
+    if estimate_candidate(resolved, precision, change, gpu).fits:
+        return change
+    length = largest_fitting_max_length(
+        resolved, precision, change, gpu, upper=training.max_length - 1
+    )
+    return {**change, "training.max_length": length} if length is not None else {}
 
 
 def smallest_fitting_gpu(resolved: Resolved, current: Gpu) -> list[Suggestion]:
