@@ -681,13 +681,19 @@ def layer_saved_activation_bytes(inputs: EstimateInput, tokens: int) -> int:
 
 def backward_transient_bytes(inputs: EstimateInput, tokens: int) -> int:
     """Short-lived tensors at the worst moment of one layer's backward: two gradients of
-    the MLP's widest activation, and the dequantized weight of the largest 8/4-bit linear
+    the widest activation, and the dequantized weight of the largest 8/4-bit linear
     (MatMul4Bit dequantizes the whole weight to the compute dtype in forward and backward,
-    autograd/_functions.py:384,446; LLM.int8 dequantizes CB in backward, :237)."""
+    autograd/_functions.py:384,446; LLM.int8 dequantizes CB in backward, :237).
+
+    When LoRA adapts the layer, the gradient reaching the adapter's input is in the
+    adapter's dtype (fp32 adapters: the fp32-cast input's gradient, then the dropout's),
+    so the two gradients take the adapter's element size when it is the larger."""
     c = inputs.arch.config
-    compute = DTYPE_BYTES[inputs.compute_dtype]
-    grads = 2 * compute * tokens * max(c.intermediate_size, c.num_attention_heads * c.head_dim)
-    return grads + dequantized_weight_transient_bytes(inputs)
+    element = DTYPE_BYTES[inputs.compute_dtype]
+    if targeted_modules(inputs.arch, inputs.target_modules):
+        element = max(element, DTYPE_BYTES[adapter_dtype(inputs)])
+    width = max(c.intermediate_size, c.num_attention_heads * c.head_dim)
+    return 2 * element * tokens * width + dequantized_weight_transient_bytes(inputs)
 
 
 def dequantized_weight_transient_bytes(inputs: EstimateInput) -> int:
