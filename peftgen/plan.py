@@ -488,6 +488,11 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
             "the fp16 gradient scaler refuses fp16 parameters ('Attempting to unscale FP16 "
             "gradients'); load in 8bit/4bit or drop modules_to_save"
         )
+    if spec.hardware.distributed in ("fsdp", "deepspeed-zero2", "deepspeed-zero3"):
+        warnings.append(
+            f"hardware.distributed: {spec.hardware.distributed} shards across GPUs, which the "
+            "plan does not model yet: its figures are for one GPU holding the whole run"
+        )
     if spec.method == "grpo":
         warnings.append(
             "grpo: the estimate takes training.max_length as the prompt length, so each row "
