@@ -257,8 +257,48 @@ def estimate_candidate(
     """The peak for the spec as written (or with ``overrides``) loaded in ``precision``."""
     target = gpu or resolved.gpu
     budget = budget_bytes(target, resolved.loaded.spec.hardware.headroom_fraction)
-    result = estimate(estimate_input(resolved, precision, overrides, target))
-    return candidate_from_estimate(precision, result, budget)
+    inputs = estimate_input(resolved, precision, overrides, target)
+    candidate = candidate_from_estimate(precision, estimate(inputs), budget)
+    return replace(candidate, assumptions=candidate_assumptions(inputs))
+
+
+def candidate_assumptions(inputs: EstimateInput) -> tuple[Assumption, ...]:
+    """Why each component has its size, in words the report and the script can print."""
+    dtype = inputs.compute_dtype
+    if inputs.precision == "4bit":
+        double = " + double quantization" if inputs.bnb_4bit_use_double_quant else ""
+        weights = (
+            f"linear layers in {inputs.bnb_4bit_quant_type.upper()}{double} (blocks of 64); "
+            f"embeddings, lm_head and norms stay {dtype}"
+        )
+    elif inputs.precision == "8bit":
+        weights = f"linear layers in LLM.int8 (int8 + fp32 row scales); the rest stays {dtype}"
+    else:
+        weights = f"every weight in {dtype}"
+    checkpointing = (
+        "gradient checkpointing: each layer keeps its input, one layer is recomputed"
+        if inputs.gradient_checkpointing
+        else "no checkpointing: every layer keeps its saved tensors until its backward"
+    )
+    if inputs.precision == "8bit" and inputs.gradient_checkpointing:
+        checkpointing += "; LLM.int8 layers keep their inputs regardless"
+    optimizer = f"{inputs.optim} state for the trainable parameters"
+    if inputs.optim in PAGED_OPTIMIZERS:
+        optimizer += " in CUDA managed memory, outside torch's counters (managed_bytes)"
+    return (
+        Assumption("weights_bytes", weights),
+        Assumption("adapter_bytes", f"LoRA weights in {adapter_dtype(inputs)}"),
+        Assumption("optimizer_bytes", optimizer),
+        Assumption(
+            "activation_bytes",
+            f"{checkpointing}; {inputs.attn_implementation} attention; "
+            f"{inputs.micro_batch} x {inputs.max_length} tokens per micro-batch",
+        ),
+        Assumption(
+            "logits_bytes",
+            "trl's fused LM head: 4096 x 32768 tiles, never the full logits",
+        ),
+    )
 
 
 def _largest_fitting(low: int, high: int, fits: Callable[[int], bool]) -> int | None:
