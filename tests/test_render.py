@@ -412,3 +412,22 @@ def test_local_file_with_another_split_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(UserError, match=r"dataset\.split"):
         _render(path)
+
+
+def test_emit_never_imports_the_training_stack(tmp_path: Path) -> None:
+    """The analytic path stays light: rendering needs no torch, transformers or trl."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from peftgen.cli import main\n"
+        f"code = main(['emit', {str(_spec(tmp_path))!r}, '-o', {str(tmp_path / 'out')!r}])\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') "
+        "if m in sys.modules]\n"
+        "print(code, heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "0 []"
