@@ -315,10 +315,6 @@ def _breakdown_rows(candidate: Candidate) -> list[tuple[str, int]]:
     return [(label, getattr(candidate.breakdown, key)) for key, label in BREAKDOWN_LABELS]
 
 
-def _decision_reasons(plan: Plan) -> dict[str, str]:
-    return {decision.knob: comment_text(decision.reason) for decision in plan.decisions}
-
-
 def _ampere_or_newer(compute_capability: str | None) -> bool:
     if compute_capability is None:
         return False
@@ -365,7 +361,8 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
         or "8bit" in training.optim
         or training.optim.startswith("paged_")
     )
-    reasons = _decision_reasons(plan)
+    # The plan's decisions by knob, flattened for comments: templates quote the reasons.
+    reasons = {decision.knob: comment_text(decision.reason) for decision in plan.decisions}
     values = {decision.knob: comment_text(decision.value) for decision in plan.decisions}
     context: dict[str, Any] = {
         "spec": spec,
@@ -384,7 +381,6 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
         "compute_dtype": compute_dtype,
         "mixed_precision_flag": "bf16" if bf16 else "fp16",
         "tf32": _ampere_or_newer(plan.gpu.compute_capability),
-        "uses_bitsandbytes": uses_bnb,
         "pinned": {
             name: version
             for name, version in PINNED_VERSIONS.items()
@@ -393,14 +389,12 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
         "data_loader": loader,
         "data_path": spec.dataset.path,
         "modules_to_save": _modules_to_save(spec),
-        "chatml_template": CHATML_TEMPLATE,
         "chatml_tokens": list(CHATML_SPECIAL_TOKENS),
         "output_dir": spec.resolved_output_dir,
         "merged_dir": spec.resolved_output_dir.rstrip("/") + "-merged",
         "precision_text": _precision_text(spec, precision, compute_dtype),
         "eval_strategy": "steps" if training.save_strategy == "steps" else "epoch",
         "chatml_template_lines": _split_template(CHATML_TEMPLATE),
-        "reasons": reasons,
         "reason": lambda knob: reasons.get(knob, ""),
         "plan_value": lambda knob: values.get(knob, ""),
         "warnings": [comment_text(text) for text in plan.warnings],
@@ -425,12 +419,7 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
 
 
 def render_train_script(loaded: LoadedSpec, plan: Plan) -> str:
-    context = build_context(loaded, plan)
-    return render_template(TRAIN_TEMPLATES[loaded.spec.method], context)
-
-
-def render_merge_script(loaded: LoadedSpec, plan: Plan) -> str:
-    return render_template("merge.py.j2", build_context(loaded, plan))
+    return render_template(TRAIN_TEMPLATES[loaded.spec.method], build_context(loaded, plan))
 
 
 def render_plan_markdown(plan: Plan, loaded: LoadedSpec) -> str:
@@ -440,9 +429,10 @@ def render_plan_markdown(plan: Plan, loaded: LoadedSpec) -> str:
 
 def render_all(loaded: LoadedSpec, plan: Plan) -> dict[str, str]:
     """Every file ``emit -o DIR`` writes, by file name, in a fixed order."""
+    context = build_context(loaded, plan)
     return {
-        "train.py": render_train_script(loaded, plan),
-        "merge.py": render_merge_script(loaded, plan),
+        "train.py": render_template(TRAIN_TEMPLATES[loaded.spec.method], context),
+        "merge.py": render_template("merge.py.j2", context),
         "plan.md": render_plan_markdown(plan, loaded),
         "spec.yaml": resolved_spec_yaml(loaded),
     }
