@@ -123,6 +123,7 @@ class SimulationResult:
             "peak_phase": self.peak_phase,
             "managed_bytes": self.managed_bytes,
             "seconds": round(self.seconds, 3),
+            "notes": list(self.notes),
         }
 
 
@@ -459,9 +460,9 @@ def _simulate(resolved: Resolved, precision: str, compute_dtype: str) -> dict[st
 
     spec = resolved.loaded.spec
     torch.manual_seed(0)
-    model = build_model(resolved, precision, compute_dtype)
-    tracker = _StorageTracker()
     state = _SimState()
+    model = build_model(resolved, precision, compute_dtype, state.notes)
+    tracker = _StorageTracker()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     packed = spec.method == "sft" and spec.training.packing
     with fake_mode, _gpu_lm_head_kernels(tracker), _gpu_functions(), _sequences(packed):
@@ -704,19 +705,41 @@ def _attn_implementation(resolved: Resolved) -> str:
     return "eager" if requested == "eager" else "sdpa"
 
 
-def build_model(resolved: Resolved, precision: str, compute_dtype: str = "bf16") -> Any:
-    """The PEFT model on the meta device, loaded and prepared as the trainer has it."""
-    import torch
+def _from_config(config: Any, dtype: torch.dtype, attn: str, notes: list[str]) -> Any:
+    """The model on the meta device; eager attention where transformers refuses SDPA.
+
+    transformers 5.24 raises for SDPA on some families (Gemma-2's soft-capped attention);
+    the script would have to run eager there, and so does the simulation (with a note).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        try:
+            return AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+                config, dtype=dtype, attn_implementation=attn
+            )
+        except ValueError as error:
+            if attn == "eager" or "attention implementation" not in str(error):
+                raise
+            notes.append(f"{config.model_type}: transformers refuses {attn}; simulated eager")
+            return AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+                config, dtype=dtype, attn_implementation="eager"
+            )
+
+
+def build_model(
+    resolved: Resolved, precision: str, compute_dtype: str = "bf16", notes: list[str] | None = None
+) -> Any:
+    """The PEFT model on the meta device, loaded and prepared as the trainer has it."""
+    import torch
 
     spec = resolved.loaded.spec
     dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float16
     config = transformers_config(resolved)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-            config, dtype=dtype, attn_implementation=_attn_implementation(resolved)
-        )
+    model = _from_config(
+        config, dtype, _attn_implementation(resolved), [] if notes is None else notes
+    )
     model.tie_weights()  # from_pretrained ties the output head to the embeddings; from_config not
     if precision in ("8bit", "4bit"):
         _quantize_linears(model, precision, resolved, dtype)
