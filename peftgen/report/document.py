@@ -188,8 +188,10 @@ class _AssumptionGroup:
 
 
 def _assumption_groups(candidates: tuple[Candidate, ...]) -> list[_AssumptionGroup]:
-    """Assumptions per component; a text shared by several precisions is listed once."""
+    """Assumptions per component; a text shared by several precisions is listed once, and
+    one that holds for every precision carries no precision tags at all."""
     labels = dict(COMPONENTS)
+    every = [candidate.precision for candidate in candidates]
     by_component: dict[str, dict[str, list[str]]] = {}
     for candidate in candidates:
         for assumption in candidate.assumptions:
@@ -199,7 +201,10 @@ def _assumption_groups(candidates: tuple[Candidate, ...]) -> list[_AssumptionGro
     return [
         _AssumptionGroup(
             labels.get(key, key),
-            tuple(_AssumptionItem(text, tuple(p)) for text, p in by_component[key].items()),
+            tuple(
+                _AssumptionItem(text, () if p == every else tuple(p))
+                for text, p in by_component[key].items()
+            ),
         )
         for key in order
         if key in by_component
