@@ -1,8 +1,9 @@
 """Agreement of the analytic estimator with the fake-tensor simulation, case by case.
 
 For each catalogue model x load precision {bf16, 8bit, 4bit} x max_length {512, 2048, 8192}
-x gradient checkpointing {on, off} (SFT, micro-batch 1, LoRA r=16 on all linear layers,
-adamw_torch), it computes ``peak_allocated_bytes`` both ways and prints one row per case
+x gradient checkpointing {on, off} (SFT unless ``--methods``, micro-batch 1, gradient
+accumulation 8, LoRA r=16 on all linear layers, adamw_torch; GRPO: 8 generations of 256),
+it computes ``peak_allocated_bytes`` both ways and prints one row per case
 plus the share of cases where the two agree within 5 %. The simulation is the reference
 here only in the sense that it runs the real code; where they disagree, the per-term
 columns say which term differs, and the benchmark notes in ``docs/simulate.md`` say which
@@ -62,13 +63,18 @@ class Row:
         return abs(self.relative_error) <= TOLERANCE
 
 
-def resolved_case(arch: ModelArch, max_length: int, gradient_checkpointing: bool) -> Resolved:
-    """A minimal SFT spec for ``arch``, validated by the real spec model."""
-    raw = {
+FORMAT_BY_METHOD = {"sft": "messages", "dpo": "preference", "grpo": "prompt"}
+
+
+def resolved_case(
+    arch: ModelArch, max_length: int, gradient_checkpointing: bool, method: str = "sft"
+) -> Resolved:
+    """A minimal spec for ``arch``, validated by the real spec model."""
+    raw: dict[str, Any] = {
         "name": "simulate-vs-analytic",
-        "method": "sft",
+        "method": method,
         "model": {"id": arch.id},
-        "dataset": {"path": "data.jsonl", "format": "messages"},
+        "dataset": {"path": "data.jsonl", "format": FORMAT_BY_METHOD[method]},
         "hardware": {"gpu": GPU},
         "lora": {"r": 16, "lora_alpha": 16, "target_modules": "all-linear"},
         "training": {
@@ -79,6 +85,12 @@ def resolved_case(arch: ModelArch, max_length: int, gradient_checkpointing: bool
             "optim": "adamw_torch",
         },
     }
+    if method == "grpo":
+        raw["grpo"] = {
+            "num_generations": 8,
+            "max_completion_length": 256,
+            "reward_funcs": ["length"],
+        }
     spec = SPEC_ADAPTER.validate_python(raw)
     text = json.dumps(raw, sort_keys=True)
     loaded = LoadedSpec(
@@ -92,8 +104,10 @@ def resolved_case(arch: ModelArch, max_length: int, gradient_checkpointing: bool
     return Resolved(loaded, arch, gpu)
 
 
-def run_case(arch: ModelArch, precision: str, max_length: int, checkpointing: bool) -> Row:
-    resolved = resolved_case(arch, max_length, checkpointing)
+def run_case(
+    arch: ModelArch, precision: str, max_length: int, checkpointing: bool, method: str = "sft"
+) -> Row:
+    resolved = resolved_case(arch, max_length, checkpointing, method)
     analytic = estimate_candidate(resolved, precision)  # type: ignore[arg-type]
     simulated = simulate_candidate(resolved, precision)
     analytic_terms = {
@@ -103,7 +117,7 @@ def run_case(arch: ModelArch, precision: str, max_length: int, checkpointing: bo
     }
     simulated_terms = {k: v for k, v in simulated.breakdown.items() if k != "overhead_bytes"}
     return Row(
-        model=arch.id,
+        model=arch.id if method == "sft" else f"{arch.id} {method}",
         precision=precision,
         max_length=max_length,
         gradient_checkpointing=checkpointing,
@@ -162,15 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N models")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
+    parser.add_argument("--methods", nargs="+", default=["sft"], choices=list(FORMAT_BY_METHOD))
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args(argv)
 
     rows: list[Row] = []
     print(HEADER)
     for arch in selected_models(args.models, args.limit):
-        grid = itertools.product(args.precisions, args.lengths, (True, False))
-        for precision, max_length, checkpointing in grid:
-            row = run_case(arch, precision, max_length, checkpointing)
+        grid = itertools.product(args.methods, args.precisions, args.lengths, (True, False))
+        for method, precision, max_length, checkpointing in grid:
+            row = run_case(arch, precision, max_length, checkpointing, method)
             rows.append(row)
             print(format_row(row), flush=True)
     within = sum(row.agrees for row in rows)
