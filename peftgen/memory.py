@@ -826,17 +826,55 @@ def grpo_generation_rows(inputs: EstimateInput) -> int:
 
 
 def grpo_generation_bytes(inputs: EstimateInput) -> int:
-    """Transient memory of the generation phase (no grad): the KV cache of the whole
-    generation batch at full length, the prefill's widest MLP activations for one layer,
-    and the fp32 next-token logits."""
+    """The generation phase's peak (no gradients): the larger of the prompt's prefill and
+    the last decoding step."""
+    return max(grpo_prefill_bytes(inputs), grpo_last_decode_bytes(inputs))
+
+
+def grpo_prefill_bytes(inputs: EstimateInput) -> int:
+    """Prefill of the whole generation batch: the prompt's KV cache plus one layer's
+    widest moment, the gated MLP: either forming ``up_proj``'s output plus its LoRA term
+    next to the activation, or ``down_proj``'s LoRA reading the product. The model stays in
+    train mode during trl's ``generate`` (``unwrap_model_for_generation`` does not call
+    ``eval()``), so LoRA dropout runs: an adapted ``down_proj`` casts its input to the
+    adapter dtype, applies dropout (output + bool mask) and autocast copies the result back
+    for the matmul, all while the product is alive. The residual stream (two hidden
+    tensors) and the dequantized weight of an 8/4-bit linear come on top."""
     c = inputs.arch.config
     compute = DTYPE_BYTES[inputs.compute_dtype]
     rows = grpo_generation_rows(inputs)
-    prefill_tokens = rows * inputs.max_length
-    cache = kv_cache_bytes(inputs, rows, grpo_sequence_length(inputs))
-    prefill = 3 * compute * prefill_tokens * c.intermediate_size
-    next_token_logits = 2 * 4 * rows * c.vocab_size
-    return cache + prefill + next_token_logits + dequantized_weight_transient_bytes(inputs)
+    tokens = rows * inputs.max_length
+    mlp_width = c.intermediate_size
+    if c.num_local_experts:
+        mlp_width = (c.moe_intermediate_size or c.intermediate_size) * (c.num_experts_per_tok or 1)
+    adapted = {m.name for m in targeted_modules(inputs.arch, inputs.target_modules)}
+    # act(gate) * up, with up's LoRA sum being formed: activation, base output, LoRA
+    # output and its scaled copy (4 tensors) when up (or gate) is adapted, else 3.
+    up_side = 4.0 if adapted & {"up_proj", "gate_proj", "gate_up_proj"} else 3.0
+    down_side = 1.0
+    if "down_proj" in adapted:
+        adapter = DTYPE_BYTES[adapter_dtype(inputs)]
+        upcast = adapter != compute
+        # product + its adapter-dtype cast + dropout output and mask + autocast's copy
+        copies = (adapter if upcast else 0) + (adapter + 1 if inputs.lora_dropout > 0 else 0)
+        down_side = 1 + (copies + (compute if upcast else 0)) / compute
+    mlp = int(max(up_side, down_side) * compute * tokens * mlp_width)
+    residual = 2 * compute * tokens * c.hidden_size
+    cache = kv_cache_bytes(inputs, rows, inputs.max_length)
+    return cache + mlp + residual + dequantized_weight_transient_bytes(inputs)
+
+
+def grpo_last_decode_bytes(inputs: EstimateInput) -> int:
+    """The last decoding step: the full KV cache, one layer's keys and values twice while
+    the cache grows by concatenation, and the next-token logits (compute dtype, fp32 copy,
+    fp32 probabilities for sampling)."""
+    c = inputs.arch.config
+    rows = grpo_generation_rows(inputs)
+    positions = grpo_sequence_length(inputs)
+    cache = kv_cache_bytes(inputs, rows, positions)
+    regrow = cache // c.num_hidden_layers
+    logits = (DTYPE_BYTES[inputs.compute_dtype] + 4 + 4) * rows * c.vocab_size
+    return cache + regrow + logits + dequantized_weight_transient_bytes(inputs)
 
 
 # --------------------------------------------------------------------------- totals
