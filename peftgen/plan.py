@@ -166,9 +166,13 @@ SPEC_KEY_TO_FIELD: dict[str, str] = {
 }
 
 
-def precision_order(gpu: Gpu) -> tuple[LoadPrecision, ...]:
-    """Candidates from the most to the least faithful: the GPU's 16-bit dtype, 8-bit, 4-bit."""
-    return ("bf16" if gpu.bf16 else "fp16", "8bit", "4bit")
+def precision_order(gpu: Gpu, requested: str = "auto") -> tuple[LoadPrecision, ...]:
+    """Candidates from the most to the least faithful: a 16-bit load (the GPU's, or the
+    one the spec fixes: fp16 on a bf16 GPU is allowed), 8-bit, 4-bit."""
+    sixteen: LoadPrecision = "bf16" if gpu.bf16 else "fp16"
+    if requested == "fp16":
+        sixteen = "fp16"
+    return (sixteen, "8bit", "4bit")
 
 
 def budget_bytes(gpu: Gpu, headroom_fraction: float) -> int:
@@ -355,7 +359,7 @@ def make_plan(
     spec = resolved.loaded.spec
     gpu = target_gpu(resolved, gpu_override, vram_gib_override)
     budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
-    order = precision_order(gpu)
+    order = precision_order(gpu, spec.precision)
     candidates = tuple(estimate_candidate(resolved, p, gpu=gpu) for p in order)
     chosen = choose_precision(spec.precision, candidates)
     first = estimate(estimate_input(resolved, order[0], gpu=gpu))
@@ -459,15 +463,14 @@ def plan_decisions(
             )
         )
     decisions.append(Decision("precision", chosen, reason))
-    compute = "bf16" if gpu.bf16 else "fp16"
-    decisions.append(
-        Decision(
-            "compute_dtype",
-            compute,
-            f"{gpu.name} {'supports' if gpu.bf16 else 'lacks'} native bfloat16"
-            f" (compute capability {gpu.compute_capability})",
-        )
+    compute = precision_order(gpu, spec.precision)[0]
+    compute_reason = (
+        "precision fp16 set in the spec"
+        if spec.precision == "fp16" and gpu.bf16
+        else f"{gpu.name} {'supports' if gpu.bf16 else 'lacks'} native bfloat16"
+        f" (compute capability {gpu.compute_capability})"
     )
+    decisions.append(Decision("compute_dtype", compute, compute_reason))
     if chosen is not None:
         chosen_candidate = by_precision[chosen]
         inputs = estimate_input(resolved, chosen, gpu=gpu)

@@ -59,6 +59,14 @@ def test_fixed_precision_is_honoured() -> None:
     assert "set in the spec" in plan.decisions[0].reason
 
 
+def test_fixed_fp16_on_a_bf16_gpu_is_a_candidate() -> None:
+    base = with_spec_changes(resolved(), "", precision="fp16")
+    plan = make_plan(base, gpu_override="a100-80gb")
+    assert [c.precision for c in plan.candidates] == ["fp16", "8bit", "4bit"]
+    assert plan.chosen_precision == "fp16"
+    assert next(d for d in plan.decisions if d.knob == "compute_dtype").value == "fp16"
+
+
 def test_fixed_precision_that_does_not_fit_suggests_one_that_does() -> None:
     base = with_spec_changes(resolved(), "", precision="bf16")
     plan = make_plan(base, vram_gib_override=12)
