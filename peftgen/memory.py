@@ -108,9 +108,6 @@ class StackProfile:
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES
 
 
-PINNED_STACK = StackProfile()
-
-
 @dataclass(frozen=True)
 class EstimateInput:
     """Everything the estimate depends on, independent of the spec's file format.
