@@ -113,7 +113,10 @@ class EstimateInput:
     """Everything the estimate depends on, independent of the spec's file format.
 
     Built from a spec by ``peftgen.plan.estimate_input``; the accuracy benchmark builds it
-    directly for published rows.
+    directly for published rows. GRPO's ``num_generations`` and ``beta`` are absent on
+    purpose: the generation batch is ``micro_batch x gradient_accumulation_steps`` rows
+    whatever the group size, and the reference log-probs (``beta > 0``) are computed
+    without gradients before the training step, one layer at a time.
     """
 
     arch: ModelArch
@@ -135,9 +138,7 @@ class EstimateInput:
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     optim: str = "adamw_torch"
     gradient_accumulation_steps: int = 1
-    num_generations: int = 8
     max_completion_length: int = 256
-    grpo_beta: float = 0.0
     world_size: int = 1
     """GPUs sharing the run (multi-GPU sharding: issue 8); 1 today."""
     stack: StackProfile = field(default_factory=StackProfile)

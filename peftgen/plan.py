@@ -161,7 +161,6 @@ SPEC_KEY_TO_FIELD: dict[str, str] = {
     "lora.use_dora": "use_dora",
     "lora.lora_dropout": "lora_dropout",
     "model.attn_implementation": "attn_implementation",
-    "grpo.num_generations": "num_generations",
     "grpo.max_completion_length": "max_completion_length",
 }
 
@@ -217,9 +216,7 @@ def estimate_input(
         attn_implementation=spec.model.attn_implementation,
         optim=training.optim,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
-        num_generations=grpo.num_generations if grpo else 8,
         max_completion_length=grpo.max_completion_length if grpo else 256,
-        grpo_beta=grpo.beta if grpo else 0.0,
         world_size=spec.hardware.num_gpus * spec.hardware.num_nodes,
     )
     if overrides:

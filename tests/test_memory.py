@@ -49,7 +49,6 @@ inputs_strategy = st.builds(
     attn_implementation=st.sampled_from(["sdpa", "flash_attention_2", "eager"]),
     optim=st.sampled_from(OPTIMIZERS),
     gradient_accumulation_steps=st.integers(1, 16),
-    num_generations=st.integers(2, 16),
     max_completion_length=st.integers(1, 2048),
 )
 
