@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from contextlib import redirect_stdout
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cache
 from html.parser import HTMLParser
 from pathlib import Path
@@ -26,7 +26,7 @@ from ruamel.yaml import YAML
 from peftgen.cli import main
 from peftgen.errors import UserError
 from peftgen.load import load_spec
-from peftgen.plan import Assumption, make_plan
+from peftgen.plan import Assumption, MemoryBreakdown, make_plan
 from peftgen.report import render_html, render_markdown, render_plan_markdown, report_data
 from peftgen.report.data import TIGHT_FRACTION
 from peftgen.report.document import markdown_code, markdown_fence, markdown_text
@@ -35,15 +35,7 @@ from peftgen.resolve import resolve
 REPO = Path(__file__).resolve().parent.parent
 SPECS = sorted((REPO / "specs").rglob("*.yaml"))
 GIB = 2**30
-BREAKDOWN_KEYS = (
-    "weights_bytes",
-    "adapter_bytes",
-    "gradient_bytes",
-    "optimizer_bytes",
-    "activation_bytes",
-    "logits_bytes",
-    "overhead_bytes",
-)
+BREAKDOWN_KEYS = tuple(f.name for f in fields(MemoryBreakdown))
 
 
 def test_there_are_example_specs() -> None:

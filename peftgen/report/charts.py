@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from peftgen.errors import UserError
+from peftgen.memory import GIB
 from peftgen.plan import Plan
 from peftgen.report.data import COMPONENTS, ReportData, precision_label
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-GIB = 2**30
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 COMPONENT_COLOURS: dict[str, str] = {
@@ -243,25 +243,10 @@ def max_length_curve_svg(data: ReportData) -> str:
         right = lengths[-1] * 1.3
         if model_max_positions < lengths[-1]:
             axes.axvspan(model_max_positions, right, color="#EEEEEE", zorder=0)
-            axes.annotate(
-                f"past the model's {model_max_positions:,} positions",
-                (model_max_positions, 0.02),
-                xycoords=("data", "axes fraction"),
-                xytext=(4, 0),
-                textcoords="offset points",
-                fontsize=8,
-                color="#555555",
-            )
+            past = f"past the model's {model_max_positions:,} positions"
+            _label_at_length(axes, model_max_positions, 0.02, past)
         axes.axvline(spec_max_length, color="#444444", linewidth=1.0, linestyle="--")
-        axes.annotate(
-            f"spec: {spec_max_length:,}",
-            (spec_max_length, 0.08),
-            xycoords=("data", "axes fraction"),
-            xytext=(4, 0),
-            textcoords="offset points",
-            fontsize=8,
-            color="#444444",
-        )
+        _label_at_length(axes, spec_max_length, 0.08, f"spec: {spec_max_length:,}")
         axes.set_xscale("log", base=2)
         axes.set_xlim(lengths[0] / 1.3, right)
         axes.set_xticks(lengths, [_length_label(length) for length in lengths])
@@ -274,6 +259,19 @@ def max_length_curve_svg(data: ReportData) -> str:
         axes.set_axisbelow(True)
         axes.legend(loc="upper left", frameon=True, framealpha=0.95, edgecolor="#CCCCCC")
         return _svg_text(figure, title)
+
+
+def _label_at_length(axes: Axes, length: int, height_fraction: float, text: str) -> None:
+    """Small text just right of ``length``, at a fraction of the axes' height."""
+    axes.annotate(
+        text,
+        (length, height_fraction),
+        xycoords=("data", "axes fraction"),
+        xytext=(4, 0),
+        textcoords="offset points",
+        fontsize=8,
+        color="#444444",
+    )
 
 
 def _sizes_to_show(sizes_gib: Sequence[int], data_top_gib: float) -> list[int]:

@@ -18,6 +18,7 @@ from jinja2 import Environment
 from markupsafe import Markup
 
 from peftgen import __version__
+from peftgen.memory import GIB
 from peftgen.plan import Candidate, Plan
 from peftgen.report.data import (
     COMPONENTS,
@@ -31,7 +32,6 @@ from peftgen.report.data import (
 if TYPE_CHECKING:
     from peftgen.load import LoadedSpec
 
-GIB = 2**30
 ChartMode = Literal["files", "inline", "none"]
 STATUS_LABELS: dict[FitStatus, str] = {"fits": "✓ fits", "tight": "⚠ tight", "no": "✗ no"}
 
