@@ -363,7 +363,9 @@ def make_plan(
     fits = chosen is not None
     suggestions: tuple[Suggestion, ...] = ()
     if not fits:
-        fallback = order[-1] if spec.precision == "auto" else _fixed(spec.precision)
+        # The precision whose edits are suggested: the fixed one when this GPU can load it
+        # (bf16 fixed in the spec is impossible on a GPU without bf16: then the smallest).
+        fallback = spec.precision if spec.precision in order else order[-1]
         suggestions = tuple(suggest_changes(resolved, gpu, fallback, candidates))
     return Plan(
         spec=spec.name,
@@ -385,11 +387,6 @@ def make_plan(
         warnings=tuple(plan_warnings(resolved, gpu, chosen)),
         decisions=tuple(plan_decisions(resolved, gpu, budget, candidates, chosen)),
     )
-
-
-def _fixed(precision: str) -> LoadPrecision:
-    assert precision in ("bf16", "fp16", "8bit", "4bit")
-    return precision  # type: ignore[return-value]
 
 
 def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None) -> Gpu:
@@ -501,6 +498,11 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
     """Traps the spec walks into on this GPU; each says what to do instead."""
     spec = resolved.loaded.spec
     warnings: list[str] = []
+    if spec.precision == "bf16" and not gpu.bf16:
+        warnings.append(
+            f"precision: bf16 is set in the spec but {gpu.name} has no bfloat16; "
+            "use fp16, 8bit or 4bit (or auto)"
+        )
     if spec.model.attn_implementation == "flash_attention_2" and not gpu.flash_attention_2:
         warnings.append(
             f"model.attn_implementation: flash_attention_2 has no kernels for {gpu.name} "

@@ -67,6 +67,15 @@ def test_fixed_fp16_on_a_bf16_gpu_is_a_candidate() -> None:
     assert next(d for d in plan.decisions if d.knob == "compute_dtype").value == "fp16"
 
 
+def test_fixed_bf16_planned_for_a_gpu_without_bf16() -> None:
+    """``--gpu t4`` on a bf16 spec: a plan (exit 3) that says why and what to load instead."""
+    base = with_spec_changes(resolved(), "", precision="bf16")
+    plan = make_plan(base, gpu_override="t4")
+    assert plan.chosen_precision is None and not plan.fits
+    assert any("has no bfloat16" in w for w in plan.warnings)
+    assert plan.suggestions[0].change == {"precision": "4bit"}
+
+
 def test_fixed_precision_that_does_not_fit_suggests_one_that_does() -> None:
     base = with_spec_changes(resolved(), "", precision="bf16")
     plan = make_plan(base, vram_gib_override=12)
