@@ -217,7 +217,7 @@ def estimate_input(
         optim=training.optim,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_completion_length=grpo.max_completion_length if grpo else 256,
-        world_size=spec.hardware.num_gpus * spec.hardware.num_nodes,
+        world_size=spec.hardware.world_size,
     )
     if overrides:
         unknown = set(overrides) - set(SPEC_KEY_TO_FIELD)
@@ -340,13 +340,34 @@ def largest_fitting_batch(
     gpu: Gpu | None = None,
     upper: int = 4096,
 ) -> int | None:
-    """The largest ``per_device_train_batch_size`` whose peak fits (None: not even 1)."""
+    """The largest ``per_device_train_batch_size`` the spec accepts whose peak fits (None:
+    no accepted size fits). GRPO accepts only sizes whose generation batch holds whole
+    groups of ``num_generations``."""
 
     def fits(batch: int) -> bool:
         changed = {**(overrides or {}), "training.per_device_train_batch_size": batch}
         return estimate_candidate(resolved, precision, changed, gpu).fits
 
-    return _largest_fitting(1, upper, fits)
+    batch = _largest_fitting(1, upper, fits)
+    while batch is not None and not accepted_batch(resolved, batch, overrides):
+        batch = batch - 1 if batch > 1 else None
+    return batch
+
+
+def accepted_batch(
+    resolved: Resolved, batch: int, overrides: Mapping[str, Any] | None = None
+) -> bool:
+    """The spec's own rule for a micro-batch size (GRPO: whole generation groups)."""
+    spec = resolved.loaded.spec
+    grpo = getattr(spec, "grpo", None)
+    if grpo is None:
+        return True
+    accumulation = (overrides or {}).get(
+        "training.gradient_accumulation_steps", spec.training.gradient_accumulation_steps
+    )
+    generation_batch = batch * spec.hardware.world_size * int(accumulation)
+    groups: int = grpo.num_generations
+    return generation_batch % groups == 0
 
 
 def make_plan(
@@ -373,7 +394,7 @@ def make_plan(
             name=gpu.name,
             vram_bytes=gpu.memory_bytes,
             bf16=gpu.bf16,
-            count=spec.hardware.num_gpus * spec.hardware.num_nodes,
+            count=spec.hardware.world_size,
             compute_capability=gpu.compute_capability,
             flash_attention_2=gpu.flash_attention_2,
         ),

@@ -21,6 +21,7 @@ from peftgen.plan import (
 from peftgen.resolve import Resolved, resolve
 from peftgen.spec import SPEC_ADAPTER
 
+REPO = Path(__file__).resolve().parent.parent
 PLAN_SPECS = Path(__file__).parent / "plan_specs"
 AUTO_SPEC = PLAN_SPECS / "llama3-8b-sft-auto.yaml"
 TOO_BIG_SPEC = PLAN_SPECS / "llama3-8b-too-big.yaml"
@@ -129,6 +130,16 @@ def test_largest_fitting_batch_is_the_boundary() -> None:
     key = "training.per_device_train_batch_size"
     assert estimate_candidate(base, "4bit", {key: batch}).fits
     assert not estimate_candidate(base, "4bit", {key: batch + 1}).fits
+
+
+def test_largest_grpo_batch_keeps_whole_generation_groups() -> None:
+    base = resolve(load_spec(REPO / "specs" / "qwen2.5-1.5b-grpo-lora.yaml"))
+    spec = base.loaded.spec
+    batch = largest_fitting_batch(base, "4bit")
+    assert batch is not None
+    generation_batch = batch * spec.training.gradient_accumulation_steps
+    assert generation_batch % spec.grpo.num_generations == 0  # type: ignore[union-attr]
+    assert estimate_candidate(base, "4bit", {"training.per_device_train_batch_size": batch}).fits
 
 
 def test_gradient_checkpointing_suggestion_reports_its_saving() -> None:
