@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peftgen.catalog import LinearModule, ModelArch, linear_modules, parameter_groups
-from peftgen.catalog.structure import LANGUAGE_MODEL
+from peftgen.catalog.structure import LANGUAGE_MODEL, QK_NORM_TYPES, SANDWICH_NORM_TYPES
 
 MIB = 2**20
 GIB = 2**30
@@ -625,22 +625,36 @@ def lora_saved_input_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
     return total
 
 
+SDPA_REFUSED_TYPES = frozenset({"gemma2"})
+"""Families whose transformers 5.24 model refuses sdpa (Gemma-2's soft-capped attention:
+``_supports_sdpa = False``, models/gemma2/modeling_gemma2.py:353): they run eager."""
+
+
+def effective_attn_implementation(inputs: EstimateInput) -> str:
+    """The attention kernel that really runs: sdpa falls back to eager where refused."""
+    if inputs.attn_implementation == "sdpa" and inputs.arch.config.model_type in SDPA_REFUSED_TYPES:
+        return "eager"
+    return inputs.attn_implementation
+
+
 def attention_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
     """What attention saves for backward in one layer.
 
     sdpa / flash-attention: q, k, v (k/v at the key-value head count), the output and a
     fp32 log-sum-exp per head and token, plus the contiguous copy of the output that
     o_proj reads. Eager: k/v expanded to every head (``repeat_kv``), the fp32 softmax and
-    its compute-dtype copy over (seq x seq) per head: the seq² term.
+    its compute-dtype copy over (seq x seq) per head: the seq² term; soft-capped logits
+    (Gemma-2, ``tanh``) keep one more compute-dtype copy.
     """
     c = inputs.arch.config
     compute = DTYPE_BYTES[inputs.compute_dtype]
     q_width = c.num_attention_heads * c.head_dim
     kv_width = c.num_key_value_heads * c.head_dim
-    if inputs.attn_implementation == "eager":
+    if effective_attn_implementation(inputs) == "eager":
         seq = sequence_length(inputs)
         rows = sequences_per_micro_batch(inputs)
-        scores = rows * c.num_attention_heads * seq * seq * (4 + compute)
+        softcap = compute if c.extra.get("attn_logit_softcapping") else 0
+        scores = rows * c.num_attention_heads * seq * seq * (4 + compute + softcap)
         return compute * tokens * (3 * q_width) + scores
     lse = 4 * tokens * c.num_attention_heads
     return compute * tokens * (2 * q_width + 2 * kv_width) + lse
@@ -661,10 +675,18 @@ def mlp_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
 
 
 def norm_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
-    """Two RMSNorms per layer; each saves its fp32-upcast input (``pow`` needs it)."""
-    h = inputs.arch.config.hidden_size
+    """RMSNorms of one layer; each saves its fp32-upcast input (``pow`` needs it).
+
+    Two per layer, four in Gemma 2/3 (norms after attention and MLP too); Qwen3 and
+    Gemma 3 also normalise q and k per head."""
+    c = inputs.arch.config
     per = 4 if inputs.stack.norm_saves_fp32_input else DTYPE_BYTES[inputs.compute_dtype]
-    return 2 * per * tokens * h
+    norms = 4 if c.model_type in SANDWICH_NORM_TYPES else 2
+    total = norms * per * tokens * c.hidden_size
+    if c.model_type in QK_NORM_TYPES:
+        heads = c.num_attention_heads + c.num_key_value_heads
+        total += per * tokens * heads * c.head_dim
+    return total
 
 
 def layer_saved_activation_bytes(inputs: EstimateInput, tokens: int) -> int:

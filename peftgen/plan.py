@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 from peftgen.catalog import Gpu, find_gpu, gpu_catalogue, gpu_names, suggest
 from peftgen.errors import UserError
-from peftgen.memory import GIB, PAGED_OPTIMIZERS, Estimate, EstimateInput, adapter_dtype, estimate
+from peftgen.memory import (
+    GIB,
+    PAGED_OPTIMIZERS,
+    SDPA_REFUSED_TYPES,
+    Estimate,
+    EstimateInput,
+    adapter_dtype,
+    estimate,
+)
 from peftgen.resolve import Resolved
 
 LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
@@ -534,6 +542,15 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
             f"training.optim: {spec.training.optim} keeps its states in CUDA managed memory, "
             "invisible to torch.cuda.max_memory_allocated/reserved (nvidia-smi shows them); "
             "the plan lists them as managed_bytes outside the peak"
+        )
+    if (
+        spec.model.attn_implementation == "sdpa"
+        and resolved.arch.config.model_type in SDPA_REFUSED_TYPES
+    ):
+        warnings.append(
+            f"model.attn_implementation: transformers 5.24 refuses sdpa for "
+            f"{resolved.arch.config.model_type} (soft-capped attention); the plan assumes "
+            "eager, which the script must request (or flash_attention_2)"
         )
     if spec.model.attn_implementation == "eager":
         warnings.append(
