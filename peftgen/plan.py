@@ -23,6 +23,7 @@ from peftgen.memory import (
     EstimateInput,
     adapter_dtype,
     estimate,
+    moe_experts_per_layer,
 )
 from peftgen.resolve import Resolved
 
@@ -551,6 +552,16 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
             f"model.attn_implementation: transformers 5.24 refuses sdpa for "
             f"{resolved.arch.config.model_type} (soft-capped attention); the plan assumes "
             "eager, which the script must request (or flash_attention_2)"
+        )
+    if (
+        moe_experts_per_layer(resolved.arch)
+        and spec.lora.target_modules == "all-linear"
+        and spec.lora.lora_dropout > 0
+    ):
+        warnings.append(
+            "lora.lora_dropout: peft 0.21 adapts the fused MoE experts of all-linear through "
+            "ParamWrapper, which refuses lora_dropout != 0 (peft/tuners/lora/layer.py:2366); "
+            "set lora_dropout: 0 or list the attention modules"
         )
     if spec.model.attn_implementation == "eager":
         warnings.append(
