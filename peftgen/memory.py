@@ -689,10 +689,25 @@ def norm_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
     return total
 
 
+def moe_merged_expert_bytes_per_layer(inputs: EstimateInput) -> int:
+    """A fused-MoE layer's experts with their LoRA merged in, as peft's ``ParamWrapper``
+    builds them on every forward (a parametrization ``W + B @ A``,
+    peft/tuners/lora/layer.py:2572-2598): the merged 3-D weights are what the experts'
+    matmuls save for backward. fp32 adapters promote the merged weights to fp32."""
+    if inputs.target_modules != "all-linear" or not moe_experts_per_layer(inputs.arch):
+        return 0
+    c = inputs.arch.config
+    width = c.moe_intermediate_size or c.intermediate_size
+    experts = moe_experts_per_layer(inputs.arch)
+    element = max(DTYPE_BYTES[inputs.compute_dtype], DTYPE_BYTES[adapter_dtype(inputs)])
+    return element * experts * 3 * width * c.hidden_size
+
+
 def layer_saved_activation_bytes(inputs: EstimateInput, tokens: int) -> int:
     """Everything one decoder layer keeps for its backward pass (no checkpointing)."""
     return (
-        norm_saved_bytes_per_layer(inputs, tokens)
+        moe_merged_expert_bytes_per_layer(inputs)
+        + norm_saved_bytes_per_layer(inputs, tokens)
         + attention_saved_bytes_per_layer(inputs, tokens)
         + mlp_saved_bytes_per_layer(inputs, tokens)
         + lora_saved_input_bytes_per_layer(inputs, tokens)

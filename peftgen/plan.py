@@ -563,6 +563,12 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
             "ParamWrapper, which refuses lora_dropout != 0 (peft/tuners/lora/layer.py:2366); "
             "set lora_dropout: 0 or list the attention modules"
         )
+    if moe_experts_per_layer(resolved.arch) and spec.lora.target_modules == "all-linear":
+        warnings.append(
+            "lora.target_modules: all-linear on a fused-MoE model also adapts every expert; "
+            "peft merges B @ A into the experts' weights on each forward, a weight-sized "
+            "tensor per layer kept for backward (DoRA is refused there)"
+        )
     if spec.model.attn_implementation == "eager":
         warnings.append(
             "model.attn_implementation: eager materialises (seq x seq) attention scores per "
