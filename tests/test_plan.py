@@ -132,6 +132,24 @@ def test_largest_fitting_batch_is_the_boundary() -> None:
     assert not estimate_candidate(base, "4bit", {key: batch + 1}).fits
 
 
+def test_grpo_peak_is_generation_when_the_generation_batch_is_large() -> None:
+    """Generation holds a KV cache for batch x accumulation rows; training one micro-batch."""
+    base = resolve(load_spec(REPO / "specs" / "qwen2.5-1.5b-grpo-lora.yaml"))
+    small = estimate_candidate(base, "bf16")
+    large = estimate_candidate(
+        base,
+        "bf16",
+        {
+            "training.per_device_train_batch_size": 1,
+            "training.gradient_accumulation_steps": 64,
+            "grpo.max_completion_length": 4096,
+        },
+    )
+    assert small.phase == "train"
+    assert large.phase == "generation"
+    assert large.breakdown.gradient_bytes == 0  # set to None after each optimizer step
+
+
 def test_largest_grpo_batch_keeps_whole_generation_groups() -> None:
     base = resolve(load_spec(REPO / "specs" / "qwen2.5-1.5b-grpo-lora.yaml"))
     spec = base.loaded.spec
