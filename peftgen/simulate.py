@@ -76,6 +76,9 @@ heuristic may still pick the dequantize path: the simulation takes the fused ker
 BNB_OPTIMIZER_BLOCKSIZE = 256
 BNB_OPTIMIZER_MIN_8BIT_SIZE = 4096
 """bitsandbytes keeps 32-bit state for parameters smaller than this."""
+BNB_PAGED_MIN_NUMEL = 100_000
+"""bitsandbytes pages a state buffer only for parameters this large (optimizer.py:383);
+smaller ones, e.g. LoRA A of r x 4096 = 65536 at r=16, stay in ordinary device memory."""
 MAX_GRAD_NORM = 1.0
 """transformers' default ``max_grad_norm``: the Trainer clips every step."""
 
@@ -204,16 +207,6 @@ class _StorageTracker:
         record = self.records.get(tensor.untyped_storage()._cdata)
         if record is not None and record.category == "temporaries":
             record.category = "activations"
-
-    def exclude(self, tensor: torch.Tensor) -> int:
-        """Stop counting a storage (paged state lives in managed memory); its bytes."""
-        ident = tensor.untyped_storage()._cdata
-        record = self.records.pop(ident, None)
-        if record is None:
-            return 0
-        self.history.remove(record)
-        self.live_bytes -= record.nbytes
-        return record.nbytes
 
     def _release(self, ident: int) -> None:
         record = self.records.pop(ident, None)
@@ -1071,12 +1064,16 @@ def _make_optimizer(model: Any, optim: str, tracker: _StorageTracker) -> tuple[A
     """The Trainer's optimizer for ``optim``, with its state created by one warm-up update.
 
     From the second step on, the state lives through every phase; the simulated step is a
-    steady-state one. Paged state goes to CUDA managed memory: it is counted apart.
+    steady-state one. Paged state goes to CUDA managed memory: it is counted apart (its
+    tensors stay untracked).
     """
     import torch
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer_for(optim, params)
+    with unset_fake_temporarily():
+        # bitsandbytes builds its quantization maps from Python numbers at construction
+        optimizer = _optimizer_for(optim, params)
     for param in params:
         param.grad = torch.zeros_like(param)
     optimizer.step()
@@ -1089,12 +1086,8 @@ def _make_optimizer(model: Any, optim: str, tracker: _StorageTracker) -> tuple[A
                 continue
             if name == "step" and value.dim() == 0 and not _fused(optim):
                 continue  # a host scalar for torch's foreach AdamW
-            if (
-                paged
-                and value.numel() >= BNB_OPTIMIZER_MIN_8BIT_SIZE // 4
-                and name.startswith("state")
-            ):
-                managed += tracker.exclude(value)
+            if paged and name.startswith("state") and value.numel() >= BNB_PAGED_MIN_NUMEL:
+                managed += value.untyped_storage().nbytes()
                 continue
             tracker.track(value, category="optimizer_state", key="optimizer_bytes")
     return optimizer, managed
