@@ -48,9 +48,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-PHASES = ("generation", "forward", "backward", "optimizer_step")
-"""Phases of one step, in order; ``generation`` only for GRPO."""
-
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
 """What a live byte is, for the per-phase table."""
 
@@ -73,9 +70,6 @@ BNB_4BIT_CUSTOM_KERNEL_MAX_ROWS = 1536
 """bitsandbytes' CUDA gemm_4bit dequantizes the weight and calls F.linear above this many
 rows (below, its fused kernel allocates only the output; at 5..1536 rows a per-GPU
 heuristic may still pick the dequantize path: the simulation takes the fused kernel)."""
-BNB_OPTIMIZER_BLOCKSIZE = 256
-BNB_OPTIMIZER_MIN_8BIT_SIZE = 4096
-"""bitsandbytes keeps 32-bit state for parameters smaller than this."""
 BNB_PAGED_MIN_NUMEL = 100_000
 """bitsandbytes pages a state buffer only for parameters this large (optimizer.py:383);
 smaller ones, e.g. LoRA A of r x 4096 = 65536 at r=16, stay in ordinary device memory."""
