@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from peftgen.catalog import Gpu
+from peftgen.catalog import Gpu, config_dict
 from peftgen.resolve import Resolved
 
 if TYPE_CHECKING:
@@ -672,16 +672,10 @@ def _generate(model: Any, shape: _StepShape, autocast_dtype: torch.dtype) -> Non
 
 
 def transformers_config(resolved: Resolved) -> Any:
-    """The transformers config of the catalogued architecture (``ArchConfig`` + ``extra``)."""
+    """The transformers config of the catalogued architecture, as ``from_pretrained`` reads it."""
     from transformers import AutoConfig
 
-    arch_config = resolved.arch.config
-    fields = arch_config.model_dump(exclude={"extra", "model_type"})
-    fields = {key: value for key, value in fields.items() if value is not None}
-    fields.update(arch_config.extra)
-    if arch_config.model_type in {"mixtral"} and arch_config.num_local_experts is not None:
-        fields["num_local_experts"] = arch_config.num_local_experts
-    config = AutoConfig.for_model(arch_config.model_type, **fields)
+    config = AutoConfig.for_model(**config_dict(resolved.arch))
     config.use_cache = False
     return config
 
