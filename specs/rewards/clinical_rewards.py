@@ -9,7 +9,9 @@ import re
 ANSWER_PATTERN = re.compile(r"<answer>\s*([-+]?\d+(?:\.\d+)?)\s*</answer>")
 
 
-def numeric_answer_reward(completions: list[str], answer: list[str], **kwargs: object) -> list[float]:
+def numeric_answer_reward(
+    completions: list[str], answer: list[str], **kwargs: object
+) -> list[float]:
     """1.0 when the tagged number is within 1 % of the reference answer, else 0.0."""
     rewards = []
     for completion, reference in zip(completions, answer, strict=True):
