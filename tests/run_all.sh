@@ -11,6 +11,13 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[train,report,test]"
 
+# Headless Chromium for the report's browser test (Debian package; CI installs it here).
+if ! command -v chromium >/dev/null; then
+  SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 ruff check .
 ruff format --check .
 mypy
