@@ -32,6 +32,7 @@ simulation runs: the analytic plan never imports them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
 import time
@@ -437,11 +438,10 @@ def simulate_candidate(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = _simulate(resolved, precision, compute_dtype)
-    seconds = time.perf_counter() - started
-    return SimulationResult(**{**result, "seconds": seconds})
+    return dataclasses.replace(result, seconds=time.perf_counter() - started)
 
 
-def _simulate(resolved: Resolved, precision: str, compute_dtype: str) -> dict[str, Any]:
+def _simulate(resolved: Resolved, precision: str, compute_dtype: str) -> SimulationResult:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -471,16 +471,17 @@ def _simulate(resolved: Resolved, precision: str, compute_dtype: str) -> dict[st
         if mark.peak_bytes > best[0]:
             best = (mark.peak_bytes, mark.name, breakdown)
     peak_bytes, peak_phase, breakdown = best
-    return {
-        "precision": precision,
-        "peak_allocated_bytes": peak_bytes,
-        "breakdown": breakdown,
-        "phases": phases,
-        "static_bytes": static,
-        "managed_bytes": managed_bytes,
-        "peak_phase": peak_phase,
-        "notes": tuple(state.notes),
-    }
+    return SimulationResult(
+        precision=precision,
+        peak_allocated_bytes=peak_bytes,
+        breakdown=breakdown,
+        phases=phases,
+        static_bytes=static,
+        managed_bytes=managed_bytes,
+        peak_phase=peak_phase,
+        seconds=0.0,
+        notes=tuple(state.notes),
+    )
 
 
 def _run_step(
