@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftgen.catalog import Gpu, ModelArch, linear_modules, lookup_gpu, lookup_model
+from peftgen.catalog import (
+    Gpu,
+    ModelArch,
+    linear_modules,
+    lookup_gpu,
+    lookup_model,
+    moe_target_parameters,
+)
 from peftgen.errors import Problem, UserError
 from peftgen.load import LoadedSpec, did_you_mean
 from peftgen.spec import AnySpec, GrpoRunSpec
@@ -20,6 +27,10 @@ GIB = 2**30
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 """Non-linear (or output) modules peft can train in full through ``modules_to_save``."""
+
+SDPA_UNSUPPORTED_TYPES = frozenset({"gemma2"})
+"""Model types whose transformers 5.24 class sets ``_supports_sdpa = False`` (Gemma-2:
+sdpa cannot soft-cap attention scores); ``from_pretrained`` raises for them with sdpa."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ def resolve(loaded: LoadedSpec) -> Resolved:
     warnings: list[str] = list(loaded.warnings)
     if arch is not None:
         problems.extend(_module_problems(loaded, arch))
+        problems.extend(_architecture_problems(loaded, arch))
         warnings.extend(_length_warnings(loaded, arch))
         warnings.extend(_chat_template_warnings(loaded, arch))
     if gpu is not None:
@@ -103,6 +115,8 @@ def _with_memory_override(loaded: LoadedSpec, gpu: Gpu) -> Gpu:
 def _module_problems(loaded: LoadedSpec, arch: ModelArch) -> list[Problem]:
     lora = loaded.spec.lora
     linear_names = list(dict.fromkeys(module.name for module in linear_modules(arch)))
+    # Fused MoE experts are parameters, not nn.Linear; peft adapts them by these names.
+    linear_names += [name for target in moe_target_parameters(arch) for name in target.module_names]
     problems: list[Problem] = []
     if isinstance(lora.target_modules, list):
         for index, name in enumerate(lora.target_modules):
@@ -129,6 +143,46 @@ def _module_problems(loaded: LoadedSpec, arch: ModelArch) -> list[Problem]:
                     f"{arch.display_name} has no module {name!r} to save; "
                     f"allowed: {', '.join(saveable)}",
                     did_you_mean(name, saveable),
+                )
+            )
+    return problems
+
+
+def _architecture_problems(loaded: LoadedSpec, arch: ModelArch) -> list[Problem]:
+    """Settings the pinned transformers / peft refuse for this architecture at load time."""
+    spec = loaded.spec
+    problems: list[Problem] = []
+    if (
+        arch.config.model_type in SDPA_UNSUPPORTED_TYPES
+        and spec.model.attn_implementation == "sdpa"
+    ):
+        problems.append(
+            loaded.problem(
+                "model.attn_implementation",
+                f"transformers 5.24 has no sdpa attention for {arch.display_name} "
+                "(it cannot soft-cap the attention scores); sdpa is the default, so set it",
+                "use attn_implementation: eager, or flash_attention_2 on an Ampere or newer GPU",
+            )
+        )
+    lora = spec.lora
+    expert_names = {name for target in moe_target_parameters(arch) for name in target.module_names}
+    listed = set() if lora.target_modules == "all-linear" else set(lora.target_modules)
+    if expert_names and (lora.target_modules == "all-linear" or listed & expert_names):
+        if lora.lora_dropout != 0:
+            problems.append(
+                loaded.problem(
+                    "lora.lora_dropout",
+                    f"peft 0.21 adapts {arch.display_name}'s fused experts as parameters "
+                    f"and refuses lora_dropout {lora.lora_dropout:g} on them",
+                    "set lora.lora_dropout: 0, or list attention modules in target_modules",
+                )
+            )
+        if lora.use_dora:
+            problems.append(
+                loaded.problem(
+                    "lora.use_dora",
+                    f"peft 0.21 has no DoRA for {arch.display_name}'s fused experts",
+                    "set use_dora: false, or list attention modules in target_modules",
                 )
             )
     return problems
