@@ -399,11 +399,14 @@ class TrainableTensors:
 def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> TrainableTensors:
     """Every trainable tensor with its dtype: LoRA A/B, DoRA magnitudes (always fp32:
     peft's autocast, and trl skips them in its bf16 cast), modules_to_save copies (load
-    dtype, bf16 under trl's quantized cast) and trainable biases."""
+    dtype; bf16 under trl's quantized cast; fp32 in the fp16 script, which upcasts every
+    trainable tensor) and trainable biases."""
     arch = inputs.arch
     lora_bytes = DTYPE_BYTES[adapter_dtype(inputs)]
     quantized = inputs.precision in ("8bit", "4bit")
-    copy_bytes = 2 if quantized else DTYPE_BYTES[inputs.compute_dtype]
+    # The fp16 script casts every trainable tensor to fp32 (the gradient scaler refuses
+    # fp16 parameters); bf16 keeps the copies in the load dtype.
+    copy_bytes = 2 if quantized else 4 if inputs.compute_dtype == "fp16" else 2
     numel_by_bytes: dict[int, int] = {}
     shapes: list[tuple[int, int, int]] = []
 

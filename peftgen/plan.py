@@ -26,6 +26,7 @@ from peftgen.memory import (
     moe_experts_per_layer,
 )
 from peftgen.resolve import Resolved
+from peftgen.spec import trained_modules_to_save
 
 LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
 
@@ -216,7 +217,7 @@ def estimate_input(
         lora_r=lora.r,
         target_modules=targets,
         use_dora=lora.use_dora,
-        modules_to_save=tuple(lora.modules_to_save),
+        modules_to_save=tuple(trained_modules_to_save(spec)),
         lora_dropout=lora.lora_dropout,
         lora_bias=lora.bias,
         micro_batch=training.per_device_train_batch_size,
@@ -578,12 +579,6 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
         warnings.append(
             f"{gpu.name} lacks bfloat16, but trl 1.16 casts the LoRA weights of 8/4-bit models "
             "to bf16 anyway: they run through slower emulated bf16 kernels"
-        )
-    if not gpu.bf16 and chosen == "fp16" and spec.lora.modules_to_save:
-        warnings.append(
-            "lora.modules_to_save: with an fp16 base the saved modules train in fp16, and "
-            "the fp16 gradient scaler refuses fp16 parameters ('Attempting to unscale FP16 "
-            "gradients'); load in 8bit/4bit or drop modules_to_save"
         )
     if spec.hardware.distributed in ("fsdp", "deepspeed-zero2", "deepspeed-zero3"):
         warnings.append(

@@ -29,7 +29,13 @@ import jinja2
 from peftgen.errors import UserError
 from peftgen.load import LoadedSpec
 from peftgen.plan import Candidate, Plan
-from peftgen.spec import USER_REWARD_PATTERN, AnySpec, DpoRunSpec, GrpoRunSpec
+from peftgen.spec import (
+    USER_REWARD_PATTERN,
+    AnySpec,
+    DpoRunSpec,
+    GrpoRunSpec,
+    trained_modules_to_save,
+)
 
 # The versions the generated scripts are written for and the end-to-end tests run
 # (pyproject's `train` extra). PEP 723 headers pin exactly these.
@@ -290,16 +296,6 @@ def _check_generation_batch(spec: GrpoRunSpec, gpu_count: int, spec_file: Path) 
         )
 
 
-def _modules_to_save(spec: AnySpec) -> list[str]:
-    """The spec's list, plus embeddings and head when a chat template adds tokens."""
-    modules = list(spec.lora.modules_to_save)
-    if spec.dataset.chat_template is not None:
-        for name in ("embed_tokens", "lm_head"):
-            if name not in modules:
-                modules.append(name)
-    return modules
-
-
 BREAKDOWN_LABELS: tuple[tuple[str, str], ...] = (
     ("weights_bytes", "weights"),
     ("adapter_bytes", "LoRA adapter"),
@@ -388,7 +384,7 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
         },
         "data_loader": loader,
         "data_path": spec.dataset.path,
-        "modules_to_save": _modules_to_save(spec),
+        "modules_to_save": trained_modules_to_save(spec),
         "chatml_tokens": list(CHATML_SPECIAL_TOKENS),
         "output_dir": spec.resolved_output_dir,
         "merged_dir": spec.resolved_output_dir.rstrip("/") + "-merged",

@@ -438,6 +438,16 @@ SPEC_ADAPTER: TypeAdapter[SftSpec | DpoRunSpec | GrpoRunSpec] = TypeAdapter(Spec
 AnySpec = SftSpec | DpoRunSpec | GrpoRunSpec
 
 
+def trained_modules_to_save(spec: AnySpec) -> list[str]:
+    """``lora.modules_to_save`` plus embeddings and head when a named chat template adds
+    tokens: their new rows start untrained, so the seed's advice is to train and save
+    both. The planner counts and the script trains exactly this list."""
+    modules = list(spec.lora.modules_to_save)
+    if spec.dataset.chat_template is not None:
+        modules += [name for name in ("embed_tokens", "lm_head") if name not in modules]
+    return modules
+
+
 def spec_json_schema() -> dict[str, object]:
     """The JSON Schema editors use to complete and check spec files."""
     schema = SPEC_ADAPTER.json_schema()
