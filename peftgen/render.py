@@ -29,6 +29,7 @@ import jinja2
 from peftgen.errors import UserError
 from peftgen.load import LoadedSpec
 from peftgen.plan import Candidate, Plan
+from peftgen.report import render_plan_markdown
 from peftgen.spec import (
     USER_REWARD_PATTERN,
     AnySpec,
@@ -418,17 +419,13 @@ def render_train_script(loaded: LoadedSpec, plan: Plan) -> str:
     return render_template(TRAIN_TEMPLATES[loaded.spec.method], build_context(loaded, plan))
 
 
-def render_plan_markdown(plan: Plan, loaded: LoadedSpec) -> str:
-    """The plan summary written next to the script (replaceable by the report module)."""
-    return render_template("plan.md.j2", build_context(loaded, plan))
-
-
 def render_all(loaded: LoadedSpec, plan: Plan) -> dict[str, str]:
     """Every file ``emit -o DIR`` writes, by file name, in a fixed order."""
     context = build_context(loaded, plan)
     return {
         "train.py": render_template(TRAIN_TEMPLATES[loaded.spec.method], context),
         "merge.py": render_template("merge.py.j2", context),
+        # The VRAM report's Markdown, without charts: the same tables `peftgen report` shows.
         "plan.md": render_plan_markdown(plan, loaded),
         "spec.yaml": resolved_spec_yaml(loaded),
     }

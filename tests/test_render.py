@@ -125,7 +125,7 @@ def test_missing_template_is_an_error_naming_it() -> None:
 
 
 def test_templates_are_found_in_the_checkout() -> None:
-    names = {"train_sft.py.j2", "train_dpo.py.j2", "train_grpo.py.j2", "merge.py.j2", "plan.md.j2"}
+    names = {"train_sft.py.j2", "train_dpo.py.j2", "train_grpo.py.j2", "merge.py.j2"}
     root = render._template_root()
     assert all((root / name).is_file() for name in names)
 
