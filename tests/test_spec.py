@@ -13,9 +13,11 @@ import pytest
 from pydantic import ValidationError
 
 from peftgen.docs import (
+    README_PATH,
     REFERENCE_PATH,
     REGENERATE_COMMAND,
     SCHEMA_PATH,
+    readme_with_reference,
     reference_markdown,
     schema_text,
 )
@@ -61,6 +63,13 @@ def test_checked_in_schema_is_current() -> None:
 def test_checked_in_reference_is_current() -> None:
     assert REFERENCE_PATH.read_text(encoding="utf-8") == reference_markdown(), (
         f"docs/{REFERENCE_PATH.name} is stale; regenerate it with `{REGENERATE_COMMAND}`"
+    )
+
+
+def test_readme_spec_reference_is_current() -> None:
+    readme = README_PATH.read_text(encoding="utf-8")
+    assert readme == readme_with_reference(readme), (
+        f"README.md's spec reference is stale; regenerate it with `{REGENERATE_COMMAND}`"
     )
 
 
