@@ -10,8 +10,10 @@ switches of ``StackProfile``, whose default is the pinned stack, so older publis
 measurements can be reproduced by *selecting* their mechanisms rather than by fitting
 constants (``benchmarks/accuracy.py``).
 
-Per-GPU figures: ``world_size`` is carried for the multi-GPU work (sharded weights and
-optimizer states divide by it); today every function assumes one GPU.
+Per-GPU figures: every term is first computed as if one GPU held the whole run; then
+``per_gpu_parts`` applies the distributed engine (``EstimateInput.distributed``): DDP adds
+its gradient buckets, ZeRO-2 divides gradients and optimizer state by ``world_size``,
+ZeRO-3 and FSDP divide the parameters too and add the gathered working set.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ GIB = 2**30
 LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
 Method = Literal["sft", "dpo", "grpo"]
 AdapterDtype = Literal["bf16", "fp16", "fp32"]
+Distributed = Literal["none", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 LossPath = Literal[
     "fused_lm_head",
     "full_logits_fp32",
@@ -140,7 +143,12 @@ class EstimateInput:
     gradient_accumulation_steps: int = 1
     max_completion_length: int = 256
     world_size: int = 1
-    """GPUs sharing the run (multi-GPU sharding: issue 8); 1 today."""
+    """GPUs sharing the run (processes, one per GPU, over all nodes)."""
+    distributed: Distributed = "none"
+    """The engine accelerate launches: what is replicated and what is sharded per GPU."""
+    cpu_offload: bool = False
+    """FSDP ``offload_params`` / DeepSpeed ``offload_optimizer`` (+ ``offload_param`` for
+    ZeRO-3): sharded state lives in host memory."""
     stack: StackProfile = field(default_factory=StackProfile)
 
 
@@ -160,6 +168,11 @@ class Estimate:
     managed_bytes: int
     """Paged optimizer states in CUDA managed memory: invisible to torch, evictable."""
     phase: str
+    communication_bytes: int
+    """Of ``gradient_bytes``: the engine's gradient communication buffers (DDP buckets,
+    DeepSpeed reduce/all-gather buckets, FSDP's unsharded gradient of one unit)."""
+    gathered_weight_bytes: int
+    """Of ``weights_bytes``: parameters FSDP / ZeRO-3 hold unsharded at the peak."""
     trainable_parameters: int
     total_parameters: int
 
@@ -775,13 +788,44 @@ def int8_inputs_outside_checkpoint_bytes(inputs: EstimateInput, tokens: int) -> 
 
 def backward_layer_bytes(inputs: EstimateInput) -> int:
     """What one layer's backward adds to the kept activations: its recomputed forward
-    (checkpointing only) and the backward's transients. The LM head's backward runs
-    before any layer's, and has finished by then."""
+    (checkpointing only) and the larger of the recompute's and the backward's transients
+    (never alive together: the recomputed forward has returned before the layer's
+    backward kernels run). The LM head's backward runs before any layer's, and has
+    finished by then."""
     tokens = tokens_per_micro_batch(inputs)
     transient = backward_transient_bytes(inputs, tokens)
     if inputs.gradient_checkpointing:
+        transient = max(transient, recompute_transient_bytes(inputs, tokens))
         return layer_saved_activation_bytes(inputs, tokens) + transient
     return transient
+
+
+def recompute_transient_bytes(inputs: EstimateInput, tokens: int) -> int:
+    """Unsaved tensors alive while a checkpointed layer's forward is recomputed, at its
+    widest moment: ``down_proj``'s LoRA branch.
+
+    The MLP's product ``act(gate) * up`` (compute dtype) is alive while ``down_proj``
+    runs. peft casts it to the adapter dtype into its local ``x``, held until the module
+    returns (peft/tuners/lora/layer.py:1100), and dropout writes a new tensor in that
+    dtype; with fp32 adapters both are fp32 and neither is saved (lora_A saves autocast's
+    compute-dtype copy, counted in ``lora_saved_input_bytes_per_layer``). bf16 adapters
+    (8/4-bit models under trl) make no cast, and their dropout output is the saved input.
+    """
+    down = [
+        m
+        for m in targeted_modules(inputs.arch, inputs.target_modules)
+        if m.name == "down_proj" and m.component == LANGUAGE_MODEL
+    ]
+    if not down:
+        return 0
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    adapter = DTYPE_BYTES[adapter_dtype(inputs)]
+    per_element = compute
+    if adapter != compute:
+        per_element += adapter
+        if inputs.lora_dropout > 0:
+            per_element += adapter
+    return per_element * tokens * down[0].in_features
 
 
 def activation_bytes(inputs: EstimateInput) -> int:
@@ -930,18 +974,20 @@ def overhead_bytes(persistent_bytes: int, transient_bytes: int, stack: StackProf
 
 
 def estimate(inputs: EstimateInput) -> Estimate:
-    """Peak memory of the run, per component.
+    """Peak memory of the run, per component, per GPU.
 
     Parameters, gradients and optimizer state coexist with a micro-batch's activations
     from the second optimizer step on (gradients survive across accumulation steps), so
     the peak is their sum; the optimizer step's temporaries replace the (then freed)
     activations when they are larger. GRPO's peak is the larger of its generation phase
     (no gradients: the trainer sets them to None after each step) and its training phase.
+    Each GPU runs its own micro-batch, so activations do not shrink with more GPUs; the
+    persistent terms are split per ``per_gpu_parts``.
     """
-    weights = weights_bytes(inputs)
-    adapter = adapter_bytes(inputs)
-    gradient = gradient_bytes(inputs)
-    optimizer = optimizer_state_bytes(inputs)
+    parts = per_gpu_parts(inputs)
+    weights, adapter = parts.weights_bytes, parts.adapter_bytes
+    gradient, optimizer = parts.gradient_bytes, parts.optimizer_bytes
+    communication = parts.communication_bytes
     activation, logits = train_step_peak_parts(inputs)
     phase = "train"
     if inputs.method == "grpo":
@@ -949,7 +995,11 @@ def estimate(inputs: EstimateInput) -> Estimate:
         if generation > gradient + activation + logits:
             phase = "generation"
             gradient, activation, logits = 0, generation, 0
-    optimizer += max(0, optimizer_step_temporary_bytes(inputs) - (activation + logits))
+            # DDP's buckets live as long as the wrapper; the other engines' buffers are
+            # alive only while gradients are reduced.
+            communication = communication if inputs.distributed == "ddp" else 0
+            gradient = communication
+    optimizer += max(0, parts.optimizer_step_temporary_bytes - (activation + logits))
     persistent = weights + adapter + gradient + optimizer
     overhead = overhead_bytes(persistent, activation + logits, inputs.stack)
     allocated = persistent + activation + logits
@@ -962,8 +1012,163 @@ def estimate(inputs: EstimateInput) -> Estimate:
         logits_bytes=logits,
         overhead_bytes=overhead,
         torch_reserved_bytes=allocated + overhead - inputs.stack.cuda_context_bytes,
-        managed_bytes=managed_optimizer_bytes(inputs),
+        managed_bytes=parts.managed_bytes,
         phase=phase,
+        communication_bytes=communication,
+        gathered_weight_bytes=parts.gathered_weight_bytes,
         trainable_parameters=trainable_parameter_count(inputs.arch, inputs),
         total_parameters=peft_total_parameter_count(inputs.arch, inputs),
+    )
+
+
+# --------------------------------------------------------------------------- multi-GPU
+
+DDP_BUCKET_CAP_BYTES = 25 * MIB
+"""torch DDP ``bucket_cap_mb=25``: gradients are reduced in buckets of this size."""
+DEEPSPEED_BUCKET_ELEMENTS = 50_000_000
+"""``reduce_bucket_size`` and ``allgather_bucket_size`` peftgen writes into ds_config.json."""
+PARAMETER_SHARDING = frozenset({"fsdp", "deepspeed-zero3"})
+STATE_SHARDING = frozenset({"fsdp", "deepspeed-zero2", "deepspeed-zero3"})
+
+
+@dataclass(frozen=True)
+class PerGpuParts:
+    """The persistent terms on one GPU after the engine replicated or sharded them."""
+
+    weights_bytes: int
+    adapter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    optimizer_step_temporary_bytes: int
+    managed_bytes: int
+    communication_bytes: int
+    """Included in ``gradient_bytes``."""
+    gathered_weight_bytes: int
+    """Included in ``weights_bytes``."""
+
+
+def _shard(total_bytes: int, world_size: int) -> int:
+    """One rank's share: FSDP and ZeRO pad flat buffers to a multiple of the world size."""
+    return math.ceil(total_bytes / world_size)
+
+
+def replicated_quant_state_bytes(inputs: EstimateInput) -> int:
+    """bitsandbytes 4-bit block scales and quant maps: ``quant_state`` is an attribute of
+    the packed weight and of ``Linear4bit``, not a parameter, so FSDP / ZeRO-3 flatten and
+    shard only the packed bytes and every rank keeps all scales."""
+    if inputs.precision != "4bit":
+        return 0
+    total = 0
+    for module in linear_modules(inputs.arch):
+        packed = math.ceil(module.in_features * module.out_features / 2)
+        scales = nf4_linear_bytes(
+            module.in_features, module.out_features, inputs.bnb_4bit_use_double_quant
+        )
+        total += (scales - packed) * module.count
+    return total
+
+
+def root_unit_bytes(inputs: EstimateInput) -> int:
+    """Embeddings, output head and final norm: the parameters no decoder layer owns. With
+    the transformer-layer auto wrap policy they form FSDP's root unit, which FSDP keeps
+    gathered from the forward's start to the backward's end."""
+    groups = parameter_groups(inputs.arch)
+    numel = groups.embedding + groups.lm_head + inputs.arch.config.hidden_size
+    return numel * unquantized_weight_dtype_bytes(inputs)
+
+
+def layer_unit_bytes(inputs: EstimateInput) -> int:
+    """One decoder layer's parameters, unsharded (what one all-gather brings in). The layers
+    of the catalogued families are identical, so this is the largest layer too."""
+    layers = weights_bytes(inputs) - root_unit_bytes(inputs) - replicated_quant_state_bytes(inputs)
+    return math.ceil(layers / inputs.arch.config.num_hidden_layers)
+
+
+def gathered_parameter_bytes(inputs: EstimateInput) -> int:
+    """Parameters FSDP / ZeRO-3 hold unsharded at the backward's peak.
+
+    FSDP (``BACKWARD_PRE`` prefetch): the layer being differentiated and the next one's
+    all-gather, plus the whole root unit. ZeRO-3 gathers each module on use and prefetches
+    the next: two layers, or two head-sized tensors when the head is larger.
+    """
+    layer = layer_unit_bytes(inputs)
+    if inputs.distributed == "fsdp":
+        return root_unit_bytes(inputs) + 2 * layer
+    groups = parameter_groups(inputs.arch)
+    head = (groups.lm_head or groups.embedding) * unquantized_weight_dtype_bytes(inputs)
+    return 2 * max(layer, head)
+
+
+def communication_buffer_bytes(inputs: EstimateInput) -> int:
+    """Gradient communication buffers alive at the peak.
+
+    DDP (``gradient_as_bucket_view=False``): the reducer keeps its own bucketed copy of
+    every trainable gradient, in buckets of at most 25 MiB, for the job's life. DeepSpeed:
+    a reduce bucket and an all-gather bucket of up to ``DEEPSPEED_BUCKET_ELEMENTS`` each in
+    the compute dtype (fewer elements when fewer are trained). FSDP: one unit's unsharded
+    gradient before its reduce-scatter (a decoder layer's share of the trainable ones).
+    """
+    if inputs.distributed == "none":
+        return 0
+    gradients = gradient_bytes(inputs)
+    if inputs.distributed == "ddp":
+        return gradients
+    if inputs.distributed == "fsdp":
+        return math.ceil(gradients / inputs.arch.config.num_hidden_layers)
+    trainable = sum(trainable_tensors(inputs).numel_by_bytes.values())
+    bucket = min(DEEPSPEED_BUCKET_ELEMENTS, trainable)
+    return 2 * bucket * DTYPE_BYTES[inputs.compute_dtype]
+
+
+def deepspeed_master_weight_bytes(inputs: EstimateInput) -> int:
+    """DeepSpeed's ZeRO optimizer keeps an fp32 copy of the trainable parameters (its
+    rank's partition) and steps that copy; torch's optimizers under DDP/FSDP have none."""
+    if not inputs.distributed.startswith("deepspeed"):
+        return 0
+    return 4 * sum(trainable_tensors(inputs).numel_by_bytes.values())
+
+
+def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
+    """Split the single-GPU persistent terms as the engine does.
+
+    DDP replicates everything. ZeRO-2 and FSDP / ZeRO-3 shard gradients and optimizer
+    state (and DeepSpeed's fp32 master copy); FSDP / ZeRO-3 shard parameters too, except
+    bitsandbytes' quant states, and add the gathered working set. CPU offload moves the
+    sharded state to host memory: with FSDP the parameters, their gradients and the
+    optimizer (the step runs on the CPU); with DeepSpeed the optimizer and master copy
+    (ZeRO-3 the parameters too).
+    """
+    world = inputs.world_size
+    weights, adapter = weights_bytes(inputs), adapter_bytes(inputs)
+    gradient = gradient_bytes(inputs)
+    optimizer = optimizer_state_bytes(inputs) + deepspeed_master_weight_bytes(inputs)
+    temporary = optimizer_step_temporary_bytes(inputs)
+    managed = managed_optimizer_bytes(inputs)
+    gathered = 0
+    offload = inputs.cpu_offload
+    if inputs.distributed in PARAMETER_SHARDING:
+        replicated = replicated_quant_state_bytes(inputs)
+        sharded = weights - replicated
+        if inputs.distributed == "fsdp":
+            sharded -= root_unit_bytes(inputs)  # counted whole in the gathered set
+        gathered = gathered_parameter_bytes(inputs)
+        weights = replicated + (0 if offload else _shard(sharded, world)) + gathered
+        adapter = 0 if offload else _shard(adapter, world)
+    if inputs.distributed in STATE_SHARDING:
+        optimizer, temporary = _shard(optimizer, world), _shard(temporary, world)
+        managed = _shard(managed, world)
+        gradient = _shard(gradient, world)
+        if offload:
+            optimizer = temporary = managed = 0
+            gradient = 0 if inputs.distributed != "deepspeed-zero2" else gradient
+    communication = communication_buffer_bytes(inputs)
+    return PerGpuParts(
+        weights_bytes=weights,
+        adapter_bytes=adapter,
+        gradient_bytes=gradient + communication,
+        optimizer_bytes=optimizer,
+        optimizer_step_temporary_bytes=temporary,
+        managed_bytes=managed,
+        communication_bytes=communication,
+        gathered_weight_bytes=gathered,
     )

@@ -18,7 +18,9 @@ from peftgen.errors import UserError
 from peftgen.memory import (
     GIB,
     PAGED_OPTIMIZERS,
+    PARAMETER_SHARDING,
     SDPA_REFUSED_TYPES,
+    STATE_SHARDING,
     Estimate,
     EstimateInput,
     adapter_dtype,
@@ -26,7 +28,7 @@ from peftgen.memory import (
     moe_experts_per_layer,
 )
 from peftgen.resolve import Resolved
-from peftgen.spec import trained_modules_to_save
+from peftgen.spec import AnySpec, trained_modules_to_save
 
 LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
 
@@ -88,6 +90,10 @@ class Candidate:
     """What ``torch.cuda.max_memory_reserved`` would report: reserved minus the CUDA context."""
     phase: str = "train"
     """The phase that sets the peak (GRPO: ``generation`` or ``train``)."""
+    communication_bytes: int = 0
+    """Of ``gradient_bytes``: the distributed engine's communication buffers, per GPU."""
+    gathered_weight_bytes: int = 0
+    """Of ``weights_bytes``: parameters FSDP / ZeRO-3 hold unsharded at the peak, per GPU."""
     assumptions: tuple[Assumption, ...] = ()
 
 
@@ -172,15 +178,24 @@ SPEC_KEY_TO_FIELD: dict[str, str] = {
     "lora.lora_dropout": "lora_dropout",
     "model.attn_implementation": "attn_implementation",
     "grpo.max_completion_length": "max_completion_length",
+    "hardware.num_gpus": "world_size",
+    "hardware.distributed": "distributed",
+    "hardware.cpu_offload": "cpu_offload",
 }
+"""``hardware.num_gpus`` is GPUs per node: its override is multiplied by ``num_nodes``."""
 
 
-def precision_order(gpu: Gpu, requested: str = "auto") -> tuple[LoadPrecision, ...]:
+def precision_order(
+    gpu: Gpu, requested: str = "auto", distributed: str = "none"
+) -> tuple[LoadPrecision, ...]:
     """Candidates from the most to the least faithful: a 16-bit load (the GPU's, or the
-    one the spec fixes: fp16 on a bf16 GPU is allowed), 8-bit, 4-bit."""
+    one the spec fixes: fp16 on a bf16 GPU is allowed), 8-bit, 4-bit. FSDP and ZeRO-3
+    cannot shard LLM.int8 weights, so they skip 8-bit."""
     sixteen: LoadPrecision = "bf16" if gpu.bf16 else "fp16"
     if requested == "fp16":
         sixteen = "fp16"
+    if distributed in PARAMETER_SHARDING:
+        return (sixteen, "4bit")
     return (sixteen, "8bit", "4bit")
 
 
@@ -228,12 +243,17 @@ def estimate_input(
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_completion_length=grpo.max_completion_length if grpo else 256,
         world_size=spec.hardware.world_size,
+        distributed=spec.hardware.distributed,
+        cpu_offload=spec.hardware.cpu_offload,
     )
     if overrides:
         unknown = set(overrides) - set(SPEC_KEY_TO_FIELD)
         if unknown:
             raise KeyError(f"cannot override {sorted(unknown)}; known: {sorted(SPEC_KEY_TO_FIELD)}")
-        inputs = replace(inputs, **{SPEC_KEY_TO_FIELD[k]: v for k, v in overrides.items()})
+        fields = {SPEC_KEY_TO_FIELD[k]: v for k, v in overrides.items()}
+        if "world_size" in fields:
+            fields["world_size"] = int(fields["world_size"]) * spec.hardware.num_nodes
+        inputs = replace(inputs, **fields)
     return inputs
 
 
@@ -256,6 +276,8 @@ def candidate_from_estimate(precision: LoadPrecision, result: Estimate, budget: 
         managed_bytes=result.managed_bytes,
         phase=result.phase,
         torch_reserved_bytes=result.torch_reserved_bytes,
+        communication_bytes=result.communication_bytes,
+        gathered_weight_bytes=result.gathered_weight_bytes,
     )
 
 
@@ -387,7 +409,7 @@ def make_plan(
     spec = resolved.loaded.spec
     gpu = target_gpu(resolved, gpu_override, vram_gib_override)
     budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
-    order = precision_order(gpu, spec.precision)
+    order = precision_order(gpu, spec.precision, spec.hardware.distributed)
     candidates = tuple(estimate_candidate(resolved, p, gpu=gpu) for p in order)
     chosen = choose_precision(spec.precision, candidates)
     first = estimate(estimate_input(resolved, order[0], gpu=gpu))
@@ -580,11 +602,7 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
             f"{gpu.name} lacks bfloat16, but trl 1.16 casts the LoRA weights of 8/4-bit models "
             "to bf16 anyway: they run through slower emulated bf16 kernels"
         )
-    if spec.hardware.distributed in ("fsdp", "deepspeed-zero2", "deepspeed-zero3"):
-        warnings.append(
-            f"hardware.distributed: {spec.hardware.distributed} shards across GPUs, which the "
-            "plan does not model yet: its figures are for one GPU holding the whole run"
-        )
+    warnings.extend(distributed_warnings(resolved))
     if spec.method == "grpo":
         warnings.append(
             "grpo: the estimate takes training.max_length as the prompt length, so each row "
@@ -649,9 +667,29 @@ def suggest_changes(
             {"training.gradient_checkpointing": True},
             "keeps one layer's activations instead of all",
         )
-    if training.optim not in PAGED_OPTIMIZERS and training.optim not in (
-        "adamw_8bit",
-        "adamw_bnb_8bit",
+    hardware = spec.hardware
+    if hardware.distributed in STATE_SHARDING and not hardware.cpu_offload:
+        add(
+            "offload sharded state to host memory",
+            {"hardware.cpu_offload": True, "training.optim": "adamw_torch"}
+            if training.optim != "adamw_torch"
+            else {"hardware.cpu_offload": True},
+            "the optimizer steps on the CPU"
+            + (
+                "; parameters and gradients wait there"
+                if hardware.distributed != "deepspeed-zero2"
+                else ""
+            ),
+        )
+    bnb_optimizer_allowed = bitsandbytes_optimizer_allowed(spec)
+    if (
+        bnb_optimizer_allowed
+        and training.optim not in PAGED_OPTIMIZERS
+        and training.optim
+        not in (
+            "adamw_8bit",
+            "adamw_bnb_8bit",
+        )
     ):
         add(
             "use the paged 8-bit AdamW",
@@ -705,6 +743,7 @@ def suggest_changes(
     if combined and all(combined != s.change for _, s in made):
         add("combine these changes", combined, "together")
     made.extend((_disruption(s.change), s) for s in smallest_fitting_gpu(resolved, gpu))
+    made.extend((_disruption(s.change), s) for s in smallest_fitting_gpu_count(resolved, gpu))
     fitting = sorted(((d, s) for d, s in made if s.fits), key=lambda item: item[0])
     others = sorted((s for _, s in made if not s.fits), key=lambda s: s.peak_reserved_bytes or 0)
     return [s for _, s in fitting] + others
@@ -718,6 +757,10 @@ DISRUPTION = {
     "training.gradient_accumulation_steps": 3,
     "lora.r": 4,
     "hardware.gpu": 5,
+    "hardware.num_gpus": 5,
+    "hardware.distributed": 5,
+    "hardware.cpu_offload": 5,
+    "quantization.bnb_4bit_quant_storage": 0,
     "grpo.max_completion_length": 6,
     "training.max_length": 7,
 }
@@ -738,7 +781,8 @@ def combined_change(
     change: dict[str, Any] = dict(batch_change)
     if not training.gradient_checkpointing:
         change["training.gradient_checkpointing"] = True
-    if training.optim not in PAGED_OPTIMIZERS:
+    bnb_allowed = bitsandbytes_optimizer_allowed(resolved.loaded.spec)
+    if bnb_allowed and training.optim not in PAGED_OPTIMIZERS:
         change["training.optim"] = "paged_adamw_8bit"
     if estimate_candidate(resolved, precision, change, gpu).fits:
         return change
@@ -769,4 +813,77 @@ def smallest_fitting_gpu(resolved: Resolved, current: Gpu) -> list[Suggestion]:
                         fits=True,
                     )
                 ]
+    return []
+
+
+MAX_SUGGESTED_GPUS = 64
+"""The largest GPU count the planner tries when one GPU (or the spec's count) is too small."""
+
+
+def bitsandbytes_optimizer_allowed(spec: AnySpec) -> bool:
+    """The spec refuses 8-bit / paged optimizers under DeepSpeed and with CPU offload, so
+    no suggestion proposes one there."""
+    hardware = spec.hardware
+    return not hardware.distributed.startswith("deepspeed") and not hardware.cpu_offload
+
+
+def distributed_warnings(resolved: Resolved) -> list[str]:
+    """What the per-GPU figures assume about the engine, in the plan's words."""
+    hardware = resolved.loaded.spec.hardware
+    warnings: list[str] = []
+    if hardware.distributed == "ddp":
+        warnings.append(
+            f"hardware.distributed: ddp replicates the whole run on each of {hardware.world_size} "
+            "GPUs; the per-GPU figures add DDP's bucketed copy of the trainable gradients"
+        )
+    elif hardware.distributed != "none":
+        warnings.append(
+            f"hardware.distributed: {hardware.distributed} over {hardware.world_size} GPUs: the "
+            "figures are per GPU; NCCL's own buffers (outside torch's allocator) are not "
+            "counted"
+        )
+    if hardware.cpu_offload:
+        warnings.append(
+            "hardware.cpu_offload: sharded parameters, gradients and optimizer state live in "
+            "host memory (each node needs RAM for its GPUs' shards); steps are slower"
+        )
+    return warnings
+
+
+def smallest_fitting_gpu_count(resolved: Resolved, gpu: Gpu) -> list[Suggestion]:
+    """The fewest GPUs of the named kind on which FSDP (the spec's engine when it shards
+    parameters already) fits, computed by the same estimator per GPU count.
+
+    A 4-bit load under FSDP needs its packed weights stored in the compute dtype, so
+    the suggested change sets that too when the spec keeps uint8.
+    """
+    spec = resolved.loaded.spec
+    hardware = spec.hardware
+    engine = hardware.distributed if hardware.distributed in PARAMETER_SHARDING else "fsdp"
+    for count in range(hardware.num_gpus + 1, MAX_SUGGESTED_GPUS + 1):
+        overrides: dict[str, Any] = {
+            "hardware.num_gpus": count,
+            "hardware.distributed": engine,
+        }
+        for precision in precision_order(gpu, spec.precision, engine):
+            if spec.precision not in ("auto", precision):
+                continue
+            candidate = estimate_candidate(resolved, precision, overrides, gpu)
+            if not candidate.fits:
+                continue
+            change = dict(overrides)
+            if precision == "4bit" and spec.quantization.bnb_4bit_quant_storage == "uint8":
+                change["quantization.bnb_4bit_quant_storage"] = "bfloat16"
+            return [
+                Suggestion(
+                    action=f"use {count} x {gpu.name} with {engine}",
+                    detail=(
+                        f"{precision} peaks at {_gib(candidate.peak_reserved_bytes)} per GPU "
+                        f"of {_gib(budget_bytes(gpu, hardware.headroom_fraction))} (fits)"
+                    ),
+                    change=change,
+                    peak_reserved_bytes=candidate.peak_reserved_bytes,
+                    fits=True,
+                )
+            ]
     return []

@@ -177,6 +177,10 @@ class HardwareSpec(_Frozen):
     distributed: Distributed = "none"
     """Multi-GPU engine through accelerate: `none`, `ddp`, `fsdp`, `deepspeed-zero2`,
     `deepspeed-zero3`."""
+    cpu_offload: bool = False
+    """Keep sharded state in host memory: FSDP `offload_params` (parameters, gradients,
+    optimizer), DeepSpeed `offload_optimizer` (ZeRO-3: `offload_param` too). Needs fsdp or
+    deepspeed; slower, much less GPU memory."""
     headroom_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.05
     """Share of GPU memory the plan keeps free (other processes, allocator spikes): budget = memory
     x (1 - headroom)."""
@@ -199,6 +203,11 @@ class HardwareSpec(_Frozen):
             raise ValueError(
                 f"distributed: `{self.distributed}` needs num_gpus (or num_nodes) > 1; "
                 "use distributed: none"
+            )
+        if self.cpu_offload and self.distributed in ("none", "ddp"):
+            raise ValueError(
+                f"cpu_offload: needs a sharding engine (fsdp, deepspeed-zero2 or "
+                f"deepspeed-zero3); distributed is {self.distributed}"
             )
         return self
 
@@ -384,11 +393,64 @@ class _SpecBase(_Frozen):
                 f"{where}: FSDP with 4-bit loading needs the packed weights stored in the "
                 "compute dtype; set quantization.bnb_4bit_quant_storage: bfloat16"
             )
+        _check_distributed_combination(self)
         return self
 
     @property
     def resolved_output_dir(self) -> str:
         return self.output_dir if self.output_dir is not None else f"outputs/{self.name}"
+
+
+PARAMETER_SHARDING_ENGINES = ("fsdp", "deepspeed-zero3")
+
+
+def _check_distributed_combination(spec: _SpecBase) -> None:
+    """Combinations the pinned stack (accelerate 1.15, bitsandbytes 0.50.2, transformers
+    5.24) cannot run; each message says what to use instead."""
+    engine = spec.hardware.distributed
+    if engine in PARAMETER_SHARDING_ENGINES and spec.precision == "8bit":
+        # LLM.int8 keeps int8 weights plus per-row scales in Int8Params; neither FSDP nor
+        # ZeRO-3 can flatten and shard them (bitsandbytes supports FSDP for 4-bit only).
+        raise ValueError(
+            f"precision: 8-bit loading cannot be sharded by {engine} (bitsandbytes shards "
+            "4-bit weights only); use precision: 4bit with "
+            "quantization.bnb_4bit_quant_storage: bfloat16, or distributed: ddp"
+        )
+    if (
+        engine == "deepspeed-zero3"
+        and spec.precision == "4bit"
+        and spec.quantization.bnb_4bit_quant_storage == "uint8"
+    ):
+        where = "quantization.bnb_4bit_quant_storage"
+        if "quantization" not in spec.model_fields_set:
+            where = "precision"
+        raise ValueError(
+            f"{where}: DeepSpeed ZeRO-3 partitions floating-point parameters only; 4-bit "
+            "loading needs quantization.bnb_4bit_quant_storage: bfloat16"
+        )
+    if (
+        engine in PARAMETER_SHARDING_ENGINES
+        and spec.precision == "auto"
+        and spec.quantization.bnb_4bit_quant_storage == "uint8"
+    ):
+        raise ValueError(
+            f"precision: auto may choose 4-bit loading, which {engine} can shard only with "
+            "the packed weights stored in the compute dtype; set "
+            "quantization.bnb_4bit_quant_storage: bfloat16, or fix precision: bf16"
+        )
+    optim = spec.training.optim
+    if engine.startswith("deepspeed") and ("8bit" in optim or optim.startswith("paged_")):
+        # DeepSpeed's ZeRO optimizer steps an fp32 master partition of its own; a
+        # bitsandbytes optimizer's quantized or paged states are not partitioned by it.
+        raise ValueError(
+            f"training.optim: {optim} (bitsandbytes) cannot run under {engine}, whose ZeRO "
+            "optimizer partitions its own fp32 states; use adamw_torch (or adamw_torch_fused)"
+        )
+    if spec.hardware.cpu_offload and ("8bit" in optim or optim.startswith("paged_")):
+        raise ValueError(
+            f"training.optim: {optim} (bitsandbytes) needs its states on the GPU, but "
+            "hardware.cpu_offload runs the optimizer step on the CPU; use adamw_torch"
+        )
 
 
 class SftSpec(_SpecBase):

@@ -117,13 +117,14 @@ def _fit_matrix(resolved: Resolved, plan: Plan) -> tuple[GpuFitRow, ...]:
         is_target=True,
     )
     headroom = resolved.loaded.spec.hardware.headroom_fraction
+    distributed = resolved.loaded.spec.hardware.distributed
     groups: dict[tuple[int, int, tuple[FitCell, ...]], list[str]] = {}
     for gpu in sorted(gpu_catalogue(), key=lambda g: (g.memory_bytes, g.name)):
         if gpu.name == plan.gpu.name and gpu.memory_bytes == plan.gpu.vram_bytes:
             continue
         budget = budget_bytes(gpu, headroom)
         cells = []
-        for precision in precision_order(gpu):
+        for precision in precision_order(gpu, distributed=distributed):
             candidate = estimate_candidate(resolved, precision, gpu=gpu)
             status = fit_status(candidate.peak_reserved_bytes, budget, candidate.fits)
             cells.append(FitCell(precision, candidate.peak_reserved_bytes, status))
