@@ -31,11 +31,21 @@ Run:
     uv run train.py        (or `python train.py` with the pinned packages installed)
 """
 
+import json
+import os
+from importlib import metadata
+
 import torch
 from accelerate import PartialState
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    TrainerCallback,
+    TrainerState,
+)
 from trl import SFTConfig, SFTTrainer
 
 MODEL_ID = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -64,6 +74,43 @@ SEED = 42
 LOGGING_STEPS = 10
 SAVE_STRATEGY = "epoch"
 REPORT_TO = "none"
+
+# --- Memory receipt: the plan's prediction per GPU, compared with the run's measurements ---
+SPEC_NAME = "llama3-8b-clinical-qlora"
+SPEC_SHA256 = "e0def7003f89efbf88ecdccd25420a83803bfdcc0a1f2c3d13ed8307f824adfc"
+PLANNED_GPU = "NVIDIA GeForce RTX 4090"
+PLANNED_GPU_MEMORY_BYTES = 25757220864
+PLANNED_PRECISION = "4bit"
+# torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's cache);
+# and the whole process with the CUDA context (what nvidia-smi shows).
+PREDICTED_PEAK_ALLOCATED_BYTES = 7368170368
+PREDICTED_TORCH_RESERVED_BYTES = 7595134877
+PREDICTED_PEAK_RESERVED_BYTES = 8132005789
+PREDICTED_BREAKDOWN_BYTES = {
+    "weights_bytes": 5702310784,
+    "adapter_bytes": 83886080,
+    "gradient_bytes": 83886080,
+    "optimizer_bytes": 167772160,
+    "activation_bytes": 1330315264,
+    "logits_bytes": 0,
+    "overhead_bytes": 763835421,
+}
+# The receipt is written after this many optimizer steps (the optimizer state exists by
+# then), so a long run reports early, and again when training ends.
+RECEIPT_AFTER_STEPS = 3
+RECEIPT_FILE = "memory_receipt.json"
+RECEIPT_LIBRARIES = [
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+]
+# Smoke test: PEFTGEN_SMOKE_STEPS=N trains N optimizer steps on the longest rows only, so
+# an out-of-memory error shows in the first minute, not after an hour. Nothing is saved.
+SMOKE_STEPS = int(os.environ.get("PEFTGEN_SMOKE_STEPS", "0"))
 
 
 def main() -> None:
@@ -107,6 +154,10 @@ def main() -> None:
     # --- Data ---
     dataset = load_dataset("json", data_files=DATASET_PATH, split="train")
     train_dataset = dataset
+    if SMOKE_STEPS:
+        # Only the longest rows, so every smoke step meets the worst case for memory.
+        rows_needed = SMOKE_STEPS * PER_DEVICE_TRAIN_BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS
+        train_dataset = longest_rows(train_dataset, rows_needed * PartialState().num_processes)
 
     # --- Trainer ---
     training_args = SFTConfig(
@@ -114,7 +165,8 @@ def main() -> None:
         per_device_train_batch_size=PER_DEVICE_TRAIN_BATCH_SIZE,
         gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS,
         num_train_epochs=NUM_TRAIN_EPOCHS,
-        max_steps=MAX_STEPS,
+        # PEFTGEN_SMOKE_STEPS (a smoke test) replaces the spec's step count.
+        max_steps=SMOKE_STEPS or MAX_STEPS,
         learning_rate=LEARNING_RATE,
         lr_scheduler_type=LR_SCHEDULER_TYPE,
         # transformers 5 reads a float below 1 in warmup_steps as a share of all steps.
@@ -150,11 +202,100 @@ def main() -> None:
     trainer.model.print_trainable_parameters()
 
     # --- Train ---
+    trainer.add_callback(MemoryReceipt())
     trainer.train()
+    if SMOKE_STEPS:
+        print(f"smoke test passed: {SMOKE_STEPS} steps on the longest rows; nothing saved")
+        return
 
     # --- Save ---
     # The adapter and tokenizer; merge.py folds it into the base.
     trainer.save_model(OUTPUT_DIR)
+
+
+def longest_rows(dataset: Dataset, count: int) -> Dataset:
+    """The `count` rows with the most characters: the smoke test's worst case for memory."""
+    lengths = [len(str(row)) for row in dataset]
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:count]
+    return dataset.select(longest)
+
+
+def write_memory_receipt(optimizer_steps: int, stage: str) -> None:
+    """Write OUTPUT_DIR/memory_receipt.json: peak memory measured next to the plan's prediction.
+
+    `peftgen calibrate` reads it. Without CUDA nothing is measured and the figures are null.
+    """
+    allocated = reserved = total = None
+    device_name = "cpu"
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        device_name, total = properties.name, properties.total_memory
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    receipt = {
+        "receipt_version": 1,
+        "spec_name": SPEC_NAME,
+        "spec_sha256": SPEC_SHA256,
+        "stage": stage,
+        "optimizer_steps": optimizer_steps,
+        "smoke_steps": SMOKE_STEPS,
+        "world_size": PartialState().num_processes,
+        "device": {
+            "type": "cuda" if total is not None else "cpu",
+            "name": device_name,
+            "total_memory_bytes": total,
+        },
+        "measured": {
+            "max_memory_allocated_bytes": allocated,
+            "max_memory_reserved_bytes": reserved,
+        },
+        "predicted": {
+            "gpu": PLANNED_GPU,
+            "gpu_memory_bytes": PLANNED_GPU_MEMORY_BYTES,
+            "precision": PLANNED_PRECISION,
+            "peak_allocated_bytes": PREDICTED_PEAK_ALLOCATED_BYTES,
+            "torch_reserved_bytes": PREDICTED_TORCH_RESERVED_BYTES,
+            "peak_reserved_bytes": PREDICTED_PEAK_RESERVED_BYTES,
+            "breakdown_bytes": PREDICTED_BREAKDOWN_BYTES,
+        },
+        "versions": {name: metadata.version(name) for name in RECEIPT_LIBRARIES},
+    }
+    os.makedirs(OUTPUT_DIR, exist_ok=True)
+    path = os.path.join(OUTPUT_DIR, RECEIPT_FILE)
+    # A temporary file renamed into place: a reader never sees half a receipt.
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump(receipt, file, indent=2)
+    os.replace(path + ".tmp", path)
+    gib = 2**30
+    if allocated is None or reserved is None:
+        print(
+            f"memory receipt ({stage}, step {optimizer_steps}): no CUDA device, nothing measured "
+            f"(predicted {PREDICTED_TORCH_RESERVED_BYTES / gib:.2f} GiB reserved on "
+            f"{PLANNED_GPU}) -> {path}"
+        )
+        return
+    print(
+        f"memory receipt ({stage}, step {optimizer_steps}) on {device_name}: reserved "
+        f"{reserved / gib:.2f} GiB measured vs {PREDICTED_TORCH_RESERVED_BYTES / gib:.2f} "
+        f"predicted ({(PREDICTED_TORCH_RESERVED_BYTES - reserved) / reserved:+.1%}), allocated "
+        f"{allocated / gib:.2f} vs {PREDICTED_PEAK_ALLOCATED_BYTES / gib:.2f} "
+        f"({(PREDICTED_PEAK_ALLOCATED_BYTES - allocated) / allocated:+.1%}) -> {path}"
+    )
+
+
+class MemoryReceipt(TrainerCallback):
+    """Writes the memory receipt after RECEIPT_AFTER_STEPS optimizer steps and at the end."""
+
+    def on_step_end(
+        self, args: object, state: TrainerState, control: object, **kwargs: object
+    ) -> None:
+        if state.global_step == RECEIPT_AFTER_STEPS and state.is_world_process_zero:
+            write_memory_receipt(state.global_step, "early")
+
+    def on_train_end(
+        self, args: object, state: TrainerState, control: object, **kwargs: object
+    ) -> None:
+        if state.is_world_process_zero:
+            write_memory_receipt(state.global_step, "end")
 
 
 if __name__ == "__main__":
