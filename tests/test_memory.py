@@ -15,10 +15,14 @@ from peftgen.memory import (
     OPTIMIZERS,
     EstimateInput,
     activation_bytes,
+    backward_layer_bytes,
+    backward_transient_bytes,
     estimate,
     int8_linear_bytes,
+    layer_saved_activation_bytes,
     linear_weight_bytes,
     nf4_linear_bytes,
+    recompute_transient_bytes,
     weights_bytes,
 )
 from peftgen.plan import make_plan
@@ -209,3 +213,35 @@ def test_llama3_8b_weights_by_hand() -> None:
     linear = 32 * sum(nf4_linear_bytes(i, o, True) for i, o in linear_shapes)
     four_bit = weights_bytes(EstimateInput(arch=arch, precision="4bit"))
     assert four_bit == linear + 2 * embed_head_norms
+
+
+# --------------------------------------------------------------------------- mechanisms the
+# fake-tensor simulation showed (docs/simulate.md, "Agreement with the analytic estimator")
+
+SMOLLM2 = find_model("HuggingFaceTB/SmolLM2-135M")
+assert SMOLLM2 is not None
+
+
+def test_recompute_transient_by_hand() -> None:
+    """down_proj's LoRA in the recomputed forward: bf16 product + fp32 cast + fp32 dropout
+    output (10 B per T x intermediate) with fp32 adapters; only the product with bf16 ones."""
+    tokens, width = 2048, SMOLLM2.config.intermediate_size
+    bf16 = EstimateInput(arch=SMOLLM2, precision="bf16", max_length=tokens)
+    assert recompute_transient_bytes(bf16, tokens) == 10 * tokens * width
+    no_dropout = replace(bf16, lora_dropout=0.0)
+    assert recompute_transient_bytes(no_dropout, tokens) == 6 * tokens * width
+    four_bit = replace(bf16, precision="4bit")
+    assert recompute_transient_bytes(four_bit, tokens) == 2 * tokens * width
+    attention_only = replace(bf16, target_modules=("q_proj", "v_proj"))
+    assert recompute_transient_bytes(attention_only, tokens) == 0
+
+
+def test_checkpointed_layer_takes_the_larger_transient() -> None:
+    inputs = EstimateInput(arch=SMOLLM2, precision="bf16", max_length=8192)
+    tokens = 8192
+    saved = layer_saved_activation_bytes(inputs, tokens)
+    larger = max(
+        recompute_transient_bytes(inputs, tokens), backward_transient_bytes(inputs, tokens)
+    )
+    assert recompute_transient_bytes(inputs, tokens) > backward_transient_bytes(inputs, tokens)
+    assert backward_layer_bytes(inputs) == saved + larger
