@@ -875,9 +875,21 @@ def logits_bytes(inputs: EstimateInput) -> int:
     compute = DTYPE_BYTES[inputs.compute_dtype]
     if inputs.stack.loss_path in FULL_LOGITS_BYTES_PER_ENTRY:
         return FULL_LOGITS_BYTES_PER_ENTRY[inputs.stack.loss_path] * tokens * c.vocab_size
+    tokens = fused_head_scored_tokens(inputs)
     tile = compute * min(tokens, FUSED_HEAD_TOKEN_TILE) * min(c.vocab_size, FUSED_HEAD_VOCAB_TILE)
     fused = compute * tokens * c.hidden_size + tile + 4 * tokens * c.hidden_size + 8 * 4 * tokens
     return fused + trained_head_gradient_bytes(inputs)
+
+
+def fused_head_scored_tokens(inputs: EstimateInput) -> int:
+    """Tokens the fused LM head projects: on CUDA only positions with a label
+    (``hidden_states[mask]``, trl/trainer/utils.py:1642-1648). GRPO masks the prompt
+    (``labels[:, :-logits_to_keep] = -100``, grpo_trainer.py:1496, with ``logits_to_keep``
+    the completion length, :2504), so only ``max_completion_length`` tokens per row are
+    scored; SFT and DPO score every position of a full-length row."""
+    if inputs.method == "grpo":
+        return inputs.micro_batch * inputs.max_completion_length
+    return tokens_per_micro_batch(inputs)
 
 
 def trained_head_gradient_bytes(inputs: EstimateInput) -> int:

@@ -18,9 +18,11 @@ from peftgen.memory import (
     backward_layer_bytes,
     backward_transient_bytes,
     estimate,
+    fused_head_scored_tokens,
     int8_linear_bytes,
     layer_saved_activation_bytes,
     linear_weight_bytes,
+    logits_bytes,
     nf4_linear_bytes,
     recompute_transient_bytes,
     weights_bytes,
@@ -245,3 +247,17 @@ def test_checkpointed_layer_takes_the_larger_transient() -> None:
     )
     assert recompute_transient_bytes(inputs, tokens) > backward_transient_bytes(inputs, tokens)
     assert backward_layer_bytes(inputs) == saved + larger
+
+
+def test_grpo_fused_head_scores_only_completion_tokens() -> None:
+    c = SMOLLM2.config
+    grpo = EstimateInput(
+        arch=SMOLLM2, precision="bf16", method="grpo", micro_batch=2, max_completion_length=256
+    )
+    scored = 2 * 256
+    tile = 2 * scored * min(c.vocab_size, 32768)
+    expected = 2 * scored * c.hidden_size + tile + 4 * scored * c.hidden_size + 8 * 4 * scored
+    assert fused_head_scored_tokens(grpo) == scored
+    assert logits_bytes(grpo) == expected
+    sft = replace(grpo, method="sft")
+    assert fused_head_scored_tokens(sft) == 2 * sft.max_length
