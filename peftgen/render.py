@@ -27,6 +27,7 @@ from typing import Any
 import jinja2
 
 from peftgen.errors import UserError
+from peftgen.launch import LAUNCH_FILES, launch_files
 from peftgen.load import LoadedSpec
 from peftgen.plan import Candidate, Plan
 from peftgen.report import render_plan_markdown
@@ -428,6 +429,8 @@ def render_all(loaded: LoadedSpec, plan: Plan) -> dict[str, str]:
         # The VRAM report's Markdown, without charts: the same tables `peftgen report` shows.
         "plan.md": render_plan_markdown(plan, loaded),
         "spec.yaml": resolved_spec_yaml(loaded),
+        # accelerate_config.yaml, ds_config.json, launch.sh for a distributed spec.
+        **launch_files(loaded.spec, plan),
     }
 
 
@@ -460,7 +463,7 @@ def resolved_spec_yaml(loaded: LoadedSpec) -> str:
     return header + buffer.getvalue()
 
 
-OUTPUT_FILES = ("train.py", "merge.py", "plan.md", "spec.yaml")
+OUTPUT_FILES = ("train.py", "merge.py", "plan.md", "spec.yaml", *LAUNCH_FILES)
 
 
 def write_output_dir(directory: Path, files: Mapping[str, str]) -> None:
