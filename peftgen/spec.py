@@ -433,8 +433,9 @@ def _check_distributed_combination(spec: _SpecBase) -> None:
         and spec.precision == "auto"
         and spec.quantization.bnb_4bit_quant_storage == "uint8"
     ):
+        where = "precision" if "precision" in spec.model_fields_set else "hardware.distributed"
         raise ValueError(
-            f"precision: auto may choose 4-bit loading, which {engine} can shard only with "
+            f"{where}: precision auto may choose 4-bit loading, which {engine} can shard only with "
             "the packed weights stored in the compute dtype; set "
             "quantization.bnb_4bit_quant_storage: bfloat16, or fix precision: bf16"
         )
