@@ -335,4 +335,24 @@ def check_data(args: argparse.Namespace) -> int:
 
 
 def calibrate(args: argparse.Namespace) -> int:
-    raise NotImplementedError("issue 7")
+    """Predicted vs measured peak memory per receipt, and the error statistics (or ``--json``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftgen.calibrate import calibrate_receipts, summary_lines, table_rows
+
+    result = calibrate_receipts(args.receipts)
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        return 0
+    header, *body = table_rows(result)
+    table = Table(title="memory receipts: predicted vs measured peak per GPU")
+    for index, name in enumerate(header):
+        table.add_column(name, justify="left" if index < 4 else "right")
+    for cells in body:
+        table.add_row(*cells)
+    console = Console(highlight=False, width=200)
+    console.print(table)
+    for line in summary_lines(result):
+        console.print(line, soft_wrap=True)
+    return 0

@@ -1,0 +1,298 @@
+"""Read memory receipts and measure the planner against them (``peftgen calibrate``).
+
+Every generated script writes ``memory_receipt.json`` next to its adapter: the peaks torch
+measured on the GPU and the plan's predictions, embedded when the script was emitted. So a
+receipt is self-contained: calibrating needs neither the spec nor today's planner, and it
+reports how good the estimate *that ran* was.
+
+Two metrics, each predicted against measured:
+
+- allocated: ``peak_allocated_bytes`` vs ``torch.cuda.max_memory_allocated``;
+- reserved: ``torch_reserved_bytes`` (the plan's reserved minus the CUDA context) vs
+  ``torch.cuda.max_memory_reserved``, which does not see the context either.
+
+The error is ``(predicted - measured) / measured`` in percent: positive means the plan
+over-predicted (safe), negative means it under-predicted (an OOM risk). Receipts written
+without CUDA carry no measurements; they are listed but left out of the statistics.
+
+Pure Python: no torch import, like the rest of the analytic path.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftgen.errors import Problem, UserError
+
+RECEIPT_VERSION = 1
+GIB = 2**30
+METRICS = ("allocated", "reserved")
+
+
+@dataclass(frozen=True)
+class ReceiptRow:
+    """One receipt, reduced to what calibration compares."""
+
+    file: str
+    spec_name: str
+    stage: str
+    optimizer_steps: int
+    device_name: str
+    planned_gpu: str
+    precision: str
+    predicted_allocated_bytes: int
+    measured_allocated_bytes: int | None
+    predicted_reserved_bytes: int
+    """The plan's ``torch_reserved_bytes``: comparable with ``max_memory_reserved``."""
+    measured_reserved_bytes: int | None
+
+    @property
+    def measured(self) -> bool:
+        return (
+            self.measured_allocated_bytes is not None and self.measured_reserved_bytes is not None
+        )
+
+    def error_percent(self, metric: str) -> float | None:
+        """``(predicted - measured) / measured`` in percent; None without a measurement."""
+        predicted, measured = self._pair(metric)
+        if measured is None:
+            return None
+        return 100.0 * (predicted - measured) / measured
+
+    def _pair(self, metric: str) -> tuple[int, int | None]:
+        if metric == "allocated":
+            return self.predicted_allocated_bytes, self.measured_allocated_bytes
+        return self.predicted_reserved_bytes, self.measured_reserved_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "spec_name": self.spec_name,
+            "stage": self.stage,
+            "optimizer_steps": self.optimizer_steps,
+            "device": self.device_name,
+            "planned_gpu": self.planned_gpu,
+            "precision": self.precision,
+            "allocated": {
+                "predicted_bytes": self.predicted_allocated_bytes,
+                "measured_bytes": self.measured_allocated_bytes,
+                "error_percent": self.error_percent("allocated"),
+            },
+            "reserved": {
+                "predicted_bytes": self.predicted_reserved_bytes,
+                "measured_bytes": self.measured_reserved_bytes,
+                "error_percent": self.error_percent("reserved"),
+            },
+        }
+
+
+@dataclass(frozen=True)
+class ErrorStatistics:
+    """Error of one metric over the measured receipts, in percent."""
+
+    count: int
+    median_abs_percent: float
+    max_abs_percent: float
+    median_percent: float
+    """Signed median: above 0 the plan tends to over-predict, below 0 to under-predict."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "median_abs_percent": self.median_abs_percent,
+            "max_abs_percent": self.max_abs_percent,
+            "median_percent": self.median_percent,
+        }
+
+
+@dataclass(frozen=True)
+class Calibration:
+    rows: tuple[ReceiptRow, ...]
+    statistics: Mapping[str, ErrorStatistics | None]
+    """By metric; None when no receipt was measured on a GPU."""
+
+    @property
+    def unmeasured_files(self) -> list[str]:
+        return [row.file for row in self.rows if not row.measured]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "receipts": [row.to_json() for row in self.rows],
+            "statistics": {
+                metric: (stats.to_json() if stats is not None else None)
+                for metric, stats in self.statistics.items()
+            },
+            "excluded_without_cuda": self.unmeasured_files,
+        }
+
+
+# --- Reading ------------------------------------------------------------------------------
+
+
+def _field(data: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...], file: str) -> Any:
+    """``data[a][b]`` for ``"a.b"``, checked to be ``kind``; a Problem names what is wrong."""
+    value: Any = data
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise UserError.single(
+                "missing; not a memory receipt written by a peftgen script",
+                file=file,
+                field_path=dotted,
+            )
+        value = value[part]
+    # bool is an int in Python; a receipt never holds a bool where a number belongs.
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise UserError.single(
+            f"has the wrong type ({type(value).__name__})", file=file, field_path=dotted
+        )
+    return value
+
+
+def _measurement(data: Mapping[str, Any], dotted: str, file: str) -> int | None:
+    value = _field(data, dotted, (int, type(None)), file)
+    if value is not None and value <= 0:
+        raise UserError.single(
+            f"must be a positive byte count or null; got {value}", file=file, field_path=dotted
+        )
+    return value  # type: ignore[no-any-return]
+
+
+def read_receipt(path: Path) -> ReceiptRow:
+    """One receipt file as a row; a missing file, bad JSON or a foreign file is a UserError."""
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError.single("no such file", file=file) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise UserError.single(f"cannot read it: {error}", file=file) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError.single(
+            f"not valid JSON: {error.msg}", file=file, line=error.lineno, column=error.colno
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError.single("not a memory receipt (expected a JSON object)", file=file)
+    version = _field(data, "receipt_version", int, file)
+    if version != RECEIPT_VERSION:
+        raise UserError.single(
+            f"receipt version {version} is not supported (this peftgen reads {RECEIPT_VERSION})",
+            file=file,
+            field_path="receipt_version",
+        )
+    return ReceiptRow(
+        file=file,
+        spec_name=_field(data, "spec_name", str, file),
+        stage=_field(data, "stage", str, file),
+        optimizer_steps=_field(data, "optimizer_steps", int, file),
+        device_name=_field(data, "device.name", str, file),
+        planned_gpu=_field(data, "predicted.gpu", str, file),
+        precision=_field(data, "predicted.precision", str, file),
+        predicted_allocated_bytes=_field(data, "predicted.peak_allocated_bytes", int, file),
+        measured_allocated_bytes=_measurement(data, "measured.max_memory_allocated_bytes", file),
+        predicted_reserved_bytes=_field(data, "predicted.torch_reserved_bytes", int, file),
+        measured_reserved_bytes=_measurement(data, "measured.max_memory_reserved_bytes", file),
+    )
+
+
+def _statistics(rows: Sequence[ReceiptRow], metric: str) -> ErrorStatistics | None:
+    errors = [error for row in rows if (error := row.error_percent(metric)) is not None]
+    if not errors:
+        return None
+    absolute = [abs(error) for error in errors]
+    return ErrorStatistics(
+        count=len(errors),
+        median_abs_percent=statistics.median(absolute),
+        max_abs_percent=max(absolute),
+        median_percent=statistics.median(errors),
+    )
+
+
+def calibrate_receipts(paths: Sequence[Path]) -> Calibration:
+    """Read every receipt (reporting all bad files at once) and compute the error statistics."""
+    rows: list[ReceiptRow] = []
+    problems: list[Problem] = []
+    for path in paths:
+        try:
+            rows.append(read_receipt(path))
+        except UserError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise UserError(problems)
+    return Calibration(
+        rows=tuple(rows), statistics={metric: _statistics(rows, metric) for metric in METRICS}
+    )
+
+
+# --- Presentation -------------------------------------------------------------------------
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}%"
+
+
+def table_rows(calibration: Calibration) -> list[list[str]]:
+    """The table ``calibrate`` prints, as text cells (header first)."""
+    header = [
+        "receipt",
+        "spec",
+        "device",
+        "precision",
+        "steps",
+        "alloc pred GiB",
+        "alloc meas GiB",
+        "alloc err",
+        "resv pred GiB",
+        "resv meas GiB",
+        "resv err",
+    ]
+    body = [
+        [
+            row.file,
+            row.spec_name,
+            row.device_name,
+            row.precision,
+            str(row.optimizer_steps),
+            _gib(row.predicted_allocated_bytes),
+            _gib(row.measured_allocated_bytes),
+            _percent(row.error_percent("allocated")),
+            _gib(row.predicted_reserved_bytes),
+            _gib(row.measured_reserved_bytes),
+            _percent(row.error_percent("reserved")),
+        ]
+        for row in calibration.rows
+    ]
+    return [header, *body]
+
+
+def summary_lines(calibration: Calibration) -> list[str]:
+    """Error statistics per metric, and a note on receipts left out of them."""
+    lines: list[str] = []
+    for metric in METRICS:
+        stats = calibration.statistics[metric]
+        if stats is None:
+            lines.append(f"{metric}: no receipt measured on a GPU; no statistics")
+            continue
+        lines.append(
+            f"{metric}: median |error| {stats.median_abs_percent:.1f}%, max |error| "
+            f"{stats.max_abs_percent:.1f}%, median error {stats.median_percent:+.1f}% "
+            f"over {stats.count} receipt(s)"
+        )
+    unmeasured = calibration.unmeasured_files
+    if unmeasured:
+        lines.append(
+            f"left out of the statistics (written without CUDA, nothing measured): "
+            f"{', '.join(unmeasured)}"
+        )
+    lines.append("error = (predicted - measured) / measured: + over-predicts, - under-predicts")
+    return lines
