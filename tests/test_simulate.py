@@ -173,7 +173,6 @@ def test_simulation_result_static_bytes(tmp_path: Path, arch: ModelArch) -> None
     assert set(result.to_json()) >= {"peak_allocated_bytes", "breakdown", "phases", "seconds"}
 
 
-@pytest.mark.slow
 def test_simulation_never_imports_into_the_analytic_plan(tmp_path: Path) -> None:
     """The analytic path stays torch-free: simulate is imported only when asked for."""
     import subprocess
