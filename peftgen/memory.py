@@ -138,6 +138,8 @@ class EstimateInput:
     micro_batch: int = 1
     max_length: int = 2048
     gradient_checkpointing: bool = True
+    packing: bool = False
+    """SFT ``training.packing`` (trl's padding-free ``bfd``): rows hold several sequences."""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     optim: str = "adamw_torch"
     gradient_accumulation_steps: int = 1
@@ -676,6 +678,61 @@ def attention_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
     return compute * tokens * (2 * q_width + 2 * kv_width) + lse
 
 
+def sliding_window_layer_count(inputs: EstimateInput) -> int:
+    """Decoder layers whose attention uses a sliding window (transformers 5.24 configs).
+
+    Mistral and Phi-3 slide on every layer when ``sliding_window`` is set
+    (models/mistral/modeling_mistral.py:355, models/phi3/modeling_phi3.py:386); Qwen2 only
+    with ``use_sliding_window``; Gemma-3 on every layer but each ``sliding_window_pattern``-th
+    (models/gemma3/configuration_gemma3.py:108-109)."""
+    c = inputs.arch.config
+    window = c.extra.get("sliding_window")
+    if not window or c.extra.get("use_sliding_window") is False:
+        return 0
+    pattern = c.extra.get("sliding_window_pattern")
+    if isinstance(pattern, int) and pattern > 1:
+        return c.num_hidden_layers - c.num_hidden_layers // pattern
+    return c.num_hidden_layers
+
+
+def masked_attention_layer_count(inputs: EstimateInput) -> int:
+    """Layers whose SDPA call gets an explicit mask instead of ``is_causal=True``.
+
+    transformers skips the mask only when nothing but causality is needed: a sliding layer
+    needs one once the keys reach the window (``kv_length >= local_attention_size``,
+    masking_utils.py:286), and packed SFT rows (trl's ``bfd`` packing is padding-free:
+    ``position_ids`` only, sft_trainer.py:916) get a block-causal mask on every layer
+    (masking_utils.py:991-996). flash-attention takes neither (varlen / window arguments);
+    eager adds its mask to the scores (counted with them)."""
+    if effective_attn_implementation(inputs) != "sdpa":
+        return 0
+    c = inputs.arch.config
+    if inputs.method == "sft" and inputs.packing:
+        return c.num_hidden_layers
+    window = c.extra.get("sliding_window")
+    if isinstance(window, int) and sequence_length(inputs) >= window:
+        return sliding_window_layer_count(inputs)
+    return 0
+
+
+def attention_mask_bytes(inputs: EstimateInput) -> int:
+    """One layer's SDPA mask as the kernel saves it: torch converts the bool mask to a
+    compute-dtype additive mask ([rows, 1, T, T], ``convert_boolean_attn_mask``) on every
+    call, and the memory-efficient kernel saves that bias for backward."""
+    seq = sequence_length(inputs)
+    return DTYPE_BYTES[inputs.compute_dtype] * sequences_per_micro_batch(inputs) * seq * seq
+
+
+def bool_attention_mask_bytes(inputs: EstimateInput) -> int:
+    """The model's bool mask ([rows, 1, T, T], built once per forward and shared by the
+    layers). Non-reentrant checkpointing keeps each layer's arguments for the recompute, so
+    with checkpointing it lives until backward ends."""
+    if not masked_attention_layer_count(inputs):
+        return 0
+    seq = sequence_length(inputs)
+    return sequences_per_micro_batch(inputs) * seq * seq
+
+
 def mlp_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
     """Gated MLP: the activation's input, its output and the up projection (3 x T x I).
 
@@ -767,8 +824,10 @@ def kept_activation_bytes(inputs: EstimateInput) -> int:
     hidden = DTYPE_BYTES[inputs.compute_dtype] * tokens * c.hidden_size
     if inputs.gradient_checkpointing:
         kept = c.num_hidden_layers * (hidden + int8_inputs_outside_checkpoint_bytes(inputs, tokens))
+        kept += bool_attention_mask_bytes(inputs)
     else:
         kept = c.num_hidden_layers * layer_saved_activation_bytes(inputs, tokens) + hidden
+        kept += masked_attention_layer_count(inputs) * attention_mask_bytes(inputs)
     return kept + 4 * tokens * c.hidden_size
 
 
@@ -796,7 +855,8 @@ def backward_layer_bytes(inputs: EstimateInput) -> int:
     transient = backward_transient_bytes(inputs, tokens)
     if inputs.gradient_checkpointing:
         transient = max(transient, recompute_transient_bytes(inputs, tokens))
-        return layer_saved_activation_bytes(inputs, tokens) + transient
+        mask = attention_mask_bytes(inputs) if masked_attention_layer_count(inputs) else 0
+        return layer_saved_activation_bytes(inputs, tokens) + mask + transient
     return transient
 
 

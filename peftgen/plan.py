@@ -238,6 +238,7 @@ def estimate_input(
         micro_batch=training.per_device_train_batch_size,
         max_length=training.max_length,
         gradient_checkpointing=training.gradient_checkpointing,
+        packing=spec.method == "sft" and training.packing,
         attn_implementation=spec.model.attn_implementation,
         optim=training.optim,
         gradient_accumulation_steps=training.gradient_accumulation_steps,

@@ -15,16 +15,20 @@ from peftgen.memory import (
     OPTIMIZERS,
     EstimateInput,
     activation_bytes,
+    attention_mask_bytes,
     backward_layer_bytes,
     backward_transient_bytes,
     estimate,
     fused_head_scored_tokens,
     int8_linear_bytes,
+    kept_activation_bytes,
     layer_saved_activation_bytes,
     linear_weight_bytes,
     logits_bytes,
+    masked_attention_layer_count,
     nf4_linear_bytes,
     recompute_transient_bytes,
+    sliding_window_layer_count,
     weights_bytes,
 )
 from peftgen.plan import make_plan
@@ -261,3 +265,42 @@ def test_grpo_fused_head_scores_only_completion_tokens() -> None:
     assert logits_bytes(grpo) == expected
     sft = replace(grpo, method="sft")
     assert fused_head_scored_tokens(sft) == 2 * sft.max_length
+
+
+GEMMA3_1B = find_model("google/gemma-3-1b-pt")
+assert GEMMA3_1B is not None
+
+
+def test_sliding_window_masks_by_hand() -> None:
+    """Gemma-3-1b: window 512, every 6th of 26 layers is global -> 22 sliding layers; each
+    saves a bf16 [rows, 1, T, T] additive mask once T reaches the window."""
+    short = EstimateInput(arch=GEMMA3_1B, precision="bf16", max_length=511)
+    assert masked_attention_layer_count(short) == 0
+    inputs = replace(short, max_length=2048, gradient_checkpointing=False)
+    assert sliding_window_layer_count(inputs) == 22
+    assert masked_attention_layer_count(inputs) == 22
+    assert attention_mask_bytes(inputs) == 2 * 2048 * 2048
+    dpo = replace(inputs, method="dpo")
+    assert attention_mask_bytes(dpo) == 2 * 2 * 2048 * 2048
+    flash = replace(inputs, attn_implementation="flash_attention_2")
+    assert masked_attention_layer_count(flash) == 0
+    no_mask = kept_activation_bytes(replace(inputs, arch=_without_sliding_window(GEMMA3_1B)))
+    assert kept_activation_bytes(inputs) - no_mask == 22 * 2 * 2048 * 2048
+    checkpointed = replace(inputs, gradient_checkpointing=True)
+    no_mask_gc = replace(checkpointed, arch=_without_sliding_window(GEMMA3_1B))
+    assert kept_activation_bytes(checkpointed) - kept_activation_bytes(no_mask_gc) == 2048 * 2048
+    assert backward_layer_bytes(checkpointed) - backward_layer_bytes(no_mask_gc) == (
+        2 * 2048 * 2048
+    )
+
+
+def test_packed_sdpa_rows_mask_every_layer() -> None:
+    packed = EstimateInput(arch=SMOLLM2, precision="bf16", max_length=1024, packing=True)
+    assert sliding_window_layer_count(packed) == 0
+    assert masked_attention_layer_count(packed) == SMOLLM2.config.num_hidden_layers
+    assert masked_attention_layer_count(replace(packed, packing=False)) == 0
+
+
+def _without_sliding_window(arch: ModelArch) -> ModelArch:
+    extra = {k: v for k, v in arch.config.extra.items() if k != "sliding_window"}
+    return arch.model_copy(update={"config": arch.config.model_copy(update={"extra": extra})})
