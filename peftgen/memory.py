@@ -673,9 +673,27 @@ def attention_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
         rows = sequences_per_micro_batch(inputs)
         softcap = compute if c.extra.get("attn_logit_softcapping") else 0
         scores = rows * c.num_attention_heads * seq * seq * (4 + compute + softcap)
-        return compute * tokens * (3 * q_width) + scores
+        return compute * tokens * (3 * q_width) + scores + fused_qkv_output_bytes(inputs, tokens)
     lse = 4 * tokens * c.num_attention_heads
-    return compute * tokens * (2 * q_width + 2 * kv_width) + lse
+    return (
+        compute * tokens * (2 * q_width + 2 * kv_width)
+        + lse
+        + fused_qkv_output_bytes(inputs, tokens)
+    )
+
+
+def fused_qkv_output_bytes(inputs: EstimateInput, tokens: int) -> int:
+    """The rest of a fused ``qkv_proj`` output that the saved values keep alive.
+
+    Phi-3 slices q, k and v out of one projection (models/phi3/modeling_phi3.py:219-224);
+    q and k become new tensors through the rotary embedding, but v stays a view, and the
+    attention kernel saving v keeps the whole output's storage: q and k widths more per
+    token than three separate projections."""
+    if not any(m.name == "qkv_proj" for m in language_linear_modules(inputs.arch)):
+        return 0
+    c = inputs.arch.config
+    width = (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
+    return DTYPE_BYTES[inputs.compute_dtype] * tokens * width
 
 
 def sliding_window_layer_count(inputs: EstimateInput) -> int:

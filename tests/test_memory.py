@@ -20,6 +20,7 @@ from peftgen.memory import (
     backward_transient_bytes,
     estimate,
     fused_head_scored_tokens,
+    fused_qkv_output_bytes,
     int8_linear_bytes,
     kept_activation_bytes,
     layer_saved_activation_bytes,
@@ -304,3 +305,14 @@ def test_packed_sdpa_rows_mask_every_layer() -> None:
 def _without_sliding_window(arch: ModelArch) -> ModelArch:
     extra = {k: v for k, v in arch.config.extra.items() if k != "sliding_window"}
     return arch.model_copy(update={"config": arch.config.model_copy(update={"extra": extra})})
+
+
+def test_fused_qkv_output_kept_whole() -> None:
+    """Phi-3-mini (32 heads, 32 kv heads, head_dim 96): v is a view of qkv_proj's output,
+    so q and k widths (2 x 3072) stay alive per token on top of q, k, v and the output."""
+    phi3 = find_model("microsoft/Phi-3-mini-4k-instruct")
+    assert phi3 is not None
+    inputs = EstimateInput(arch=phi3, precision="bf16", max_length=1024)
+    assert fused_qkv_output_bytes(inputs, 1024) == 2 * 1024 * (32 + 32) * 96
+    separate = EstimateInput(arch=SMOLLM2, precision="bf16", max_length=1024)
+    assert fused_qkv_output_bytes(separate, 1024) == 0
