@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from peftgen import golden
+from peftgen.launch import LAUNCH_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = REPO / "generated"
@@ -45,13 +46,15 @@ def test_every_spec_is_rendered(expected: dict[Path, str]) -> None:
     folders = {path.parent for path in expected}
     assert spec_count >= 7
     assert len(folders) == spec_count
+    single_gpu = {"train.py", "merge.py", "plan.md", "spec.yaml"}
     for folder in folders:
-        assert {path.name for path in expected if path.parent == folder} == {
-            "train.py",
-            "merge.py",
-            "plan.md",
-            "spec.yaml",
-        }
+        names = {path.name for path in expected if path.parent == folder}
+        if folder.name == "llama3-70b-qlora-fsdp-2x24gb":
+            # A distributed spec adds its accelerate config and launch.sh (no DeepSpeed JSON
+            # for FSDP).
+            assert names == single_gpu | {"accelerate_config.yaml", "launch.sh"}
+        else:
+            assert single_gpu <= names and names - single_gpu <= set(LAUNCH_FILES)
 
 
 def test_generated_files_are_up_to_date(expected: dict[Path, str]) -> None:
