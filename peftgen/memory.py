@@ -51,6 +51,9 @@ NESTED_BLOCKSIZE = 256
 # tensors under ``min_8bit_size`` (4096 elements) keep 32-bit states (optim/optimizer.py).
 OPTIM_8BIT_BLOCKSIZE = 256
 OPTIM_8BIT_MIN_NUMEL = 4096
+# Paged optimizers page a state buffer only for parameters of at least 1e5 elements
+# (bitsandbytes/optim/optimizer.py:383).
+PAGED_MIN_NUMEL = 100_000
 # trl/kernels/chunked_logprob.py:23 and trl/trainer/utils.py:1506: the fused LM head
 # projects [4096 tokens x 32768 vocabulary] tiles.
 FUSED_HEAD_TOKEN_TILE = 4096
@@ -499,7 +502,7 @@ def optimizer_state_bytes(inputs: EstimateInput) -> int:
     keeps nothing.
     """
     if inputs.optim in PAGED_OPTIMIZERS:
-        return 0
+        return _optimizer_bytes_unpaged(inputs) - managed_optimizer_bytes(inputs)
     return _optimizer_bytes_unpaged(inputs)
 
 
@@ -526,7 +529,22 @@ def managed_optimizer_bytes(inputs: EstimateInput) -> int:
     host memory under pressure, so they do not make a run run out of memory."""
     if inputs.optim not in PAGED_OPTIMIZERS:
         return 0
-    return _optimizer_bytes_unpaged(inputs)
+    bits = 8 if inputs.optim.endswith("8bit") else 32
+    states = 1 if "lion" in inputs.optim else 2
+    shapes = trainable_tensors(inputs).shape_counts
+    return sum(n * paged_state_bytes(r * c, states, bits) for r, c, n in shapes)
+
+
+def paged_state_bytes(numel: int, states: int, bits: int) -> int:
+    """The paged part of one tensor's bitsandbytes state: only the state buffers of
+    parameters with at least ``PAGED_MIN_NUMEL`` elements are paged
+    (``get_state_buffer``, bitsandbytes/optim/optimizer.py:383); smaller tensors' states
+    and every 8-bit block scale (``absmax``, :528-529) are ordinary device tensors, counted
+    in ``optimizer_state_bytes``."""
+    if numel < PAGED_MIN_NUMEL:
+        return 0
+    per_state = numel if bits == 8 and numel >= OPTIM_8BIT_MIN_NUMEL else 4 * numel
+    return states * per_state
 
 
 def _optimizer_bytes_unpaged(inputs: EstimateInput) -> int:

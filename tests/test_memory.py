@@ -26,8 +26,11 @@ from peftgen.memory import (
     layer_saved_activation_bytes,
     linear_weight_bytes,
     logits_bytes,
+    managed_optimizer_bytes,
     masked_attention_layer_count,
     nf4_linear_bytes,
+    optimizer_state_bytes,
+    paged_state_bytes,
     recompute_transient_bytes,
     sliding_window_layer_count,
     weights_bytes,
@@ -316,3 +319,21 @@ def test_fused_qkv_output_kept_whole() -> None:
     assert fused_qkv_output_bytes(inputs, 1024) == 2 * 1024 * (32 + 32) * 96
     separate = EstimateInput(arch=SMOLLM2, precision="bf16", max_length=1024)
     assert fused_qkv_output_bytes(separate, 1024) == 0
+
+
+def test_paged_optimizers_page_only_large_tensors() -> None:
+    """bitsandbytes pages state buffers of parameters with >= 1e5 elements only."""
+    assert paged_state_bytes(229_376, states=2, bits=8) == 2 * 229_376
+    assert paged_state_bytes(229_376, states=1, bits=32) == 4 * 229_376
+    assert paged_state_bytes(65_536, states=2, bits=8) == 0
+    # SmolLM2 at r=16: every LoRA tensor is under 1e5 elements, nothing is paged.
+    paged = EstimateInput(arch=SMOLLM2, precision="4bit", optim="paged_adamw_8bit")
+    assert managed_optimizer_bytes(paged) == 0
+    unpaged = optimizer_state_bytes(replace(paged, optim="adamw_8bit"))
+    assert optimizer_state_bytes(paged) == unpaged
+    # Llama-3-8B at r=16: down_proj's A (16 x 14336) and the B of gate/up (14336 x 16)
+    # are paged; everything else and all block scales stay on the device.
+    big = replace(paged, arch=LLAMA3_8B)
+    assert managed_optimizer_bytes(big) == 32 * 3 * 2 * 16 * 14336
+    total = optimizer_state_bytes(replace(big, optim="adamw_8bit"))
+    assert optimizer_state_bytes(big) + managed_optimizer_bytes(big) == total
