@@ -348,7 +348,7 @@ def calibrate(args: argparse.Namespace) -> int:
     header, *body = table_rows(result)
     table = Table(title="memory receipts: predicted vs measured peak per GPU")
     for index, name in enumerate(header):
-        table.add_column(name, justify="left" if index < 4 else "right")
+        table.add_column(name, justify="left" if index < 4 else "right", overflow="fold")
     for cells in body:
         table.add_row(*cells)
     console = Console(highlight=False, width=200)

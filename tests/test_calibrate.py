@@ -1,0 +1,224 @@
+"""``peftgen calibrate``: receipts in, predicted vs measured and error statistics out.
+
+Receipts here are written in the shape the generated script writes (``tests/test_receipts.py``
+proves that shape on a real CPU run); the numbers are chosen so each error is known.
+The harness test runs ``benchmarks/calibration/run.py --dry`` end to end on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from peftgen.calibrate import calibrate_receipts
+from peftgen.cli import main as peftgen_main
+from peftgen.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 2**30
+
+
+def _receipt(
+    predicted_allocated: int,
+    measured_allocated: int | None,
+    predicted_reserved: int,
+    measured_reserved: int | None,
+    name: str = "run",
+) -> dict[str, Any]:
+    """A receipt as the generated script writes it, with these four numbers."""
+    cuda = measured_allocated is not None
+    return {
+        "receipt_version": 1,
+        "spec_name": name,
+        "spec_sha256": "0" * 64,
+        "stage": "end",
+        "optimizer_steps": 10,
+        "smoke_steps": 0,
+        "world_size": 1,
+        "device": {
+            "type": "cuda" if cuda else "cpu",
+            "name": "NVIDIA H200" if cuda else "cpu",
+            "total_memory_bytes": 150_000_000_000 if cuda else None,
+        },
+        "measured": {
+            "max_memory_allocated_bytes": measured_allocated,
+            "max_memory_reserved_bytes": measured_reserved,
+        },
+        "predicted": {
+            "gpu": "NVIDIA H200",
+            "gpu_memory_bytes": 150_000_000_000,
+            "precision": "bf16",
+            "peak_allocated_bytes": predicted_allocated,
+            "torch_reserved_bytes": predicted_reserved,
+            "peak_reserved_bytes": predicted_reserved + GIB // 2,
+            "breakdown_bytes": {"weights_bytes": predicted_allocated},
+        },
+        "versions": {"torch": "2.13.0"},
+    }
+
+
+def _write(folder: Path, name: str, receipt: object) -> Path:
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(receipt), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def receipts(tmp_path: Path) -> list[Path]:
+    return [
+        # allocated +10 %, reserved -20 %
+        _write(tmp_path, "a", _receipt(11 * GIB, 10 * GIB, 16 * GIB, 20 * GIB, "a")),
+        # allocated -5 %, reserved +4 %
+        _write(tmp_path, "b", _receipt(19 * GIB, 20 * GIB, 26 * GIB, 25 * GIB, "b")),
+        # allocated +2 %, reserved +1 %
+        _write(tmp_path, "c", _receipt(51 * GIB, 50 * GIB, 101 * GIB, 100 * GIB, "c")),
+        # written on a laptop: listed, left out of the statistics
+        _write(tmp_path, "cpu", _receipt(3 * GIB, None, 4 * GIB, None, "cpu")),
+    ]
+
+
+def test_errors_and_statistics(receipts: list[Path]) -> None:
+    result = calibrate_receipts(receipts)
+    errors = [
+        (row.error_percent("allocated"), row.error_percent("reserved")) for row in result.rows
+    ]
+    assert errors[0] == pytest.approx((10.0, -20.0))
+    assert errors[1] == pytest.approx((-5.0, 4.0))
+    assert errors[2] == pytest.approx((2.0, 1.0))
+    assert errors[3] == (None, None)
+    allocated = result.statistics["allocated"]
+    reserved = result.statistics["reserved"]
+    assert allocated is not None and reserved is not None
+    assert allocated.count == reserved.count == 3
+    assert allocated.median_abs_percent == pytest.approx(5.0)
+    assert allocated.max_abs_percent == pytest.approx(10.0)
+    assert allocated.median_percent == pytest.approx(2.0)
+    assert reserved.median_abs_percent == pytest.approx(4.0)
+    assert reserved.max_abs_percent == pytest.approx(20.0)
+    assert result.unmeasured_files == [str(receipts[3])]
+
+
+def test_cli_table(receipts: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert peftgen_main(["calibrate", *map(str, receipts)]) == 0
+    out = capsys.readouterr().out
+    assert "+10.0%" in out and "-20.0%" in out
+    assert "allocated: median |error| 5.0%, max |error| 10.0%" in out
+    assert "reserved: median |error| 4.0%, max |error| 20.0%" in out
+    assert "left out of the statistics" in out and "cpu.json" in out
+
+
+def test_cli_json(receipts: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert peftgen_main(["calibrate", *map(str, receipts), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [row["spec_name"] for row in data["receipts"]] == ["a", "b", "c", "cpu"]
+    assert data["receipts"][0]["reserved"] == {
+        "predicted_bytes": 16 * GIB,
+        "measured_bytes": 20 * GIB,
+        "error_percent": pytest.approx(-20.0),
+    }
+    assert data["statistics"]["allocated"]["max_abs_percent"] == pytest.approx(10.0)
+    assert data["excluded_without_cuda"] == [str(receipts[3])]
+
+
+def test_only_cpu_receipts_give_no_statistics(
+    receipts: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert peftgen_main(["calibrate", str(receipts[3])]) == 0
+    assert "allocated: no receipt measured on a GPU; no statistics" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (json.dumps({"receipt_version": 1}), "spec_name: missing"),
+        (json.dumps({**_receipt(1, 1, 1, 1), "receipt_version": 9}), "version 9 is not supported"),
+        (
+            json.dumps({**_receipt(1, 1, 1, 1), "measured": {"max_memory_allocated_bytes": "1"}}),
+            "measured.max_memory_allocated_bytes: has the wrong type (str)",
+        ),
+        (
+            json.dumps(_receipt(1, 0, 1, 1)),
+            "measured.max_memory_allocated_bytes: must be a positive byte count or null; got 0",
+        ),
+    ],
+)
+def test_bad_receipts_are_user_errors_naming_the_file(
+    tmp_path: Path, content: str | None, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "receipt.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as raised:
+        calibrate_receipts([path])
+    assert str(raised.value).startswith(str(path))
+    assert message in str(raised.value)
+    assert peftgen_main(["calibrate", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_bad_file_is_reported_at_once(tmp_path: Path, receipts: list[Path]) -> None:
+    with pytest.raises(UserError) as raised:
+        calibrate_receipts([tmp_path / "x.json", receipts[0], tmp_path / "y.json"])
+    assert [problem.file for problem in raised.value.problems] == [
+        str(tmp_path / "x.json"),
+        str(tmp_path / "y.json"),
+    ]
+
+
+def test_calibrate_does_not_import_torch(receipts: list[Path]) -> None:
+    code = (
+        "import sys\nfrom peftgen.cli import main\n"
+        f"assert main(['calibrate', *{[str(p) for p in receipts]!r}]) == 0\n"
+        "assert 'torch' not in sys.modules, 'calibrate imported torch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_harness_dry(tmp_path: Path) -> None:
+    """The harness end to end on the CPU: tiny model, three configs, two steps each."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "calibration" / "run.py"),
+            "--dry",
+            "--work",
+            str(tmp_path / "work"),
+            "--results-root",
+            str(tmp_path / "results"),
+            "--name",
+            "dry",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = tmp_path / "results" / "dry"
+    manifest = json.loads((results / "manifest.json").read_text(encoding="utf-8"))
+    names = [run["name"] for run in manifest["runs"]]
+    assert names == [
+        "tiny-llama-sft-bf16-64-gc",
+        "tiny-llama-sft-4bit-64-nogc",
+        "tiny-llama-dpo-bf16-64-gc",
+    ]
+    assert all(run["returncode"] == 0 for run in manifest["runs"])
+    for name in names:
+        receipt = json.loads((results / f"{name}.json").read_text(encoding="utf-8"))
+        assert receipt["spec_name"] == name
+        assert receipt["optimizer_steps"] == 2
+        assert receipt["predicted"]["gpu"] == "NVIDIA H200"
+    calibration = json.loads((results / "calibration.json").read_text(encoding="utf-8"))
+    assert len(calibration["receipts"]) == 3
+    assert len(calibration["excluded_without_cuda"]) == 3  # a CPU run measures nothing
+    assert "memory receipts: predicted vs measured" in (results / "table.txt").read_text()
