@@ -421,10 +421,7 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
     trainable tensor) and trainable biases."""
     arch = inputs.arch
     lora_bytes = DTYPE_BYTES[adapter_dtype(inputs)]
-    quantized = inputs.precision in ("8bit", "4bit")
-    # The fp16 script casts every trainable tensor to fp32 (the gradient scaler refuses
-    # fp16 parameters); bf16 keeps the copies in the load dtype.
-    copy_bytes = 2 if quantized else 4 if inputs.compute_dtype == "fp16" else 2
+    copy_bytes = modules_to_save_dtype_bytes(inputs)
     numel_by_bytes: dict[int, int] = {}
     shapes: list[tuple[int, int, int]] = []
 
@@ -447,6 +444,14 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
     if biases:
         add(copy_bytes, biases, 1, 1)
     return TrainableTensors(numel_by_bytes, tuple(shapes))
+
+
+def modules_to_save_dtype_bytes(inputs: EstimateInput) -> int:
+    """Element size of the trained full copies (and trainable biases): bf16 under trl's
+    cast of quantized models; the fp16 script casts every trainable tensor to fp32 (the
+    gradient scaler refuses fp16 parameters); bf16 keeps the copies in the load dtype."""
+    quantized = inputs.precision in ("8bit", "4bit")
+    return 2 if quantized else 4 if inputs.compute_dtype == "fp16" else 2
 
 
 def adapter_bytes(inputs: EstimateInput) -> int:
@@ -857,7 +862,7 @@ def kept_activation_bytes(inputs: EstimateInput) -> int:
     """
     c = inputs.arch.config
     tokens = tokens_per_micro_batch(inputs)
-    hidden = DTYPE_BYTES[inputs.compute_dtype] * tokens * c.hidden_size
+    hidden = residual_stream_dtype_bytes(inputs) * tokens * c.hidden_size
     if inputs.gradient_checkpointing:
         kept = c.num_hidden_layers * (hidden + int8_inputs_outside_checkpoint_bytes(inputs, tokens))
         kept += bool_attention_mask_bytes(inputs)
@@ -865,6 +870,20 @@ def kept_activation_bytes(inputs: EstimateInput) -> int:
         kept = c.num_hidden_layers * layer_saved_activation_bytes(inputs, tokens) + hidden
         kept += masked_attention_layer_count(inputs) * attention_mask_bytes(inputs)
     return kept + 4 * tokens * c.hidden_size
+
+
+def residual_stream_dtype_bytes(inputs: EstimateInput) -> int:
+    """Element size of the hidden states between decoder layers: the embedding weight's.
+
+    autocast changes neither the embedding lookup nor the residual adds, and HF RMSNorm
+    returns ``weight * x.to(input_dtype)``, so fp32 embeddings (the fp16 script's fp32
+    trained copy of ``embed_tokens``; ``prepare_model_for_kbit_training``'s upcast) keep
+    every layer's input and output in fp32; a tied ``lm_head`` copy is separate and does
+    not matter here."""
+    trained = {name.rsplit(".", 1)[-1] for name in inputs.modules_to_save}
+    if "embed_tokens" in trained:
+        return modules_to_save_dtype_bytes(inputs)
+    return unquantized_weight_dtype_bytes(inputs)
 
 
 def int8_inputs_outside_checkpoint_bytes(inputs: EstimateInput, tokens: int) -> int:

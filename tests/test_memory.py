@@ -14,6 +14,7 @@ from peftgen.load import load_spec
 from peftgen.memory import (
     OPTIMIZERS,
     EstimateInput,
+    StackProfile,
     activation_bytes,
     attention_mask_bytes,
     backward_layer_bytes,
@@ -32,6 +33,7 @@ from peftgen.memory import (
     optimizer_state_bytes,
     paged_state_bytes,
     recompute_transient_bytes,
+    residual_stream_dtype_bytes,
     sliding_window_layer_count,
     weights_bytes,
 )
@@ -337,3 +339,28 @@ def test_paged_optimizers_page_only_large_tensors() -> None:
     assert managed_optimizer_bytes(big) == 32 * 3 * 2 * 16 * 14336
     total = optimizer_state_bytes(replace(big, optim="adamw_8bit"))
     assert optimizer_state_bytes(big) + managed_optimizer_bytes(big) == total
+
+
+def test_fp32_embeddings_keep_the_residual_stream_fp32() -> None:
+    """The fp16 script trains an fp32 copy of embed_tokens: every checkpointed layer input
+    (and the final norm's input) is fp32, 4 B per token x hidden instead of 2."""
+    trained = ("embed_tokens", "lm_head")
+    fp16 = EstimateInput(
+        arch=SMOLLM2, precision="fp16", compute_dtype="fp16", modules_to_save=trained
+    )
+    assert residual_stream_dtype_bytes(fp16) == 4
+    assert residual_stream_dtype_bytes(replace(fp16, modules_to_save=())) == 2
+    assert residual_stream_dtype_bytes(replace(fp16, precision="bf16", compute_dtype="bf16")) == 2
+    assert residual_stream_dtype_bytes(replace(fp16, precision="4bit")) == 2
+    upcast = replace(
+        fp16,
+        precision="4bit",
+        modules_to_save=(),
+        stack=StackProfile(upcast_unquantized_to_fp32=True),
+    )
+    assert residual_stream_dtype_bytes(upcast) == 4
+    c = SMOLLM2.config
+    tokens = fp16.max_length
+    kept_fp16 = kept_activation_bytes(replace(fp16, modules_to_save=()))
+    extra = c.num_hidden_layers * 2 * tokens * c.hidden_size
+    assert kept_activation_bytes(fp16) - kept_fp16 == extra
