@@ -179,10 +179,12 @@ SPEC_KEY_TO_FIELD: dict[str, str] = {
     "model.attn_implementation": "attn_implementation",
     "grpo.max_completion_length": "max_completion_length",
     "hardware.num_gpus": "world_size",
+    "hardware.num_nodes": "world_size",
     "hardware.distributed": "distributed",
     "hardware.cpu_offload": "cpu_offload",
 }
-"""``hardware.num_gpus`` is GPUs per node: its override is multiplied by ``num_nodes``."""
+"""``hardware.num_gpus`` (per node) and ``hardware.num_nodes`` both feed the world size:
+their product, each taken from the override or else the spec."""
 
 
 def precision_order(
@@ -253,7 +255,9 @@ def estimate_input(
             raise KeyError(f"cannot override {sorted(unknown)}; known: {sorted(SPEC_KEY_TO_FIELD)}")
         fields = {SPEC_KEY_TO_FIELD[k]: v for k, v in overrides.items()}
         if "world_size" in fields:
-            fields["world_size"] = int(fields["world_size"]) * spec.hardware.num_nodes
+            gpus = int(overrides.get("hardware.num_gpus", spec.hardware.num_gpus))
+            nodes = int(overrides.get("hardware.num_nodes", spec.hardware.num_nodes))
+            fields["world_size"] = gpus * nodes
         inputs = replace(inputs, **fields)
     return inputs
 

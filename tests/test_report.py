@@ -559,3 +559,49 @@ def test_spec_warnings_from_the_resolver_are_on_the_page(tmp_path: Path) -> None
     for warning in resolved.warnings:
         assert escape(warning) in text
         assert markdown_text(warning) in markdown
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [REPO / "specs" / "llama3-70b-qlora-fsdp-2x24gb.yaml", REPO / "specs" / "tiny-cpu-sft.yaml"],
+    ids=spec_id,
+)
+def test_gpu_count_table_is_plan_json_per_gpu_count_and_engine(
+    spec: Path, tmp_path: Path, rendered: Callable[[Path], Rendered]
+) -> None:
+    """Every number of the "More GPUs" table is ``plan --json``'s chosen peak for the spec
+    edited to that GPU count and engine; its refusals are the spec's own refusals."""
+    from peftgen.report.collect import gpu_count_changes
+
+    plan, page = rendered(spec).plan, rendered(spec).page
+    cells = [e for e in page.tagged if "data-gpu-count" in e]
+    counts = sorted({int(c["data-gpu-count"]) for c in cells})
+    assert counts == [1, 2, 4, 8]
+    precision = plan["chosen_precision"]
+    offload = bool(load_spec(spec).spec.hardware.cpu_offload)
+    priced = [c for c in cells if "data-bytes" in c]
+    assert priced
+    for cell in priced:
+        count, engine = int(cell["data-gpu-count"]), cell["data-engine"]
+        changes = gpu_count_changes(precision, count, engine, offload and count > 1)
+        if engine == "ddp":
+            changes["hardware.cpu_offload"] = False
+        edited = plan_json(with_changes(spec, tmp_path, changes))
+        assert edited["gpu"]["count"] == count
+        candidate = lookup(edited, f"candidates.{precision}")
+        assert int(cell["data-bytes"]) == candidate["peak_reserved_bytes"], (count, engine)
+        assert gib(candidate["peak_reserved_bytes"]) in cell["_text"]
+    for cell in (c for c in cells if "data-bytes" not in c):
+        count, engine = int(cell["data-gpu-count"]), cell["data-engine"]
+        changes = gpu_count_changes(precision, count, engine, offload and engine != "ddp")
+        code, _ = run_cli("validate", str(with_changes(spec, tmp_path, changes)))
+        assert code == 2, (count, engine)
+    # The spec's own configuration is the plan itself.
+    own = [
+        c
+        for c in priced
+        if int(c["data-gpu-count"]) == plan["gpu"]["count"]
+        and c["data-engine"] in (load_spec(spec).spec.hardware.distributed, "none")
+    ]
+    chosen = lookup(plan, "chosen.peak_reserved_bytes")
+    assert own and all(int(c["data-bytes"]) == chosen for c in own)

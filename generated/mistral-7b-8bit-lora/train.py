@@ -91,17 +91,17 @@ PLANNED_GPU_MEMORY_BYTES = 24146608128
 PLANNED_PRECISION = "8bit"
 # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's cache);
 # and the whole process with the CUDA context (what nvidia-smi shows).
-PREDICTED_PEAK_ALLOCATED_BYTES = 12367175680
-PREDICTED_TORCH_RESERVED_BYTES = 12955539619
-PREDICTED_PEAK_RESERVED_BYTES = 13492410531
+PREDICTED_PEAK_ALLOCATED_BYTES = 12394864640
+PREDICTED_TORCH_RESERVED_BYTES = 12983505468
+PREDICTED_PEAK_RESERVED_BYTES = 13520376380
 PREDICTED_BREAKDOWN_BYTES = {
     "weights_bytes": 7522230272,
     "adapter_bytes": 27262976,
     "gradient_bytes": 27262976,
-    "optimizer_bytes": 0,
+    "optimizer_bytes": 27688960,
     "activation_bytes": 4790419456,
     "logits_bytes": 0,
-    "overhead_bytes": 1125234851,
+    "overhead_bytes": 1125511740,
 }
 # The receipt is written after this many optimizer steps (the optimizer state exists by
 # then), so a long run reports early, and again when training ends.

@@ -19,8 +19,13 @@ from peftgen.plan import (
     precision_order,
 )
 from peftgen.report.data import (
+    ENGINES,
+    GPU_COUNTS,
     CurvePoint,
     FitCell,
+    GpuCountCell,
+    GpuCountRow,
+    GpuCountTable,
     GpuFitRow,
     PrecisionCurve,
     PrecisionLimits,
@@ -79,6 +84,7 @@ def report_data(resolved: Resolved, plan: Plan) -> ReportData:
         ),
         versions=tuple(PINNED_VERSIONS.items()),
         spec_warnings=resolved.warnings,
+        gpu_counts=_gpu_count_table(resolved, plan, gpu),
     )
 
 
@@ -133,3 +139,76 @@ def _fit_matrix(resolved: Resolved, plan: Plan) -> tuple[GpuFitRow, ...]:
     for (vram, budget, cells_key), names in groups.items():
         rows.append(GpuFitRow(tuple(names), vram, budget, cells_key, is_target=False))
     return tuple(rows)
+
+
+def _gpu_count_table(resolved: Resolved, plan: Plan, gpu: Gpu) -> GpuCountTable:
+    """Per-GPU peaks on 1, 2, 4, 8 GPUs of the plan's kind (one node), per engine, at the
+    chosen precision (else the spec's fixed one, else the smallest)."""
+    spec = resolved.loaded.spec
+    precision = plan.chosen_precision
+    if precision is None:
+        fixed = [c.precision for c in plan.candidates if c.precision == spec.precision]
+        precision = fixed[0] if fixed else plan.candidates[-1].precision
+    offload = spec.hardware.cpu_offload
+    rows = []
+    for count in GPU_COUNTS:
+        engines = ("none",) if count == 1 else ENGINES
+        cells = tuple(
+            _gpu_count_cell(
+                resolved, precision, gpu, count, engine, offload and engine not in ("none", "ddp")
+            )
+            for engine in engines
+        )
+        rows.append(GpuCountRow(count, cells))
+    return GpuCountTable(precision, offload, tuple(rows))
+
+
+def gpu_count_changes(
+    precision: LoadPrecision, count: int, engine: str, offload: bool
+) -> dict[str, object]:
+    """The spec edit behind one cell, as dotted keys: one node of ``count`` GPUs; 4-bit
+    under FSDP / ZeRO-3 with the packed weights stored as bfloat16 (their requirement)."""
+    changes: dict[str, object] = {
+        "precision": precision,
+        "hardware.num_gpus": count,
+        "hardware.num_nodes": 1,
+        "hardware.distributed": engine,
+        "hardware.cpu_offload": offload,
+    }
+    if precision == "4bit" and engine in ("fsdp", "deepspeed-zero3"):
+        changes["quantization.bnb_4bit_quant_storage"] = "bfloat16"
+    return changes
+
+
+def _gpu_count_cell(
+    resolved: Resolved, precision: LoadPrecision, gpu: Gpu, count: int, engine: str, offload: bool
+) -> GpuCountCell:
+    changes = gpu_count_changes(precision, count, engine, offload)
+    refused = _refusal(resolved, changes)
+    if refused is not None:
+        return GpuCountCell(engine, None, None, refused)
+    overrides = {k: v for k, v in changes.items() if k.startswith("hardware.")}
+    candidate = estimate_candidate(resolved, precision, overrides, gpu)
+    budget = budget_bytes(gpu, resolved.loaded.spec.hardware.headroom_fraction)
+    status = fit_status(candidate.peak_reserved_bytes, budget, candidate.fits)
+    return GpuCountCell(engine, candidate.peak_reserved_bytes, status)
+
+
+def _refusal(resolved: Resolved, changes: dict[str, object]) -> str | None:
+    """The spec's own validation message for the changed spec, or None when accepted."""
+    from pydantic import ValidationError
+
+    from peftgen.spec import SPEC_ADAPTER
+
+    data = resolved.loaded.spec.model_dump()
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    try:
+        SPEC_ADAPTER.validate_python(data)
+    except ValidationError as error:
+        return str(error.errors()[0]["msg"]).removeprefix("Value error, ")
+    return None

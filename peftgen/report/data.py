@@ -95,6 +95,40 @@ class PrecisionLimits:
     per_device_train_batch_size: int | None
 
 
+GPU_COUNTS: tuple[int, ...] = (1, 2, 4, 8)
+"""GPU counts the report's multi-GPU table shows (one node)."""
+ENGINES: tuple[str, ...] = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
+
+
+@dataclass(frozen=True)
+class GpuCountCell:
+    """The per-GPU peak of one engine on ``gpu_count`` GPUs; ``None``: the spec's rules
+    refuse that engine with these settings (e.g. 8-bit under FSDP)."""
+
+    engine: str
+    """``none`` on one GPU."""
+    peak_reserved_bytes: int | None
+    status: FitStatus | None
+    refused_because: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuCountRow:
+    gpu_count: int
+    cells: tuple[GpuCountCell, ...]
+
+
+@dataclass(frozen=True)
+class GpuCountTable:
+    """Per-GPU peak for 1, 2, 4, 8 GPUs of the target kind, per engine, at one precision
+    (the chosen one, or the spec's when nothing fits)."""
+
+    precision: LoadPrecision
+    cpu_offload: bool
+    """The spec's offload setting, kept for the engines that shard."""
+    rows: tuple[GpuCountRow, ...]
+
+
 @dataclass(frozen=True)
 class SpecSource:
     """The spec as the user wrote it, shown verbatim (escaped) at the end of the report."""
@@ -126,3 +160,5 @@ class ReportData:
     spec_warnings: tuple[str, ...] = ()
     """The loader's and resolver's warnings about the spec (the plan has its own)."""
     common_gpu_sizes_gib: tuple[int, ...] = (16, 24, 40, 48, 80)
+    gpu_counts: GpuCountTable | None = None
+    """Per-GPU memory on 1, 2, 4, 8 GPUs (multi-GPU engines)."""

@@ -22,6 +22,7 @@ from peftgen.memory import GIB
 from peftgen.plan import Candidate, Plan
 from peftgen.report.data import (
     COMPONENTS,
+    ENGINES,
     TIGHT_FRACTION,
     FitStatus,
     ReportData,
@@ -111,6 +112,7 @@ def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
         "show_managed": any(c.managed_bytes for c in plan.candidates),
         "show_phase": any(c.phase != "train" for c in plan.candidates),
         "matrix_columns": _matrix_columns(data),
+        "gpu_count_engines": ENGINES,
         "length_cap": max(data.source.max_length, data.source.model_max_positions),
         "precision_reason": next((d.reason for d in plan.decisions if d.knob == "precision"), None),
         "curve_lengths": [p.max_length for p in data.length_curves[0].points]
