@@ -535,6 +535,8 @@ def plan_decisions(
                 else "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)",
             )
         )
+        if spec.hardware.world_size > 1:
+            decisions.append(distributed_decision(resolved, gpu, chosen_candidate))
         checkpointing = spec.training.gradient_checkpointing
         flipped = estimate_candidate(
             resolved, chosen, {"training.gradient_checkpointing": not checkpointing}, gpu
@@ -823,6 +825,40 @@ def smallest_fitting_gpu(resolved: Resolved, current: Gpu) -> list[Suggestion]:
 
 MAX_SUGGESTED_GPUS = 64
 """The largest GPU count the planner tries when one GPU (or the spec's count) is too small."""
+
+
+ONE_GPU = {
+    "hardware.num_gpus": 1,
+    "hardware.num_nodes": 1,
+    "hardware.distributed": "none",
+    "hardware.cpu_offload": False,
+}
+"""Overrides that turn a distributed spec back into a single-GPU run."""
+
+
+def distributed_decision(resolved: Resolved, gpu: Gpu, chosen: Candidate) -> Decision:
+    """The engine, with the per-GPU numbers it leads to and what one GPU would need."""
+    hardware = resolved.loaded.spec.hardware
+    single = estimate_candidate(resolved, chosen.precision, ONE_GPU, gpu)
+    parts = [f"weights {_gib(chosen.breakdown.weights_bytes)}"]
+    if chosen.gathered_weight_bytes:
+        parts[0] += f" (of which {_gib(chosen.gathered_weight_bytes)} gathered unsharded)"
+    parts.append(
+        f"gradients {_gib(chosen.breakdown.gradient_bytes)}"
+        + (
+            f" (of which {_gib(chosen.communication_bytes)} communication buffers)"
+            if chosen.communication_bytes
+            else ""
+        )
+    )
+    parts.append(f"optimizer {_gib(chosen.breakdown.optimizer_bytes)}")
+    offload = "; sharded state offloaded to host memory" if hardware.cpu_offload else ""
+    reason = (
+        f"{hardware.world_size} GPUs, per GPU: {', '.join(parts)}; peak "
+        f"{_gib(chosen.peak_reserved_bytes)} per GPU against "
+        f"{_gib(single.peak_reserved_bytes)} on one GPU{offload}"
+    )
+    return Decision("distributed", hardware.distributed, reason)
 
 
 def bitsandbytes_optimizer_allowed(spec: AnySpec) -> bool:

@@ -34,7 +34,8 @@ The plan's warnings:
       (each node needs RAM for its GPUs' shards); steps are slower
 
 Run:
-    accelerate launch --num_processes 2 train.py   (after `accelerate config` for fsdp)
+    bash launch.sh   (accelerate launch --config_file accelerate_config.yaml train.py: fsdp, 2 GPUs;
+                      emit -o writes both; launch.sh documents the multi-node variables)
 """
 
 import json
