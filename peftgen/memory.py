@@ -1047,8 +1047,11 @@ def grpo_prefill_bytes(inputs: EstimateInput) -> int:
     train mode during trl's ``generate`` (``unwrap_model_for_generation`` does not call
     ``eval()``), so LoRA dropout runs: an adapted ``down_proj`` casts its input to the
     adapter dtype, applies dropout (output + bool mask) and autocast copies the result back
-    for the matmul, all while the product is alive. The residual stream (two hidden
-    tensors) and the dequantized weight of an 8/4-bit linear come on top."""
+    for the matmul, all while the product is alive. Four hidden-sized tensors come on top:
+    the embedding output (the model's ``inputs_embeds`` stays referenced through its
+    forward), the layer's input (the caller's ``hidden_states``), the post-attention
+    residual and the norm output the MLP reads; and the dequantized weight of an 8/4-bit
+    linear."""
     c = inputs.arch.config
     compute = DTYPE_BYTES[inputs.compute_dtype]
     rows = grpo_generation_rows(inputs)
@@ -1068,7 +1071,7 @@ def grpo_prefill_bytes(inputs: EstimateInput) -> int:
         copies = (adapter if upcast else 0) + (adapter + 1 if inputs.lora_dropout > 0 else 0)
         down_side = 1 + (copies + (compute if upcast else 0)) / compute
     mlp = int(max(up_side, down_side) * compute * tokens * mlp_width)
-    residual = 2 * compute * tokens * c.hidden_size
+    residual = 4 * compute * tokens * c.hidden_size
     cache = kv_cache_bytes(inputs, rows, inputs.max_length)
     return cache + mlp + residual + dequantized_weight_transient_bytes(inputs)
 

@@ -22,8 +22,10 @@ from peftgen.memory import (
     estimate,
     fused_head_scored_tokens,
     fused_qkv_output_bytes,
+    grpo_prefill_bytes,
     int8_linear_bytes,
     kept_activation_bytes,
+    kv_cache_bytes,
     layer_saved_activation_bytes,
     linear_weight_bytes,
     logits_bytes,
@@ -364,3 +366,21 @@ def test_fp32_embeddings_keep_the_residual_stream_fp32() -> None:
     kept_fp16 = kept_activation_bytes(replace(fp16, modules_to_save=()))
     extra = c.num_hidden_layers * 2 * tokens * c.hidden_size
     assert kept_activation_bytes(fp16) - kept_fp16 == extra
+
+
+def test_grpo_prefill_by_hand() -> None:
+    """8 rows x 2048 prompt tokens, 4-bit, bf16 adapters: KV cache, four T x intermediate
+    tensors around up_proj's LoRA sum, four hidden-sized tensors (embedding output, layer
+    input, residual, norm output) and the largest dequantized weight."""
+    inputs = EstimateInput(
+        arch=SMOLLM2, precision="4bit", method="grpo", gradient_accumulation_steps=8
+    )
+    c = SMOLLM2.config
+    tokens = 8 * 2048
+    expected = (
+        kv_cache_bytes(inputs, 8, 2048)
+        + 4 * 2 * tokens * c.intermediate_size
+        + 4 * 2 * tokens * c.hidden_size
+        + 2 * c.hidden_size * c.intermediate_size
+    )
+    assert grpo_prefill_bytes(inputs) == expected
