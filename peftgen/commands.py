@@ -233,6 +233,7 @@ def emit(args: argparse.Namespace) -> int:
     from peftgen.errors import NothingFitsError
     from peftgen.plan import make_plan
     from peftgen.render import render_all, render_train_script, write_output_dir
+    from peftgen.report import render_plan_markdown
     from peftgen.resolve import resolve
 
     resolved = resolve(load_spec(args.spec))
@@ -255,7 +256,7 @@ def emit(args: argparse.Namespace) -> int:
     if args.output_dir is None:
         sys.stdout.write(render_train_script(resolved.loaded, result))
         return 0
-    files = render_all(resolved.loaded, result)
+    files = render_all(resolved.loaded, result, render_plan_markdown(result, resolved))
     write_output_dir(args.output_dir, files)
     for name in files:
         print(f"wrote {args.output_dir / name}", file=sys.stderr)

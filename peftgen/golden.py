@@ -19,6 +19,7 @@ from pathlib import Path
 from peftgen.load import load_spec
 from peftgen.plan import make_plan
 from peftgen.render import render_all, write_output_dir
+from peftgen.report import render_plan_markdown
 from peftgen.resolve import resolve
 
 CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,8 @@ def render_spec(spec_path: Path) -> tuple[str, dict[str, str]]:
     """(spec name, files by name) as ``emit -o`` writes them; specs that do not fit render too."""
     resolved = resolve(load_spec(spec_path))
     plan = make_plan(resolved)
-    return resolved.loaded.spec.name, render_all(resolved.loaded, plan)
+    files = render_all(resolved.loaded, plan, render_plan_markdown(plan, resolved))
+    return resolved.loaded.spec.name, files
 
 
 def expected_files() -> dict[Path, str]:

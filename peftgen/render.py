@@ -30,7 +30,6 @@ from peftgen.errors import UserError
 from peftgen.launch import LAUNCH_FILES, launch_files
 from peftgen.load import LoadedSpec
 from peftgen.plan import Candidate, Plan
-from peftgen.report import render_plan_markdown
 from peftgen.spec import (
     USER_REWARD_PATTERN,
     AnySpec,
@@ -420,14 +419,17 @@ def render_train_script(loaded: LoadedSpec, plan: Plan) -> str:
     return render_template(TRAIN_TEMPLATES[loaded.spec.method], build_context(loaded, plan))
 
 
-def render_all(loaded: LoadedSpec, plan: Plan) -> dict[str, str]:
-    """Every file ``emit -o DIR`` writes, by file name, in a fixed order."""
+def render_all(loaded: LoadedSpec, plan: Plan, plan_markdown: str) -> dict[str, str]:
+    """Every file ``emit -o DIR`` writes, by file name, in a fixed order.
+
+    ``plan_markdown`` is the VRAM report's Markdown (``peftgen.report``), rendered by the
+    caller, which holds the resolved architecture the report's tables need."""
     context = build_context(loaded, plan)
     return {
         "train.py": render_template(TRAIN_TEMPLATES[loaded.spec.method], context),
         "merge.py": render_template("merge.py.j2", context),
         # The VRAM report's Markdown, without charts: the same tables `peftgen report` shows.
-        "plan.md": render_plan_markdown(plan, loaded),
+        "plan.md": plan_markdown,
         "spec.yaml": resolved_spec_yaml(loaded),
         # accelerate_config.yaml, ds_config.json, launch.sh for a distributed spec.
         **launch_files(loaded.spec, plan),

@@ -109,7 +109,7 @@ def _render(raw: dict[str, Any], precision: str) -> dict[str, str] | None:
     except ValidationError:
         return None
     loaded = LoadedSpec(spec, Path("specs/hostile.yaml"), "", "0" * 64)
-    return render_all(loaded, _plan(precision))
+    return render_all(loaded, _plan(precision), plan_markdown="")
 
 
 def _constants(source: str) -> dict[str, Any]:
@@ -210,8 +210,8 @@ def test_hostile_reward_path_stays_literal(text: str) -> None:
 def test_hostile_plan_text_only_reaches_comments(text: str, method: str) -> None:
     spec = SPEC_ADAPTER.validate_python(BASE | METHOD_SECTIONS[method])
     loaded = LoadedSpec(spec, Path("specs/hostile.yaml"), "", "0" * 64)
-    plain = render_all(loaded, _plan("4bit"))
-    hostile = render_all(loaded, _plan("4bit", gpu_name=text, reason=text))
+    plain = render_all(loaded, _plan("4bit"), plan_markdown="")
+    hostile = render_all(loaded, _plan("4bit", gpu_name=text, reason=text), plan_markdown="")
     for name in ("train.py", "merge.py"):
         plain_tree, hostile_tree = ast.parse(plain[name]), ast.parse(hostile[name])
         # The docstring may quote the text; everything after it must be identical.

@@ -18,6 +18,7 @@ from peftgen.cli import main as peftgen_main
 from peftgen.errors import UserError
 from peftgen.load import load_spec
 from peftgen.plan import make_plan
+from peftgen.report import render_plan_markdown
 from peftgen.resolve import resolve
 
 BASE_SPEC = """\
@@ -49,7 +50,8 @@ def _spec(tmp_path: Path, *, extra: str = "", **fields: str) -> Path:
 
 def _render(spec_path: Path) -> dict[str, str]:
     resolved = resolve(load_spec(spec_path))
-    return render.render_all(resolved.loaded, make_plan(resolved))
+    plan = make_plan(resolved)
+    return render.render_all(resolved.loaded, plan, render_plan_markdown(plan, resolved))
 
 
 # --- literals -------------------------------------------------------------------------

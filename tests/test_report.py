@@ -461,7 +461,8 @@ def test_plan_markdown_for_emit_does_not_import_matplotlib() -> None:
         "from peftgen.load import load_spec; from peftgen.resolve import resolve\n"
         "from peftgen.plan import make_plan; from peftgen.report import render_plan_markdown\n"
         f"loaded = load_spec(Path({str(spec)!r}))\n"
-        "text = render_plan_markdown(make_plan(resolve(loaded)), loaded)\n"
+        "resolved = resolve(loaded)\n"
+        "text = render_plan_markdown(make_plan(resolved), resolved)\n"
         "assert '| Component |' in text and '![' not in text, text[:500]\n"
         "assert 'matplotlib' not in sys.modules\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
@@ -474,7 +475,7 @@ def test_plan_markdown_matches_the_report_tables() -> None:
     loaded = load_spec(spec)
     resolved = resolve(loaded)
     plan = make_plan(resolved)
-    plan_md = render_plan_markdown(plan, loaded)
+    plan_md = render_plan_markdown(plan, resolved)
     full_md = render_markdown(report_data(resolved, plan), charts="files").text
     assert markdown_tables(plan_md) == markdown_tables(full_md)
 

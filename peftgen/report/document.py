@@ -31,7 +31,7 @@ from peftgen.report.data import (
 )
 
 if TYPE_CHECKING:
-    from peftgen.load import LoadedSpec
+    from peftgen.resolve import Resolved
 
 ChartMode = Literal["files", "inline", "none"]
 STATUS_LABELS: dict[FitStatus, str] = {"fits": "✓ fits", "tight": "⚠ tight", "no": "✗ no"}
@@ -82,17 +82,15 @@ def render_markdown(
     return MarkdownReport(text, chart_files)
 
 
-def render_plan_markdown(plan: Plan, loaded: LoadedSpec) -> str:
+def render_plan_markdown(plan: Plan, resolved: Resolved) -> str:
     """The Markdown report without charts, for ``emit -o`` to write as ``plan.md``.
 
-    Same signature as ``peftgen.render.render_plan_markdown``. Needs no matplotlib, so
-    emitting stays light and its output does not depend on whether the ``report`` extra
-    is installed.
+    Needs no matplotlib, so emitting stays light and its output does not depend on
+    whether the ``report`` extra is installed.
     """
     from peftgen.report.collect import report_data
-    from peftgen.resolve import resolve
 
-    return render_markdown(report_data(resolve(loaded), plan), charts="none").text
+    return render_markdown(report_data(resolved, plan), charts="none").text
 
 
 def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
