@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from peftgen.load import load_spec
-from peftgen.plan import Plan
+from peftgen.plan import BREAKDOWN_KEYS, Plan
 
 if TYPE_CHECKING:
     from peftgen.simulate import SimulationResult
@@ -181,15 +181,7 @@ def _print_plan(result: Plan) -> None:
             justify="right",
             style="bold green" if chosen else None,
         )
-    for key in (
-        "weights_bytes",
-        "adapter_bytes",
-        "gradient_bytes",
-        "optimizer_bytes",
-        "activation_bytes",
-        "logits_bytes",
-        "overhead_bytes",
-    ):
+    for key in BREAKDOWN_KEYS:
         table.add_row(
             key.removesuffix("_bytes"),
             *(f"{getattr(c.breakdown, key) / gib:.2f}" for c in result.candidates),

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from peftgen.catalog import LinearModule, ModelArch, linear_modules, parameter_groups
 from peftgen.catalog.structure import LANGUAGE_MODEL, QK_NORM_TYPES, SANDWICH_NORM_TYPES
+from peftgen.spec import Optim
 
 MIB = 2**20
 GIB = 2**30
@@ -472,20 +473,8 @@ def gradient_bytes(inputs: EstimateInput) -> int:
 PAGED_OPTIMIZERS = frozenset(
     {"paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "paged_lion_32bit"}
 )
-OPTIMIZERS = (
-    "adamw_torch",
-    "adamw_torch_fused",
-    "adamw_8bit",
-    "adamw_bnb_8bit",
-    "paged_adamw_8bit",
-    "paged_adamw_32bit",
-    "adafactor",
-    "sgd",
-    "lion_8bit",
-    "lion_32bit",
-    "paged_lion_8bit",
-    "paged_lion_32bit",
-)
+OPTIMIZERS: tuple[str, ...] = get_args(Optim)
+"""Every ``training.optim`` the spec accepts; each has a rule below."""
 
 
 def bnb_state_bytes(numel: int, states: int, bits: int) -> int:

@@ -10,7 +10,7 @@ Field names follow the public contract in spec-v1 (``plan --json``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from peftgen.catalog import Gpu, find_gpu, gpu_catalogue, gpu_names, suggest
@@ -64,6 +64,10 @@ class MemoryBreakdown:
     @property
     def reserved_bytes(self) -> int:
         return self.allocated_bytes + self.overhead_bytes
+
+
+BREAKDOWN_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MemoryBreakdown))
+"""``MemoryBreakdown``'s keys in order, as ``plan --json`` and every table list them."""
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from peftgen.catalog import Gpu, config_dict
+from peftgen.plan import BREAKDOWN_KEYS
 from peftgen.resolve import Resolved
 
 if TYPE_CHECKING:
@@ -52,16 +53,6 @@ if TYPE_CHECKING:
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
 """What a live byte is, for the per-phase table."""
 
-BREAKDOWN_KEYS = (
-    "weights_bytes",
-    "adapter_bytes",
-    "gradient_bytes",
-    "optimizer_bytes",
-    "activation_bytes",
-    "logits_bytes",
-    "overhead_bytes",
-)
-"""The analytic ``MemoryBreakdown`` keys, so the two estimates line up key by key."""
 
 BNB_4BIT_BLOCKSIZE = 64
 """Weights per absmax in bitsandbytes 4-bit quantization (transformers' default)."""
