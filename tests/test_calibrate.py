@@ -218,6 +218,8 @@ def test_harness_dry(tmp_path: Path) -> None:
         assert receipt["spec_name"] == name
         assert receipt["optimizer_steps"] == 2
         assert receipt["predicted"]["gpu"] == "NVIDIA H200"
+        # bitsandbytes is recorded only where the script uses it (4-bit loading).
+        assert ("bitsandbytes" in receipt["versions"]) == ("4bit" in name)
     calibration = json.loads((results / "calibration.json").read_text(encoding="utf-8"))
     assert len(calibration["receipts"]) == 3
     assert len(calibration["excluded_without_cuda"]) == 3  # a CPU run measures nothing
