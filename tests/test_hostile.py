@@ -214,10 +214,26 @@ def test_hostile_plan_text_only_reaches_comments(text: str, method: str) -> None
     hostile = render_all(loaded, _plan("4bit", gpu_name=text, reason=text), plan_markdown="")
     for name in ("train.py", "merge.py"):
         plain_tree, hostile_tree = ast.parse(plain[name]), ast.parse(hostile[name])
-        # The docstring may quote the text; everything after it must be identical.
-        assert ast.dump(ast.Module(plain_tree.body[1:], [])) == ast.dump(
-            ast.Module(hostile_tree.body[1:], [])
-        )
+        # The docstring may quote the text, and the memory receipt's PLANNED_GPU holds the
+        # GPU's name as a literal; everything else must be identical.
+        assert _code_without_planned_gpu(plain_tree) == _code_without_planned_gpu(hostile_tree)
+    assert _planned_gpu(ast.parse(hostile["train.py"])) == text
+
+
+def _is_planned_gpu(statement: ast.stmt) -> bool:
+    return isinstance(statement, ast.Assign) and any(
+        isinstance(target, ast.Name) and target.id == "PLANNED_GPU" for target in statement.targets
+    )
+
+
+def _code_without_planned_gpu(tree: ast.Module) -> str:
+    return ast.dump(ast.Module([s for s in tree.body[1:] if not _is_planned_gpu(s)], []))
+
+
+def _planned_gpu(tree: ast.Module) -> object:
+    statement = next(s for s in tree.body if _is_planned_gpu(s))
+    assert isinstance(statement, ast.Assign)
+    return ast.literal_eval(statement.value)
 
 
 KNOWN_HOSTILE = 'q"\'\\ {{ x }} {% if 1 %} """ \u2028 \x85 \u202e 😀 ); import os #'

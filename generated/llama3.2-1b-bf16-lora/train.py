@@ -209,7 +209,7 @@ def longest_rows(dataset: Dataset, count: int) -> Dataset:
 def write_memory_receipt(optimizer_steps: int, stage: str) -> None:
     """Write OUTPUT_DIR/memory_receipt.json: peak memory measured next to the plan's prediction.
 
-    `peftgen calibrate` reads it. Without CUDA nothing is measured and the figures are null.
+    For calibrating the planner. Without CUDA nothing is measured and the figures are null.
     """
     allocated = reserved = total = None
     device_name = "cpu"
