@@ -451,6 +451,9 @@ def resolved_spec_yaml(loaded: LoadedSpec) -> str:
 
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
+    # No line folding: ruamel's folded double-quoted scalars can turn a break after an
+    # escape (``\x1F``) into a space, which would change the value on reload.
+    yaml.width = 1 << 20
     yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]
     yaml.representer.add_representer(str, _yaml_string)
     buffer = StringIO()
