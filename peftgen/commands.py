@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from peftgen.load import load_spec
 from peftgen.plan import BREAKDOWN_KEYS, Plan
 
 if TYPE_CHECKING:
+    from peftgen.resolve import Resolved
     from peftgen.simulate import SimulationResult
 
 
@@ -59,6 +61,27 @@ def schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _for_planning(resolved: Resolved) -> Resolved:
+    """The resolved spec the planner sizes. With ``training.length_source: p99`` its
+    max_length becomes the data's measured 99th-percentile token length; the script still
+    truncates at the spec's own max_length, so only the plan's numbers change."""
+    training = resolved.spec.training
+    if training.length_source == "max_length":
+        return resolved
+    from peftgen.check_data import measured_length_percentile
+
+    measured = measured_length_percentile(resolved.spec, 99.0)
+    print(
+        f"note: training.length_source p99: planning for {measured} tokens per sequence (the "
+        f"data's 99th percentile) instead of max_length {training.max_length}; batches of "
+        "longer rows can peak higher",
+        file=sys.stderr,
+    )
+    measured_training = training.model_copy(update={"max_length": measured})
+    spec = resolved.spec.model_copy(update={"training": measured_training})
+    return replace(resolved, loaded=replace(resolved.loaded, spec=spec))
+
+
 def plan(args: argparse.Namespace) -> int:
     """Print the memory plan (a table, or ``--json``); exit 3 when nothing fits.
 
@@ -68,7 +91,7 @@ def plan(args: argparse.Namespace) -> int:
     from peftgen.plan import make_plan
     from peftgen.resolve import resolve
 
-    resolved = resolve(load_spec(args.spec))
+    resolved = _for_planning(resolve(load_spec(args.spec)))
     result = make_plan(resolved, args.gpu, args.vram_gib)
     simulation = None
     if args.simulate:
@@ -229,7 +252,8 @@ def emit(args: argparse.Namespace) -> int:
     from peftgen.resolve import resolve
 
     resolved = resolve(load_spec(args.spec))
-    result = make_plan(resolved, args.gpu, args.vram_gib)
+    planned = _for_planning(resolved)
+    result = make_plan(planned, args.gpu, args.vram_gib)
     for warning in resolved.warnings:
         print(warning, file=sys.stderr)
     for warning in result.warnings:
@@ -248,7 +272,7 @@ def emit(args: argparse.Namespace) -> int:
     if args.output_dir is None:
         sys.stdout.write(render_train_script(resolved.loaded, result))
         return 0
-    files = render_all(resolved.loaded, result, render_plan_markdown(result, resolved))
+    files = render_all(resolved.loaded, result, render_plan_markdown(result, planned))
     write_output_dir(args.output_dir, files)
     for name in files:
         print(f"wrote {args.output_dir / name}", file=sys.stderr)
@@ -267,7 +291,8 @@ def report(args: argparse.Namespace) -> int:
     resolved = resolve(load_spec(args.spec))
     for warning in resolved.warnings:
         print(warning, file=sys.stderr)
-    data = report_data(resolved, make_plan(resolved, args.gpu, args.vram_gib))
+    planned = _for_planning(resolved)
+    data = report_data(planned, make_plan(planned, args.gpu, args.vram_gib))
     output: Path | None = args.output
     charts: dict[str, str] = {}
     if args.format == "html":

@@ -285,6 +285,10 @@ class TrainingSpec(_Frozen):
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: much less activation memory for ~30% more
     compute."""
+    length_source: Literal["max_length", "p99"] = "max_length"
+    """Length the plan sizes activations for: `max_length`, or `p99`, the data's 99th-percentile
+    token length as the script tokenizes it (needs the model's tokenizer locally and the
+    `train` extra); the script still truncates at max_length."""
     packing: bool = False
     """Pack several short rows into each max_length sequence (SFT only)."""
     optim: Optim = "adamw_torch"

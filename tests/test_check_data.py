@@ -609,3 +609,53 @@ def test_200_mb_file_streams_in_bounded_memory(tmp_path: Path, suffix: str) -> N
     assert bad == 1  # the empty conversation on the last line
     growth_mib = (after_kib - before_kib) / 1024
     assert growth_mib < 32, f"peak RSS grew by {growth_mib:.0f} MiB reading a 200 MB file"
+
+
+def test_plan_sizes_for_the_measured_p99_when_the_spec_asks(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`training.length_source: p99` plans exactly as a spec whose max_length is the p99."""
+    numpy = pytest.importorskip("numpy")
+    from transformers import AutoTokenizer
+
+    rows = _messages_rows(157)
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lengths = numpy.array([_chat_length(tokenizer, row["messages"]) for row in rows])
+    p99 = int(numpy.percentile(lengths, 99, method="inverted_cdf"))
+    assert p99 < 2048
+
+    measured_dir, fixed_dir = tmp_path / "measured", tmp_path / "fixed"
+    measured_dir.mkdir()
+    fixed_dir.mkdir()
+    measured = write_spec(
+        measured_dir,
+        data,
+        "sft",
+        "messages",
+        model_id=tiny_model_dir,
+        extra="  length_source: p99\n",
+    )
+    fixed = write_spec(fixed_dir, data, "sft", "messages", model_id=tiny_model_dir, max_length=p99)
+
+    assert main(["plan", str(measured), "--json"]) == 0
+    measured_out = capsys.readouterr()
+    assert f"planning for {p99} tokens" in measured_out.err
+    assert main(["plan", str(fixed), "--json"]) == 0
+    fixed_plan = json.loads(capsys.readouterr().out)
+    measured_plan = json.loads(measured_out.out)
+    assert measured_plan["candidates"] == fixed_plan["candidates"]
+
+    assert (
+        main(
+            [
+                "plan",
+                str(write_spec(tmp_path, data, "sft", "messages", model_id=tiny_model_dir)),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    full_plan = json.loads(capsys.readouterr().out)
+    full_activation = full_plan["candidates"][0]["breakdown"]["activation_bytes"]
+    assert measured_plan["candidates"][0]["breakdown"]["activation_bytes"] < full_activation
