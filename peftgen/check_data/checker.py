@@ -416,7 +416,7 @@ def measured_length_percentile(
     """The ``percentile``-th token length of the spec's dataset, tokenized as the script will.
 
     For a planner that sizes activations by the data instead of ``training.max_length``
-    (proposed spec field ``training.length_source: max_length | p99``). For SFT/DPO the
+    (spec field ``training.length_source: p99``). For SFT/DPO the
     result never exceeds ``max_length`` (longer rows are truncated to it); for GRPO it is
     the prompt length, which the script does not truncate. Needs a tokenizer; raises a
     ``UserError`` when the data is bad or no tokenizer is at hand.
