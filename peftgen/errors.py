@@ -7,7 +7,26 @@ exception is a bug in peftgen and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+
+def normalise_name(name: str) -> str:
+    """Case-, space-, dash- and underscore-insensitive key: "RTX 4090" == "rtx-4090"."""
+    return re.sub(r"[\s_\-]+", "", name.strip().lower())
+
+
+def close_matches(name: str, choices: Iterable[str], limit: int = 3) -> list[str]:
+    """The choices a typo most likely meant: the same name spelt another way first, then
+    close matches, compared by ``normalise_name``. Every did-you-mean uses this one."""
+    keyed = {normalise_name(choice): choice for choice in choices}
+    wanted = normalise_name(name)
+    if wanted in keyed:
+        return [keyed[wanted]]
+    hits = difflib.get_close_matches(wanted, list(keyed), n=limit, cutoff=0.6)
+    return [keyed[hit] for hit in hits]
 
 
 @dataclass(frozen=True)

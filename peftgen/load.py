@@ -20,7 +20,6 @@ with a warning naming the canonical key; never silently.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 import warnings
@@ -43,7 +42,7 @@ from ruamel.yaml.events import (
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.reader import ReaderError
 
-from peftgen.errors import Problem, UserError
+from peftgen.errors import Problem, UserError, close_matches
 from peftgen.spec import SPEC_ADAPTER, AnySpec, DpoRunSpec, GrpoRunSpec, SftSpec
 
 MAX_SPEC_BYTES = 1_048_576
@@ -996,22 +995,14 @@ def _sorted(problems: list[Problem]) -> list[Problem]:
     return sorted(problems, key=lambda problem: (problem.line or 0, problem.column or 0))
 
 
-def _normalise(word: str) -> str:
-    return re.sub(r"[\s_\-]+", "", word.strip().lower())
-
-
 def did_you_mean(value: object, choices: Iterable[str]) -> str | None:
     """``did you mean 'x'?`` for a close match, comparing case-, dash- and space-insensitively."""
     if not isinstance(value, str):
         return None
-    keyed = {_normalise(choice): choice for choice in choices}
-    wanted = _normalise(value)
-    if wanted in keyed:  # the same name spelt another way ("4-bit", "BF16")
-        return f"did you mean {keyed[wanted]!r}?"
-    matches = difflib.get_close_matches(wanted, list(keyed), n=3, cutoff=0.6)
+    matches = close_matches(value, choices)
     if not matches:
         return None
-    return "did you mean " + " or ".join(repr(keyed[match]) for match in matches) + "?"
+    return "did you mean " + " or ".join(repr(match) for match in matches) + "?"
 
 
 def _kind(value: object) -> str:

@@ -27,7 +27,6 @@ from peftgen.catalog.lookup import (
     lookup_model,
     model_catalogue,
     model_names,
-    normalise_name,
     suggest,
 )
 from peftgen.catalog.structure import (
@@ -42,6 +41,7 @@ from peftgen.catalog.structure import (
     parameter_groups,
 )
 from peftgen.catalog.types import ArchConfig, Gpu, LinearModule, ModelArch
+from peftgen.errors import normalise_name
 
 __all__ = [
     "DATA_DIR",

@@ -8,7 +8,6 @@ is reachable. Every miss is a ``UserError`` that says how to fix it, with a did-
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -20,15 +19,10 @@ from pydantic import ValidationError
 
 from peftgen.catalog.structure import SUPPORTED_MODEL_TYPES
 from peftgen.catalog.types import ArchConfig, Gpu, ModelArch
-from peftgen.errors import Problem, UserError
+from peftgen.errors import Problem, UserError, close_matches, normalise_name
 
 DATA_DIR = Path(__file__).parent / "data"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-def normalise_name(name: str) -> str:
-    """Case-, space-, dash- and underscore-insensitive key for lookups."""
-    return re.sub(r"[\s_\-]+", "", name.strip().lower())
 
 
 @cache
@@ -73,9 +67,7 @@ def find_gpu(name: str) -> Gpu | None:
 
 def suggest(name: str, choices: list[str], limit: int = 3) -> list[str]:
     """Close matches for a did-you-mean."""
-    keyed = {normalise_name(choice): choice for choice in choices}
-    hits = difflib.get_close_matches(normalise_name(name), list(keyed), n=limit, cutoff=0.6)
-    return [keyed[hit] for hit in hits]
+    return close_matches(name, choices, limit)
 
 
 def model_names() -> list[str]:
