@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from peftgen.catalog import LinearModule, ModelArch, linear_modules, parameter_groups
-from peftgen.catalog.structure import LANGUAGE_MODEL, QK_NORM_TYPES, SANDWICH_NORM_TYPES
+from peftgen.catalog.structure import (
+    LANGUAGE_MODEL,
+    QK_NORM_TYPES,
+    SANDWICH_NORM_TYPES,
+    SDPA_REFUSED_TYPES,
+)
 from peftgen.spec import Optim
 
 MIB = 2**20
@@ -159,8 +164,13 @@ class EstimateInput:
 
 
 @dataclass(frozen=True)
-class Estimate:
-    """Per-component peak bytes plus what sits outside torch's counters."""
+class MemoryBreakdown:
+    """Peak memory per component, per GPU, in bytes.
+
+    ``weights + adapter + gradient + optimizer + activation + logits`` is the peak of
+    ``torch.cuda.max_memory_allocated``; ``overhead`` (CUDA context, cuBLAS workspace,
+    allocator rounding and fragmentation) brings it to what the process reserves.
+    """
 
     weights_bytes: int
     adapter_bytes: int
@@ -169,6 +179,27 @@ class Estimate:
     activation_bytes: int
     logits_bytes: int
     overhead_bytes: int
+
+    @property
+    def allocated_bytes(self) -> int:
+        return (
+            self.weights_bytes
+            + self.adapter_bytes
+            + self.gradient_bytes
+            + self.optimizer_bytes
+            + self.activation_bytes
+            + self.logits_bytes
+        )
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.allocated_bytes + self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class Estimate(MemoryBreakdown):
+    """Per-component peak bytes plus what sits outside torch's counters."""
+
     torch_reserved_bytes: int
     """What ``torch.cuda.max_memory_reserved`` would report (no CUDA context)."""
     managed_bytes: int
@@ -184,18 +215,11 @@ class Estimate:
 
     @property
     def peak_allocated_bytes(self) -> int:
-        return (
-            self.weights_bytes
-            + self.adapter_bytes
-            + self.gradient_bytes
-            + self.optimizer_bytes
-            + self.activation_bytes
-            + self.logits_bytes
-        )
+        return self.allocated_bytes
 
     @property
     def peak_reserved_bytes(self) -> int:
-        return self.peak_allocated_bytes + self.overhead_bytes
+        return self.reserved_bytes
 
 
 # --------------------------------------------------------------------------- parameters
@@ -653,11 +677,6 @@ def lora_saved_input_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
             if inputs.use_dora:
                 total += 2 * compute * tokens * module.out_features
     return total
-
-
-SDPA_REFUSED_TYPES = frozenset({"gemma2"})
-"""Families whose transformers 5.24 model refuses sdpa (Gemma-2's soft-capped attention:
-``_supports_sdpa = False``, models/gemma2/modeling_gemma2.py:353): they run eager."""
 
 
 def effective_attn_implementation(inputs: EstimateInput) -> str:

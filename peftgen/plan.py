@@ -19,10 +19,10 @@ from peftgen.memory import (
     GIB,
     PAGED_OPTIMIZERS,
     PARAMETER_SHARDING,
-    SDPA_REFUSED_TYPES,
     STATE_SHARDING,
     Estimate,
     EstimateInput,
+    MemoryBreakdown,
     adapter_dtype,
     estimate,
     moe_experts_per_layer,
@@ -31,39 +31,6 @@ from peftgen.resolve import Resolved
 from peftgen.spec import AnySpec, trained_modules_to_save
 
 LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
-
-
-@dataclass(frozen=True)
-class MemoryBreakdown:
-    """Peak memory per component, per GPU, in bytes.
-
-    ``weights + adapter + gradient + optimizer + activation + logits`` is the peak of
-    ``torch.cuda.max_memory_allocated``; ``overhead`` (CUDA context, cuBLAS workspace,
-    allocator rounding and fragmentation) brings it to what the process reserves.
-    """
-
-    weights_bytes: int
-    adapter_bytes: int
-    gradient_bytes: int
-    optimizer_bytes: int
-    activation_bytes: int
-    logits_bytes: int
-    overhead_bytes: int
-
-    @property
-    def allocated_bytes(self) -> int:
-        return (
-            self.weights_bytes
-            + self.adapter_bytes
-            + self.gradient_bytes
-            + self.optimizer_bytes
-            + self.activation_bytes
-            + self.logits_bytes
-        )
-
-    @property
-    def reserved_bytes(self) -> int:
-        return self.allocated_bytes + self.overhead_bytes
 
 
 BREAKDOWN_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MemoryBreakdown))
@@ -267,15 +234,7 @@ def estimate_input(
 
 
 def candidate_from_estimate(precision: LoadPrecision, result: Estimate, budget: int) -> Candidate:
-    breakdown = MemoryBreakdown(
-        weights_bytes=result.weights_bytes,
-        adapter_bytes=result.adapter_bytes,
-        gradient_bytes=result.gradient_bytes,
-        optimizer_bytes=result.optimizer_bytes,
-        activation_bytes=result.activation_bytes,
-        logits_bytes=result.logits_bytes,
-        overhead_bytes=result.overhead_bytes,
-    )
+    breakdown = MemoryBreakdown(**{key: getattr(result, key) for key in BREAKDOWN_KEYS})
     return Candidate(
         precision=precision,
         fits=result.peak_reserved_bytes <= budget,
@@ -577,15 +536,6 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
             f"training.optim: {spec.training.optim} keeps its states in CUDA managed memory, "
             "invisible to torch.cuda.max_memory_allocated/reserved (nvidia-smi shows them); "
             "the plan lists them as managed_bytes outside the peak"
-        )
-    if (
-        spec.model.attn_implementation == "sdpa"
-        and resolved.arch.config.model_type in SDPA_REFUSED_TYPES
-    ):
-        warnings.append(
-            f"model.attn_implementation: transformers 5.24 refuses sdpa for "
-            f"{resolved.arch.config.model_type} (soft-capped attention); the plan assumes "
-            "eager, which the script must request (or flash_attention_2)"
         )
     if (
         moe_experts_per_layer(resolved.arch)

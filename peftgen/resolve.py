@@ -19,6 +19,7 @@ from peftgen.catalog import (
     lookup_model,
     moe_target_parameters,
 )
+from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.errors import Problem, UserError
 from peftgen.load import LoadedSpec, did_you_mean
 from peftgen.spec import AnySpec, GrpoRunSpec
@@ -27,10 +28,6 @@ GIB = 2**30
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 """Non-linear (or output) modules peft can train in full through ``modules_to_save``."""
-
-SDPA_UNSUPPORTED_TYPES = frozenset({"gemma2"})
-"""Model types whose transformers 5.24 class sets ``_supports_sdpa = False`` (Gemma-2:
-sdpa cannot soft-cap attention scores); ``from_pretrained`` raises for them with sdpa."""
 
 
 @dataclass(frozen=True)
@@ -152,10 +149,7 @@ def _architecture_problems(loaded: LoadedSpec, arch: ModelArch) -> list[Problem]
     """Settings the pinned transformers / peft refuse for this architecture at load time."""
     spec = loaded.spec
     problems: list[Problem] = []
-    if (
-        arch.config.model_type in SDPA_UNSUPPORTED_TYPES
-        and spec.model.attn_implementation == "sdpa"
-    ):
+    if arch.config.model_type in SDPA_REFUSED_TYPES and spec.model.attn_implementation == "sdpa":
         problems.append(
             loaded.problem(
                 "model.attn_implementation",

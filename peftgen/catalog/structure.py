@@ -41,6 +41,11 @@ SANDWICH_NORM_TYPES = frozenset({"gemma2", "gemma3_text", "gemma3"})
 # Families whose MLP is a sparse mixture of fused experts.
 MOE_TYPES = frozenset({"mixtral"})
 
+SDPA_REFUSED_TYPES = frozenset({"gemma2"})
+"""Families whose transformers 5.24 model refuses sdpa (Gemma-2's soft-capped attention:
+``_supports_sdpa = False``, models/gemma2/modeling_gemma2.py:353); ``from_pretrained``
+raises for them with sdpa, so ``resolve`` refuses the spec."""
+
 SUPPORTED_MODEL_TYPES = frozenset(
     {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3"}
 )
