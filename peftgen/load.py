@@ -225,6 +225,9 @@ class _Document:
 
 
 def _parse(path: Path, text: str) -> _Document:
+    separator_problems = _line_separator_problems(path, text)
+    if separator_problems:
+        raise UserError(separator_problems)
     tab_problems = _tab_problems(path, text)
     if tab_problems:
         # Tabs derail the scanner into errors about the wrong thing; name them instead.
@@ -242,15 +245,51 @@ def _parse(path: Path, text: str) -> _Document:
     except YAMLError as error:
         raise UserError.single(f"malformed YAML: {error}", file=str(path)) from None
     document = _Document()
-    if root is not None:
+    if root is not None and not _is_empty_scalar(root):  # a lone `---` holds no document
         builder = _Builder(path, text, yaml, document)
         document.data = builder.build(root, ())
     return document
 
 
+LINE_SEPARATORS = {
+    "\u0085": "NEXT LINE",
+    "\u2028": "LINE SEPARATOR",
+    "\u2029": "PARAGRAPH SEPARATOR",
+}
+"""Characters YAML reads as line breaks but editors, ``cat`` and diffs show inside a line:
+after ``#`` they would end a comment invisibly and switch on what looks commented out."""
+
+
+def _line_separator_problems(path: Path, text: str) -> list[Problem]:
+    problems: list[Problem] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        for column, character in enumerate(line, start=1):
+            name = LINE_SEPARATORS.get(character)
+            if name is None:
+                continue
+            problems.append(
+                _problem(
+                    path,
+                    text,
+                    (number, column),
+                    None,
+                    f"character U+{ord(character):04X} ({name}) is not allowed in a spec: YAML "
+                    "reads it as a line break that editors do not show (after `#` it would turn "
+                    "the rest of a comment into a setting)",
+                    "delete the character, or break the line with a plain newline",
+                )
+            )
+    return problems
+
+
+def _is_empty_scalar(node: Node) -> bool:
+    """A value written as nothing at all (``r:``), which YAML reads as null."""
+    return isinstance(node, ScalarNode) and node.value == "" and node.style is None
+
+
 def _tab_problems(path: Path, text: str) -> list[Problem]:
     problems: list[Problem] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         stripped = line.lstrip(" \t")
         indent = line[: len(line) - len(stripped)]
         if "\t" in indent and stripped and not stripped.startswith("#"):
@@ -310,6 +349,13 @@ def _check_events(path: Path, text: str, events: Iterable[Event]) -> None:
                 anchor_sizes[event.anchor] = 1
             add(1)
         elif isinstance(event, AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_nodes):
+                raise refuse(
+                    event,
+                    f"alias *{event.anchor} is inside its own anchor &{event.anchor}: the value "
+                    "would contain itself without end",
+                    f"write the values out, or point *{event.anchor} at another anchor",
+                )
             aliases += 1
             if aliases > MAX_ALIASES:
                 raise refuse(
@@ -352,10 +398,11 @@ class _Builder:
             return self._bad_tag(node, path)
         result: dict[str, object] = {}
         first_seen: dict[str, Position] = {}
-        merged: list[Node] = []
+        merged: list[tuple[Node, Position]] = []
         for key_node, value_node in node.value:
             if key_node.tag == f"{_TAG}merge":
-                merged.extend(_merge_sources(value_node))
+                merge_at = _mark_position(key_node)
+                merged.extend((source, merge_at) for source in _merge_sources(value_node))
                 continue
             if not isinstance(key_node, ScalarNode):
                 self._fail(_mark_position(key_node), path, "a key must be a plain name")
@@ -375,17 +422,58 @@ class _Builder:
             first_seen[key] = key_position
             self.document.key_positions[(*path, key)] = key_position
             result[key] = self.build(value_node, (*path, key))
-        for source in merged:
+            if _is_empty_scalar(value_node):
+                # An empty value's mark is the next token (often the next line): point just
+                # past the colon of its own key instead.
+                end = key_node.end_mark
+                self.document.value_positions[(*path, key)] = (end.line + 1, end.column + 2)
+        for source, merge_at in merged:
             if not isinstance(source, MappingNode):
                 self._fail(
                     _mark_position(source), path, "`<<:` merges a mapping (or a list of them)"
                 )
                 continue
+            written = self._positions_under(path, result)
             extra = self._mapping(source, path)
+            # Keys written here win over merged ones, and so do their positions: a problem
+            # with one quotes the line it is written on, not the merged anchor's.
+            self._restore_positions(path, result, written)
             if isinstance(extra, dict):
                 for key, value in extra.items():
-                    result.setdefault(key, value)
+                    if key not in result:
+                        # A merged key is written here as `<<:`; its value where the anchor is.
+                        self.document.key_positions[(*path, key)] = merge_at
+                        result[key] = value
         return result
+
+    def _positions_under(
+        self, path: DocPath, keys: dict[str, object]
+    ) -> tuple[dict[DocPath, Position], dict[DocPath, Position]]:
+        """The recorded positions of ``keys`` of the mapping at ``path`` and below them."""
+        depth = len(path)
+
+        def mine(doc_path: DocPath) -> bool:
+            return len(doc_path) > depth and doc_path[:depth] == path and doc_path[depth] in keys
+
+        values = {k: v for k, v in self.document.value_positions.items() if mine(k)}
+        key_positions = {k: v for k, v in self.document.key_positions.items() if mine(k)}
+        return values, key_positions
+
+    def _restore_positions(
+        self,
+        path: DocPath,
+        keys: dict[str, object],
+        saved: tuple[dict[DocPath, Position], dict[DocPath, Position]],
+    ) -> None:
+        for table, old in zip(
+            (self.document.value_positions, self.document.key_positions), saved, strict=True
+        ):
+            depth = len(path)
+            for doc_path in [
+                k for k in table if len(k) > depth and k[:depth] == path and k[depth] in keys
+            ]:
+                del table[doc_path]
+            table.update(old)
 
     def _scalar(self, node: ScalarNode, path: DocPath) -> object:
         if node.tag == f"{_TAG}timestamp":
@@ -838,6 +926,12 @@ def _describe(error: ErrorDetails, info: Any, name: str) -> tuple[str, str | Non
         return _pattern_message(ctx.get("pattern", ""), value)
     if kind in ("string_too_short", "too_short") and ctx.get("min_length") == 1:
         return f"must not be empty; {got}", None
+    if kind == "string_too_long" and ctx.get("max_length") is not None:
+        length = f" ({len(value)} characters)" if isinstance(value, str) else ""
+        return f"must be at most {ctx['max_length']} characters; {got}{length}", None
+    if kind == "too_long" and ctx.get("max_length") is not None:
+        count = f" ({len(value)} items)" if isinstance(value, list | tuple) else ""
+        return f"must have at most {ctx['max_length']} items; {got}{count}", None
     if kind in _EXPECTED:
         return f"must be {_EXPECTED[kind]}; {got}", None
     return f"{error['msg']}; {got}", None
@@ -978,11 +1072,17 @@ def _problem(
 def _source_line(text: str, line: int | None) -> str | None:
     if line is None:
         return None
-    lines = text.splitlines()
+    # Lines as YAML and the positions count them: split at "\n" only (``splitlines`` also
+    # breaks at U+2028, form feeds and other characters the spec may hold).
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     if not 1 <= line <= len(lines):
         return None
-    # One column per character so the caret lines up; long lines are cut.
-    return lines[line - 1].replace("\t", " ")[:160]
+    # One column per character so the caret lines up; long lines are cut; other line
+    # breaks and control characters are shown as spaces so the quote stays on one line.
+    shown = "".join(" " if not c.isprintable() else c for c in lines[line - 1].rstrip("\r"))
+    return shown[:160]
 
 
 def _warning(path: Path, where: Position | None, field_path: str, message: str) -> str:
