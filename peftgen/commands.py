@@ -109,7 +109,7 @@ def plan(args: argparse.Namespace) -> int:
                     candidate["simulated"] = simulation.to_json()
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return 0 if result.fits else 3
-    _print_plan(result)
+    _print_plan(result, resolved.spec.model.id)
     if simulation is not None:
         _print_simulation(result, simulation)
     return 0 if result.fits else 3
@@ -178,18 +178,57 @@ def _diff(analytic_bytes: int, simulated_bytes: int) -> str:
     return f"{100 * (analytic_bytes - simulated_bytes) / simulated_bytes:+.1f}%"
 
 
-def _print_plan(result: Plan) -> None:
+def _shown(value: object) -> str:
+    """A value as the spec would spell it (``true``, ``null``), never Python's ``None``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def plan_header(result: Plan, written_model_id: str | None = None) -> str:
+    """The plan's first line: what was planned (the resolved model, length, micro-batch)
+    and for which GPU."""
+    gib = 2**30
+    gpu = result.gpu
+    model = result.model_id
+    if written_model_id is not None and written_model_id != model:
+        model = f"{model} (model.id {written_model_id})"
+    count = f"{gpu.count} x " if gpu.count > 1 else ""
+    return (
+        f"{result.spec}: {model}, max_length {result.max_length}, micro-batch "
+        f"{result.micro_batch}, on {count}{gpu.name} ({gpu.vram_bytes / gib:.1f} GiB, budget "
+        f"{result.budget_bytes / gib:.1f} GiB{' per GPU' if gpu.count > 1 else ''})"
+    )
+
+
+def tight_text(result: Plan) -> str | None:
+    """What a tight plan says: the margin at the estimate and at the interval's upper end."""
+    chosen = result.chosen
+    if chosen is None or not result.tight:
+        return None
+    gib = 2**30
+    margin = (result.budget_bytes - chosen.peak_reserved_bytes) / gib
+    over = (chosen.peak_reserved_bytes_high - result.budget_bytes) / gib
+    return (
+        f"tight: {chosen.precision} peaks at {chosen.peak_reserved_bytes / gib:.1f} GiB, "
+        f"{margin:.1f} GiB under the {result.budget_bytes / gib:.1f} GiB budget, but the upper "
+        f"end of the prediction interval (x{result.interval_factor:g}, the accuracy benchmark's "
+        f"90th percentile) is {chosen.peak_reserved_bytes_high / gib:.1f} GiB, {over:.1f} GiB "
+        "over: the run may run out of memory"
+    )
+
+
+def _print_plan(result: Plan, written_model_id: str | None = None) -> None:
     """The rich table: components x precisions, fit marks, chosen column highlighted."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     gib = 2**30
     console = Console(highlight=False)
-    gpu = result.gpu
-    console.print(
-        f"[bold]{result.spec}[/] on {gpu.name} ({gpu.vram_bytes / gib:.1f} GiB, "
-        f"budget {result.budget_bytes / gib:.1f} GiB)"
-    )
+    console.print(escape(plan_header(result, written_model_id)))
     trainable, total = result.trainable_parameters, result.total_parameters
     console.print(
         f"trainable params: {trainable:,} || all params: {total:,} || "
@@ -216,27 +255,60 @@ def _print_plan(result: Plan) -> None:
     table.add_row(
         "peak reserved", *(f"{c.peak_reserved_bytes / gib:.2f}" for c in result.candidates)
     )
+    table.add_row(
+        "upper end",
+        *(f"{c.peak_reserved_bytes_high / gib:.2f}" for c in result.candidates),
+    )
     if any(c.managed_bytes for c in result.candidates):
         table.add_row(
             "paged (managed, outside)",
             *(f"{c.managed_bytes / gib:.2f}" for c in result.candidates),
         )
-    table.add_row("fits", *("yes" if c.fits else "[red]no[/]" for c in result.candidates))
+    table.add_row(
+        "fits",
+        *(
+            "yes" if c.fits_high else "[yellow]tight[/]" if c.fits else "[red]no[/]"
+            for c in result.candidates
+        ),
+    )
     console.print(table)
+    console.print(
+        f"upper end: the peak x{result.interval_factor:g} (CUDA context unscaled), the 90th "
+        "percentile of measured / predicted in the accuracy benchmark; tight: fits at the "
+        "estimate, not at the upper end"
+    )
     if any(c.breakdown.logits_bytes == 0 for c in result.candidates):
         console.print(
             "logits 0: the peak is a decoder layer's backward; the LM head's tensors are "
             "freed by then"
         )
+    for default in result.defaults:
+        console.print(
+            f"[bold]default[/] {escape(default.knob)}: {escape(_shown(default.value))} "
+            f"(not in the spec): {escape(default.reason)}"
+        )
     for decision in result.decisions:
-        console.print(f"[bold]{decision.knob}[/] = {decision.value}: {decision.reason}")
+        value = "nothing fits" if decision.value is None else _shown(decision.value)
+        console.print(
+            f"[bold]{escape(decision.knob)}[/] = {escape(value)}: {escape(decision.reason)}"
+        )
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
     for warning in result.warnings:
-        console.print(f"[yellow]warning[/]: {warning}")
+        console.print(f"[yellow]warning[/]: {escape(warning)}")
+    tight = tight_text(result)
+    if tight is not None:
+        console.print(f"[yellow bold]{escape(tight)}[/]")
+        if result.suggestions:
+            console.print("To be safe, each of these alone makes the upper end fit:")
     if not result.fits:
         console.print("[red bold]nothing fits.[/] Suggestions, best first:")
     for number, suggestion in enumerate(result.suggestions, 1):
-        change = ", ".join(f"{k}: {v}" for k, v in suggestion.change.items())
-        console.print(f"  {number}. {suggestion.action} ({change}) - {suggestion.detail}")
+        change = ", ".join(f"{k}: {_shown(v)}" for k, v in suggestion.change.items())
+        console.print(
+            f"  {number}. {escape(suggestion.action)} ({escape(change)}) - "
+            f"{escape(suggestion.detail)}"
+        )
 
 
 def emit(args: argparse.Namespace) -> int:
@@ -247,7 +319,7 @@ def emit(args: argparse.Namespace) -> int:
     """
     from peftgen.errors import NothingFitsError
     from peftgen.plan import make_plan
-    from peftgen.render import render_all, render_train_script, write_output_dir
+    from peftgen.render import model_source, render_all, render_train_script, write_output_dir
     from peftgen.report import render_plan_markdown
     from peftgen.resolve import resolve
 
@@ -270,9 +342,15 @@ def emit(args: argparse.Namespace) -> int:
             raise NothingFitsError(message + ", or emit anyway with --force")
         print(f"warning: {message}; emitting anyway (--force)", file=sys.stderr)
     if args.output_dir is None:
-        sys.stdout.write(render_train_script(resolved.loaded, result))
+        sys.stdout.write(render_train_script(resolved.loaded, result, model_source(resolved)))
         return 0
-    files = render_all(resolved.loaded, result, render_plan_markdown(result, planned))
+    files = render_all(
+        resolved.loaded,
+        result,
+        render_plan_markdown(result, planned),
+        model_source(resolved),
+        args.output_dir,
+    )
     write_output_dir(args.output_dir, files)
     for name in files:
         print(f"wrote {args.output_dir / name}", file=sys.stderr)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from peftgen.load import load_spec
 from peftgen.plan import make_plan
-from peftgen.render import render_all, write_output_dir
+from peftgen.render import model_source, render_all, write_output_dir
 from peftgen.report import render_plan_markdown
 from peftgen.resolve import resolve
 
@@ -36,11 +36,19 @@ def spec_paths() -> list[Path]:
 
 
 def render_spec(spec_path: Path) -> tuple[str, dict[str, str]]:
-    """(spec name, files by name) as ``emit -o`` writes them; specs that do not fit render too."""
+    """(spec name, files by name) as ``emit -o generated/<name>`` writes them; specs that do
+    not fit render too."""
     resolved = resolve(load_spec(spec_path))
     plan = make_plan(resolved)
-    files = render_all(resolved.loaded, plan, render_plan_markdown(plan, resolved))
-    return resolved.loaded.spec.name, files
+    name = resolved.loaded.spec.name
+    files = render_all(
+        resolved.loaded,
+        plan,
+        render_plan_markdown(plan, resolved),
+        model_source(resolved),
+        GENERATED_DIR / name,
+    )
+    return name, files
 
 
 def expected_files() -> dict[Path, str]:

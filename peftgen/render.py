@@ -15,6 +15,7 @@ one place.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,10 +27,13 @@ from typing import Any
 
 import jinja2
 
+from peftgen import chat_templates, stack
 from peftgen.errors import UserError
 from peftgen.launch import LAUNCH_FILES, launch_files
 from peftgen.load import LoadedSpec
+from peftgen.paths import LOCAL_DATA_LOADERS, RunPaths, relative_to, relocated_spec, run_paths
 from peftgen.plan import Candidate, Plan
+from peftgen.resolve import Resolved
 from peftgen.spec import (
     USER_REWARD_PATTERN,
     AnySpec,
@@ -38,25 +42,7 @@ from peftgen.spec import (
     trained_modules_to_save,
 )
 
-# The versions the generated scripts are written for and the end-to-end tests run
-# (pyproject's `train` extra). PEP 723 headers pin exactly these.
-PINNED_VERSIONS: dict[str, str] = {
-    "torch": "2.13.0",
-    "transformers": "5.24.0",
-    "peft": "0.21.2",
-    "trl": "1.16.0",
-    "bitsandbytes": "0.50.2",
-    "datasets": "5.2.0",
-    "accelerate": "1.15.0",
-}
-LOCAL_DATA_LOADERS: dict[str, str] = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-}
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-GIB = 2**30
 # Exploded lists keep `ruff format` and a reader happy once a literal gets long.
 _INLINE_LIST_MAX_CHARS = 60
 TRAIN_TEMPLATES: dict[str, str] = {
@@ -64,13 +50,6 @@ TRAIN_TEMPLATES: dict[str, str] = {
     "dpo": "train_dpo.py.j2",
     "grpo": "train_grpo.py.j2",
 }
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-"""ChatML as a Jinja chat template; its markers become new special tokens."""
 CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
@@ -218,7 +197,7 @@ def environment() -> jinja2.Environment:
     env.filters["comment"] = comment_text
     env.filters["wrap_comment"] = wrap_comment
     env.filters["wrap_bullet"] = wrap_bullet
-    env.filters["gib"] = lambda value: f"{value / GIB:.1f} GiB"
+    env.filters["gib"] = stack.format_gib
     return env
 
 
@@ -237,14 +216,62 @@ def render_template(name: str, context: Mapping[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
+class ModelSource:
+    """What the script needs to know about the resolved model, beyond the spec."""
+
+    id: str
+    """The hub id the spec's ``model.id`` resolved to (an alias becomes the catalogue id)."""
+    local_dir: Path | None = None
+    """The local model folder, when ``model.id`` names one."""
+    has_chat_template: bool = False
+    chat_template_family: str | None = None
+    """A key of ``peftgen.chat_templates.FAMILIES`` (None: unknown or none)."""
+    tied_embeddings: bool = False
+
+
+def model_source(resolved: Resolved) -> ModelSource:
+    """The resolved model as the scripts need it."""
+    arch = resolved.arch
+    folder = Path(arch.id)
+    local = folder.is_dir() and (folder / "config.json").is_file()
+    return ModelSource(
+        id=arch.id,
+        local_dir=folder if local else None,
+        has_chat_template=arch.has_chat_template,
+        chat_template_family=arch.chat_template_family,
+        tied_embeddings=arch.config.tie_word_embeddings,
+    )
+
+
+@dataclass(frozen=True)
 class RewardFunc:
     """One GRPO reward as the script refers to it."""
 
     name: str
     """The Python name the script binds it to."""
     builtin: bool
-    path: str | None = None
+    path_expr: str | None = None
+    """Python source for the reward file's path (a literal, or one joined to SCRIPT_DIR)."""
     function: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How the script turns rows into what trl trains on, and which tokens carry the loss."""
+
+    conversational: bool
+    """Rows are (or are converted to) lists of role/content messages, rendered with the
+    chat template; False: plain text, no template."""
+    convert_rows: bool
+    """prompt_completion / preference / prompt strings become user / assistant messages."""
+    install_chatml: bool
+    """The spec's dataset.chat_template: chatml is installed on a base model."""
+    loss_on: str
+    training_template_lines: list[str] | None
+    """peftgen's marked version of the model's chat template, when trl cannot patch it."""
+    trl_patches_template: bool
+    """trl swaps in its own marked template (get_training_chat_template) for tokenizing."""
+    family_description: str | None
 
 
 def _dataset_loader(loaded: LoadedSpec) -> str | None:
@@ -265,7 +292,15 @@ def _dataset_loader(loaded: LoadedSpec) -> str | None:
     return loader
 
 
-def _reward_funcs(spec: GrpoRunSpec) -> list[RewardFunc]:
+def _path_expr(target: Path, anchor_dir: Path | None) -> str:
+    """Python source for ``target``: joined to SCRIPT_DIR when the script's folder is known
+    (it then runs from any directory), else the absolute path."""
+    if anchor_dir is None:
+        return python_literal(target.as_posix())
+    return f"str((SCRIPT_DIR / {python_literal(relative_to(target, anchor_dir))}).resolve())"
+
+
+def _reward_funcs(spec: GrpoRunSpec, paths: RunPaths, anchor_dir: Path | None) -> list[RewardFunc]:
     rewards: list[RewardFunc] = []
     for item in spec.grpo.reward_funcs:
         match = USER_REWARD_PATTERN.match(item)
@@ -276,25 +311,68 @@ def _reward_funcs(spec: GrpoRunSpec) -> list[RewardFunc]:
                 RewardFunc(
                     name=identifier(match["func"]),
                     builtin=False,
-                    path=match["path"],
+                    path_expr=_path_expr(paths.reward_files[match["path"]], anchor_dir),
                     function=identifier(match["func"]),
                 )
             )
     return rewards
 
 
-def _check_generation_batch(spec: GrpoRunSpec, gpu_count: int, spec_file: Path) -> None:
-    """trl refuses a generation batch that is not whole groups; say so before emitting."""
-    training = spec.training
-    batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * gpu_count
-    if batch % spec.grpo.num_generations:
-        raise UserError.single(
-            f"per_device_train_batch_size x gradient_accumulation_steps x GPUs = {batch} "
-            f"sequences per step is not a multiple of num_generations "
-            f"({spec.grpo.num_generations}); trl samples whole groups",
-            file=str(spec_file),
-            field_path="grpo.num_generations",
-        )
+def _chat_format(spec: AnySpec, model: ModelSource) -> ChatFormat:
+    """Conversational rows for any model with a chat template (its own, or the ChatML the
+    spec installs); plain text for a base model. Loss tokens as ``training.loss_on`` says."""
+    install_chatml = spec.dataset.chat_template is not None
+    templated = model.has_chat_template or install_chatml
+    fmt = spec.dataset.format
+    conversational = fmt == "messages" or (templated and fmt != "text")
+    family_name = "chatml" if install_chatml else model.chat_template_family
+    family = chat_templates.FAMILIES.get(family_name) if family_name else None
+    loss_on = spec.resolved_loss_on
+    marked_lines: list[str] | None = None
+    trl_patches = False
+    if spec.method == "sft" and loss_on == "assistant" and family is not None:
+        if install_chatml:
+            pass  # the installed ChatML carries the markers itself
+        elif family.trl_patches:
+            trl_patches = True
+        elif family.training is not None:
+            marked_lines = _split_template(family.training)
+    return ChatFormat(
+        conversational=conversational,
+        convert_rows=conversational and fmt != "messages",
+        install_chatml=install_chatml,
+        loss_on=loss_on,
+        training_template_lines=marked_lines,
+        trl_patches_template=trl_patches,
+        family_description=family.description if family else None,
+    )
+
+
+LOSS_TEXT: dict[str, str] = {
+    "assistant": "the assistant turns only (system and user text are context, not targets)",
+    "completion": "the completions only (prompts are context, not targets)",
+    "all": "every token",
+    "dpo": "the chosen vs rejected completions (the prompt is context)",
+    "grpo": "the sampled completions, weighted by their group-relative rewards",
+}
+
+
+def _loss_text(method: str, loss_on: str) -> str:
+    return LOSS_TEXT[loss_on if method == "sft" else method]
+
+
+def _format_text(chat: ChatFormat) -> str:
+    if not chat.conversational:
+        return "plain text (the model has no chat template)"
+    template = (
+        "the ChatML template this script installs"
+        if chat.install_chatml
+        else ("the model's own chat template")
+    )
+    converted = (
+        ", prompts as user turns and answers as assistant turns" if chat.convert_rows else ""
+    )
+    return f"conversations rendered with {template}{converted}, as at inference"
 
 
 BREAKDOWN_LABELS: tuple[tuple[str, str], ...] = (
@@ -339,28 +417,41 @@ def _precision_text(spec: AnySpec, precision: str, compute_dtype: str) -> str:
 
 
 def _split_template(template: str) -> list[str]:
-    """A Jinja chat template cut at its tags, one readable literal per line."""
+    """A Jinja chat template cut at its tags, one readable literal per line. Jinja comments
+    (``{#- ... -#}``, which render as nothing) are left out of the script."""
+    template = re.sub(r"\{#.*?(?:-#\}\s*|#\})", "", template, flags=re.DOTALL)
     return [part for part in re.split(r"(?<=%})|(?<=}})", template) if part]
 
 
-def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
-    """Everything the templates read: spec values, plan numbers and the choices they imply."""
+def _import_line(module: str, names: list[str]) -> str:
+    """``from module import a, b`` as ruff formats it: one line, or one name per line."""
+    line = f"from {module} import {', '.join(names)}"
+    if len(line) <= 100:
+        return line
+    return f"from {module} import (\n" + "".join(f"    {name},\n" for name in names) + ")"
+
+
+def build_context(
+    loaded: LoadedSpec, plan: Plan, model: ModelSource, anchor_dir: Path | None = None
+) -> dict[str, Any]:
+    """Everything the templates read: spec values, plan numbers and the choices they imply.
+
+    ``anchor_dir`` is the folder the scripts are written to (``emit -o``): local paths are
+    then written relative to it; None (stdout) writes them absolute.
+    """
     spec = loaded.spec
     candidate = plan.chosen or _forced_candidate(spec, plan)
     precision = candidate.precision
-    bf16 = plan.gpu.bf16
-    compute_dtype = "bfloat16" if bf16 else "float16"
+    dtype = stack.compute_dtype(precision, plan.gpu.bf16)
+    compute_dtype = stack.TORCH_DTYPE_NAMES[dtype]
     loader = _dataset_loader(loaded)
     training = spec.training
-    # bitsandbytes: k-bit loading, or an 8-bit / paged optimizer.
-    uses_bnb = (
-        precision in ("8bit", "4bit")
-        or "8bit" in training.optim
-        or training.optim.startswith("paged_")
-    )
+    paths = run_paths(spec, loaded.path.parent, model.local_dir)
     # The plan's decisions by knob, flattened for comments: templates quote the reasons.
     reasons = {decision.knob: comment_text(decision.reason) for decision in plan.decisions}
     values = {decision.knob: comment_text(decision.value) for decision in plan.decisions}
+    modules_to_save = trained_modules_to_save(spec)
+    chat = _chat_format(spec, model)
     context: dict[str, Any] = {
         "spec": spec,
         "method": spec.method,
@@ -375,33 +466,71 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
         "breakdown_rows": _breakdown_rows(candidate),
         "breakdown_keys": BREAKDOWN_LABELS,
         "precision": precision,
+        "quantized": precision in ("8bit", "4bit"),
         "compute_dtype": compute_dtype,
-        "mixed_precision_flag": "bf16" if bf16 else "fp16",
+        # fp16 autocast is CUDA-only: the script falls back to fp32 without a GPU.
+        "fp16": dtype == "fp16",
         "tf32": _ampere_or_newer(plan.gpu.compute_capability),
         "pinned": {
             name: version
-            for name, version in PINNED_VERSIONS.items()
-            if name != "bitsandbytes" or uses_bnb
+            for name, version in stack.PINNED_VERSIONS.items()
+            if name != "bitsandbytes" or stack.uses_bitsandbytes(precision, training.optim)
         },
+        "script_dir": anchor_dir is not None,
+        "model_id_expr": _path_expr(paths.model_dir, anchor_dir)
+        if paths.model_dir
+        else python_literal(model.id),
+        "model_is_local": paths.model_dir is not None,
+        "model_id_text": comment_text(
+            (relative_to(paths.model_dir, anchor_dir) if anchor_dir else paths.model_dir.as_posix())
+            + " (a local folder)"
+            if paths.model_dir
+            else model.id
+        ),
+        "transformers_import": _import_line(
+            "transformers",
+            [
+                "AutoModelForCausalLM",
+                "AutoTokenizer",
+                *(["BitsAndBytesConfig"] if precision in ("8bit", "4bit") else []),
+                *(["PreTrainedTokenizerBase"] if chat.training_template_lines else []),
+                "TrainerCallback",
+                "TrainerState",
+            ],
+        ),
+        "gated": stack.is_gated(model.id),
         "data_loader": loader,
-        "data_path": spec.dataset.path,
-        "modules_to_save": trained_modules_to_save(spec),
+        "data_path_expr": _path_expr(paths.dataset_file, anchor_dir)
+        if paths.dataset_file
+        else python_literal(spec.dataset.path),
+        "output_dir_expr": _path_expr(paths.output_dir, anchor_dir),
+        "merged_dir_expr": _path_expr(
+            paths.output_dir.with_name(paths.output_dir.name + "-merged"), anchor_dir
+        ),
+        "modules_to_save": modules_to_save,
+        # peft unties tied embeddings when both are saved in full, unless told to keep them
+        # one tensor (a copy each would double the memory and untie the merged model).
+        "ensure_weight_tying": model.tied_embeddings
+        and {"embed_tokens", "lm_head"} <= {name.rsplit(".", 1)[-1] for name in modules_to_save},
+        # fp32 master weights for full copies on a 16-bit base: bf16 / fp16 weights would
+        # round small updates away (quantized models: trl casts them to bf16 itself).
+        "upcast_modules_to_save": bool(modules_to_save) and precision in ("bf16", "fp16"),
+        "chat": chat,
+        "loss_text": _loss_text(spec.method, chat.loss_on),
+        "format_text": _format_text(chat),
         "chatml_tokens": list(CHATML_SPECIAL_TOKENS),
-        "output_dir": spec.resolved_output_dir,
-        "merged_dir": spec.resolved_output_dir.rstrip("/") + "-merged",
+        "chatml_template_lines": _split_template(chat_templates.CHATML.training or ""),
         "precision_text": _precision_text(spec, precision, compute_dtype),
         "eval_strategy": "steps" if training.save_strategy == "steps" else "epoch",
-        "chatml_template_lines": _split_template(CHATML_TEMPLATE),
         "reason": lambda knob: reasons.get(knob, ""),
         "plan_value": lambda knob: values.get(knob, ""),
         "warnings": [comment_text(text) for text in plan.warnings],
     }
     if isinstance(spec, GrpoRunSpec):
-        _check_generation_batch(spec, plan.gpu.count, loaded.path)
-        rewards = _reward_funcs(spec)
+        rewards = _reward_funcs(spec, paths, anchor_dir)
         context["rewards"] = rewards
         context["builtin_rewards"] = [
-            item for item in spec.grpo.reward_funcs if item in ("format", "length")
+            item for item in spec.grpo.reward_funcs if item in stack.BUILTIN_REWARDS
         ]
         context["user_rewards"] = any(not reward.builtin for reward in rewards)
         # The length reward peaks halfway to the generation limit: long enough to
@@ -415,22 +544,27 @@ def build_context(loaded: LoadedSpec, plan: Plan) -> dict[str, Any]:
 # --- Public entry points -------------------------------------------------------------------
 
 
-def render_train_script(loaded: LoadedSpec, plan: Plan) -> str:
-    return render_template(TRAIN_TEMPLATES[loaded.spec.method], build_context(loaded, plan))
+def render_train_script(loaded: LoadedSpec, plan: Plan, model: ModelSource) -> str:
+    """train.py for stdout: local paths absolute, so it runs wherever it is saved."""
+    return render_template(TRAIN_TEMPLATES[loaded.spec.method], build_context(loaded, plan, model))
 
 
-def render_all(loaded: LoadedSpec, plan: Plan, plan_markdown: str) -> dict[str, str]:
-    """Every file ``emit -o DIR`` writes, by file name, in a fixed order.
+def render_all(
+    loaded: LoadedSpec, plan: Plan, plan_markdown: str, model: ModelSource, output_dir: Path
+) -> dict[str, str]:
+    """Every file ``emit -o DIR`` writes, by file name, in a fixed order; local paths are
+    written relative to ``output_dir``.
 
     ``plan_markdown`` is the VRAM report's Markdown (``peftgen.report``), rendered by the
     caller, which holds the resolved architecture the report's tables need."""
-    context = build_context(loaded, plan)
+    anchor = Path(os.path.abspath(output_dir))
+    context = build_context(loaded, plan, model, anchor)
     return {
         "train.py": render_template(TRAIN_TEMPLATES[loaded.spec.method], context),
         "merge.py": render_template("merge.py.j2", context),
         # The VRAM report's Markdown, without charts: the same tables `peftgen report` shows.
         "plan.md": plan_markdown,
-        "spec.yaml": resolved_spec_yaml(loaded),
+        "spec.yaml": resolved_spec_yaml(loaded, model, anchor),
         # accelerate_config.yaml, ds_config.json, launch.sh for a distributed spec.
         **launch_files(loaded.spec, plan),
     }
@@ -443,8 +577,10 @@ def _yaml_string(representer: Any, value: str) -> Any:
     return representer.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
-def resolved_spec_yaml(loaded: LoadedSpec) -> str:
-    """The spec with every default filled in, as YAML: what the script was rendered from."""
+def resolved_spec_yaml(loaded: LoadedSpec, model: ModelSource, anchor_dir: Path) -> str:
+    """The spec with every default filled in and the model resolved, as YAML: what the
+    script was rendered from. Its local paths are relative to ``anchor_dir``, the folder it
+    is written to, so it is a spec that resolves to the same files."""
     from io import StringIO
 
     from ruamel.yaml import YAML
@@ -457,13 +593,18 @@ def resolved_spec_yaml(loaded: LoadedSpec) -> str:
     yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]
     yaml.representer.add_representer(str, _yaml_string)
     buffer = StringIO()
-    fields = loaded.spec.model_dump(mode="json")
+    spec = loaded.spec
+    paths = run_paths(spec, loaded.path.parent, model.local_dir)
+    relocated = relocated_spec(spec, paths, model.id, anchor_dir)
+    fields = relocated.model_dump(mode="json")
+    fields["training"]["loss_on"] = spec.resolved_loss_on if spec.method == "sft" else None
     # name and method first, as people write them; the rest in the models' order.
     ordered = {"name": fields.pop("name"), "method": fields.pop("method"), **fields}
     yaml.dump(ordered, buffer)
     header = (
         f"# The spec {comment_text(loaded.path.as_posix())} (sha256 {loaded.sha256})\n"
-        "# with every default filled in: the values train.py was rendered from.\n"
+        "# with every default filled in: the values train.py was rendered from. Its paths\n"
+        "# are relative to this folder.\n"
     )
     return header + buffer.getvalue()
 

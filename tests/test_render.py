@@ -51,7 +51,13 @@ def _spec(tmp_path: Path, *, extra: str = "", **fields: str) -> Path:
 def _render(spec_path: Path) -> dict[str, str]:
     resolved = resolve(load_spec(spec_path))
     plan = make_plan(resolved)
-    return render.render_all(resolved.loaded, plan, render_plan_markdown(plan, resolved))
+    return render.render_all(
+        resolved.loaded,
+        plan,
+        render_plan_markdown(plan, resolved),
+        render.model_source(resolved),
+        spec_path.parent / "out",
+    )
 
 
 # --- literals -------------------------------------------------------------------------

@@ -104,12 +104,13 @@ def load_tokenizer(
 
 def _install_chatml(tokenizer: Any) -> None:
     """What ``train.py`` does when the spec names ``chatml`` (templates/train_base.py.j2)."""
-    from peftgen.render import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE
+    from peftgen.chat_templates import CHATML
+    from peftgen.render import CHATML_SPECIAL_TOKENS
 
     tokenizer.add_special_tokens(
         {"extra_special_tokens": list(CHATML_SPECIAL_TOKENS)}, replace_extra_special_tokens=False
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = CHATML.training
     tokenizer.eos_token = CHATML_SPECIAL_TOKENS[1]
 
 

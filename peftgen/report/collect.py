@@ -46,7 +46,7 @@ def report_data(resolved: Resolved, plan: Plan) -> ReportData:
     override already applied); the what-ifs use the very GPU it was made for.
     """
     # Imported here: ``peftgen.render`` may import this package to write ``plan.md``.
-    from peftgen.render import PINNED_VERSIONS
+    from peftgen.stack import PINNED_VERSIONS
 
     spec = resolved.loaded.spec
     gpu = plan_gpu(plan)

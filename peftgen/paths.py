@@ -1,0 +1,104 @@
+"""Where the files a spec names live, whatever the working directory.
+
+Every relative path in a spec (a local ``model.id`` folder, a local ``dataset.path``,
+the files of ``grpo.reward_funcs``, ``output_dir``) is relative to the spec's own folder,
+the way a Makefile or a ``pyproject.toml`` names its files. The emitted scripts refer to
+the same files relative to their own folder (or by absolute path when printed to stdout),
+so ``cd anywhere && python path/to/train.py`` finds them, and the ``spec.yaml`` written next
+to them names them relative to *its* folder, so it resolves to the same files again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftgen.spec import USER_REWARD_PATTERN, AnySpec, GrpoRunSpec
+
+LOCAL_DATA_LOADERS: dict[str, str] = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+"""``datasets`` builders for a local data file, by suffix; any other path is a hub dataset."""
+
+
+def from_spec_dir(path: str, spec_dir: Path) -> Path:
+    """``path`` as the spec means it: absolute, or relative to the spec's folder."""
+    expanded = Path(path).expanduser()
+    return Path(os.path.abspath(expanded if expanded.is_absolute() else spec_dir / expanded))
+
+
+def is_local_dataset(dataset_path: str) -> bool:
+    return Path(dataset_path).suffix.lower() in LOCAL_DATA_LOADERS
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The absolute paths of the local files a run reads and writes."""
+
+    model_dir: Path | None
+    """The local model folder; None for a hub model."""
+    dataset_file: Path | None
+    """The local data file; None for a hub dataset."""
+    reward_files: dict[str, Path]
+    """User reward files as the spec writes them -> absolute path."""
+    output_dir: Path
+
+
+def run_paths(spec: AnySpec, spec_dir: Path, local_model_dir: Path | None) -> RunPaths:
+    """The spec's files, absolute. ``local_model_dir`` is the folder the catalogue lookup
+    found for ``model.id`` (None for a catalogue or hub model)."""
+    rewards: dict[str, Path] = {}
+    if isinstance(spec, GrpoRunSpec):
+        for item in spec.grpo.reward_funcs:
+            match = USER_REWARD_PATTERN.match(item)
+            if match is not None:
+                rewards[match["path"]] = from_spec_dir(match["path"], spec_dir)
+    dataset = spec.dataset.path
+    return RunPaths(
+        model_dir=Path(os.path.abspath(local_model_dir)) if local_model_dir else None,
+        dataset_file=from_spec_dir(dataset, spec_dir) if is_local_dataset(dataset) else None,
+        reward_files=rewards,
+        output_dir=from_spec_dir(spec.resolved_output_dir, spec_dir),
+    )
+
+
+def relative_to(target: Path, anchor_dir: Path) -> str:
+    """``target`` relative to ``anchor_dir`` with forward slashes (``../data/x.jsonl``)."""
+    return Path(os.path.relpath(target, anchor_dir)).as_posix()
+
+
+def relocated_spec(
+    spec: AnySpec, paths: RunPaths, model_id: str, anchor_dir: Path | None
+) -> AnySpec:
+    """The spec with its model resolved (an alias becomes the hub id) and its local paths
+    rewritten relative to ``anchor_dir`` (absolute when None), so a copy of the spec saved
+    in ``anchor_dir`` names the same files."""
+
+    def place(path: Path) -> str:
+        return path.as_posix() if anchor_dir is None else relative_to(path, anchor_dir)
+
+    model = spec.model.model_copy(
+        update={"id": place(paths.model_dir) if paths.model_dir else model_id}
+    )
+    dataset = spec.dataset
+    if paths.dataset_file is not None:
+        dataset = dataset.model_copy(update={"path": place(paths.dataset_file)})
+    update: dict[str, object] = {
+        "model": model,
+        "dataset": dataset,
+        "output_dir": place(paths.output_dir),
+    }
+    if isinstance(spec, GrpoRunSpec) and paths.reward_files:
+        rewards = []
+        for item in spec.grpo.reward_funcs:
+            match = USER_REWARD_PATTERN.match(item)
+            if match is None:
+                rewards.append(item)
+            else:
+                rewards.append(f"{place(paths.reward_files[match['path']])}:{match['func']}")
+        update["grpo"] = spec.grpo.model_copy(update={"reward_funcs": rewards})
+    return spec.model_copy(update=update)

@@ -1,0 +1,104 @@
+"""Facts about the pinned training stack that several layers need: one definition each.
+
+The bottom layer: it imports nothing from peftgen. The spec validates against these
+facts, the estimator sizes with them, and the renderer writes them into scripts, so a
+rule read from the libraries' code is written down once and cannot drift between the
+plan and the script.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+GIB = 2**30
+"""Bytes per GiB: every memory figure peftgen prints is in GiB (2**30 bytes)."""
+
+
+def format_gib(value_bytes: int | float, digits: int = 1) -> str:
+    """The one way peftgen writes a memory figure: ``12.3 GiB``."""
+    return f"{value_bytes / GIB:.{digits}f} GiB"
+
+
+PINNED_VERSIONS: dict[str, str] = {
+    "torch": "2.13.0",
+    "transformers": "5.24.0",
+    "peft": "0.21.2",
+    "trl": "1.16.0",
+    "bitsandbytes": "0.50.2",
+    "datasets": "5.2.0",
+    "accelerate": "1.15.0",
+}
+"""The versions the generated scripts are written for and the end-to-end tests run.
+pyproject's ``train`` extra and every PEP 723 header pin exactly these (a test ties them)."""
+
+ComputeDtype = Literal["bf16", "fp16"]
+
+
+def compute_dtype(precision: str, gpu_bf16: bool) -> ComputeDtype:
+    """The dtype the script computes in: fp16 when the spec loads in fp16 (even on a bf16
+    GPU: the user chose it) or the GPU has no bfloat16; otherwise bf16. 8-bit and 4-bit
+    loads compute in the same dtype (``bnb_4bit_compute_dtype``, LLM.int8's fp16/bf16
+    matmul)."""
+    return "fp16" if precision == "fp16" or not gpu_bf16 else "bf16"
+
+
+TORCH_DTYPE_NAMES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""peftgen's short dtype names to ``torch.<name>``."""
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """One transformers 5.24 ``OptimizerNames`` value, as peftgen models and renders it."""
+
+    name: str
+    bitsandbytes: bool
+    """Built through bitsandbytes by transformers (``trainer.py`` get_optimizer_cls_and_kwargs):
+    the script needs the package, and ZeRO / CPU offload cannot partition its states."""
+    paged: bool
+    """States in CUDA managed memory (bitsandbytes paging): outside torch's counters."""
+    state_bits: int
+    """Bits per optimizer-state element (8-bit blockwise or 32-bit)."""
+    states: int
+    """State tensors per parameter: Adam's two moments, Lion's one, SGD (no momentum) none;
+    Adafactor's factored rows/columns are sized by the estimator."""
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    optimizer.name: optimizer
+    for optimizer in (
+        Optimizer("adamw_torch", bitsandbytes=False, paged=False, state_bits=32, states=2),
+        Optimizer("adamw_torch_fused", bitsandbytes=False, paged=False, state_bits=32, states=2),
+        Optimizer("adamw_8bit", bitsandbytes=True, paged=False, state_bits=8, states=2),
+        Optimizer("adamw_bnb_8bit", bitsandbytes=True, paged=False, state_bits=8, states=2),
+        Optimizer("paged_adamw_8bit", bitsandbytes=True, paged=True, state_bits=8, states=2),
+        Optimizer("paged_adamw_32bit", bitsandbytes=True, paged=True, state_bits=32, states=2),
+        Optimizer("adafactor", bitsandbytes=False, paged=False, state_bits=32, states=0),
+        Optimizer("sgd", bitsandbytes=False, paged=False, state_bits=32, states=0),
+        # transformers 5.24 builds every Lion through bitsandbytes (bnb.optim.Lion /
+        # Lion8bit / PagedLion...), including the 32-bit ones.
+        Optimizer("lion_8bit", bitsandbytes=True, paged=False, state_bits=8, states=1),
+        Optimizer("lion_32bit", bitsandbytes=True, paged=False, state_bits=32, states=1),
+        Optimizer("paged_lion_8bit", bitsandbytes=True, paged=True, state_bits=8, states=1),
+        Optimizer("paged_lion_32bit", bitsandbytes=True, paged=True, state_bits=32, states=1),
+    )
+}
+
+
+def uses_bitsandbytes(precision: str, optim: str) -> bool:
+    """The script imports bitsandbytes: a k-bit load, or an optimizer built through it."""
+    return precision in ("8bit", "4bit") or OPTIMIZERS[optim].bitsandbytes
+
+
+BUILTIN_REWARDS: tuple[str, ...] = ("format", "length")
+"""GRPO rewards the scripts define themselves: `format` (an <answer> block, optionally after
+<think>) and `length` (peaks at half of max_completion_length)."""
+
+
+GATED_MODEL_PREFIXES: tuple[str, ...] = ("meta-llama/", "google/gemma", "mistralai/")
+"""Hub repositories that ask each user to accept a licence before downloading; the
+script then needs ``HF_TOKEN`` (or ``hf auth login``) of an account that accepted it."""
+
+
+def is_gated(model_id: str) -> bool:
+    return model_id.startswith(GATED_MODEL_PREFIXES)
