@@ -324,7 +324,11 @@ def trainable_bias_count(arch: ModelArch, inputs: EstimateInput) -> int:
 
 
 def modules_to_save_parameter_count(arch: ModelArch, modules_to_save: tuple[str, ...]) -> int:
-    """Parameters of the full trainable copies peft makes of ``modules_to_save``."""
+    """Parameters of the full trainable copies peft makes of ``modules_to_save``.
+
+    With tied embeddings and both ``embed_tokens`` and ``lm_head`` listed, the script sets
+    ``ensure_weight_tying=True``, so peft keeps one trained copy for both (two without it).
+    """
     groups = parameter_groups(arch)
     numel_by_name = {
         "embed_tokens": groups.embedding,
@@ -332,7 +336,10 @@ def modules_to_save_parameter_count(arch: ModelArch, modules_to_save: tuple[str,
     }
     for module in linear_modules(arch):
         numel_by_name.setdefault(module.name, linear_parameter_count(module))
-    return sum(numel_by_name.get(name.rsplit(".", 1)[-1], 0) for name in modules_to_save)
+    leaves = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in modules_to_save))
+    if arch.config.tie_word_embeddings and {"embed_tokens", "lm_head"} <= set(leaves):
+        leaves.remove("lm_head")
+    return sum(numel_by_name.get(leaf, 0) for leaf in leaves)
 
 
 def trainable_parameter_count(arch: ModelArch, inputs: EstimateInput) -> int:
@@ -473,10 +480,11 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
 
 def modules_to_save_dtype_bytes(inputs: EstimateInput) -> int:
     """Element size of the trained full copies (and trainable biases): bf16 under trl's
-    cast of quantized models; the fp16 script casts every trainable tensor to fp32 (the
-    gradient scaler refuses fp16 parameters); bf16 keeps the copies in the load dtype."""
+    cast of quantized models; fp32 on a 16-bit base, where the script upcasts every
+    trainable tensor (16-bit master weights round small updates away, and the fp16
+    gradient scaler refuses fp16 parameters)."""
     quantized = inputs.precision in ("8bit", "4bit")
-    return 2 if quantized else 4 if inputs.compute_dtype == "fp16" else 2
+    return 2 if quantized else 4
 
 
 def adapter_bytes(inputs: EstimateInput) -> int:
