@@ -60,9 +60,25 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return calibrate(args)
 
 
+def _vram_gib(text: str) -> float:
+    """``--vram-gib``: a finite number of GiB a GPU can have (argparse exits 2 otherwise)."""
+    from peftgen.catalog.lookup import vram_gib_problem
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of GiB; got {text!r}") from None
+    problem = vram_gib_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def _add_gpu_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", help="plan for this catalogue GPU instead of the spec's")
-    parser.add_argument("--vram-gib", type=float, help="plan for a GPU with this much memory")
+    parser.add_argument(
+        "--vram-gib", type=_vram_gib, metavar="GIB", help="plan for a GPU with this much memory"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--simulate",
         action="store_true",
         help="also run one training step on fake tensors and show its peak (needs torch)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="plan with this spec key changed (dotted, e.g. training.max_length=4096; "
+        "repeatable; the file is not edited)",
     )
     _add_gpu_overrides(p)
     p.set_defaults(func=_cmd_plan)

@@ -424,8 +424,11 @@ def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None)
             )
         gpu = found
     if vram_gib is not None:
-        if vram_gib <= 0:
-            raise UserError.single(f"must be > 0; got {vram_gib:g}", field_path="--vram-gib")
+        from peftgen.catalog.lookup import vram_gib_problem
+
+        problem = vram_gib_problem(vram_gib)
+        if problem is not None:
+            raise UserError.single(problem, field_path="--vram-gib")
         gpu = gpu.model_copy(update={"memory_bytes": int(vram_gib * GIB)})
     return gpu
 

@@ -19,6 +19,7 @@ from peftgen.catalog import (
     lookup_model,
     moe_target_parameters,
 )
+from peftgen.catalog.lookup import vram_gib_problem
 from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.errors import Problem, UserError
 from peftgen.load import LoadedSpec, did_you_mean
@@ -47,10 +48,10 @@ class Resolved:
 
 def resolve(loaded: LoadedSpec) -> Resolved:
     """Find the model and GPU, then check the rules that need them; raise every problem."""
-    problems: list[Problem] = []
-    arch = _resolve_model(loaded, problems)
-    gpu = _resolve_gpu(loaded, problems)
+    problems: list[Problem] = list(_dataset_problems(loaded))
     warnings: list[str] = list(loaded.warnings)
+    arch = _resolve_model(loaded, problems, warnings)
+    gpu = _resolve_gpu(loaded, problems)
     if arch is not None:
         problems.extend(_module_problems(loaded, arch))
         problems.extend(_architecture_problems(loaded, arch))
@@ -64,22 +65,51 @@ def resolve(loaded: LoadedSpec) -> Resolved:
     return Resolved(loaded, arch, _with_memory_override(loaded, gpu), tuple(warnings))
 
 
-def _resolve_model(loaded: LoadedSpec, problems: list[Problem]) -> ModelArch | None:
+def _resolve_model(
+    loaded: LoadedSpec, problems: list[Problem], warnings: list[str]
+) -> ModelArch | None:
     model = loaded.spec.model
+    notes: list[str] = []
     try:
-        return lookup_model(
+        arch = lookup_model(
             model.id,
             base_dir=loaded.path.parent,
             revision=model.revision,
             trust_remote_code=model.trust_remote_code,
+            warnings=notes,
         )
     except UserError as error:
         problems.extend(_relocated(loaded, "model.id", error))
         return None
+    warnings.extend(loaded.warning("model.id", note) for note in notes)
+    return arch
+
+
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+"""A ``dataset.path`` with one of these suffixes is a local file, loaded as one split."""
+
+
+def _dataset_problems(loaded: LoadedSpec) -> list[Problem]:
+    """A local file loads as one split named ``train``; another split fails at run time."""
+    dataset = loaded.spec.dataset
+    if not dataset.path.lower().endswith(LOCAL_DATA_SUFFIXES) or dataset.split == "train":
+        return []
+    return [
+        loaded.problem(
+            "dataset.split",
+            f"a local file has one split, `train`; got {dataset.split!r}",
+            "remove dataset.split (hold out evaluation rows with dataset.eval_fraction)",
+        )
+    ]
 
 
 def _resolve_gpu(loaded: LoadedSpec, problems: list[Problem]) -> Gpu | None:
     hardware = loaded.spec.hardware
+    if hardware.vram_gib is not None:
+        problem = vram_gib_problem(hardware.vram_gib)
+        if problem is not None:
+            problems.append(loaded.problem("hardware.vram_gib", problem))
+            return None
     if hardware.gpu is None:
         assert hardware.vram_gib is not None  # the spec requires one of the two
         # No card named: assume a current (Ampere or newer) one with the given memory.
