@@ -67,6 +67,12 @@ class ModelArch(_Frozen):
     """Total parameter count as published by the authors (for the catalogue test)."""
     has_chat_template: bool = False
     """The tokenizer ships a chat template (instruct/chat models)."""
+    chat_template_family: str | None = None
+    """The chat template family the tokenizer ships, a key of
+    ``peftgen.chat_templates.FAMILIES`` (which says how to train on it with an
+    assistant-only loss); None for base models and for templates peftgen does not know.
+    For a catalogued model it is what the hub repository ships; for a local folder it is
+    ``identify``'s exact match of the folder's template."""
     source: str
     """Where the config numbers come from (a config.json copy: repository and path)."""
     config: ArchConfig
