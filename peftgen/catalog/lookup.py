@@ -1,14 +1,18 @@
 """Finding a model or GPU from what the user typed.
 
-A model id resolves, in order: a catalogue id or alias (case/space/dash-insensitive); a
-local folder holding ``config.json`` (relative to the working directory or to the spec's
-folder); a hub id not in the catalogue, through transformers' ``AutoConfig`` when the hub
-is reachable. Every miss is a ``UserError`` that says how to fix it, with a did-you-mean.
+A model id resolves, in order: a local folder holding ``config.json`` (relative to the
+working directory or to the spec's folder), as transformers' ``from_pretrained`` would load
+it; a catalogue id or alias (case/space/dash-insensitive); a hub id not in the catalogue,
+through transformers' ``AutoConfig`` when the hub is reachable. A name that is both a
+folder and a catalogue alias resolves to the folder, with a warning; one written as a path
+(``./x``, ``../x``, ``/x``, ``~/x``, ``x/``) is only ever a folder. Every miss is a
+``UserError`` that says how to fix it, with a did-you-mean.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from functools import cache
@@ -24,6 +28,22 @@ from peftgen.errors import Problem, UserError, close_matches, normalise_name
 
 DATA_DIR = Path(__file__).parent / "data"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+MIN_VRAM_GIB = 0.5
+"""Least GPU memory a plan accepts: the CUDA context alone takes about 0.5 GiB."""
+MAX_VRAM_GIB = 4096.0
+"""Most GPU memory a plan accepts (the spec's ``hardware.vram_gib`` bound)."""
+MAX_CONFIG_BYTES = 16 * 2**20
+"""A config.json is a few KB; anything over 16 MiB is the wrong file."""
+
+
+def vram_gib_problem(vram_gib: float) -> str | None:
+    """Why a GPU memory size in GiB cannot be planned for (NaN, inf, tiny, huge), or None."""
+    if math.isfinite(vram_gib) and MIN_VRAM_GIB <= vram_gib <= MAX_VRAM_GIB:
+        return None
+    return (
+        f"must be a number of GiB from {MIN_VRAM_GIB:g} to {MAX_VRAM_GIB:g} (the CUDA "
+        f"context alone takes about {MIN_VRAM_GIB:g} GiB); got {vram_gib:g}"
+    )
 
 
 @cache
@@ -47,13 +67,113 @@ def _model_index() -> dict[str, ModelArch]:
     return index
 
 
+GPU_BRAND_WORDS = ("nvidia", "geforce", "tesla", "quadro")
+"""Words nvidia-smi prints before the model on some drivers and boards and not on others
+(``GeForce RTX 3090`` on older drivers, ``NVIDIA GeForce RTX 3090`` on newer ones)."""
+
+
+def _gpu_keys(name: str) -> list[str]:
+    """A GPU name's lookup keys: normalised, then with each leading brand word dropped."""
+    key = normalise_name(name)
+    keys = [key]
+    stripped = True
+    while stripped:
+        stripped = False
+        for word in GPU_BRAND_WORDS:
+            if key.startswith(word) and len(key) > len(word):
+                key = key[len(word) :]
+                keys.append(key)
+                stripped = True
+    return keys
+
+
 @cache
 def _gpu_index() -> dict[str, Gpu]:
     index: dict[str, Gpu] = {}
     for gpu in gpu_catalogue():
-        for key in (gpu.name, *gpu.aliases):
-            index.setdefault(normalise_name(key), gpu)
+        for name in (gpu.name, *gpu.aliases):
+            for key in _gpu_keys(name):
+                index.setdefault(key, gpu)
     return index
+
+
+@cache
+def _ambiguous_gpu_names() -> dict[str, tuple[Gpu, ...]]:
+    """Names that mean several cards (``A100``: 40 GB or 80 GB), with the cards."""
+    raw = json.loads((DATA_DIR / "gpus.json").read_text(encoding="utf-8"))
+    by_name = {gpu.name: gpu for gpu in gpu_catalogue()}
+    return {
+        normalise_name(name): tuple(by_name[variant] for variant in variants)
+        for name, variants in raw.get("ambiguous", {}).items()
+        if not name.startswith("_")
+    }
+
+
+_MEMORY_SUFFIX = re.compile(r"(?P<digits>\d+)(?:gb|gib|g)$")
+
+
+def _memory_splits(key: str) -> list[tuple[str, float]]:
+    """(card key, GB) readings of a key ending in a memory size, shortest size first:
+    ``rtx409024gb`` -> ``(rtx40902, 4)``, ``(rtx4090, 24)``, ..."""
+    match = _MEMORY_SUFFIX.search(key)
+    if match is None:
+        return []
+    digits, head = match["digits"], key[: match.start()]
+    return [
+        (head + digits[:-cut], float(digits[-cut:]))
+        for cut in range(1, len(digits) + 1)
+        if head + digits[:-cut]
+    ]
+
+
+def _same_memory(gpu: Gpu, gb: float) -> bool:
+    """``gb`` is how people write this card's memory (24 for 23.99 GiB, 16 for a T4's 14.7)."""
+    gib = gpu.memory_bytes / 2**30
+    return abs(gib - gb) <= max(1.5, 0.06 * gb)
+
+
+def _match_gpu(name: str) -> Gpu | Problem:
+    """The one catalogue card ``name`` means, or the problem with it (unknown, ambiguous,
+    or a memory size the card does not have)."""
+    index, ambiguous = _gpu_index(), _ambiguous_gpu_names()
+    keys = _gpu_keys(name)
+    for key in keys:
+        if key in index:
+            return index[key]
+    for key in keys:
+        if key in ambiguous:
+            return _ambiguous_problem(name, ambiguous[key])
+    for base, gb in (split for key in keys for split in _memory_splits(key)):
+        variants = [index[base]] if base in index else list(ambiguous.get(base, ()))
+        if not variants:
+            continue
+        sized = [gpu for gpu in variants if _same_memory(gpu, gb)]
+        if len(sized) == 1:
+            return sized[0]
+        if len(sized) > 1:
+            return _ambiguous_problem(name, tuple(sized))
+        sizes = ", ".join(f"{g.name} {g.memory_bytes / 2**30:.1f} GiB" for g in variants)
+        return Problem(
+            f"GPU {name!r}: no catalogue card of that kind has {gb:g} GB ({sizes})",
+            hint=f"for a card with other memory, set gpu: {_gpu_label(variants[0])} and "
+            f"hardware.vram_gib: {gb:g}",
+        )
+    return Problem(f"unknown GPU {name!r}")
+
+
+def _gpu_label(gpu: Gpu) -> str:
+    return gpu.aliases[0] if gpu.aliases else gpu.name
+
+
+def _ambiguous_problem(name: str, variants: tuple[Gpu, ...]) -> Problem:
+    listed = "; ".join(
+        f"{_gpu_label(gpu)} ({gpu.name}, {gpu.memory_bytes / 2**30:.1f} GiB)" for gpu in variants
+    )
+    return Problem(
+        f"GPU {name!r} is more than one card: {listed}",
+        hint="name the variant (as nvidia-smi prints it, or one of the aliases above); the "
+        "planner does not guess, since the smaller card may not fit the run",
+    )
 
 
 def find_model(model_id: str) -> ModelArch | None:
@@ -62,8 +182,10 @@ def find_model(model_id: str) -> ModelArch | None:
 
 
 def find_gpu(name: str) -> Gpu | None:
-    """The catalogue entry for a GPU name or alias (case/space/dash-insensitive), or None."""
-    return _gpu_index().get(normalise_name(name))
+    """The catalogue entry for a GPU name or alias (case/space/dash-insensitive, brand
+    words optional, a matching memory size allowed), or None (unknown or ambiguous)."""
+    found = _match_gpu(name)
+    return found if isinstance(found, Gpu) else None
 
 
 def suggest(name: str, choices: list[str], limit: int = 3) -> list[str]:
@@ -86,41 +208,83 @@ def _did_you_mean(name: str, choices: list[str]) -> str | None:
 
 def lookup_gpu(name: str) -> Gpu:
     """The catalogue GPU for ``name``, or a ``UserError`` with a did-you-mean."""
-    gpu = find_gpu(name)
-    if gpu is not None:
-        return gpu
+    found = _match_gpu(name)
+    if isinstance(found, Gpu):
+        return found
+    if found.hint is not None:
+        raise UserError([found])
     hint = _did_you_mean(name, gpu_names()) or (
         "see docs/catalogue.md for the catalogue, or omit hardware.gpu and give hardware.vram_gib"
     )
-    raise UserError([Problem(f"unknown GPU {name!r}", hint=hint)])
+    raise UserError([Problem(found.message, hint=hint)])
 
 
 def lookup_model(
-    model_id: str, base_dir: Path, revision: str | None, trust_remote_code: bool
+    model_id: str,
+    base_dir: Path,
+    revision: str | None,
+    trust_remote_code: bool,
+    warnings: list[str] | None = None,
 ) -> ModelArch:
-    """The architecture behind ``model_id``: catalogue, then local folder, then the hub.
+    """The architecture behind ``model_id``: local folder, then catalogue, then the hub.
 
     ``base_dir`` is the spec's folder, so a relative ``model.id`` works from anywhere.
-    The hub is asked only for an ``org/name`` id outside the catalogue, and only when
-    ``HF_HUB_OFFLINE`` is not set; transformers is imported only then.
+    A folder holding ``config.json`` wins over a catalogue alias of the same name, as it
+    does for ``from_pretrained`` in the generated script; ``warnings`` (when given) gets a
+    line saying so. The hub is asked only for an ``org/name`` id outside the catalogue, and
+    only when ``HF_HUB_OFFLINE`` is not set; transformers is imported only then.
     """
+    if _written_as_path(model_id):
+        folder = _local_model_folder(model_id, base_dir, need_config=True)
+        if folder is None:
+            raise UserError(
+                [
+                    Problem(
+                        f"model folder {model_id!r} does not exist (looked in the current "
+                        f"directory and in the spec's folder {str(base_dir)!r})",
+                        hint="point model.id at the folder that holds the model's config.json",
+                    )
+                ]
+            )
+        return arch_from_folder(folder)
     arch = find_model(model_id)
+    folder = _local_model_folder(model_id, base_dir, need_config=arch is None)
+    if folder is not None:
+        if arch is not None and warnings is not None:
+            warnings.append(
+                f"{model_id!r} is both the local folder {str(folder)!r} and the catalogue's "
+                f"{arch.id}; using the folder (from_pretrained loads it too). Write "
+                f"'./{model_id}' to keep the folder without this warning, or {arch.id!r} for "
+                "the catalogue model"
+            )
+        return arch_from_folder(folder)
     if arch is not None:
         return arch
-    folder = _local_model_folder(model_id, base_dir)
-    if folder is not None:
-        return arch_from_folder(folder)
     if HUB_ID.match(model_id):
         return _arch_from_hub(model_id, revision, trust_remote_code)
     raise UserError([Problem(f"unknown model {model_id!r}", hint=_model_miss_hint(model_id))])
 
 
-def _local_model_folder(model_id: str, base_dir: Path) -> Path | None:
+def _written_as_path(model_id: str) -> bool:
+    """``./x``, ``../x``, ``/x``, ``~/x``, ``x/``: a folder, never a catalogue or hub name."""
+    return (
+        model_id in (".", "..")
+        or model_id.startswith(("./", "../", "/", "~", ".\\", "..\\"))
+        or model_id.endswith(("/", "\\"))
+        or Path(model_id).is_absolute()
+    )
+
+
+def _local_model_folder(model_id: str, base_dir: Path, need_config: bool = True) -> Path | None:
+    """The folder ``model_id`` names. A folder without config.json is an error when
+    ``need_config`` (nothing else could be meant), else skipped (a catalogue name is)."""
     path = Path(model_id).expanduser()
     candidates = [path] if path.is_absolute() else [path, base_dir / path]
     for candidate in candidates:
         if candidate.is_dir():
             if not (candidate / "config.json").is_file():
+                if not need_config:
+                    continue
                 raise UserError(
                     [
                         Problem(
@@ -136,10 +300,7 @@ def _local_model_folder(model_id: str, base_dir: Path) -> Path | None:
 def arch_from_folder(folder: Path) -> ModelArch:
     """A ``ModelArch`` for a local model folder (its ``config.json`` and tokenizer files)."""
     config_path = folder / "config.json"
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError([Problem(f"cannot read {str(config_path)!r}: {error}")]) from error
+    raw = read_json_object(config_path)
     return ModelArch(
         id=str(folder),
         display_name=folder.name,
@@ -157,10 +318,61 @@ def _folder_has_chat_template(folder: Path) -> bool:
     if not tokenizer_config.is_file():
         return False
     try:
-        settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        settings = read_json_object(tokenizer_config)
+    except UserError:
         return False
-    return isinstance(settings, dict) and bool(settings.get("chat_template"))
+    return bool(settings.get("chat_template"))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A small JSON file that must hold an object (config.json, tokenizer_config.json).
+
+    Every way it can be wrong is a ``UserError`` naming the file: unreadable, too big, not
+    UTF-8, not JSON, nested too deep or with a number too long to read, not an object.
+    """
+    where = str(path)
+
+    def refuse(reason: str, hint: str | None = None) -> UserError:
+        return UserError([Problem(f"{where}: {reason}", hint=hint)])
+
+    try:
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise refuse(f"cannot read it: {error.strerror or error}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise refuse(f"over {MAX_CONFIG_BYTES // 2**20} MiB; a config is a few KB of JSON")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise refuse(
+            f"not UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start})",
+            "save it as UTF-8; JSON files are UTF-8",
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        where_in = f"line {error.lineno}, column {error.colno}"
+        raise refuse(f"not valid JSON: {error.msg} ({where_in})") from None
+    except RecursionError:
+        raise refuse("not a usable config: nested too deeply to read") from None
+    except ValueError:  # an integer past Python's 4300-digit limit
+        raise refuse("not a usable config: it holds a number too long to read") from None
+    if not isinstance(data, dict):
+        raise refuse(f"must hold a JSON object ({{...}}); got {_json_kind(data)}")
+    return data
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    return "a number"
 
 
 def _folder_chat_template_family(folder: Path) -> str | None:
@@ -267,9 +479,9 @@ def arch_from_config(raw: dict[str, Any], where: str = "config.json") -> ArchCon
         skip = _FIELDS | _IGNORED_KEYS | {"text_config", "model_type", "architectures"}
         wrapper = {key: value for key, value in raw.items() if key not in skip}
     try:
-        return ArchConfig(
+        config = ArchConfig(
             model_type=model_type,
-            architectures=list(raw.get("architectures") or []),
+            architectures=raw.get("architectures") or [],
             extra=extra,
             text_config_model_type=str(language.get("model_type"))
             if isinstance(nested, dict)
@@ -282,6 +494,38 @@ def arch_from_config(raw: dict[str, Any], where: str = "config.json") -> ArchCon
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
         )
         raise UserError([Problem(f"{where}: not a usable causal-LM config ({detail})")]) from error
+    inconsistent = _inconsistency(config)
+    if inconsistent is not None:
+        raise UserError(
+            [
+                Problem(
+                    f"{where}: {inconsistent}; transformers cannot build this model",
+                    hint="is this config.json edited by hand? compare it with the model's own",
+                )
+            ]
+        )
+    return config
+
+
+def _inconsistency(config: ArchConfig) -> str | None:
+    """The first pair of config fields that contradict each other, in words, or None."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if kv_heads > heads:
+        return f"num_key_value_heads ({kv_heads}) is more than num_attention_heads ({heads})"
+    if heads % kv_heads:
+        return (
+            f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
+        )
+    if config.hidden_size % heads:
+        return (
+            f"hidden_size ({config.hidden_size}) is not a multiple of num_attention_heads ({heads})"
+        )
+    if config.head_dim % 2:
+        return f"head_dim ({config.head_dim}) is odd; rotary position embeddings need it even"
+    experts, per_token = config.num_local_experts, config.num_experts_per_tok
+    if experts is not None and per_token is not None and per_token > experts:
+        return f"num_experts_per_tok ({per_token}) is more than the {experts} experts"
+    return None
 
 
 def _language_fields(
@@ -320,12 +564,36 @@ def _arch_from_hub(model_id: str, revision: str | None, trust_remote_code: bool)
                 )
             ]
         )
+    from peftgen.hub import hub_unreachable, quick_timeouts
+
+    unreachable = hub_unreachable()
+    if unreachable is not None:
+        raise UserError(
+            [
+                Problem(
+                    f"model {model_id!r} is not in the catalogue and the hub cannot be reached "
+                    f"({unreachable}); set HF_HUB_OFFLINE=1 to skip the hub when offline",
+                    hint=_hub_fix_hint(model_id),
+                )
+            ]
+        )
     try:
         from transformers import AutoConfig  # only here: the analytic path stays torch-free
-
-        config = AutoConfig.from_pretrained(
-            model_id, revision=revision, trust_remote_code=trust_remote_code
-        )
+    except ImportError:
+        raise UserError(
+            [
+                Problem(
+                    f"model {model_id!r} is not in the catalogue; fetching a hub model's config "
+                    "needs transformers: pip install 'peftgen[train]'",
+                    hint=_hub_fix_hint(model_id),
+                )
+            ]
+        ) from None
+    try:
+        with quick_timeouts():
+            config = AutoConfig.from_pretrained(
+                model_id, revision=revision, trust_remote_code=trust_remote_code
+            )
     except Exception as error:  # any hub, auth or parse failure means the same to the user
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
@@ -337,11 +605,14 @@ def _arch_from_hub(model_id: str, revision: str | None, trust_remote_code: bool)
                 )
             ]
         ) from error
+    raw = config.to_dict()
+    if not isinstance(raw, dict):
+        raise UserError([Problem(f"{model_id} config.json: must hold a JSON object")])
     return ModelArch(
         id=model_id,
         display_name=model_id.split("/")[-1],
         source=f"https://huggingface.co/{model_id} config.json (revision {revision or 'main'})",
-        config=arch_from_config(config.to_dict(), where=f"{model_id} config.json"),
+        config=arch_from_config(raw, where=f"{model_id} config.json"),
     )
 
 
