@@ -277,9 +277,10 @@ def test_csv_cannot_hold_messages(tmp_path: Path) -> None:
 def test_empty_dataset_is_a_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "empty.jsonl"
     data.write_text("\n\n", encoding="utf-8")
-    code, _, err = run_cli(capsys, write_spec(tmp_path, data, "sft", "text"))
+    code, out, err = run_cli(capsys, write_spec(tmp_path, data, "sft", "text"))
     assert code == 2
-    assert err.strip() == f"{data}: the dataset has no rows"
+    assert err.strip() == f"{data}: the file has no rows"
+    assert "no rows" in out.splitlines()[0] and "all good" not in out
 
 
 def test_missing_dataset_file_points_at_the_spec(

@@ -20,6 +20,7 @@ from jinja2 import TemplateError
 from peftgen.check_data.rows import KEYS_BY_FORMAT, RowFault, check_row
 from peftgen.check_data.sources import (
     CsvSource,
+    FileSource,
     ParquetSource,
     Row,
     RowSource,
@@ -130,6 +131,8 @@ class DataReport:
     shape: str | None = None
     stopped_at_limit: bool = False
     tokens: TokenReport | None = None
+    empty: bool = False
+    """The file (or hub split) holds no rows at all."""
     lengths: array[int] = field(default_factory=lambda: array("I"))
     """Token length of every row that tokenized (kept for exact percentiles)."""
 
@@ -151,6 +154,35 @@ def check_dataset(
     report = DataReport(source.label, spec.method, spec.dataset.format)
     tokenizer, skipped = _tokenizer_or_reason(spec, tokenizer_dir)
     pass_state = _TokenPass(tokenizer, spec) if tokenizer is not None else None
+    try:
+        _check_rows(source, spec, report, pass_state, limit, progress)
+    except OSError as error:  # unreadable (permissions, a device, a folder), gone mid-read
+        raise UserError.single(
+            f"cannot read the dataset: {error.strerror or error}", file=source.label
+        ) from None
+    if progress is not None:
+        progress(source.bytes_read, source.total_bytes)
+    if report.rows_checked == 0 and report.problems_total == 0:
+        what = "file" if isinstance(source, FileSource) else "dataset"
+        report.add_problem(BadRow(source.label, None, None, None, f"the {what} has no rows"))
+        report.empty = True
+    report.notes = list(source.notes)
+    report.tokens = (
+        pass_state.finish(report, spec)
+        if pass_state is not None
+        else TokenReport(None, None, [], "", None, skipped)
+    )
+    return report
+
+
+def _check_rows(
+    source: RowSource,
+    spec: AnySpec,
+    report: DataReport,
+    pass_state: _TokenPass | None,
+    limit: int | None,
+    progress: ProgressCallback | None,
+) -> None:
     first_shape_location: str | None = None
     rows = _limited(source.rows(), limit, report)
     for row in rows:
@@ -173,17 +205,6 @@ def check_dataset(
                 report.add_problem(
                     BadRow(source.label, row.line, row.index, fault.field_path, fault.message)
                 )
-    if progress is not None:
-        progress(source.bytes_read, source.total_bytes)
-    if report.rows_checked == 0 and report.problems_total == 0:
-        report.add_problem(BadRow(source.label, None, None, None, "the dataset has no rows"))
-    report.notes = list(source.notes)
-    report.tokens = (
-        pass_state.finish(report, spec)
-        if pass_state is not None
-        else TokenReport(None, None, [], "", None, skipped)
-    )
-    return report
 
 
 def _limited(rows: Iterable[Row], limit: int | None, report: DataReport) -> Iterable[Row]:
@@ -303,7 +324,9 @@ class _TokenPass:
                 self.loaded.source, None, [], trains_on, None, self.no_template_reason
             )
         if self.example is None:
-            reason = "token statistics skipped: no row passed the checks"
+            reason = "token statistics skipped: " + (
+                "there are no rows" if report.empty else "no row passed the checks"
+            )
             return TokenReport(self.loaded.source, None, [], trains_on, None, reason)
         stats = length_stats(
             self.lengths,

@@ -44,6 +44,8 @@ def _summary_line(report: DataReport) -> str:
     limit = " (stopped at --limit)" if report.stopped_at_limit else ""
     shape = f", {report.shape}" if report.shape else ""
     verdict = f"{report.bad_rows:,} bad" if report.bad_rows else "all good"
+    if report.empty:
+        verdict = "no rows"
     return (
         f"{report.source}: {report.rows_checked:,} rows checked{limit} "
         f"(method {report.method}, format {report.data_format}{shape}): {verdict}"
@@ -112,6 +114,7 @@ def report_json(report: DataReport) -> dict[str, Any]:
         "rows_checked": report.rows_checked,
         "stopped_at_limit": report.stopped_at_limit,
         "bad_rows": report.bad_rows,
+        "empty": report.empty,
         "problems_total": report.problems_total,
         "problems": [problem.to_json() for problem in report.problems],
         "problems_omitted": report.problems_total - len(report.problems),

@@ -95,7 +95,12 @@ def open_source(dataset_path: str, split: str) -> RowSource:
                 f"(relative paths are resolved from the current directory, {os.getcwd()})",
                 field_path="dataset.path",
             )
-        size_bytes = path.stat().st_size
+        try:
+            size_bytes = path.stat().st_size
+        except OSError as error:
+            raise UserError.single(
+                f"cannot read the dataset: {error.strerror or error}", file=dataset_path
+            ) from None
         if suffix == ".jsonl":
             return JsonLinesSource(path, size_bytes)
         if suffix == ".json":
@@ -121,9 +126,18 @@ def _parse_json_record(text: str, line_number: int) -> Row:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         return Row(line_number, None, None, f"invalid JSON: {error.msg} (column {error.colno})")
+    except (RecursionError, ValueError) as error:
+        return Row(line_number, None, None, _unreadable_json(error))
     if not isinstance(value, dict):
         return Row(line_number, None, None, f"a row must be a JSON object; got {_json_kind(value)}")
     return Row(line_number, None, value)
+
+
+def _unreadable_json(error: Exception) -> str:
+    """Valid JSON Python cannot hold: nesting past the recursion limit, a 4300+ digit number."""
+    if isinstance(error, RecursionError):
+        return "unreadable JSON: nested too deeply (a row is a flat object of messages or text)"
+    return "unreadable JSON: a number with more than 4300 digits"
 
 
 def _json_kind(value: object) -> str:
@@ -223,7 +237,7 @@ class _JsonArrayReader:
             start_line = self.line_number
             value, error = self._next_value()
             if error is not None:
-                yield Row(error[0], None, None, f"invalid JSON: {error[1]}")
+                yield Row(error[0], None, None, error[1])
                 return
             if isinstance(value, dict):
                 yield Row(start_line, None, value)
@@ -279,8 +293,11 @@ class _JsonArrayReader:
                 too_big = len(self.buffer) - self.position > JSON_ARRAY_MAX_ELEMENT_BYTES
                 if too_big or not self._refill():
                     lines_before = self.buffer.count("\n", 0, self.position)
-                    return None, (self.line_number + error.lineno - 1 - lines_before, error.msg)
+                    line = self.line_number + error.lineno - 1 - lines_before
+                    return None, (line, f"invalid JSON: {error.msg}")
                 continue
+            except (RecursionError, ValueError) as error:
+                return None, (self.line_number, _unreadable_json(error))
             self.line_number += self.buffer.count("\n", self.position, end)
             self.position = end
             return value, None
@@ -396,8 +413,19 @@ class HubSource(RowSource):
                 "`pip install 'peftgen[train]'`",
                 field_path="dataset.path",
             ) from None
+        from peftgen.hub import hub_unreachable, quick_timeouts
+
+        unreachable = hub_unreachable()
+        if unreachable is not None:
+            raise UserError.single(
+                f"{self.dataset_id!r} is not a local file and the hub cannot be reached "
+                f"({unreachable}); point dataset.path at a local .jsonl/.json/.csv/.parquet "
+                "file (and set HF_HUB_OFFLINE=1 to skip the hub)",
+                field_path="dataset.path",
+            )
         try:
-            stream = datasets.load_dataset(self.dataset_id, split=self.split, streaming=True)
+            with quick_timeouts():
+                stream = datasets.load_dataset(self.dataset_id, split=self.split, streaming=True)
             for index, record in enumerate(stream):
                 yield Row(None, index, dict(record))
         except Exception as error:  # network, auth, missing split: all the user's to fix

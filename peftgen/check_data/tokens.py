@@ -86,20 +86,41 @@ def load_tokenizer(
         from transformers import AutoTokenizer
     except ImportError:
         raise TokenizerUnavailable(
-            "transformers is not installed (pip install 'peftgen[train]')"
+            "token statistics need transformers: pip install 'peftgen[train]'"
         ) from None
-    source = str(folder) if is_local else model_id
+    source = str(folder) if is_local else _hub_id(model_id)
+    if not is_local:
+        from peftgen.hub import hub_unreachable
+
+        unreachable = hub_unreachable()
+        if unreachable is not None:
+            raise TokenizerUnavailable(
+                f"model.id {model_id!r} is not a local folder and the hub cannot be reached "
+                f"({unreachable}); pass --tokenizer DIR (a folder with the tokenizer files), "
+                "or set HF_HUB_OFFLINE=1 to skip the hub"
+            )
+    from peftgen.hub import quick_timeouts
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source,
-            revision=None if is_local else revision,
-            trust_remote_code=trust_remote_code,
-        )
+        with quick_timeouts():
+            tokenizer = AutoTokenizer.from_pretrained(
+                source,
+                revision=None if is_local else revision,
+                trust_remote_code=trust_remote_code,
+            )
     except Exception as error:  # network, missing files, a catalogue alias that is no hub id
         raise TokenizerUnavailable(f"cannot load the tokenizer from {source!r}: {error}") from None
     if chat_template == "chatml":
         _install_chatml(tokenizer)
     return LoadedTokenizer(tokenizer, source, _max_positions(folder) if is_local else None)
+
+
+def _hub_id(model_id: str) -> str:
+    """The hub id behind a catalogue alias (``llama3-8b``); other ids as written."""
+    from peftgen.catalog import find_model
+
+    arch = find_model(model_id)
+    return arch.id if arch is not None else model_id
 
 
 def _install_chatml(tokenizer: Any) -> None:
