@@ -616,39 +616,88 @@ def write_output_dir(directory: Path, files: Mapping[str, str]) -> None:
     """Write ``files`` into ``directory`` all at once, or not at all.
 
     The files go into a fresh folder beside ``directory`` that is then renamed into place,
-    so an interrupted or failed emit never leaves a half-written folder. An existing
-    folder is replaced only when it holds nothing but files emit writes: anything else in
-    it might be the user's, and is not ours to delete.
+    so an interrupted or failed emit (a full disk, a permission) never leaves a half-written
+    folder. An existing folder is replaced only when it holds nothing but the plain files
+    emit writes: anything else in it (another file, a link, a folder named ``plan.md``)
+    might be the user's, and is not ours to delete; of the old folder only emit's files are
+    removed. A new folder gets the permissions the user's umask gives (``mkdtemp`` makes
+    0700), a replaced one keeps its own. Every OS error is a ``UserError`` naming the folder.
     """
+    import contextlib
+    import errno
     import shutil
     import tempfile
 
-    directory = directory.resolve()
-    if directory.exists():
-        if not directory.is_dir():
-            raise UserError.single("exists and is not a folder", file=str(directory))
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in OUTPUT_FILES)
-        if foreign:
-            raise UserError.single(
-                f"the folder holds files emit did not write ({', '.join(foreign[:5])}); "
-                "choose a new or empty folder",
-                file=str(directory),
+    def refuse(message: str) -> UserError:
+        return UserError.single(message, file=str(directory))
+
+    def reason(error: OSError) -> str:
+        friendly = {
+            errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "the disk quota is exceeded",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+            errno.EROFS: "the file system is read-only",
+            errno.ENOTDIR: "a parent of it is a file, not a folder",
+        }.get(error.errno or 0, error.strerror or str(error))
+        if error.errno == errno.ENOENT and target.parent.is_dir():
+            return f"{target.parent} does not accept new files or folders"
+        where = f" ({error.filename})" if error.filename else ""
+        return friendly + where
+
+    target = directory.resolve()
+    try:
+        if target.exists():
+            if not target.is_dir():
+                raise refuse("exists and is not a folder; give a new or an emitted folder")
+            foreign = sorted(
+                f"{entry.name} (a folder)" if entry.is_dir() else entry.name
+                for entry in target.iterdir()
+                if entry.name not in OUTPUT_FILES or entry.is_symlink() or not entry.is_file()
             )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+            if foreign:
+                raise refuse(
+                    f"the folder holds what emit did not write ({', '.join(foreign[:5])}); "
+                    "choose a new or empty folder (nothing was written or deleted)"
+                )
+        for parent in target.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise refuse(f"{parent} is a file, not a folder; nothing was written")
+                break
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = target.stat().st_mode & 0o7777 if target.is_dir() else 0o777 & ~umask
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as error:
+        raise refuse(f"cannot write the folder: {reason(error)}; nothing was written") from None
     backup: Path | None = None
     try:
         for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8")
-        if directory.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            directory.rename(backup / directory.name)
-        staging.rename(directory)
-    except BaseException:
-        if backup is not None and not directory.exists():
-            (backup / directory.name).rename(directory)
-        shutil.rmtree(staging, ignore_errors=True)
+        os.chmod(staging, mode)
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            target.rename(backup / target.name)
+        staging.rename(target)
+    except BaseException as error:
+        if backup is not None and not target.exists():
+            (backup / target.name).rename(target)
+            with contextlib.suppress(OSError):
+                backup.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)  # only what this call wrote
+        if isinstance(error, OSError):
+            message = f"cannot write the folder: {reason(error)}; nothing was written or deleted"
+            raise refuse(message) from None
         raise
-    finally:
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+    if backup is not None:
+        # The old folder held emit's files only (checked above): remove those, by name.
+        old = backup / target.name
+        for name in OUTPUT_FILES:
+            path = old / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        for folder in (old, backup):
+            with contextlib.suppress(OSError):  # something new appeared: leave it be
+                folder.rmdir()

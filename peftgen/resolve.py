@@ -9,7 +9,10 @@ Every problem is located at the spec line it is about, and all are reported at o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pydantic import ValidationError
 
 from peftgen.catalog import (
     Gpu,
@@ -23,7 +26,8 @@ from peftgen.catalog.lookup import vram_gib_problem
 from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.errors import Problem, UserError
 from peftgen.load import LoadedSpec, did_you_mean
-from peftgen.spec import AnySpec, GrpoRunSpec
+from peftgen.overrides import apply_changes
+from peftgen.spec import PARAMETER_SHARDING_ENGINES, AnySpec, GrpoRunSpec
 
 GIB = 2**30
 
@@ -32,8 +36,22 @@ EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
+@dataclass(frozen=True)
+class AppliedDefault:
+    """A value the spec left out that ``resolve`` filled in from the model or the GPU."""
+
+    field_path: str
+    """Dotted spec key, e.g. ``model.attn_implementation``."""
+    value: Any
+    reason: str
+
+
 class Resolved:
-    """A loaded spec with its architecture and target GPU (memory override applied)."""
+    """A loaded spec with its architecture and target GPU (memory override applied).
+
+    ``loaded.spec`` is the spec with the defaults the tool knows filled in (``defaults``
+    lists them); ``loaded.spec.model_dump()`` is what the run uses and spec.yaml records.
+    """
 
     loaded: LoadedSpec
     arch: ModelArch
@@ -41,6 +59,8 @@ class Resolved:
     warnings: tuple[str, ...] = ()
     """The loader's warnings and the resolver's, rendered ``file:line:col: warning: ...``."""
 
+    defaults: tuple[AppliedDefault, ...] = ()
+    """Keys the spec left out that were set from the model, the GPU or the planner."""
     @property
     def spec(self) -> AnySpec:
         return self.loaded.spec
@@ -62,7 +82,106 @@ def resolve(loaded: LoadedSpec) -> Resolved:
         warnings.extend(_memory_warnings(loaded, gpu))
     if problems or arch is None or gpu is None:
         raise UserError(sorted(problems, key=lambda p: (p.line or 0, p.column or 0)))
-    return Resolved(loaded, arch, _with_memory_override(loaded, gpu), tuple(warnings))
+    resolved = Resolved(loaded, arch, _with_memory_override(loaded, gpu), tuple(warnings))
+    return with_defaults(resolved)
+
+
+def _written(model: object, name: str) -> bool:
+    """The user wrote ``name`` in this section (pydantic's ``model_fields_set``)."""
+    return name in getattr(model, "model_fields_set", set())
+
+
+def with_defaults(resolved: Resolved) -> Resolved:
+    """Fill in what the spec left out and the tool knows: eager attention for Gemma-2,
+    ``lora_dropout: 0`` on fused MoE experts, the multi-GPU engine the planner recommends,
+    and 4-bit storage in the compute dtype under FSDP / ZeRO-3. Only keys the user did not
+    write are set; a written value that cannot run is refused by the rules above."""
+    loaded, arch, gpu = resolved.loaded, resolved.arch, resolved.gpu
+    spec = loaded.spec
+    changes: dict[str, Any] = {}
+    applied: list[AppliedDefault] = []
+    if arch.config.model_type in SDPA_REFUSED_TYPES and not _written(
+        spec.model, "attn_implementation"
+    ):
+        changes["model.attn_implementation"] = "eager"
+        applied.append(
+            AppliedDefault(
+                "model.attn_implementation",
+                "eager",
+                f"transformers 5.24 has no sdpa attention for {arch.display_name} (it cannot "
+                "soft-cap the attention scores); flash_attention_2 also works on Ampere or newer",
+            )
+        )
+    if (
+        _adapts_fused_experts(spec, arch)
+        and not _written(spec.lora, "lora_dropout")
+        and spec.lora.lora_dropout != 0
+    ):
+        changes["lora.lora_dropout"] = 0.0
+        applied.append(
+            AppliedDefault(
+                "lora.lora_dropout",
+                0.0,
+                f"peft 0.21 adapts {arch.display_name}'s fused experts as parameters and "
+                "refuses any other dropout there",
+            )
+        )
+    if changes:
+        spec = apply_changes(spec, changes)
+    hardware = spec.hardware
+    if hardware.world_size > 1 and not _written(hardware, "distributed"):
+        # The planner sizes the run; imported here because it builds on this module.
+        from peftgen.plan import recommended_engine
+
+        staged = replace(resolved, loaded=replace(loaded, spec=spec))
+        engine, reason = recommended_engine(staged)
+        spec = apply_changes(spec, {"hardware.distributed": engine})
+        applied.append(AppliedDefault("hardware.distributed", engine, reason))
+    storage = default_quant_storage(spec, gpu)
+    if storage is not None:
+        spec = apply_changes(spec, {"quantization.bnb_4bit_quant_storage": storage})
+        applied.append(
+            AppliedDefault(
+                "quantization.bnb_4bit_quant_storage",
+                storage,
+                f"{spec.hardware.distributed} shards 4-bit weights only when they are stored in "
+                "the compute dtype",
+            )
+        )
+    if not applied:
+        return resolved
+    return replace(resolved, loaded=replace(loaded, spec=spec), defaults=tuple(applied))
+
+
+def default_quant_storage(spec: AnySpec, gpu: Gpu) -> str | None:
+    """The compute dtype's storage name for 4-bit weights FSDP / ZeRO-3 must shard, when
+    the spec did not write ``bnb_4bit_quant_storage``; None when nothing needs setting."""
+    if spec.hardware.distributed not in PARAMETER_SHARDING_ENGINES:
+        return None
+    if spec.precision not in ("auto", "4bit"):
+        return None
+    if _written(spec.quantization, "bnb_4bit_quant_storage"):
+        return None
+    if spec.quantization.bnb_4bit_quant_storage != "uint8":
+        return None
+    return "bfloat16" if gpu.bf16 else "float16"
+
+
+def valid_with(spec: AnySpec, changes: dict[str, Any]) -> AnySpec | None:
+    """``spec`` with ``changes`` if the spec's rules accept the result, else None."""
+    try:
+        return apply_changes(spec, changes)
+    except ValidationError:
+        return None
+
+
+def _adapts_fused_experts(spec: AnySpec, arch: ModelArch) -> bool:
+    lora = spec.lora
+    expert_names = {name for target in moe_target_parameters(arch) for name in target.module_names}
+    listed = set() if lora.target_modules == "all-linear" else set(lora.target_modules)
+    return bool(expert_names) and (
+        lora.target_modules == "all-linear" or bool(listed & expert_names)
+    )
 
 
 def _resolve_model(
@@ -179,26 +298,30 @@ def _architecture_problems(loaded: LoadedSpec, arch: ModelArch) -> list[Problem]
     """Settings the pinned transformers / peft refuse for this architecture at load time."""
     spec = loaded.spec
     problems: list[Problem] = []
-    if arch.config.model_type in SDPA_REFUSED_TYPES and spec.model.attn_implementation == "sdpa":
+    if (
+        arch.config.model_type in SDPA_REFUSED_TYPES
+        and spec.model.attn_implementation == "sdpa"
+        and _written(spec.model, "attn_implementation")
+    ):
         problems.append(
             loaded.problem(
                 "model.attn_implementation",
                 f"transformers 5.24 has no sdpa attention for {arch.display_name} "
-                "(it cannot soft-cap the attention scores); sdpa is the default, so set it",
-                "use attn_implementation: eager, or flash_attention_2 on an Ampere or newer GPU",
+                "(it cannot soft-cap the attention scores)",
+                "use attn_implementation: eager (the default for this model when the key is "
+                "left out), or flash_attention_2 on an Ampere or newer GPU",
             )
         )
     lora = spec.lora
-    expert_names = {name for target in moe_target_parameters(arch) for name in target.module_names}
-    listed = set() if lora.target_modules == "all-linear" else set(lora.target_modules)
-    if expert_names and (lora.target_modules == "all-linear" or listed & expert_names):
-        if lora.lora_dropout != 0:
+    if _adapts_fused_experts(spec, arch):
+        if lora.lora_dropout != 0 and _written(lora, "lora_dropout"):
             problems.append(
                 loaded.problem(
                     "lora.lora_dropout",
                     f"peft 0.21 adapts {arch.display_name}'s fused experts as parameters "
                     f"and refuses lora_dropout {lora.lora_dropout:g} on them",
-                    "set lora.lora_dropout: 0, or list attention modules in target_modules",
+                    "set lora.lora_dropout: 0 (the default here when the key is left out), "
+                    "or list attention modules in target_modules",
                 )
             )
         if lora.use_dora:

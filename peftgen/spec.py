@@ -200,11 +200,23 @@ class HardwareSpec(_Frozen):
                 "(ddp, fsdp, deepspeed-zero2 or deepspeed-zero3); distributed is none"
             )
         if self.distributed != "none" and world == 1:
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _number_as_name(cls, value: object) -> object:
+        # `gpu: 3090` unquoted is a YAML integer; it names the card all the same.
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return str(value)
+        return value
+
             raise ValueError(
                 f"distributed: `{self.distributed}` needs num_gpus (or num_nodes) > 1; "
                 "use distributed: none"
             )
         if self.cpu_offload and self.distributed in ("none", "ddp"):
+        engine_given = "distributed" in self.model_fields_set
+        if not engine_given and world > 1:
+            # No engine written: `resolve` fills in the one the planner recommends.
+            return self
             raise ValueError(
                 f"cpu_offload: needs a sharding engine (fsdp, deepspeed-zero2 or "
                 f"deepspeed-zero3); distributed is {self.distributed}"
@@ -385,7 +397,7 @@ class _SpecBase(_Frozen):
         if (
             self.precision == "4bit"
             and self.hardware.distributed == "fsdp"
-            and self.quantization.bnb_4bit_quant_storage == "uint8"
+            and _storage_set_to_uint8(self)
         ):
             # FSDP flattens parameters of one dtype; packed uint8 4-bit weights cannot be
             # sharded next to bf16 ones (the QLoRA + FSDP recipe stores them as bfloat16).
@@ -420,11 +432,7 @@ def _check_distributed_combination(spec: _SpecBase) -> None:
             "4-bit weights only); use precision: 4bit with "
             "quantization.bnb_4bit_quant_storage: bfloat16, or distributed: ddp"
         )
-    if (
-        engine == "deepspeed-zero3"
-        and spec.precision == "4bit"
-        and spec.quantization.bnb_4bit_quant_storage == "uint8"
-    ):
+    if engine == "deepspeed-zero3" and spec.precision == "4bit" and _storage_set_to_uint8(spec):
         where = "quantization.bnb_4bit_quant_storage"
         if "quantization" not in spec.model_fields_set:
             where = "precision"
@@ -435,7 +443,7 @@ def _check_distributed_combination(spec: _SpecBase) -> None:
     if (
         engine in PARAMETER_SHARDING_ENGINES
         and spec.precision == "auto"
-        and spec.quantization.bnb_4bit_quant_storage == "uint8"
+        and _storage_set_to_uint8(spec)
     ):
         where = "precision" if "precision" in spec.model_fields_set else "hardware.distributed"
         raise ValueError(
@@ -453,6 +461,16 @@ def _check_distributed_combination(spec: _SpecBase) -> None:
         )
     if spec.hardware.cpu_offload and ("8bit" in optim or optim.startswith("paged_")):
         raise ValueError(
+def _storage_set_to_uint8(spec: _SpecBase) -> bool:
+    """``bnb_4bit_quant_storage: uint8`` written in the spec. Left out, ``resolve`` sets the
+    compute dtype under FSDP / ZeRO-3, so only a written uint8 is refused."""
+    quantization = spec.quantization
+    return (
+        "bnb_4bit_quant_storage" in quantization.model_fields_set
+        and quantization.bnb_4bit_quant_storage == "uint8"
+    )
+
+
             f"training.optim: {optim} (bitsandbytes) needs its states on the GPU, but "
             "hardware.cpu_offload runs the optimizer step on the CPU; use adamw_torch"
         )
@@ -495,7 +513,13 @@ class GrpoRunSpec(_SpecBase):
                 f"batch per_device_train_batch_size x GPUs x gradient_accumulation_steps = "
                 f"{training.per_device_train_batch_size} x {world} x "
                 f"{training.gradient_accumulation_steps} = {generation_batch} "
-                "(trl samples whole groups of num_generations completions per prompt)"
+                "(trl samples whole groups of num_generations completions per prompt); "
+                + _group_size_fixes(
+                    self.grpo.num_generations,
+                    training.per_device_train_batch_size,
+                    world,
+                    training.gradient_accumulation_steps,
+                )
             )
         return self
 
@@ -536,3 +560,20 @@ def _one_line_descriptions(node: object) -> None:
     elif isinstance(node, list):
         for item in node:
             _one_line_descriptions(item)
+def _group_size_fixes(groups: int, batch: int, world: int, accumulation: int) -> str:
+    """Values that make the GRPO generation batch hold whole groups, each changing one key."""
+    from math import gcd
+
+    # The generation batch is a multiple of `groups` once accumulation is a multiple of
+    # groups / gcd(groups, batch x world); likewise for the micro-batch.
+    step = groups // gcd(groups, batch * world)
+    fixes = [f"gradient_accumulation_steps: {-(-accumulation // step) * step}"]
+    batch_step = groups // gcd(groups, world * accumulation)
+    fixes.append(f"per_device_train_batch_size: {-(-batch // batch_step) * batch_step}")
+    generation_batch = batch * world * accumulation
+    divisors = [d for d in range(min(groups, generation_batch), 1, -1) if generation_batch % d == 0]
+    if divisors:
+        fixes.append(f"num_generations: {' or '.join(str(d) for d in divisors[:3])}")
+    return "use " + ", or ".join(fixes)
+
+

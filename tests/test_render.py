@@ -374,7 +374,7 @@ def test_failed_write_leaves_no_partial_files(
         return original(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Path, "write_text", failing_write_text)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="disk full"):
         render.write_output_dir(out, {"train.py": "a", "merge.py": "b", "plan.md": "c"})
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
@@ -391,7 +391,7 @@ def test_failed_replace_keeps_the_old_files(
         raise OSError("disk full")
 
     monkeypatch.setattr(Path, "write_text", failing_write_text)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="nothing was written or deleted"):
         render.write_output_dir(out, {"train.py": "new"})
     monkeypatch.setattr(Path, "write_text", original)
     assert (out / "train.py").read_text() == "old"
