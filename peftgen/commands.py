@@ -10,12 +10,15 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peftgen.load import load_spec
 from peftgen.plan import BREAKDOWN_KEYS, Plan
 
 if TYPE_CHECKING:
+    from pathlib import Path as _Path
+
     from peftgen.resolve import Resolved
     from peftgen.simulate import SimulationResult
 
@@ -46,19 +49,59 @@ def validate(args: argparse.Namespace) -> int:
 def schema(args: argparse.Namespace) -> int:
     """Print the spec's JSON Schema, or write it (``-o specs/peftgen.schema.json``)."""
     from peftgen.docs import schema_text
-    from peftgen.errors import UserError
 
     text = schema_text()
     if args.output is None:
         sys.stdout.write(text)
         return 0
-    try:
-        args.output.write_text(text, encoding="utf-8")
-    except OSError as error:
-        message = f"cannot write the schema: {error.strerror}"
-        raise UserError.single(message, file=str(args.output)) from None
+    write_atomically(args.output, text, "the schema")
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def write_atomically(path: Path, text: str, what: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and
+    ``os.replace``: a full disk or an interruption leaves the old file (or none), never a
+    truncated one. A new file gets the umask's permissions, a replaced one keeps its own.
+    Every OS error is a ``UserError`` naming the file."""
+    import errno
+    import os
+    import tempfile
+
+    from peftgen.errors import UserError
+
+    def refuse(reason: str) -> UserError:
+        return UserError.single(f"cannot write {what}: {reason}", file=str(path))
+
+    if path.is_dir():
+        raise refuse("it is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~umask
+        descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(descriptor)
+        staging = Path(name)
+        try:
+            staging.write_text(text, encoding="utf-8")
+            os.chmod(staging, mode)
+            os.replace(staging, path)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        reason = {
+            errno.ENOSPC: "no space left on the device",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+            errno.EROFS: "the file system is read-only",
+            errno.ENOTDIR: "a parent of it is a file, not a folder",
+            errno.EEXIST: "a parent of it is a file, not a folder",
+        }.get(error.errno or 0, error.strerror or str(error))
+        if error.errno == errno.ENOENT and path.parent.is_dir():
+            reason = f"{path.parent} does not accept new files"
+        raise refuse(f"{reason}; nothing was written") from None
 
 
 def _for_planning(resolved: Resolved) -> Resolved:
@@ -69,8 +112,31 @@ def _for_planning(resolved: Resolved) -> Resolved:
     if training.length_source == "max_length":
         return resolved
     from peftgen.check_data import measured_length_percentile
+    from peftgen.errors import UserError
 
-    measured = measured_length_percentile(resolved.spec, 99.0)
+    loaded = resolved.loaded
+    try:
+        measured = measured_length_percentile(resolved.spec, 99.0)
+    except UserError as error:
+        # Unplaced problems (no tokenizer, no dataset file) are about a spec field: point
+        # there; bad rows keep their data file's line, under one located at length_source.
+        located = [
+            loaded.problem(p.field_path or "training.length_source", p.message, p.hint)
+            if p.file is None
+            else p
+            for p in error.problems
+        ]
+        if any(p.file is not None for p in error.problems):
+            located.insert(
+                0,
+                loaded.problem(
+                    "training.length_source",
+                    "p99 measures the dataset's token lengths, and the dataset has problems "
+                    "(below)",
+                    "fix them (`peftgen check-data` lists them), or set length_source: max_length",
+                ),
+            )
+        raise UserError(located) from None
     print(
         f"note: training.length_source p99: planning for {measured} tokens per sequence (the "
         f"data's 99th percentile) instead of max_length {training.max_length}; batches of "
@@ -82,6 +148,34 @@ def _for_planning(resolved: Resolved) -> Resolved:
     return replace(resolved, loaded=replace(resolved.loaded, spec=spec))
 
 
+def _resolve_with_set(path: _Path, arguments: list[str]) -> Resolved:
+    """Load and resolve the spec with ``plan --set KEY=VALUE`` edits applied, validated as
+    the file is; a problem about an edited key names its ``--set`` argument."""
+    from dataclasses import replace as replaced
+
+    from peftgen.errors import UserError
+    from peftgen.overrides import apply_changes, parse_set_arguments
+    from peftgen.resolve import resolve
+
+    loaded = load_spec(path)
+    if not arguments:
+        return resolve(loaded)
+    changes = parse_set_arguments(loaded.spec, arguments)
+    labels = {arg.partition("=")[0].strip(): f"--set {arg}" for arg in arguments}
+    edited = replaced(loaded, spec=apply_changes(loaded.spec, changes))
+    try:
+        return resolve(edited)
+    except UserError as error:
+        raise UserError(
+            [
+                replaced(p, file=labels[p.field_path], line=None, column=None, source_line=None)
+                if p.field_path in labels
+                else p
+                for p in error.problems
+            ]
+        ) from None
+
+
 def plan(args: argparse.Namespace) -> int:
     """Print the memory plan (a table, or ``--json``); exit 3 when nothing fits.
 
@@ -89,13 +183,14 @@ def plan(args: argparse.Namespace) -> int:
     (the last candidate when nothing fits); only then are torch and friends imported.
     """
     from peftgen.plan import make_plan
-    from peftgen.resolve import resolve
 
-    resolved = _for_planning(resolve(load_spec(args.spec)))
+    resolved = _for_planning(_resolve_with_set(args.spec, getattr(args, "set", None) or []))
     result = make_plan(resolved, args.gpu, args.vram_gib)
     simulation = None
     if args.simulate:
         from peftgen.plan import target_gpu
+
+        _require_simulation_stack()
         from peftgen.simulate import simulate_candidate
 
         precision = result.chosen_precision or result.candidates[-1].precision
@@ -113,6 +208,23 @@ def plan(args: argparse.Namespace) -> int:
     if simulation is not None:
         _print_simulation(result, simulation)
     return 0 if result.fits else 3
+
+
+def _require_simulation_stack() -> None:
+    """``--simulate`` runs a real training step: say what to install when it cannot."""
+    import importlib.util
+
+    from peftgen.errors import UserError
+
+    missing = [
+        name for name in ("torch", "transformers", "peft") if not importlib.util.find_spec(name)
+    ]
+    if missing:
+        raise UserError.single(
+            f"needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            "installed: pip install 'peftgen[train]' (the plan without --simulate needs none)",
+            field_path="--simulate",
+        )
 
 
 def _print_simulation(result: Plan, simulation: SimulationResult) -> None:
@@ -311,6 +423,19 @@ def _print_plan(result: Plan, written_model_id: str | None = None) -> None:
         )
 
 
+def plan_command(args: argparse.Namespace) -> str:
+    """The ``peftgen plan`` command line that shows the suggestions for what ``args``
+    planned: the same spec and the same ``--gpu`` / ``--vram-gib``."""
+    import shlex
+
+    parts = ["peftgen", "plan", str(args.spec)]
+    if getattr(args, "gpu", None) is not None:
+        parts += ["--gpu", args.gpu]
+    if getattr(args, "vram_gib", None) is not None:
+        parts += ["--vram-gib", f"{args.vram_gib:g}"]
+    return shlex.join(parts)
+
+
 def emit(args: argparse.Namespace) -> int:
     """Render the training script (stdout) or every emitted file (``-o DIR``, atomically).
 
@@ -336,7 +461,7 @@ def emit(args: argparse.Namespace) -> int:
         )
         message = (
             f"{args.spec}: nothing fits the {result.budget_bytes / 2**30:.1f} GiB budget on "
-            f"{result.gpu.name} (peaks: {peaks}); `peftgen plan {args.spec}` lists what to change"
+            f"{result.gpu.name} (peaks: {peaks}); `{plan_command(args)}` lists what to change"
         )
         if not args.force:
             raise NothingFitsError(message + ", or emit anyway with --force")
@@ -359,9 +484,6 @@ def emit(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """Write the VRAM advisor report (HTML, or Markdown with its chart files beside it)."""
-    from pathlib import Path
-
-    from peftgen.errors import UserError
     from peftgen.plan import make_plan
     from peftgen.report import render_html, render_markdown, report_data
     from peftgen.resolve import resolve
@@ -383,13 +505,9 @@ def report(args: argparse.Namespace) -> int:
     if output is None:
         sys.stdout.write(text)
         return 0
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
-        for name, svg in charts.items():
-            (output.parent / name).write_text(svg, encoding="utf-8")
-    except OSError as error:
-        raise UserError.single(f"cannot write the report: {error}", file=str(output)) from None
+    for name, svg in charts.items():  # the charts first: the report names them
+        write_atomically(output.parent / name, svg, "a chart of the report")
+    write_atomically(output, text, "the report")
     for path in (output, *(output.parent / name for name in charts)):
         print(f"wrote {path}", file=sys.stderr)
     return 0

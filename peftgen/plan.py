@@ -13,7 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-from peftgen.catalog import Gpu, find_gpu, gpu_catalogue, gpu_names, suggest
+from pydantic import ValidationError
+
+from peftgen.accuracy_interval import UNDER_PREDICTION_FACTOR, high_end_bytes
+from peftgen.catalog import Gpu, gpu_catalogue, lookup_gpu
+from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.errors import UserError
 from peftgen.memory import (
     GIB,
@@ -25,9 +29,13 @@ from peftgen.memory import (
     MemoryBreakdown,
     adapter_dtype,
     estimate,
+    grpo_generation_bytes,
     moe_experts_per_layer,
+    per_gpu_parts,
+    train_step_peak_parts,
 )
-from peftgen.resolve import Resolved
+from peftgen.overrides import apply_changes
+from peftgen.resolve import Resolved, valid_with
 from peftgen.spec import AnySpec, trained_modules_to_save
 
 LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
@@ -66,6 +74,14 @@ class Candidate:
     gathered_weight_bytes: int = 0
     """Of ``weights_bytes``: parameters FSDP / ZeRO-3 hold unsharded at the peak, per GPU."""
     assumptions: tuple[Assumption, ...] = ()
+    peak_reserved_bytes_high: int = 0
+    """Upper end of the prediction interval around ``peak_reserved_bytes``: torch's share
+    scaled by ``accuracy_interval.UNDER_PREDICTION_FACTOR`` (the accuracy benchmark's 90th
+    percentile of measured / predicted), the CUDA context unscaled."""
+    fits_high: bool = False
+    """The upper end fits the budget too."""
+    tight: bool = False
+    """Fits at the estimate but not at the upper end of the interval."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,12 @@ class Suggestion:
     """Peak after the change, when the planner computed it."""
     fits: bool = False
     """The run fits the budget after this change alone."""
+    peak_reserved_bytes_high: int | None = None
+    """Upper end of the prediction interval after the change."""
+    fits_high: bool = False
+    """The upper end fits too after this change alone (no "tight" plan)."""
+    precision: LoadPrecision | None = None
+    """The precision the changed spec is planned in (what ``precision: auto`` would pick)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,20 @@ class Plan:
     suggestions: tuple[Suggestion, ...] = ()
     warnings: tuple[str, ...] = ()
     decisions: tuple[Decision, ...] = ()
+    model_id: str = ""
+    """The resolved model: the catalogue's hub id for an alias, or the local folder."""
+    max_length: int = 0
+    """Tokens per sequence the plan sizes for (``training.length_source`` applied)."""
+    micro_batch: int = 0
+    """``training.per_device_train_batch_size``."""
+    tight: bool = False
+    """The chosen precision fits at the estimate but not at the interval's upper end."""
+    interval_factor: float = UNDER_PREDICTION_FACTOR
+    """The factor behind every ``peak_reserved_bytes_high``."""
+    defaults: tuple[Decision, ...] = ()
+    """Keys the spec left out that were filled in (``resolve.with_defaults``), with why."""
+    notes: tuple[str, ...] = ()
+    """What the table assumes: GRPO's phase, host memory for CPU offload."""
 
     @property
     def chosen(self) -> Candidate | None:
@@ -235,9 +271,14 @@ def estimate_input(
 
 def candidate_from_estimate(precision: LoadPrecision, result: Estimate, budget: int) -> Candidate:
     breakdown = MemoryBreakdown(**{key: getattr(result, key) for key in BREAKDOWN_KEYS})
+    fits = result.peak_reserved_bytes <= budget
+    high = high_end_bytes(result.peak_reserved_bytes, result.torch_reserved_bytes)
     return Candidate(
         precision=precision,
-        fits=result.peak_reserved_bytes <= budget,
+        fits=fits,
+        peak_reserved_bytes_high=high,
+        fits_high=high <= budget,
+        tight=fits and high > budget,
         peak_allocated_bytes=result.peak_allocated_bytes,
         peak_reserved_bytes=result.peak_reserved_bytes,
         breakdown=breakdown,
@@ -382,12 +423,17 @@ def make_plan(
     chosen = choose_precision(spec.precision, candidates)
     first = estimate(estimate_input(resolved, order[0], gpu=gpu))
     fits = chosen is not None
+    chosen_candidate = next((c for c in candidates if c.precision == chosen), None)
+    tight = chosen_candidate is not None and chosen_candidate.tight
     suggestions: tuple[Suggestion, ...] = ()
-    if not fits:
+    if not fits or tight:
         # The precision whose edits are suggested: the fixed one when this GPU can load it
         # (bf16 fixed in the spec is impossible on a GPU without bf16: then the smallest).
         fallback = spec.precision if spec.precision in order else order[-1]
-        suggestions = tuple(suggest_changes(resolved, gpu, fallback, candidates))
+        reference = chosen or fallback
+        made = suggest_changes(resolved, gpu, reference, candidates)
+        # A tight plan fits already: only what makes the upper end fit is worth listing.
+        suggestions = tuple(s for s in made if s.fits_high) if tight else tuple(made)
     return Plan(
         spec=spec.name,
         gpu=GpuTarget(
@@ -407,22 +453,61 @@ def make_plan(
         suggestions=suggestions,
         warnings=tuple(plan_warnings(resolved, gpu, chosen)),
         decisions=tuple(plan_decisions(resolved, gpu, budget, candidates, chosen)),
+        model_id=resolved.arch.id,
+        max_length=spec.training.max_length,
+        micro_batch=spec.training.per_device_train_batch_size,
+        tight=tight,
+        defaults=tuple(Decision(d.field_path, d.value, d.reason) for d in resolved.defaults),
+        notes=tuple(plan_notes(resolved, gpu, chosen_candidate or candidates[-1])),
     )
+
+
+def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
+    """What the table's numbers assume that the table cannot show: which GRPO phase sets
+    the peak, and how much host memory CPU offload needs."""
+    spec = resolved.loaded.spec
+    notes: list[str] = []
+    inputs = estimate_input(resolved, shown.precision, gpu=gpu)
+    if spec.method == "grpo":
+        generation = grpo_generation_bytes(inputs)
+        activation, logits = train_step_peak_parts(inputs)
+        other = "training" if shown.phase == "generation" else "generation"
+        rows = spec.training.per_device_train_batch_size * spec.training.gradient_accumulation_steps
+        notes.append(
+            f"grpo: the table shows the {shown.phase} phase, the larger of the two for "
+            f"{shown.precision} (generation: KV cache and activations of {rows} rows, "
+            f"{_gib(generation)}, no gradients; training: activations and logits "
+            f"{_gib(activation + logits)} plus gradients); the {other} phase peaks lower"
+        )
+    hardware = spec.hardware
+    if hardware.cpu_offload:
+        kept = per_gpu_parts(replace(inputs, cpu_offload=False))
+        moved = per_gpu_parts(inputs)
+        names = ("weights_bytes", "adapter_bytes", "gradient_bytes", "optimizer_bytes")
+        per_gpu = sum(getattr(kept, n) - getattr(moved, n) for n in (*names, "managed_bytes"))
+        what = (
+            "optimizer state"
+            if hardware.distributed == "deepspeed-zero2"
+            else "parameters, gradients and optimizer state"
+        )
+        notes.append(
+            f"hardware.cpu_offload: about {_gib(per_gpu * hardware.num_gpus)} of host memory "
+            f"per node ({hardware.num_gpus} GPUs x {_gib(per_gpu)} of offloaded {what}), plus "
+            "the CPU optimizer step's temporaries and the loaded checkpoint"
+        )
+    return notes
 
 
 def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None) -> Gpu:
     """The spec's GPU, or the one named on the command line, with memory overridden."""
     gpu = resolved.gpu
     if gpu_name is not None:
-        found = find_gpu(gpu_name)
-        if found is None:
-            hints = suggest(gpu_name, gpu_names())
-            raise UserError.single(
-                f"unknown GPU {gpu_name!r}",
-                field_path="--gpu",
-                hint=f"did you mean {', '.join(hints)}?" if hints else "see the GPU catalogue",
-            )
-        gpu = found
+        try:
+            gpu = lookup_gpu(gpu_name)
+        except UserError as error:
+            raise UserError(
+                [replace(p, field_path="--gpu", file=None) for p in error.problems]
+            ) from None
     if vram_gib is not None:
         from peftgen.catalog.lookup import vram_gib_problem
 
@@ -434,8 +519,13 @@ def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None)
 
 
 def choose_precision(requested: str, candidates: tuple[Candidate, ...]) -> LoadPrecision | None:
-    """``auto``: the first (most faithful) candidate that fits; a fixed precision: itself,
-    if it fits. None when nothing acceptable fits."""
+    """``auto``: the first (most faithful) candidate whose interval's upper end fits, else
+    the first that fits at the estimate (a tight plan); a fixed precision: itself, if it
+    fits. None when nothing acceptable fits."""
+    if requested == "auto":
+        for candidate in candidates:
+            if candidate.fits_high:
+                return candidate.precision
     for candidate in candidates:
         if requested in ("auto", candidate.precision) and candidate.fits:
             return candidate.precision
@@ -556,7 +646,10 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
             "peft merges B @ A into the experts' weights on each forward, a weight-sized "
             "tensor per layer kept for backward (DoRA is refused there)"
         )
-    if spec.model.attn_implementation == "eager":
+    if (
+        spec.model.attn_implementation == "eager"
+        and resolved.arch.config.model_type not in SDPA_REFUSED_TYPES
+    ):
         warnings.append(
             "model.attn_implementation: eager materialises (seq x seq) attention scores per "
             "head; sdpa computes the same without them"
@@ -580,49 +673,97 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
     return warnings
 
 
+@dataclass(frozen=True)
+class Replanned:
+    """What the planner makes of a changed spec: the candidate it would load (the closest
+    when none fits) and whether the run fits, at the estimate and at the upper end."""
+
+    candidate: Candidate
+    fits: bool
+    fits_high: bool
+    loadable: bool = True
+    """The spec's fixed precision exists on the GPU (bf16 does not on a T4)."""
+
+
+def changed_resolved(resolved: Resolved, change: Mapping[str, Any]) -> Resolved | None:
+    """``resolved`` with the spec edit ``change`` (dotted keys) applied and validated as
+    the file would be; None when the spec's rules refuse the edited spec."""
+    try:
+        spec = apply_changes(resolved.loaded.spec, change)
+    except ValidationError:
+        return None
+    gpu = resolved.gpu
+    if "hardware.gpu" in change:
+        gpu = lookup_gpu(str(change["hardware.gpu"]))
+        if spec.hardware.vram_gib is not None:
+            gpu = gpu.model_copy(update={"memory_bytes": int(spec.hardware.vram_gib * GIB)})
+    return replace(resolved, loaded=replace(resolved.loaded, spec=spec), gpu=gpu)
+
+
+def replan(resolved: Resolved, gpu: Gpu, change: Mapping[str, Any]) -> Replanned | None:
+    """Plan the spec with ``change`` applied, on ``gpu`` (or the GPU the change names),
+    choosing the precision as ``make_plan`` does; None when the edited spec is invalid."""
+    other = changed_resolved(resolved, change)
+    if other is None:
+        return None
+    target = other.gpu if "hardware.gpu" in change else gpu
+    spec = other.loaded.spec
+    order = precision_order(target, spec.precision, spec.hardware.distributed)
+    candidates = tuple(estimate_candidate(other, p, gpu=target) for p in order)
+    chosen = choose_precision(spec.precision, candidates)
+    if chosen is None:
+        if spec.precision in order:
+            closest = next(c for c in candidates if c.precision == spec.precision)
+        else:
+            closest = min(candidates, key=lambda c: c.peak_reserved_bytes)
+        loadable = spec.precision == "auto" or spec.precision in order
+        return Replanned(closest, False, False, loadable)
+    candidate = next(c for c in candidates if c.precision == chosen)
+    return Replanned(candidate, True, candidate.fits_high)
+
+
 def suggest_changes(
     resolved: Resolved, gpu: Gpu, precision: LoadPrecision, candidates: tuple[Candidate, ...]
 ) -> list[Suggestion]:
-    """Spec edits that would make ``precision`` fit (or come closer), ranked: edits that
-    fit first, in order of how little they change what is trained (``DISRUPTION``), then
-    the rest by peak."""
+    """Spec edits that would make the run fit (or come closer), each re-planned as the
+    edited spec (so its verdict holds when it is applied alone), ranked: edits whose
+    interval's upper end fits, then edits that fit at the estimate, each in order of how
+    little they change (``DISRUPTION``: edits of the spec before other hardware), then the
+    rest by peak. Searched lengths are multiples of 64."""
     spec = resolved.loaded.spec
     training = spec.training
     base = next(c for c in candidates if c.precision == precision)
-    made: list[tuple[int, Suggestion]] = []
+    made: list[Suggestion] = []
 
     def add(action: str, change: dict[str, Any], what: str) -> None:
-        after = estimate_candidate(resolved, precision, change, gpu)
-        saved = base.peak_reserved_bytes - after.peak_reserved_bytes
-        verdict = "fits" if after.fits else "still over"
-        made.append(
-            (
-                _disruption(change),
-                Suggestion(
-                    action=action,
-                    detail=f"{what}: saves {_gib(saved)}, "
-                    f"peak {_gib(after.peak_reserved_bytes)} ({verdict})",
-                    change=change,
-                    peak_reserved_bytes=after.peak_reserved_bytes,
-                    fits=after.fits,
-                ),
-            )
-        )
+        outcome = replan(resolved, gpu, change)
+        if outcome is None or any(s.change == change for s in made):
+            return
+        if not outcome.loadable:
+            return  # the precision the spec fixes cannot load here: no peak to report
+        made.append(_suggestion(action, change, what, base.peak_reserved_bytes, outcome))
+
+    def largest(key: str, values: list[int], extra: Mapping[str, Any] | None = None) -> int | None:
+        """The largest of ``values`` (ascending) for ``key`` with which the run fits: at the
+        interval's upper end if any does, else at the estimate."""
+        for safe in (True, False):
+
+            def fits(index: int, safe: bool = safe) -> bool:
+                outcome = replan(resolved, gpu, {**(extra or {}), key: values[index]})
+                return outcome is not None and (outcome.fits_high if safe else outcome.fits)
+
+            index = _largest_fitting(0, len(values) - 1, fits)
+            if index is not None:
+                return values[index]
+        return None
 
     if spec.precision not in ("auto", "4bit"):
         for candidate in candidates:
-            if candidate.fits:
-                made.append(
-                    (
-                        0,
-                        Suggestion(
-                            action=f"load in {candidate.precision}",
-                            detail=f"peak {_gib(candidate.peak_reserved_bytes)} (fits)",
-                            change={"precision": candidate.precision},
-                            peak_reserved_bytes=candidate.peak_reserved_bytes,
-                            fits=True,
-                        ),
-                    )
+            if candidate.fits and candidate.precision != spec.precision:
+                add(
+                    f"load in {candidate.precision}",
+                    {"precision": candidate.precision},
+                    "smaller weights",
                 )
                 break
     if not training.gradient_checkpointing:
@@ -645,15 +786,10 @@ def suggest_changes(
                 else ""
             ),
         )
-    bnb_optimizer_allowed = bitsandbytes_optimizer_allowed(spec)
-    if (
-        bnb_optimizer_allowed
-        and training.optim not in PAGED_OPTIMIZERS
-        and training.optim
-        not in (
-            "adamw_8bit",
-            "adamw_bnb_8bit",
-        )
+    if bitsandbytes_optimizer_allowed(spec) and training.optim not in (
+        *PAGED_OPTIMIZERS,
+        "adamw_8bit",
+        "adamw_bnb_8bit",
     ):
         add(
             "use the paged 8-bit AdamW",
@@ -663,36 +799,42 @@ def suggest_changes(
     effective = training.per_device_train_batch_size * training.gradient_accumulation_steps
     batch_change: dict[str, Any] = {}
     if training.per_device_train_batch_size > 1:
-        batch = largest_fitting_batch(
-            resolved, precision, gpu=gpu, upper=training.per_device_train_batch_size - 1
-        )
-        batch = batch or 1
-        while batch > 1 and effective % batch:
-            batch -= 1
-        batch_change = {
-            "training.per_device_train_batch_size": batch,
-            "training.gradient_accumulation_steps": effective // batch,
-        }
-        add(
-            f"lower the micro-batch to {batch} and raise accumulation to {effective // batch}",
-            batch_change,
-            f"same effective batch of {effective}",
-        )
-    length = largest_fitting_max_length(resolved, precision, gpu=gpu, upper=training.max_length - 1)
+        batches = [
+            b
+            for b in range(1, training.per_device_train_batch_size)
+            if effective % b == 0
+            and accepted_batch(
+                resolved, b, {"training.gradient_accumulation_steps": effective // b}
+            )
+        ]
+        batch = None
+        if batches:
+            batch = largest(
+                "training.per_device_train_batch_size",
+                batches,
+            )
+        batch = batch or (batches[0] if batches else None)
+        if batch is not None:
+            batch_change = {
+                "training.per_device_train_batch_size": batch,
+                "training.gradient_accumulation_steps": effective // batch,
+            }
+            add(
+                f"lower the micro-batch to {batch} and raise accumulation to {effective // batch}",
+                batch_change,
+                f"same effective batch of {effective}",
+            )
+    length = largest("training.max_length", rounded_lengths_below(training.max_length))
     if length is not None:
         add(
             f"shorten max_length to {length}",
             {"training.max_length": length},
-            f"the longest sequence that fits (was {training.max_length})",
+            f"the longest multiple of 64 that fits (was {training.max_length})",
         )
     grpo = getattr(spec, "grpo", None)
     if grpo is not None:
-        completion = _largest_fitting(
-            1,
-            grpo.max_completion_length - 1,
-            lambda n: (
-                estimate_candidate(resolved, precision, {"grpo.max_completion_length": n}, gpu).fits
-            ),
+        completion = largest(
+            "grpo.max_completion_length", rounded_lengths_below(grpo.max_completion_length, 1)
         )
         if completion is not None:
             add(
@@ -700,84 +842,126 @@ def suggest_changes(
                 {"grpo.max_completion_length": completion},
                 f"the longest completion that fits (was {grpo.max_completion_length})",
             )
-    if spec.lora.r > 4:
-        smaller = max(4, spec.lora.r // 4)
-        add(f"lower the LoRA rank to {smaller}", {"lora.r": smaller}, "fewer adapter parameters")
-    combined = combined_change(resolved, gpu, precision, batch_change)
-    if combined and all(combined != s.change for _, s in made):
+    ranks = [r for r in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if r < spec.lora.r]
+    if ranks:
+        rank = largest("lora.r", ranks) or ranks[0]
+        add(f"lower the LoRA rank to {rank}", {"lora.r": rank}, "fewer adapter parameters")
+    combined = combined_change(resolved, gpu, batch_change)
+    if combined:
         add("combine these changes", combined, "together")
-    made.extend((_disruption(s.change), s) for s in smallest_fitting_gpu(resolved, gpu))
-    made.extend((_disruption(s.change), s) for s in smallest_fitting_gpu_count(resolved, gpu))
-    fitting = sorted(((d, s) for d, s in made if s.fits), key=lambda item: item[0])
-    others = sorted((s for _, s in made if not s.fits), key=lambda s: s.peak_reserved_bytes or 0)
-    return [s for _, s in fitting] + others
+    made.extend(smallest_fitting_gpu(resolved, gpu, base.peak_reserved_bytes))
+    made.extend(smallest_fitting_gpu_count(resolved, gpu, base.peak_reserved_bytes))
+    return sorted(made, key=_rank)
+
+
+def _rank(suggestion: Suggestion) -> tuple[int, int]:
+    if suggestion.fits_high:
+        return (0, _disruption(suggestion.change))
+    if suggestion.fits:
+        return (1, _disruption(suggestion.change))
+    return (2, suggestion.peak_reserved_bytes or 0)
+
+
+def _suggestion(
+    action: str, change: dict[str, Any], what: str, base_peak: int, outcome: Replanned
+) -> Suggestion:
+    after = outcome.candidate
+    saved = base_peak - after.peak_reserved_bytes
+    verdict = "fits" if outcome.fits_high else "fits, tight" if outcome.fits else "still over"
+    saving = f"saves {_gib(saved)}, " if saved > 0 else ""
+    return Suggestion(
+        action=action,
+        detail=(
+            f"{what}: {saving}peak {_gib(after.peak_reserved_bytes)} in {after.precision}, "
+            f"up to {_gib(after.peak_reserved_bytes_high)} ({verdict})"
+        ),
+        change=change,
+        peak_reserved_bytes=after.peak_reserved_bytes,
+        fits=outcome.fits,
+        peak_reserved_bytes_high=after.peak_reserved_bytes_high,
+        fits_high=outcome.fits_high,
+        precision=after.precision,
+    )
+
+
+def rounded_lengths_below(current: int, smallest: int = MIN_MAX_LENGTH) -> list[int]:
+    """Lengths a suggestion may propose below ``current``, ascending: multiples of 64 (the
+    shapes kernels like), or every length from ``smallest`` when ``current`` is under 128."""
+    multiples = list(range(64, current, 64))
+    return multiples or list(range(smallest, current))
 
 
 DISRUPTION = {
     "precision": 0,
+    "quantization.bnb_4bit_quant_storage": 0,
     "training.gradient_checkpointing": 1,
     "training.optim": 2,
     "training.per_device_train_batch_size": 3,
     "training.gradient_accumulation_steps": 3,
-    "lora.r": 4,
-    "hardware.gpu": 5,
-    "hardware.num_gpus": 5,
-    "hardware.distributed": 5,
-    "hardware.cpu_offload": 5,
-    "quantization.bnb_4bit_quant_storage": 0,
-    "grpo.max_completion_length": 6,
-    "training.max_length": 7,
+    "training.max_length": 4,
+    "grpo.max_completion_length": 4,
+    "lora.r": 5,
+    "hardware.cpu_offload": 6,
+    "hardware.gpu": 7,
+    "hardware.vram_gib": 7,
+    "hardware.num_gpus": 7,
+    "hardware.distributed": 7,
 }
-"""How much an edit changes what is trained (0: nothing but speed or numerics; 7: the
-data seen). A combination counts as its most disruptive edit."""
+"""How much an edit asks of the user (0: nothing but speed or numerics). Edits of the
+spec come before other hardware: a shorter max_length or a smaller micro-batch is free, a
+bigger GPU is not. A combination counts as its most demanding edit."""
 
 
 def _disruption(change: Mapping[str, Any]) -> int:
     return max(DISRUPTION.get(key, len(DISRUPTION)) for key in change)
 
 
-def combined_change(
-    resolved: Resolved, gpu: Gpu, precision: LoadPrecision, batch_change: dict[str, Any]
-) -> dict[str, Any]:
+def combined_change(resolved: Resolved, gpu: Gpu, batch_change: dict[str, Any]) -> dict[str, Any]:
     """Checkpointing, the paged 8-bit optimizer and the smaller micro-batch together, and
-    when that is not enough the longest ``max_length`` that fits with all of them."""
+    when that is not enough the longest ``max_length`` (a multiple of 64) that fits with
+    all of them. Empty when it adds nothing to one edit alone."""
     training = resolved.loaded.spec.training
     change: dict[str, Any] = dict(batch_change)
     if not training.gradient_checkpointing:
         change["training.gradient_checkpointing"] = True
-    bnb_allowed = bitsandbytes_optimizer_allowed(resolved.loaded.spec)
-    if bnb_allowed and training.optim not in PAGED_OPTIMIZERS:
+    if bitsandbytes_optimizer_allowed(resolved.loaded.spec) and training.optim not in (
+        PAGED_OPTIMIZERS
+    ):
         change["training.optim"] = "paged_adamw_8bit"
-    if estimate_candidate(resolved, precision, change, gpu).fits:
+    if not change:
+        return {}
+    outcome = replan(resolved, gpu, change)
+    if outcome is not None and outcome.fits_high:
         return change
-    length = largest_fitting_max_length(
-        resolved, precision, change, gpu, upper=training.max_length - 1
-    )
-    return {**change, "training.max_length": length} if length is not None else {}
+    lengths = rounded_lengths_below(training.max_length)
+
+    def fits(index: int) -> bool:
+        found = replan(resolved, gpu, {**change, "training.max_length": lengths[index]})
+        return found is not None and found.fits_high
+
+    index = _largest_fitting(0, len(lengths) - 1, fits)
+    return {**change, "training.max_length": lengths[index]} if index is not None else change
 
 
-def smallest_fitting_gpu(resolved: Resolved, current: Gpu) -> list[Suggestion]:
-    """The catalogue GPU with the least memory on which some precision fits."""
-    headroom = resolved.loaded.spec.hardware.headroom_fraction
+def smallest_fitting_gpu(resolved: Resolved, current: Gpu, base_peak: int) -> list[Suggestion]:
+    """The catalogue GPU with the least memory on which the spec fits (at the interval's
+    upper end if one does within the catalogue, else at the estimate)."""
+    spec = resolved.loaded.spec
+    first_point: Suggestion | None = None
     for gpu in sorted(gpu_catalogue(), key=lambda g: g.memory_bytes):
         if gpu.memory_bytes <= current.memory_bytes:
             continue
-        for precision in precision_order(gpu):
-            candidate = estimate_candidate(resolved, precision, gpu=gpu)
-            if candidate.fits:
-                return [
-                    Suggestion(
-                        action=f"use a {gpu.name}",
-                        detail=(
-                            f"{precision} peaks at {_gib(candidate.peak_reserved_bytes)} of "
-                            f"{_gib(budget_bytes(gpu, headroom))} (fits)"
-                        ),
-                        change={"hardware.gpu": gpu.aliases[0] if gpu.aliases else gpu.name},
-                        peak_reserved_bytes=candidate.peak_reserved_bytes,
-                        fits=True,
-                    )
-                ]
-    return []
+        change: dict[str, Any] = {"hardware.gpu": gpu.aliases[0] if gpu.aliases else gpu.name}
+        if spec.hardware.vram_gib is not None:
+            change["hardware.vram_gib"] = None
+        outcome = replan(resolved, current, change)
+        if outcome is None or not outcome.fits:
+            continue
+        made = _suggestion(f"use a {gpu.name}", change, "more memory", base_peak, outcome)
+        if outcome.fits_high:
+            return [made]
+        first_point = first_point or made
+    return [first_point] if first_point else []
 
 
 MAX_SUGGESTED_GPUS = 64
@@ -848,9 +1032,9 @@ def distributed_warnings(resolved: Resolved) -> list[str]:
     return warnings
 
 
-def smallest_fitting_gpu_count(resolved: Resolved, gpu: Gpu) -> list[Suggestion]:
+def smallest_fitting_gpu_count(resolved: Resolved, gpu: Gpu, base_peak: int) -> list[Suggestion]:
     """The fewest GPUs of the named kind on which FSDP (the spec's engine when it shards
-    parameters already) fits, computed by the same estimator per GPU count.
+    parameters already) fits, each count re-planned as the edited spec.
 
     A 4-bit load under FSDP needs its packed weights stored in the compute dtype, so
     the suggested change sets that too when the spec keeps uint8.
@@ -858,30 +1042,68 @@ def smallest_fitting_gpu_count(resolved: Resolved, gpu: Gpu) -> list[Suggestion]
     spec = resolved.loaded.spec
     hardware = spec.hardware
     engine = hardware.distributed if hardware.distributed in PARAMETER_SHARDING else "fsdp"
+    first_point: Suggestion | None = None
     for count in range(hardware.num_gpus + 1, MAX_SUGGESTED_GPUS + 1):
-        overrides: dict[str, Any] = {
-            "hardware.num_gpus": count,
-            "hardware.distributed": engine,
-        }
-        for precision in precision_order(gpu, spec.precision, engine):
-            if spec.precision not in ("auto", precision):
-                continue
-            candidate = estimate_candidate(resolved, precision, overrides, gpu)
-            if not candidate.fits:
-                continue
-            change = dict(overrides)
-            if precision == "4bit" and spec.quantization.bnb_4bit_quant_storage == "uint8":
-                change["quantization.bnb_4bit_quant_storage"] = "bfloat16"
-            return [
-                Suggestion(
-                    action=f"use {count} x {gpu.name} with {engine}",
-                    detail=(
-                        f"{precision} peaks at {_gib(candidate.peak_reserved_bytes)} per GPU "
-                        f"of {_gib(budget_bytes(gpu, hardware.headroom_fraction))} (fits)"
-                    ),
-                    change=change,
-                    peak_reserved_bytes=candidate.peak_reserved_bytes,
-                    fits=True,
-                )
-            ]
-    return []
+        change: dict[str, Any] = {"hardware.num_gpus": count, "hardware.distributed": engine}
+        if (
+            spec.precision in ("auto", "4bit")
+            and spec.quantization.bnb_4bit_quant_storage == "uint8"
+        ):
+            change["quantization.bnb_4bit_quant_storage"] = "bfloat16" if gpu.bf16 else "float16"
+        outcome = replan(resolved, gpu, change)
+        if outcome is None or not outcome.fits:
+            continue
+        made = _suggestion(
+            f"use {count} x {gpu.name} with {engine}", change, "per GPU", base_peak, outcome
+        )
+        if outcome.fits_high:
+            return [made]
+        first_point = first_point or made
+    return [first_point] if first_point else []
+
+
+def recommended_engine(resolved: Resolved) -> tuple[str, str]:
+    """The engine for a multi-GPU spec that names none, and why: ``ddp`` when the run fits
+    one GPU (at the interval's upper end: DDP replicates it, plus gradient buckets), else
+    the first sharding engine the spec's rules accept, FSDP first (it shards parameters
+    too); ``ddp`` again when none is accepted (the plan then says what to change)."""
+    spec = resolved.loaded.spec
+    gpu = resolved.gpu
+    world = spec.hardware.world_size
+    single = {
+        "hardware.num_gpus": 1,
+        "hardware.num_nodes": 1,
+        "hardware.cpu_offload": False,
+    }
+    one = replan(resolved, gpu, {**single, "hardware.distributed": "none"})
+    ddp_ok = valid_with(spec, {"hardware.distributed": "ddp"}) is not None
+    if one is not None and one.fits_high and ddp_ok:
+        return "ddp", (
+            f"the run fits one {gpu.name} ({one.candidate.precision} peaks at "
+            f"{_gib(one.candidate.peak_reserved_bytes)}, up to "
+            f"{_gib(one.candidate.peak_reserved_bytes_high)}), so each of the {world} GPUs "
+            "holds a replica and DDP only averages gradients"
+        )
+    too_big = (
+        f"one {gpu.name} is too small ({one.candidate.precision} peaks at up to "
+        f"{_gib(one.candidate.peak_reserved_bytes_high)})"
+        if one is not None
+        else "the run needs more than one GPU"
+    )
+    from peftgen.resolve import default_quant_storage
+
+    for engine in ("fsdp", "deepspeed-zero3", "deepspeed-zero2"):
+        change: dict[str, Any] = {"hardware.distributed": engine}
+        trial = valid_with(spec, change)
+        storage = default_quant_storage(trial, gpu) if trial is not None else None
+        if storage is not None:
+            change["quantization.bnb_4bit_quant_storage"] = storage
+        if valid_with(spec, change) is None:
+            continue
+        what = (
+            "parameters, gradients and optimizer state"
+            if engine != "deepspeed-zero2"
+            else "gradients and optimizer state"
+        )
+        return engine, f"{too_big}; {engine} shards {what} over the {world} GPUs"
+    return "ddp", f"{too_big}, and no sharding engine can run this spec; ddp replicates it"

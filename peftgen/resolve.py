@@ -36,7 +36,6 @@ EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
-@dataclass(frozen=True)
 class AppliedDefault:
     """A value the spec left out that ``resolve`` filled in from the model or the GPU."""
 
@@ -46,6 +45,7 @@ class AppliedDefault:
     reason: str
 
 
+@dataclass(frozen=True)
 class Resolved:
     """A loaded spec with its architecture and target GPU (memory override applied).
 
@@ -58,9 +58,9 @@ class Resolved:
     gpu: Gpu
     warnings: tuple[str, ...] = ()
     """The loader's warnings and the resolver's, rendered ``file:line:col: warning: ...``."""
-
     defaults: tuple[AppliedDefault, ...] = ()
     """Keys the spec left out that were set from the model, the GPU or the planner."""
+
     @property
     def spec(self) -> AnySpec:
         return self.loaded.spec

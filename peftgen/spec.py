@@ -185,11 +185,23 @@ class HardwareSpec(_Frozen):
     """Share of GPU memory the plan keeps free (other processes, allocator spikes): budget = memory
     x (1 - headroom)."""
 
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _number_as_name(cls, value: object) -> object:
+        # `gpu: 3090` unquoted is a YAML integer; it names the card all the same.
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return str(value)
+        return value
+
     @model_validator(mode="after")
     def _gpu_or_memory(self) -> HardwareSpec:
         if self.gpu is None and self.vram_gib is None:
             raise ValueError("gpu: give `gpu` (a catalogue name) or `vram_gib` (memory in GiB)")
         world = self.num_gpus * self.num_nodes
+        engine_given = "distributed" in self.model_fields_set
+        if not engine_given and world > 1:
+            # No engine written: `resolve` fills in the one the planner recommends.
+            return self
         if self.distributed == "none" and world > 1:
             # Point at the field the user wrote: `distributed` if given, else the GPU count.
             given = "distributed" if "distributed" in self.model_fields_set else "num_gpus"
@@ -200,23 +212,11 @@ class HardwareSpec(_Frozen):
                 "(ddp, fsdp, deepspeed-zero2 or deepspeed-zero3); distributed is none"
             )
         if self.distributed != "none" and world == 1:
-    @field_validator("gpu", mode="before")
-    @classmethod
-    def _number_as_name(cls, value: object) -> object:
-        # `gpu: 3090` unquoted is a YAML integer; it names the card all the same.
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return str(value)
-        return value
-
             raise ValueError(
                 f"distributed: `{self.distributed}` needs num_gpus (or num_nodes) > 1; "
                 "use distributed: none"
             )
         if self.cpu_offload and self.distributed in ("none", "ddp"):
-        engine_given = "distributed" in self.model_fields_set
-        if not engine_given and world > 1:
-            # No engine written: `resolve` fills in the one the planner recommends.
-            return self
             raise ValueError(
                 f"cpu_offload: needs a sharding engine (fsdp, deepspeed-zero2 or "
                 f"deepspeed-zero3); distributed is {self.distributed}"
@@ -420,6 +420,16 @@ class _SpecBase(_Frozen):
 PARAMETER_SHARDING_ENGINES = ("fsdp", "deepspeed-zero3")
 
 
+def _storage_set_to_uint8(spec: _SpecBase) -> bool:
+    """``bnb_4bit_quant_storage: uint8`` written in the spec. Left out, ``resolve`` sets the
+    compute dtype under FSDP / ZeRO-3, so only a written uint8 is refused."""
+    quantization = spec.quantization
+    return (
+        "bnb_4bit_quant_storage" in quantization.model_fields_set
+        and quantization.bnb_4bit_quant_storage == "uint8"
+    )
+
+
 def _check_distributed_combination(spec: _SpecBase) -> None:
     """Combinations the pinned stack (accelerate 1.15, bitsandbytes 0.50.2, transformers
     5.24) cannot run; each message says what to use instead."""
@@ -461,16 +471,6 @@ def _check_distributed_combination(spec: _SpecBase) -> None:
         )
     if spec.hardware.cpu_offload and ("8bit" in optim or optim.startswith("paged_")):
         raise ValueError(
-def _storage_set_to_uint8(spec: _SpecBase) -> bool:
-    """``bnb_4bit_quant_storage: uint8`` written in the spec. Left out, ``resolve`` sets the
-    compute dtype under FSDP / ZeRO-3, so only a written uint8 is refused."""
-    quantization = spec.quantization
-    return (
-        "bnb_4bit_quant_storage" in quantization.model_fields_set
-        and quantization.bnb_4bit_quant_storage == "uint8"
-    )
-
-
             f"training.optim: {optim} (bitsandbytes) needs its states on the GPU, but "
             "hardware.cpu_offload runs the optimizer step on the CPU; use adamw_torch"
         )
@@ -524,6 +524,23 @@ class GrpoRunSpec(_SpecBase):
         return self
 
 
+def _group_size_fixes(groups: int, batch: int, world: int, accumulation: int) -> str:
+    """Values that make the GRPO generation batch hold whole groups, each changing one key."""
+    from math import gcd
+
+    # The generation batch is a multiple of `groups` once accumulation is a multiple of
+    # groups / gcd(groups, batch x world); likewise for the micro-batch.
+    step = groups // gcd(groups, batch * world)
+    fixes = [f"gradient_accumulation_steps: {-(-accumulation // step) * step}"]
+    batch_step = groups // gcd(groups, world * accumulation)
+    fixes.append(f"per_device_train_batch_size: {-(-batch // batch_step) * batch_step}")
+    generation_batch = batch * world * accumulation
+    divisors = [d for d in range(min(groups, generation_batch), 1, -1) if generation_batch % d == 0]
+    if divisors:
+        fixes.append(f"num_generations: {' or '.join(str(d) for d in divisors[:3])}")
+    return "use " + ", or ".join(fixes)
+
+
 Spec = Annotated[SftSpec | DpoRunSpec | GrpoRunSpec, Field(discriminator="method")]
 SPEC_ADAPTER: TypeAdapter[SftSpec | DpoRunSpec | GrpoRunSpec] = TypeAdapter(Spec)
 AnySpec = SftSpec | DpoRunSpec | GrpoRunSpec
@@ -560,20 +577,3 @@ def _one_line_descriptions(node: object) -> None:
     elif isinstance(node, list):
         for item in node:
             _one_line_descriptions(item)
-def _group_size_fixes(groups: int, batch: int, world: int, accumulation: int) -> str:
-    """Values that make the GRPO generation batch hold whole groups, each changing one key."""
-    from math import gcd
-
-    # The generation batch is a multiple of `groups` once accumulation is a multiple of
-    # groups / gcd(groups, batch x world); likewise for the micro-batch.
-    step = groups // gcd(groups, batch * world)
-    fixes = [f"gradient_accumulation_steps: {-(-accumulation // step) * step}"]
-    batch_step = groups // gcd(groups, world * accumulation)
-    fixes.append(f"per_device_train_batch_size: {-(-batch // batch_step) * batch_step}")
-    generation_batch = batch * world * accumulation
-    divisors = [d for d in range(min(groups, generation_batch), 1, -1) if generation_batch % d == 0]
-    if divisors:
-        fixes.append(f"num_generations: {' or '.join(str(d) for d in divisors[:3])}")
-    return "use " + ", or ".join(fixes)
-
-

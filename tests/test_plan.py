@@ -235,8 +235,14 @@ def test_cli_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
         assert key in data
     assert data["gpu"]["vram_bytes"] == 16 * 2**30
     assert data["budget_bytes"] == int(16 * 2**30 * 0.95)
-    assert data["chosen_precision"] == "8bit"
+    # 8-bit fits at the estimate (14.4 of 15.2 GiB) but not at the interval's upper end,
+    # so auto takes 4-bit.
+    eight = next(c for c in data["candidates"] if c["precision"] == "8bit")
+    assert eight["fits"] and eight["tight"] and not eight["fits_high"]
+    assert data["chosen_precision"] == "4bit" and not data["tight"]
+    assert data["model_id"] == "meta-llama/Meta-Llama-3-8B"
     for candidate in data["candidates"]:
+        assert candidate["peak_reserved_bytes_high"] > candidate["peak_reserved_bytes"]
         breakdown = candidate["breakdown"]
         parts = sum(v for k, v in breakdown.items() if k != "overhead_bytes")
         assert candidate["peak_allocated_bytes"] == parts
