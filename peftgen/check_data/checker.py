@@ -453,8 +453,11 @@ def measured_length_percentile(
     if tokens is None or tokens.stats is None:
         reason = tokens.skipped_reason if tokens is not None else None
         raise UserError.single(
-            f"training.length_source: measuring lengths needs the tokenizer ({reason})",
+            f"p99 measures the data's token lengths with the model's tokenizer, which is not "
+            f"at hand ({(reason or '').removeprefix('token statistics skipped: ')})",
             field_path="training.length_source",
+            hint="set length_source: max_length, or make the tokenizer available (model.id a "
+            "local folder, or the hub reachable)",
         )
     measured = nearest_rank_percentile(_sorted(report.lengths), percentile)
     return measured if spec.method == "grpo" else min(measured, spec.training.max_length)
