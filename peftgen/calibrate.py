@@ -31,6 +31,10 @@ from peftgen.errors import Problem, UserError
 
 RECEIPT_VERSION = 1
 GIB = 2**30
+MAX_BYTES = 2**60
+"""Largest byte count a receipt may hold (1 EiB): anything above is not a measurement."""
+MAX_RECEIPT_BYTES = 16 * 2**20
+"""A receipt is a few KB of JSON; a bigger file is the wrong one, refused before parsing."""
 METRICS = ("allocated", "reserved")
 
 
@@ -147,35 +151,66 @@ def _field(data: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...], 
         value = value[part]
     # bool is an int in Python; a receipt never holds a bool where a number belongs.
     if isinstance(value, bool) or not isinstance(value, kind):
+        detail = f": {value!r}" if isinstance(value, float) else ""  # NaN, Infinity, 1.5
         raise UserError.single(
-            f"has the wrong type ({type(value).__name__})", file=file, field_path=dotted
+            f"has the wrong type ({type(value).__name__}{detail})", file=file, field_path=dotted
         )
     return value
 
 
 def _measurement(data: Mapping[str, Any], dotted: str, file: str) -> int | None:
     value = _field(data, dotted, (int, type(None)), file)
-    if value is not None and value <= 0:
+    if value is not None and not 0 < value <= MAX_BYTES:
+        shown = str(value) if value <= 0 else f"a {len(str(value))}-digit number"
         raise UserError.single(
-            f"must be a positive byte count or null; got {value}", file=file, field_path=dotted
+            f"must be a positive byte count (at most 2**60) or null; got {shown}",
+            file=file,
+            field_path=dotted,
         )
     return value  # type: ignore[no-any-return]
+
+
+def _byte_count(data: Mapping[str, Any], dotted: str, file: str) -> int:
+    value: int = _field(data, dotted, int, file)
+    if not 0 <= value <= MAX_BYTES:
+        shown = str(value) if value < 0 else f"a {len(str(value))}-digit number"
+        raise UserError.single(
+            f"must be a byte count from 0 to 2**60; got {shown}", file=file, field_path=dotted
+        )
+    return value
 
 
 def read_receipt(path: Path) -> ReceiptRow:
     """One receipt file as a row; a missing file, bad JSON or a foreign file is a UserError."""
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_RECEIPT_BYTES + 1)
     except FileNotFoundError:
         raise UserError.single("no such file", file=file) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
-        raise UserError.single(f"cannot read it: {error}", file=file) from None
+    except OSError as error:
+        raise UserError.single(f"cannot read it: {error.strerror or error}", file=file) from None
+    if len(raw) > MAX_RECEIPT_BYTES:
+        raise UserError.single(
+            f"over {MAX_RECEIPT_BYTES // 2**20} MiB; a receipt is a few KB of JSON", file=file
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError.single(
+            f"not UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start})", file=file
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError.single(
             f"not valid JSON: {error.msg}", file=file, line=error.lineno, column=error.colno
+        ) from None
+    except RecursionError:
+        raise UserError.single("not a memory receipt: JSON nested too deeply", file=file) from None
+    except ValueError:  # an integer past Python's 4300-digit limit
+        raise UserError.single(
+            "not a memory receipt: it holds a number with more than 4300 digits", file=file
         ) from None
     if not isinstance(data, dict):
         raise UserError.single("not a memory receipt (expected a JSON object)", file=file)
@@ -194,9 +229,9 @@ def read_receipt(path: Path) -> ReceiptRow:
         device_name=_field(data, "device.name", str, file),
         planned_gpu=_field(data, "predicted.gpu", str, file),
         precision=_field(data, "predicted.precision", str, file),
-        predicted_allocated_bytes=_field(data, "predicted.peak_allocated_bytes", int, file),
+        predicted_allocated_bytes=_byte_count(data, "predicted.peak_allocated_bytes", file),
         measured_allocated_bytes=_measurement(data, "measured.max_memory_allocated_bytes", file),
-        predicted_reserved_bytes=_field(data, "predicted.torch_reserved_bytes", int, file),
+        predicted_reserved_bytes=_byte_count(data, "predicted.torch_reserved_bytes", file),
         measured_reserved_bytes=_measurement(data, "measured.max_memory_reserved_bytes", file),
     )
 

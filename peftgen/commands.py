@@ -551,6 +551,7 @@ def check_data(args: argparse.Namespace) -> int:
 def calibrate(args: argparse.Namespace) -> int:
     """Predicted vs measured peak memory per receipt, and the error statistics (or ``--json``)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from peftgen.calibrate import calibrate_receipts, summary_lines, table_rows
@@ -564,9 +565,10 @@ def calibrate(args: argparse.Namespace) -> int:
     for index, name in enumerate(header):
         table.add_column(name, justify="left" if index < 4 else "right", overflow="fold")
     for cells in body:
-        table.add_row(*cells)
+        # Receipt strings (spec name, device, file name) are data: never rich markup.
+        table.add_row(*(escape(cell) for cell in cells))
     console = Console(highlight=False, width=200)
     console.print(table)
     for line in summary_lines(result):
-        console.print(line, soft_wrap=True)
+        console.print(escape(line), soft_wrap=True)
     return 0

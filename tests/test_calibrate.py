@@ -146,7 +146,8 @@ def test_only_cpu_receipts_give_no_statistics(
         ),
         (
             json.dumps(_receipt(1, 0, 1, 1)),
-            "measured.max_memory_allocated_bytes: must be a positive byte count or null; got 0",
+            "measured.max_memory_allocated_bytes: must be a positive byte count (at most 2**60) "
+            "or null; got 0",
         ),
     ],
 )
