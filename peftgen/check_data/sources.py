@@ -405,14 +405,6 @@ class HubSource(RowSource):
                 ".jsonl/.json/.csv/.parquet file",
                 field_path="dataset.path",
             )
-        try:
-            import datasets
-        except ImportError:
-            raise UserError.single(
-                f"{self.dataset_id!r} is not a local file; streaming a hub dataset needs "
-                "`pip install 'peftgen[train]'`",
-                field_path="dataset.path",
-            ) from None
         from peftgen.hub import hub_unreachable, quick_timeouts
 
         unreachable = hub_unreachable()
@@ -423,6 +415,14 @@ class HubSource(RowSource):
                 "file (and set HF_HUB_OFFLINE=1 to skip the hub)",
                 field_path="dataset.path",
             )
+        try:
+            import datasets
+        except ImportError:
+            raise UserError.single(
+                f"{self.dataset_id!r} is not a local file; streaming a hub dataset needs "
+                "`pip install 'peftgen[train]'`",
+                field_path="dataset.path",
+            ) from None
         try:
             with quick_timeouts():
                 stream = datasets.load_dataset(self.dataset_id, split=self.split, streaming=True)

@@ -82,12 +82,6 @@ def load_tokenizer(
             f"model.id {model_id!r} is not a local folder and the hub is offline; "
             "pass --tokenizer DIR (a folder with the tokenizer files)"
         )
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise TokenizerUnavailable(
-            "token statistics need transformers: pip install 'peftgen[train]'"
-        ) from None
     source = str(folder) if is_local else _hub_id(model_id)
     if not is_local:
         from peftgen.hub import hub_unreachable
@@ -99,6 +93,12 @@ def load_tokenizer(
                 f"({unreachable}); pass --tokenizer DIR (a folder with the tokenizer files), "
                 "or set HF_HUB_OFFLINE=1 to skip the hub"
             )
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise TokenizerUnavailable(
+            "token statistics need transformers: pip install 'peftgen[train]'"
+        ) from None
     from peftgen.hub import quick_timeouts
 
     try:
