@@ -19,6 +19,8 @@ from peftgen.plan import BREAKDOWN_KEYS, Plan
 if TYPE_CHECKING:
     from pathlib import Path as _Path
 
+    from rich.console import Console
+
     from peftgen.resolve import Resolved
     from peftgen.simulate import SimulationResult
 
@@ -332,14 +334,16 @@ def tight_text(result: Plan) -> str | None:
     )
 
 
-def _print_plan(result: Plan, written_model_id: str | None = None) -> None:
+def _print_plan(
+    result: Plan, written_model_id: str | None = None, console: Console | None = None
+) -> None:
     """The rich table: components x precisions, fit marks, chosen column highlighted."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     gib = 2**30
-    console = Console(highlight=False)
+    console = console or Console(highlight=False)
     console.print(escape(plan_header(result, written_model_id)))
     trainable, total = result.trainable_parameters, result.total_parameters
     console.print(
