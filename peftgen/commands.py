@@ -459,6 +459,9 @@ def emit(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    tight = tight_text(result)
+    if tight is not None:
+        print(f"warning: {tight}; `{plan_command(args)}` lists what makes it fit", file=sys.stderr)
     if not result.fits:
         peaks = ", ".join(
             f"{c.precision} {c.peak_reserved_bytes / 2**30:.1f} GiB" for c in result.candidates

@@ -156,7 +156,8 @@ PRECISION_RANK = {"bf16": 0, "fp16": 0, "8bit": 1, "4bit": 2}
 def test_planner_never_under_picks(
     vram_gib: float, max_length: int, batch: int, checkpointing: bool
 ) -> None:
-    """``auto`` takes the most faithful precision that fits, and only one that fits."""
+    """``auto`` takes the most faithful precision whose interval's upper end fits (else the
+    most faithful that fits at the estimate: a tight plan), and only one that fits."""
     resolved = resolve(load_spec(PLAN_SPECS / "llama3-8b-sft-auto.yaml"))
     spec = resolved.loaded.spec
     training = spec.training.model_copy(
@@ -178,7 +179,11 @@ def test_planner_never_under_picks(
     assert plan.chosen_precision is not None and plan.fits
     chosen = plan.chosen
     assert chosen is not None and chosen.fits
-    assert all(PRECISION_RANK[plan.chosen_precision] <= PRECISION_RANK[p] for p in fitting)
+    safe = [c.precision for c in plan.candidates if c.fits_high]
+    preferred = safe or fitting
+    assert plan.chosen_precision in preferred
+    assert all(PRECISION_RANK[plan.chosen_precision] <= PRECISION_RANK[p] for p in preferred)
+    assert plan.tight == (not safe)
 
 
 # --------------------------------------------------------------------------- exact bytes

@@ -377,6 +377,14 @@ def test_emit_refusal_names_the_plan_command_with_the_same_flags(
     assert f"`peftgen plan {AUTO_SPEC} --gpu t4 --vram-gib 4` lists what to change" in err
 
 
+def test_emit_warns_about_a_tight_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    vram = _tight_vram(resolve(load_spec(AUTO_SPEC)), "4bit")
+    assert main(["emit", str(AUTO_SPEC), "--vram-gib", f"{vram}"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: tight: 4bit peaks at" in err
+    assert f"`peftgen plan {AUTO_SPEC} --vram-gib {vram:g}` lists what makes it fit" in err
+
+
 def test_cpu_offload_says_how_much_host_memory(tmp_path: Path) -> None:
     resolved = resolve(load_spec(SPECS / "llama3-70b-qlora-fsdp-2x24gb.yaml"))
     plan = make_plan(resolved)
