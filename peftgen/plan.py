@@ -1070,25 +1070,24 @@ def recommended_engine(resolved: Resolved) -> tuple[str, str]:
     spec = resolved.loaded.spec
     gpu = resolved.gpu
     world = spec.hardware.world_size
-    single = {
-        "hardware.num_gpus": 1,
-        "hardware.num_nodes": 1,
-        "hardware.cpu_offload": False,
-    }
-    one = replan(resolved, gpu, {**single, "hardware.distributed": "none"})
+    # One GPU's plan, by the estimator directly: the edited spec itself may break a rule
+    # that holds for the whole world only (GRPO's generation groups).
+    order = precision_order(gpu, spec.precision, "none")
+    singles = tuple(estimate_candidate(resolved, p, ONE_GPU, gpu) for p in order)
+    chosen = choose_precision(spec.precision, singles)
+    one = next((c for c in singles if c.precision == chosen), None) or singles[-1]
     ddp_ok = valid_with(spec, {"hardware.distributed": "ddp"}) is not None
-    if one is not None and one.fits_high and ddp_ok:
+    if one.fits_high and ddp_ok:
         return "ddp", (
-            f"the run fits one {gpu.name} ({one.candidate.precision} peaks at "
-            f"{_gib(one.candidate.peak_reserved_bytes)}, up to "
-            f"{_gib(one.candidate.peak_reserved_bytes_high)}), so each of the {world} GPUs "
-            "holds a replica and DDP only averages gradients"
+            f"the run fits one {gpu.name} ({one.precision} peaks at "
+            f"{_gib(one.peak_reserved_bytes)}, up to {_gib(one.peak_reserved_bytes_high)}), so "
+            f"each of the {world} GPUs holds a replica and DDP only averages gradients"
         )
     too_big = (
-        f"one {gpu.name} is too small ({one.candidate.precision} peaks at up to "
-        f"{_gib(one.candidate.peak_reserved_bytes_high)})"
-        if one is not None
-        else "the run needs more than one GPU"
+        f"one {gpu.name} is too small ({one.precision} peaks at up to "
+        f"{_gib(one.peak_reserved_bytes_high)})"
+        if not one.fits_high
+        else "ddp cannot run this spec"
     )
     from peftgen.resolve import default_quant_storage
 

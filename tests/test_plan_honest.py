@@ -162,6 +162,18 @@ def replace_spec(resolved: Resolved, changes: dict[str, Any]) -> Resolved:
     return replace(resolved, loaded=replace(resolved.loaded, spec=spec))
 
 
+def test_grpo_groups_that_need_both_gpus_still_get_ddp() -> None:
+    """2 x 2 x 2 = 8 holds one group of 8 only with both GPUs; the one-GPU plan that
+    decides the engine is estimated, not validated, so the small run still gets ddp."""
+    data = _grpo_data(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    data["hardware"]["num_gpus"] = 2
+    from peftgen.load import LoadedSpec
+
+    spec = SPEC_ADAPTER.validate_python(data)
+    resolved = resolve(LoadedSpec(spec=spec, path=Path("g.yaml"), text="", sha256=""))
+    assert resolved.spec.hardware.distributed == "ddp"
+
+
 def test_cpu_offload_without_engine_gets_a_sharding_engine(tmp_path: Path) -> None:
     hardware = "  gpu: rtx-4090\n  num_gpus: 2\n  cpu_offload: true"
     resolved = _resolve(tmp_path, _spec("llama3-8b", hardware=hardware))
