@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from peftgen import stack
 from peftgen.catalog import LinearModule, ModelArch, linear_modules, parameter_groups
 from peftgen.catalog.structure import (
     LANGUAGE_MODEL,
@@ -502,9 +503,7 @@ def gradient_bytes(inputs: EstimateInput) -> int:
 
 # --------------------------------------------------------------------------- optimizer
 
-PAGED_OPTIMIZERS = frozenset(
-    {"paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "paged_lion_32bit"}
-)
+PAGED_OPTIMIZERS = frozenset(name for name, optim in stack.OPTIMIZERS.items() if optim.paged)
 OPTIMIZERS: tuple[str, ...] = get_args(Optim)
 """Every ``training.optim`` the spec accepts; each has a rule below."""
 

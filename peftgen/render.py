@@ -141,6 +141,17 @@ def wrap_comment(text: object, indent: int = 0, width: int = 100) -> str:
     return ("\n" + " " * indent).join(f"# {line}" for line in lines)
 
 
+def wrap_text(text: object, width: int = 100) -> str:
+    """Docstring prose wrapped to ``width``."""
+    import textwrap
+
+    return "\n".join(
+        textwrap.wrap(
+            comment_text(text), width=width, break_long_words=False, break_on_hyphens=False
+        )
+    )
+
+
 def wrap_bullet(text: object, indent: int = 4, width: int = 100) -> str:
     """``- text`` for the docstring, wrapped to ``width`` with a hanging indent."""
     import textwrap
@@ -197,6 +208,7 @@ def environment() -> jinja2.Environment:
     env.filters["comment"] = comment_text
     env.filters["wrap_comment"] = wrap_comment
     env.filters["wrap_bullet"] = wrap_bullet
+    env.filters["wrap_text"] = wrap_text
     env.filters["gib"] = stack.format_gib
     return env
 
@@ -420,7 +432,25 @@ def _split_template(template: str) -> list[str]:
     """A Jinja chat template cut at its tags, one readable literal per line. Jinja comments
     (``{#- ... -#}``, which render as nothing) are left out of the script."""
     template = re.sub(r"\{#.*?(?:-#\}\s*|#\})", "", template, flags=re.DOTALL)
-    return [part for part in re.split(r"(?<=%})|(?<=}})", template) if part]
+    lines: list[str] = []
+    for part in re.split(r"(?<=%})|(?<=}})", template):
+        lines.extend(_short_pieces(part))
+    return lines
+
+
+def _short_pieces(text: str, max_literal_chars: int = 92) -> list[str]:
+    """``text`` cut after spaces into pieces whose literals fit a line (the script joins
+    adjacent literals back into the same string)."""
+    pieces: list[str] = []
+    current = ""
+    for word in re.split(r"(?<= )", text):
+        if current and len(python_literal(current + word)) > max_literal_chars:
+            pieces.append(current)
+            current = ""
+        current += word
+    if current:
+        pieces.append(current)
+    return pieces
 
 
 def _import_line(module: str, names: list[str]) -> str:

@@ -42,9 +42,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from peftgen import stack
 from peftgen.catalog import Gpu, config_dict
 from peftgen.plan import BREAKDOWN_KEYS
 from peftgen.resolve import Resolved
+from peftgen.spec import trained_modules_to_save
 
 if TYPE_CHECKING:
     import torch
@@ -424,7 +426,7 @@ def simulate_candidate(
     else fp16, as the generated script chooses.
     """
     target = gpu or resolved.gpu
-    compute_dtype = "bf16" if target.bf16 and precision != "fp16" else "fp16"
+    compute_dtype = stack.compute_dtype(precision, target.bf16)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -903,6 +905,10 @@ def _prepare_peft(
 
     spec = resolved.loaded.spec
     lora = spec.lora
+    modules_to_save = trained_modules_to_save(spec)
+    tied_copies = resolved.arch.config.tie_word_embeddings and {"embed_tokens", "lm_head"} <= {
+        name.rsplit(".", 1)[-1] for name in modules_to_save
+    }
     target = (
         lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     )
@@ -914,10 +920,13 @@ def _prepare_peft(
         target_modules=target,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
-        modules_to_save=list(lora.modules_to_save) or None,
+        modules_to_save=modules_to_save or None,
+        # as the script sets it: one trained copy of tied embeddings
+        ensure_weight_tying=tied_copies,
         task_type="CAUSAL_LM",
     )
-    peft_model: Any = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
+    # peft 0.21.2 skips ensure_weight_tying under low_cpu_mem_usage
+    peft_model: Any = get_peft_model(model, peft_config, low_cpu_mem_usage=not tied_copies)
     if gc:
         peft_model.enable_input_require_grads()
     if quantized:
@@ -937,11 +946,10 @@ def _prepare_peft(
         "grpo": ("log_probs", "entropy"),
     }[spec.method]
     add_fused_lm_head(base, outputs=outputs)
-    if compute_dtype == torch.float16:
-        # the generated script: fp16 mixed precision needs fp32 trainable weights (the
-        # gradient scaler refuses fp16 ones)
+    if not quantized and modules_to_save:
+        # the generated script: fp32 master weights for full copies on a 16-bit base
         for param in peft_model.parameters():
-            if param.requires_grad:
+            if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
     peft_model.train()
     return peft_model
@@ -1059,7 +1067,7 @@ def _make_optimizer(model: Any, optim: str, tracker: _StorageTracker) -> tuple[A
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     managed = 0
-    paged = optim.startswith("paged_")
+    paged = stack.OPTIMIZERS[optim].paged
     for param_state in optimizer.state.values():
         for name, value in param_state.items():
             if not isinstance(value, torch.Tensor):
@@ -1099,7 +1107,7 @@ def _optimizer_for(optim: str, params: list[Any]) -> Any:
         return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)  # type: ignore[no-untyped-call]
     bnb: Any = importlib.import_module("bitsandbytes")
 
-    bits = 8 if "8bit" in optim else 32
+    bits = stack.OPTIMIZERS[optim].state_bits
     if "lion" in optim:
         return bnb.optim.Lion(params, lr=lr, optim_bits=bits)
     return bnb.optim.AdamW(params, lr=lr, optim_bits=bits)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,15 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 
 from peftgen.load import LoadedSpec
+from peftgen.paths import from_spec_dir, is_local_dataset
 from peftgen.plan import Candidate, Decision, GpuTarget, MemoryBreakdown, Plan
-from peftgen.render import render_all
+from peftgen.render import ModelSource, render_all
 from peftgen.spec import SPEC_ADAPTER
+
+SPEC_FILE = Path("specs/hostile.yaml").absolute()
+OUT_DIR = Path("generated/hostile").absolute()
+"""Where the hostile spec lives and where its files are written: local paths in the
+scripts are relative to OUT_DIR, in the spec relative to SPEC_FILE's folder."""
 
 HOSTILE_PIECES = [
     '"',
@@ -108,17 +115,51 @@ def _render(raw: dict[str, Any], precision: str) -> dict[str, str] | None:
         spec = SPEC_ADAPTER.validate_python(raw)
     except ValidationError:
         return None
-    loaded = LoadedSpec(spec, Path("specs/hostile.yaml"), "", "0" * 64)
-    return render_all(loaded, _plan(precision), plan_markdown="")
+    loaded = LoadedSpec(spec, SPEC_FILE, "", "0" * 64)
+    return render_all(loaded, _plan(precision), "", ModelSource(spec.model.id), OUT_DIR)
+
+
+def _script_path(node: ast.expr) -> str | None:
+    """The path a ``str((SCRIPT_DIR / "rel").resolve())`` expression computes with the
+    script in OUT_DIR, or None for any other expression (checked by shape, not run)."""
+    match node:
+        case ast.Call(
+            func=ast.Name(id="str"),
+            args=[
+                ast.Call(
+                    func=ast.Attribute(
+                        value=ast.BinOp(
+                            left=ast.Name(id="SCRIPT_DIR"),
+                            op=ast.Div(),
+                            right=ast.Constant(value=str(relative)),
+                        ),
+                        attr="resolve",
+                    ),
+                    args=[],
+                )
+            ],
+        ):
+            return os.path.normpath(OUT_DIR / relative)
+    return None
+
+
+def _spec_path(text: str) -> str:
+    """The absolute path a spec's relative ``text`` names."""
+    return os.path.normpath(from_spec_dir(text, SPEC_FILE.parent))
 
 
 def _constants(source: str) -> dict[str, Any]:
-    """Top-level NAME = literal assignments of a script."""
+    """Top-level NAME = literal assignments of a script; a path joined to SCRIPT_DIR
+    becomes the absolute path it computes."""
     values: dict[str, Any] = {}
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             target = node.targets[0]
             if isinstance(target, ast.Name):
+                path = _script_path(node.value)
+                if path is not None:
+                    values[target.id] = path
+                    continue
                 try:
                     values[target.id] = ast.literal_eval(node.value)
                 except ValueError:
@@ -134,7 +175,8 @@ def _load_reward_args(source: str) -> list[tuple[Any, ...]]:
             and isinstance(node.func, ast.Name)
             and node.func.id == "load_reward"
         ):
-            calls.append(tuple(ast.literal_eval(arg) for arg in node.args))
+            path = _script_path(node.args[0])
+            calls.append((path, *(ast.literal_eval(arg) for arg in node.args[1:])))
     return calls
 
 
@@ -176,15 +218,34 @@ def test_hostile_string_fields_stay_literals(
     train = _constants(files["train.py"])
     merge = _constants(files["merge.py"])
     if constant is not None:
-        assert train[constant] == build(text)
+        assert train[constant] == _expected(field, build(text))
     if field == "output_dir":
-        assert merge["ADAPTER_DIR"] == text
+        assert merge["ADAPTER_DIR"] == _spec_path(text)
     if field == "model.revision":
         assert "revision=MODEL_REVISION" in files["train.py"]
-    yaml_text = files["spec.yaml"]
-    assert SPEC_ADAPTER.validate_python(YAML(typ="safe").load(yaml_text)) == (
-        SPEC_ADAPTER.validate_python(raw)
+    written = SPEC_ADAPTER.validate_python(YAML(typ="safe").load(files["spec.yaml"]))
+    original = SPEC_ADAPTER.validate_python(raw)
+    # The written spec names the same files, relative to its own folder (OUT_DIR).
+    assert _spec_path(original.resolved_output_dir) == os.path.normpath(
+        from_spec_dir(written.resolved_output_dir, OUT_DIR)
     )
+    if is_local_dataset(original.dataset.path):
+        assert _spec_path(original.dataset.path) == os.path.normpath(
+            from_spec_dir(written.dataset.path, OUT_DIR)
+        )
+    else:
+        assert written.dataset.path == original.dataset.path
+    assert written.model == original.model
+    assert written.lora == original.lora
+    assert written.name == original.name
+
+
+def _expected(field: str, value: Any) -> Any:
+    """What the script's constant holds for the spec's ``value``: local paths become
+    absolute (the script joins them to its folder), anything else stays as written."""
+    if field == "output_dir" or (field == "dataset.path" and is_local_dataset(value)):
+        return _spec_path(value)
+    return value
 
 
 @settings(max_examples=80, deadline=None)
@@ -202,16 +263,17 @@ def test_hostile_reward_path_stays_literal(text: str) -> None:
     item = f"{text}.py:score"
     files = _render(_with(BASE | METHOD_SECTIONS["grpo"], "grpo.reward_funcs", [item]), "4bit")
     if files is not None:
-        assert _load_reward_args(files["train.py"]) == [(f"{text}.py", "score")]
+        assert _load_reward_args(files["train.py"]) == [(_spec_path(f"{text}.py"), "score")]
 
 
 @settings(max_examples=80, deadline=None)
 @given(text=hostile_text, method=st.sampled_from(sorted(METHOD_SECTIONS)))
 def test_hostile_plan_text_only_reaches_comments(text: str, method: str) -> None:
     spec = SPEC_ADAPTER.validate_python(BASE | METHOD_SECTIONS[method])
-    loaded = LoadedSpec(spec, Path("specs/hostile.yaml"), "", "0" * 64)
-    plain = render_all(loaded, _plan("4bit"), plan_markdown="")
-    hostile = render_all(loaded, _plan("4bit", gpu_name=text, reason=text), plan_markdown="")
+    loaded = LoadedSpec(spec, SPEC_FILE, "", "0" * 64)
+    model = ModelSource(spec.model.id)
+    plain = render_all(loaded, _plan("4bit"), "", model, OUT_DIR)
+    hostile = render_all(loaded, _plan("4bit", gpu_name=text, reason=text), "", model, OUT_DIR)
     for name in ("train.py", "merge.py"):
         plain_tree, hostile_tree = ast.parse(plain[name]), ast.parse(hostile[name])
         # The docstring may quote the text, and the memory receipt's PLANNED_GPU holds the
@@ -246,4 +308,4 @@ def test_a_known_hostile_value_renders_as_its_literal(field: str) -> None:
     for method in METHOD_SECTIONS:
         files = _render(_with(BASE | METHOD_SECTIONS[method], field, KNOWN_HOSTILE), "4bit")
         assert files is not None
-        assert _constants(files["train.py"])[constant] == KNOWN_HOSTILE
+        assert _constants(files["train.py"])[constant] == _expected(field, KNOWN_HOSTILE)

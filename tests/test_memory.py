@@ -349,7 +349,7 @@ def test_paged_optimizers_page_only_large_tensors() -> None:
 
 
 def test_fp32_embeddings_keep_the_residual_stream_fp32() -> None:
-    """The fp16 script trains an fp32 copy of embed_tokens: every checkpointed layer input
+    """The 16-bit scripts train an fp32 copy of embed_tokens: every checkpointed layer input
     (and the final norm's input) is fp32, 4 B per token x hidden instead of 2."""
     trained = ("embed_tokens", "lm_head")
     fp16 = EstimateInput(
@@ -357,7 +357,7 @@ def test_fp32_embeddings_keep_the_residual_stream_fp32() -> None:
     )
     assert residual_stream_dtype_bytes(fp16) == 4
     assert residual_stream_dtype_bytes(replace(fp16, modules_to_save=())) == 2
-    assert residual_stream_dtype_bytes(replace(fp16, precision="bf16", compute_dtype="bf16")) == 2
+    assert residual_stream_dtype_bytes(replace(fp16, precision="bf16", compute_dtype="bf16")) == 4
     assert residual_stream_dtype_bytes(replace(fp16, precision="4bit")) == 2
     upcast = replace(
         fp16,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_golden import ruff_problems
 
-from peftgen import render
+from peftgen import chat_templates, render
 from peftgen.cli import main as peftgen_main
 from peftgen.errors import UserError
 from peftgen.load import load_spec
@@ -48,7 +48,8 @@ def _spec(tmp_path: Path, *, extra: str = "", **fields: str) -> Path:
     return path
 
 
-def _render(spec_path: Path) -> dict[str, str]:
+def _render(spec_path: Path, out: Path | None = None) -> dict[str, str]:
+    """What ``emit SPEC -o OUT`` writes (OUT: ``out/`` beside the spec unless given)."""
     resolved = resolve(load_spec(spec_path))
     plan = make_plan(resolved)
     return render.render_all(
@@ -56,7 +57,7 @@ def _render(spec_path: Path) -> dict[str, str]:
         plan,
         render_plan_markdown(plan, resolved),
         render.model_source(resolved),
-        spec_path.parent / "out",
+        out or spec_path.parent / "out",
     )
 
 
@@ -174,8 +175,10 @@ def test_8bit_script(tmp_path: Path) -> None:
 
 def test_gpu_without_bf16_gets_fp16_and_no_tf32(tmp_path: Path) -> None:
     train = _render(_spec(tmp_path, gpu="t4", precision="4bit"))["train.py"]
-    assert "bnb_4bit_compute_dtype=torch.float16" in train
-    assert "fp16=True" in train
+    # fp16 mixed precision on CUDA; without a GPU the script computes in fp32.
+    assert "bnb_4bit_compute_dtype=COMPUTE_DTYPE" in train
+    assert "torch.float16 if torch.cuda.is_available() else torch.float32" in train
+    assert "fp16=torch.cuda.is_available()" in train
     assert "bf16=True" not in train
     assert "tf32" not in train
 
@@ -233,7 +236,9 @@ def test_chatml_adds_tokens_and_trains_embeddings(tmp_path: Path) -> None:
     namespace: dict[str, object] = {}
     chatml = train[train.index("CHATML_SPECIAL_TOKENS =") : train.index("\n\n\ndef main")]
     exec(chatml, namespace)  # plain literals: the template the script installs
-    assert namespace["CHATML_TEMPLATE"] == render.CHATML_TEMPLATE
+    # The data file's template without its leading Jinja comment (which renders as nothing).
+    marked = chat_templates.CHATML.training or ""
+    assert namespace["CHATML_TEMPLATE"] == marked[marked.index("-#}") + 3 :].lstrip()
 
 
 def test_data_sources_and_eval_split(tmp_path: Path) -> None:
@@ -279,7 +284,8 @@ def test_grpo_rewards_builtin_inline_and_user_imported(tmp_path: Path) -> None:
     train = _render(_spec(tmp_path, method="grpo", data_format="messages", extra=extra))["train.py"]
     assert "def format_reward(" in train
     assert "def length_reward(" in train
-    assert 'load_reward("rewards/mine.py", "score")' in train
+    # Relative to the spec's folder, written relative to the script's (out/ beside the spec).
+    assert 'load_reward(str((SCRIPT_DIR / "../rewards/mine.py").resolve()), "score")' in train
     assert "dataset.map(conversation_prompt" in train
     assert "peftgen" not in train.replace("peftgen emit", "").replace("by peftgen", "")
 
@@ -332,7 +338,12 @@ def test_emit_prints_only_the_script_on_stdout(
     captured = capsys.readouterr()
     ast.parse(captured.out)
     assert captured.out.startswith("# /// script\n")
-    assert captured.out == _render(spec_path)["train.py"]
+    # Printed, the script does not know its folder: local paths are absolute.
+    assert "SCRIPT_DIR" not in captured.out
+    assert (
+        f"DATASET_PATH = {str((tmp_path / 'data/train.jsonl').resolve())!r}"
+        in captured.out.replace('"', "'")
+    )
 
 
 def test_emit_to_folder_writes_all_files(tmp_path: Path) -> None:
@@ -340,10 +351,10 @@ def test_emit_to_folder_writes_all_files(tmp_path: Path) -> None:
     out = tmp_path / "emitted"
     assert peftgen_main(["emit", str(spec_path), "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["merge.py", "plan.md", "spec.yaml", "train.py"]
-    # The resolved spec loads and renders the same script again (but for its hash).
-    resolved_spec = tmp_path / "resolved.yaml"
-    resolved_spec.write_text((out / "spec.yaml").read_text())
-    again = _render(resolved_spec)["train.py"]
+    # The written spec (paths relative to its folder) renders the same script again, but
+    # for its hash and its own name in the docstring.
+    resolved_spec = out / "spec.yaml"
+    again = _render(resolved_spec, out)["train.py"]
     original = (out / "train.py").read_text()
     sha = load_spec(spec_path).sha256
     assert sha in original
