@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from peftgen import chat_templates
 from peftgen.catalog import (
     Gpu,
     ModelArch,
@@ -75,6 +76,7 @@ def resolve(loaded: LoadedSpec) -> Resolved:
     if arch is not None:
         problems.extend(_module_problems(loaded, arch))
         problems.extend(_architecture_problems(loaded, arch))
+        problems.extend(_loss_problems(loaded, arch))
         warnings.extend(_length_warnings(loaded, arch))
         warnings.extend(_chat_template_warnings(loaded, arch))
     if gpu is not None:
@@ -411,5 +413,30 @@ def _memory_warnings(loaded: LoadedSpec, gpu: Gpu) -> list[str]:
             "hardware.vram_gib",
             f"{vram_gib:g} GiB is more than {gpu.name}'s {gpu.memory_bytes / GIB:.1f} GiB; "
             "the plan will assume memory the card does not have",
+        )
+    ]
+
+
+def _loss_problems(loaded: LoadedSpec, arch: ModelArch) -> list[Problem]:
+    """Assistant-only loss finds the assistant turns through ``{% generation %}`` markers in
+    the chat template: trl adds them to the templates it knows, peftgen to the ones it
+    ships (``peftgen.chat_templates``); any other template would fail in trl, or train
+    the wrong tokens, so it is refused here with the way out."""
+    spec = loaded.spec
+    if spec.method != "sft" or spec.dataset.format != "messages":
+        return []
+    if spec.resolved_loss_on != "assistant" or spec.dataset.chat_template is not None:
+        return []
+    if not arch.has_chat_template or arch.chat_template_family is not None:
+        return []  # no template at all is the chat-template warning's case
+    written = spec.training.loss_on is not None
+    return [
+        loaded.problem(
+            "training.loss_on" if written else "dataset.format",
+            f"loss on the assistant turns{'' if written else ' (the default for messages)'} "
+            f"needs to find them in {arch.display_name}'s chat template, which peftgen does not "
+            "know (known: " + ", ".join(sorted(chat_templates.FAMILIES)) + ")",
+            "set training.loss_on: all to train on every token, or use a local model folder "
+            "whose chat template has {% generation %} markers",
         )
     ]

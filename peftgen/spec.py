@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from peftgen.stack import BUILTIN_REWARDS, OPTIMIZERS
+
 SPEC_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 # A Python identifier-like module name as peft matches it (a suffix of a dotted module path).
 MODULE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_0-9][A-Za-z0-9_]*)*$"
@@ -87,9 +89,22 @@ DpoLossType = Literal[
     "sft",
     "sigmoid_norm",
 ]
-BuiltinReward = Literal["format", "length"]
-BUILTIN_REWARDS: tuple[str, ...] = ("format", "length")
 ChatTemplateName = Literal["chatml"]
+LossOn = Literal["assistant", "completion", "all"]
+
+# The tokens SFT trains on when `training.loss_on` is not set, by dataset format: what a
+# chat or instruction tune means (trl's own default for `messages` is every token).
+DEFAULT_LOSS_ON: dict[str, LossOn] = {
+    "messages": "assistant",
+    "prompt_completion": "completion",
+    "text": "all",
+}
+# The `loss_on` values each SFT format can honour.
+LOSS_ON_BY_FORMAT: dict[str, tuple[LossOn, ...]] = {
+    "messages": ("assistant", "all"),
+    "prompt_completion": ("completion", "all"),
+    "text": ("all",),
+}
 
 # Which dataset formats each method can train on.
 FORMATS_BY_METHOD: dict[str, tuple[str, ...]] = {
@@ -140,8 +155,8 @@ class DatasetSpec(_Frozen):
     """Where the training data comes from and how its rows are shaped."""
 
     path: Annotated[str, Field(min_length=1, max_length=1000)]
-    """A local .jsonl/.json/.csv/.parquet file (relative to the current directory), or a hub dataset
-    id."""
+    """A local .jsonl/.json/.csv/.parquet file (relative paths are relative to the spec's folder),
+    or a hub dataset id."""
     split: Annotated[str, Field(min_length=1, max_length=100)] = "train"
     """Dataset split to train on."""
     format: DatasetFormat
@@ -303,6 +318,10 @@ class TrainingSpec(_Frozen):
     `train` extra); the script still truncates at max_length."""
     packing: bool = False
     """Pack several short rows into each max_length sequence (SFT only)."""
+    loss_on: LossOn | None = None
+    """Which tokens SFT trains on: `assistant` (the assistant turns of `messages` rows; default for
+    `messages`), `completion` (the completion of `prompt_completion` rows; their default), or `all`
+    (every token; the only choice for `text`). DPO and GRPO score their completions by design."""
     optim: Optim = "adamw_torch"
     """Optimizer (transformers OptimizerNames); 8-bit and paged variants use bitsandbytes."""
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
@@ -392,6 +411,7 @@ class _SpecBase(_Frozen):
             raise ValueError(
                 f"training.packing: packing is for SFT only; method {method!r} cannot pack"
             )
+        _check_loss_on(self, method)
         if self.output_dir is not None and any(ch in self.output_dir for ch in "\n\r\x00"):
             raise ValueError("output_dir: must be a single line")
         if (
@@ -415,6 +435,31 @@ class _SpecBase(_Frozen):
     @property
     def resolved_output_dir(self) -> str:
         return self.output_dir if self.output_dir is not None else f"outputs/{self.name}"
+
+    @property
+    def resolved_loss_on(self) -> LossOn:
+        """``training.loss_on``, or the default for the dataset format (SFT); DPO and GRPO
+        train on their completions."""
+        if self.training.loss_on is not None:
+            return self.training.loss_on
+        return DEFAULT_LOSS_ON.get(self.dataset.format, "completion")
+
+
+def _check_loss_on(spec: _SpecBase, method: str) -> None:
+    loss_on = spec.training.loss_on
+    if loss_on is None:
+        return
+    if method != "sft":
+        raise ValueError(
+            f"training.loss_on: is for SFT; {method} computes its loss on the sampled or "
+            "preferred completions by design, so remove the key"
+        )
+    allowed = LOSS_ON_BY_FORMAT[spec.dataset.format]
+    if loss_on not in allowed:
+        raise ValueError(
+            f"training.loss_on: {loss_on!r} does not apply to `{spec.dataset.format}` rows; "
+            f"use one of: {', '.join(allowed)}"
+        )
 
 
 PARAMETER_SHARDING_ENGINES = ("fsdp", "deepspeed-zero3")
@@ -462,14 +507,14 @@ def _check_distributed_combination(spec: _SpecBase) -> None:
             "quantization.bnb_4bit_quant_storage: bfloat16, or fix precision: bf16"
         )
     optim = spec.training.optim
-    if engine.startswith("deepspeed") and ("8bit" in optim or optim.startswith("paged_")):
+    if engine.startswith("deepspeed") and OPTIMIZERS[optim].bitsandbytes:
         # DeepSpeed's ZeRO optimizer steps an fp32 master partition of its own; a
         # bitsandbytes optimizer's quantized or paged states are not partitioned by it.
         raise ValueError(
             f"training.optim: {optim} (bitsandbytes) cannot run under {engine}, whose ZeRO "
             "optimizer partitions its own fp32 states; use adamw_torch (or adamw_torch_fused)"
         )
-    if spec.hardware.cpu_offload and ("8bit" in optim or optim.startswith("paged_")):
+    if spec.hardware.cpu_offload and OPTIMIZERS[optim].bitsandbytes:
         raise ValueError(
             f"training.optim: {optim} (bitsandbytes) needs its states on the GPU, but "
             "hardware.cpu_offload runs the optimizer step on the CPU; use adamw_torch"
