@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,12 +75,22 @@ def hub_unreachable(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
 
 @contextmanager
 def quick_timeouts() -> Iterator[None]:
-    """Short huggingface_hub timeouts for the calls inside (those the user set are kept)."""
+    """Short huggingface_hub timeouts for the calls inside (those the user set are kept).
+
+    huggingface_hub reads them into ``huggingface_hub.constants`` when it is imported, and
+    its downloads read that module at call time: the environment covers an import inside
+    the block, the module's attributes one that happened before."""
     added = [name for name in HUB_TIMEOUTS_S if name not in os.environ]
+    constants = sys.modules.get("huggingface_hub.constants")
+    previous = {name: getattr(constants, name, None) for name in added}
     for name in added:
         os.environ[name] = HUB_TIMEOUTS_S[name]
+        if constants is not None:
+            setattr(constants, name, int(HUB_TIMEOUTS_S[name]))
     try:
         yield
     finally:
         for name in added:
             os.environ.pop(name, None)
+            if constants is not None and previous[name] is not None:
+                setattr(constants, name, previous[name])

@@ -747,3 +747,24 @@ def test_vram_gib_argument_type_is_argparse_friendly() -> None:
     assert _vram_gib("24") == 24.0
     with pytest.raises(argparse.ArgumentTypeError):
         _vram_gib("nan")
+
+
+def test_hub_calls_run_with_short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as constants
+
+    monkeypatch.delenv("HF_HUB_ETAG_TIMEOUT", raising=False)
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT", raising=False)
+    before = constants.HF_HUB_ETAG_TIMEOUT
+    with hub.quick_timeouts():
+        assert constants.HF_HUB_ETAG_TIMEOUT == 5
+        assert os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] == "10"
+    assert constants.HF_HUB_ETAG_TIMEOUT == before
+    assert "HF_HUB_ETAG_TIMEOUT" not in os.environ
+
+
+def test_the_hub_probe_gives_up_after_two_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_network(monkeypatch, "hangs")
+    started = time.perf_counter()
+    reason = hub.hub_unreachable()
+    assert reason is not None and "within 2 s" in reason
+    assert time.perf_counter() - started < 3
