@@ -758,7 +758,7 @@ def test_hub_calls_run_with_short_timeouts(monkeypatch: pytest.MonkeyPatch) -> N
     with hub.quick_timeouts():
         assert constants.HF_HUB_ETAG_TIMEOUT == 5
         assert os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] == "10"
-    assert constants.HF_HUB_ETAG_TIMEOUT == before
+    assert before == constants.HF_HUB_ETAG_TIMEOUT
     assert "HF_HUB_ETAG_TIMEOUT" not in os.environ
 
 
