@@ -75,9 +75,9 @@ def write_atomically(path: Path, text: str, what: str) -> None:
     def refuse(reason: str) -> UserError:
         return UserError.single(f"cannot write {what}: {reason}", file=str(path))
 
-    if path.is_dir():
-        raise refuse("it is a folder; give a file name")
     try:
+        if path.is_dir():
+            raise refuse("it is a folder; give a file name")
         path.parent.mkdir(parents=True, exist_ok=True)
         umask = os.umask(0)
         os.umask(umask)

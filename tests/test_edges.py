@@ -768,3 +768,51 @@ def test_the_hub_probe_gives_up_after_two_seconds(monkeypatch: pytest.MonkeyPatc
     reason = hub.hub_unreachable()
     assert reason is not None and "within 2 s" in reason
     assert time.perf_counter() - started < 3
+
+
+def test_a_model_id_too_long_for_the_file_system(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write(tmp_path, spec_text(model="a" * 290))
+    refused(run(capsys, "validate", str(spec)), f"{spec}:4:7: model.id: unknown model")
+
+
+def test_a_data_path_too_long_for_the_file_system(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write(tmp_path, spec_text(data="d" * 290 + ".jsonl"))
+    refused(
+        run(capsys, "check-data", str(spec)),
+        f"{spec}:6:9: dataset.path: cannot read the dataset",
+        "File name too long",
+    )
+
+
+@pytest.mark.parametrize("kind", ["report", "schema"])
+def test_writing_to_a_name_too_long(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    spec = write(tmp_path, spec_text())
+    before = tree(tmp_path)
+    refused(
+        run(capsys, *_report_or_schema(kind, spec, tmp_path / ("x" * 300))),
+        "cannot write",
+        "nothing was written",
+    )
+    assert tree(tmp_path) == before
+
+
+def test_emit_to_a_name_too_long(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = write(tmp_path, spec_text())
+    before = tree(tmp_path)
+    refused(run(capsys, "emit", str(spec), "-o", str(tmp_path / ("x" * 300))), "cannot write")
+    assert tree(tmp_path) == before
+
+
+def test_report_onto_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = write(tmp_path, spec_text())
+    (tmp_path / "report.html").mkdir()
+    refused(
+        run(capsys, "report", str(spec), "-o", str(tmp_path / "report.html")),
+        "cannot write the report: it is a folder",
+    )

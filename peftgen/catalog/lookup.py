@@ -278,10 +278,17 @@ def _written_as_path(model_id: str) -> bool:
 def _local_model_folder(model_id: str, base_dir: Path, need_config: bool = True) -> Path | None:
     """The folder ``model_id`` names. A folder without config.json is an error when
     ``need_config`` (nothing else could be meant), else skipped (a catalogue name is)."""
-    path = Path(model_id).expanduser()
+    try:
+        path = Path(model_id).expanduser()
+    except RuntimeError:  # ~user of a user that does not exist
+        return None
     candidates = [path] if path.is_absolute() else [path, base_dir / path]
     for candidate in candidates:
-        if candidate.is_dir():
+        try:
+            is_folder = candidate.is_dir()
+        except OSError:  # a name too long for the file system names no folder
+            continue
+        if is_folder:
             if not (candidate / "config.json").is_file():
                 if not need_config:
                     continue

@@ -83,13 +83,20 @@ def open_source(dataset_path: str, split: str) -> RowSource:
     """Pick the reader for ``dataset.path``: a local file by suffix, else a hub dataset."""
     path = Path(dataset_path)
     suffix = path.suffix.lower()
-    if path.is_dir():
+    try:
+        is_folder, is_file = path.is_dir(), path.is_file()
+    except OSError as error:  # a name too long for the file system, a loop of links
+        raise UserError.single(
+            f"cannot read the dataset {dataset_path!r}: {error.strerror or error}",
+            field_path="dataset.path",
+        ) from None
+    if is_folder:
         raise UserError.single(
             f"{dataset_path!r} is a folder; give one .jsonl/.json/.csv/.parquet file",
             field_path="dataset.path",
         )
     if suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
+        if not is_file:
             raise UserError.single(
                 f"dataset file {dataset_path!r} does not exist "
                 f"(relative paths are resolved from the current directory, {os.getcwd()})",

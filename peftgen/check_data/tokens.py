@@ -76,7 +76,10 @@ def load_tokenizer(
             file=str(override_dir),
         )
     folder = override_dir if override_dir is not None else Path(model_id)
-    is_local = folder.is_dir()
+    try:
+        is_local = folder.is_dir()
+    except OSError:  # a name too long for the file system names no folder
+        is_local = False
     if not is_local and _hub_offline():
         raise TokenizerUnavailable(
             f"model.id {model_id!r} is not a local folder and the hub is offline; "
