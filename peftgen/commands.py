@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peftgen.load import load_spec
+from peftgen.paths import with_absolute_paths
 from peftgen.plan import BREAKDOWN_KEYS, Plan
 
 if TYPE_CHECKING:
@@ -118,7 +119,9 @@ def _for_planning(resolved: Resolved) -> Resolved:
 
     loaded = resolved.loaded
     try:
-        measured = measured_length_percentile(resolved.spec, 99.0)
+        measured = measured_length_percentile(
+            with_absolute_paths(resolved.spec, loaded.path.parent), 99.0
+        )
     except UserError as error:
         # Unplaced problems (no tokenizer, no dataset file) are about a spec field: point
         # there; bad rows keep their data file's line, under one located at length_source.
@@ -534,7 +537,10 @@ def check_data(args: argparse.Namespace) -> int:
     try:
         with progress_bar(f"checking {loaded.spec.dataset.path}") as progress:
             result = check_dataset(
-                loaded.spec, limit=args.limit, tokenizer_dir=args.tokenizer, progress=progress
+                with_absolute_paths(loaded.spec, loaded.path.parent),
+                limit=args.limit,
+                tokenizer_dir=args.tokenizer,
+                progress=progress,
             )
     except UserError as error:
         # A missing file or an offline hub is a problem with the spec's dataset.path: point there.

@@ -102,3 +102,17 @@ def relocated_spec(
                 rewards.append(f"{place(paths.reward_files[match['path']])}:{match['func']}")
         update["grpo"] = spec.grpo.model_copy(update={"reward_funcs": rewards})
     return spec.model_copy(update=update)
+
+
+def with_absolute_paths(spec: AnySpec, spec_dir: Path) -> AnySpec:
+    """The spec with its local data file and a local model folder written absolute, for
+    readers that open them from here (check-data, the p99 length measurement)."""
+    dataset = spec.dataset
+    if is_local_dataset(dataset.path):
+        absolute = from_spec_dir(dataset.path, spec_dir).as_posix()
+        dataset = dataset.model_copy(update={"path": absolute})
+    model = spec.model
+    folder = from_spec_dir(model.id, spec_dir)
+    if not Path(model.id).is_dir() and folder.is_dir():
+        model = model.model_copy(update={"id": folder.as_posix()})
+    return spec.model_copy(update={"dataset": dataset, "model": model})

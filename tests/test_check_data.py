@@ -405,8 +405,13 @@ def test_text_report_shows_trained_tokens_and_stats(
     code, out, err = run_cli(capsys, spec, "--tokenizer", str(tiny_model_dir))
     assert code == 0, err
     assert f"tokens (tokenizer {tiny_model_dir})" in out
-    # The prompt is masked; the completion and the eos the trainer appends are trained.
-    assert "What is the BMI?⟦ The BMI is 26.8.<|im_end|>⟧" in out
+    # A chat tokenizer: the row is a user turn and an assistant turn; the prompt and the
+    # template's markers around it are masked, the answer and its end of turn trained.
+    example = out[out.index("trained tokens inside") : out.index("length in tokens")]
+    assert "<|im_start|>user" in example and "What is the BMI?<|im_end|>" in example
+    assert example.index("<|im_start|>assistant") < example.index("⟦")
+    assert "⟦ The BMI is 26.8.<|im_end|>" in example
+    assert "the completion only (training.loss_on: completion)" in out
     assert "training.max_length 2,048 truncates 0 rows (0.0%)" in out
     assert "recommended max_length: 64 (p99" in out
 
@@ -422,12 +427,16 @@ def test_preference_length_is_the_longer_sequence(tmp_path: Path, tiny_model_dir
     spec = load_spec(write_spec(tmp_path, data, "dpo", "preference", model_id=tiny_model_dir)).spec
     report = check_dataset(spec)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    eos = tokenizer.eos_token
-    direct = [
-        max(
-            len(tokenizer(text=row["prompt"] + row["chosen"] + eos)["input_ids"]),
-            len(tokenizer(text=row["prompt"] + row["rejected"] + eos)["input_ids"]),
+
+    def turns(prompt: str, answer: str) -> int:
+        # The chat model's rows become a user and an assistant turn, as the script maps them.
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return len(
+            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         )
+
+    direct = [
+        max(turns(row["prompt"], row["chosen"]), turns(row["prompt"], row["rejected"]))
         for row in rows
     ]
     assert list(report.lengths) == direct
@@ -512,34 +521,59 @@ def test_nearest_rank_percentile() -> None:
 
 
 @pytest.mark.slow
-def test_tokenization_matches_sft_trainer(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """input_ids and the trained-token mask equal what trl's SFTTrainer prepares."""
+def test_tokenization_matches_sft_trainer(
+    tmp_path: Path, tiny_model_dir: Path, tiny_base_model_dir: Path
+) -> None:
+    """input_ids and the trained-token mask equal what trl's SFTTrainer collates, with the
+    options and row conversion the generated script uses for each ``training.loss_on``."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from peftgen.check_data.tokens import RowTokenizer
+    from peftgen.chat_templates import CHATML
+    from peftgen.check_data.tokens import RowTokenizer, as_conversation
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat.chat_template = CHATML.training  # what the script installs for this family
+    base = AutoTokenizer.from_pretrained(tiny_base_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    question, answer = (
-        {"role": "user", "content": SENTENCES[0]},
-        {
-            "role": "assistant",
-            "content": SENTENCES[1],
-        },
-    )
-    cases: list[tuple[str, str, list[dict[str, Any]]]] = [
-        ("messages", "conversational", [{"messages": [question, answer]}]),
-        ("text", "plain", [{"text": SENTENCES[2]}, {"text": SENTENCES[3] + tokenizer.eos_token}]),
+    question = {"role": "user", "content": SENTENCES[0]}
+    answer = {"role": "assistant", "content": SENTENCES[1]}
+    system = {"role": "system", "content": SENTENCES[2]}
+    plain_pc = [{"prompt": SENTENCES[0], "completion": " " + SENTENCES[4]}]
+    # (tokenizer, format, shape, loss_on, rows as check-data reads them, trl options)
+    cases: list[tuple[Any, str, str, str, list[dict[str, Any]], dict[str, bool]]] = [
         (
-            "prompt_completion",
-            "plain",
-            [{"prompt": SENTENCES[0], "completion": " " + SENTENCES[4]}],
+            chat,
+            "messages",
+            "conversational",
+            "assistant",
+            [{"messages": [system, question, answer]}],
+            {"assistant_only_loss": True},
         ),
-        ("prompt_completion", "conversational", [{"prompt": [question], "completion": [answer]}]),
+        (chat, "messages", "conversational", "all", [{"messages": [question, answer]}], {}),
+        (
+            chat,
+            "text",
+            "plain",
+            "all",
+            [{"text": SENTENCES[2]}, {"text": SENTENCES[3] + chat.eos_token}],
+            {},
+        ),
+        (base, "prompt_completion", "plain", "completion", plain_pc, {}),
+        (chat, "prompt_completion", "plain", "completion", plain_pc, {}),
+        (
+            chat,
+            "prompt_completion",
+            "conversational",
+            "all",
+            [{"prompt": [question], "completion": [answer]}],
+            {"completion_only_loss": False},
+        ),
     ]
-    for data_format, shape, rows in cases:
+    for tokenizer, data_format, shape, loss_on, rows, options in cases:
+        # The script converts plain rows into turns when the model has a chat template.
+        trainer_rows = [as_conversation(row) for row in rows] if tokenizer is chat else rows
         trainer = SFTTrainer(
             model=model,
             args=SFTConfig(
@@ -548,16 +582,18 @@ def test_tokenization_matches_sft_trainer(tmp_path: Path, tiny_model_dir: Path) 
                 report_to="none",
                 bf16=False,
                 use_cpu=True,
+                **options,
             ),
-            train_dataset=Dataset.from_list(rows),
+            train_dataset=Dataset.from_list(trainer_rows),
             processing_class=tokenizer,
         )
-        row_tokenizer = RowTokenizer(tokenizer, "sft", data_format)
+        row_tokenizer = RowTokenizer(tokenizer, "sft", data_format, loss_on=loss_on)
         for index, row in enumerate(rows):
-            prepared = trainer.train_dataset[index]
+            collated = trainer.data_collator([trainer.train_dataset[index]])
             mine = row_tokenizer.tokenize(row, shape)
-            assert mine.input_ids == prepared["input_ids"], (data_format, shape)
-            assert mine.trained_mask == [label != -100 for label in prepared["labels"]]
+            case = (data_format, shape, loss_on)
+            assert mine.input_ids == collated["input_ids"][0].tolist(), case
+            assert mine.trained_mask == (collated["labels"][0] != -100).tolist(), case
 
 
 # --- Streaming ---------------------------------------------------------------------------

@@ -286,7 +286,12 @@ class _TokenPass:
 
     def __init__(self, loaded: LoadedTokenizer, spec: AnySpec) -> None:
         self.loaded = loaded
-        self.row_tokenizer = RowTokenizer(loaded.tokenizer, spec.method, spec.dataset.format)
+        self.row_tokenizer = RowTokenizer(
+            loaded.tokenizer,
+            spec.method,
+            spec.dataset.format,
+            loss_on=spec.resolved_loss_on if spec.method == "sft" else "completion",
+        )
         self.max_length = spec.training.max_length
         self.lengths: array[int] = array("I")
         self.dropped_rows = 0
@@ -348,22 +353,19 @@ def _no_template_reason(source: str) -> str:
 
 
 def _trains_on(spec: AnySpec) -> str:
-    """Which tokens carry labels in the generated script (trl 1.16 defaults)."""
-    data_format = spec.dataset.format
+    """Which tokens carry labels in the generated script (``training.loss_on``)."""
     if spec.method == "grpo":
         return "no dataset token: GRPO trains on the completions it generates"
     if spec.method == "dpo":
         return "the chosen and rejected completions (the prompt is masked)"
-    if data_format == "prompt_completion":
-        return (
-            "the completion only (SFTConfig.completion_only_loss defaults to True for "
-            "prompt/completion rows)"
-        )
-    if data_format == "messages":
-        return (
-            "every token, system and user turns included (SFTConfig.assistant_only_loss is False)"
-        )
-    return "every token (language modelling on the text, eos appended)"
+    loss_on = spec.resolved_loss_on
+    if loss_on == "assistant":
+        return "the assistant turns and their end-of-turn token (training.loss_on: assistant)"
+    if loss_on == "completion":
+        return "the completion only (training.loss_on: completion)"
+    if spec.dataset.format == "text":
+        return "every token (language modelling on the text, eos appended)"
+    return "every token, prompts and user turns included (training.loss_on: all)"
 
 
 def nearest_rank_percentile(sorted_lengths: Any, percentile: float) -> int:

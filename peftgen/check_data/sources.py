@@ -99,7 +99,7 @@ def open_source(dataset_path: str, split: str) -> RowSource:
         if not is_file:
             raise UserError.single(
                 f"dataset file {dataset_path!r} does not exist "
-                f"(relative paths are resolved from the current directory, {os.getcwd()})",
+                "(a relative path is relative to the spec's folder)",
                 field_path="dataset.path",
             )
         try:

@@ -156,21 +156,45 @@ def needs_chat_template(shape: str) -> bool:
 
 
 class RowTokenizer:
-    """Tokenizes rows of one shape for one method/format, as the trainer will."""
+    """Tokenizes rows of one shape for one method/format, as the trainer will.
 
-    def __init__(self, tokenizer: Any, method: str, data_format: str) -> None:
+    ``loss_on`` is the spec's resolved ``training.loss_on`` (SFT): ``assistant`` keeps only
+    the assistant turns of ``messages`` (trl's ``assistant_only_loss`` through the training
+    chat template), ``all`` every token. With a chat template, plain-string prompt /
+    completion / preference rows become user and assistant turns, as the script's
+    ``as_conversation`` makes them.
+    """
+
+    def __init__(self, tokenizer: Any, method: str, data_format: str, loss_on: str = "all") -> None:
         self.tokenizer = tokenizer
         self.method = method
         self.data_format = data_format
+        self.loss_on = loss_on
         self.eos_token: str = tokenizer.eos_token or ""
+        self.convert_rows = bool(tokenizer.chat_template) and data_format in (
+            "prompt_completion",
+            "preference",
+            "prompt",
+        )
+        self.training_template: str | None = None
+        assistant_only = method == "sft" and data_format == "messages" and loss_on == "assistant"
+        if assistant_only and tokenizer.chat_template:
+            self.training_template = training_chat_template(tokenizer)
 
     def tokenize(self, record: dict[str, Any], shape: str) -> TokenizedRow:
         conversational = needs_chat_template(shape)
+        if self.convert_rows and not conversational:
+            record, conversational = as_conversation(record), True
+            shape = "conversational " + shape
         if self.data_format == "text":
             return _all_trained(self._text_ids(_with_eos(record["text"], self.eos_token)))
         if self.data_format == "messages" and self.method == "sft":
+            if self.loss_on == "assistant":
+                return self._assistant_turns(record)
             return _all_trained(self._chat_ids(record["messages"], record))
         if self.data_format == "prompt_completion":
+            if self.loss_on == "all":
+                return _all_trained(self._prompt_completion(record, conversational).input_ids)
             return self._prompt_completion(record, conversational)
         if self.data_format == "preference":
             return self._preference(record, shape)
@@ -182,6 +206,21 @@ class RowTokenizer:
         else:
             prompt = record["prompt"]
         return self._prompt_only(prompt, record)
+
+    def _assistant_turns(self, record: dict[str, Any]) -> TokenizedRow:
+        tools = record.get("tools")
+        result = self.tokenizer.apply_chat_template(
+            record["messages"],
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            chat_template=self.training_template,
+            tools=json.loads(tools) if isinstance(tools, str) else tools,
+            **record.get("chat_template_kwargs", {}),
+        )
+        ids = list(result["input_ids"])
+        mask = [bool(flag) for flag in result["assistant_masks"]]
+        return TokenizedRow(ids, mask, len(ids))
 
     def _text_ids(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer(text=text)["input_ids"]
@@ -242,6 +281,45 @@ class RowTokenizer:
         else:
             ids = self._chat_ids(prompt, record, add_generation_prompt=True)
         return TokenizedRow(ids, [False] * len(ids), len(ids))
+
+
+def as_conversation(record: dict[str, Any]) -> dict[str, Any]:
+    """The generated script's ``as_conversation``: plain strings as user / assistant turns."""
+    converted = dict(record)
+    for key, role in (
+        ("prompt", "user"),
+        ("completion", "assistant"),
+        ("chosen", "assistant"),
+        ("rejected", "assistant"),
+    ):
+        if isinstance(record.get(key), str):
+            converted[key] = [{"role": role, "content": record[key]}]
+    return converted
+
+
+def training_chat_template(tokenizer: Any) -> str | None:
+    """The template trl tokenizes with under ``assistant_only_loss``: the tokenizer's own when
+    it has ``{% generation %}`` markers, peftgen's marked copy of a family it ships (the
+    script installs it), else trl's own (``get_training_chat_template``)."""
+    from peftgen.chat_templates import has_generation_markers, identify
+
+    template = tokenizer.chat_template
+    if isinstance(template, str) and has_generation_markers(template):
+        return None
+    family = identify(template)
+    if family is not None and family.training is not None:
+        return family.training
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        patched: str | None = get_training_chat_template(tokenizer)
+    except ValueError:
+        raise UserError.single(
+            "loss on the assistant turns needs to find them in the chat template, and neither "
+            "trl nor peftgen knows this tokenizer's template; set training.loss_on: all",
+            field_path="training.loss_on",
+        ) from None
+    return patched
 
 
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
