@@ -409,7 +409,7 @@ def test_text_report_shows_trained_tokens_and_stats(
     # template's markers around it are masked, the answer and its end of turn trained.
     example = out[out.index("trained tokens inside") : out.index("length in tokens")]
     assert "<|im_start|>user" in example and "What is the BMI?<|im_end|>" in example
-    assert example.index("<|im_start|>assistant") < example.index("⟦")
+    assert example.index("<|im_start|>assistant") < example.index("⟦ The BMI")
     assert "⟦ The BMI is 26.8.<|im_end|>" in example
     assert "the completion only (training.loss_on: completion)" in out
     assert "training.max_length 2,048 truncates 0 rows (0.0%)" in out
