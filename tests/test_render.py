@@ -285,7 +285,7 @@ def test_grpo_rewards_builtin_inline_and_user_imported(tmp_path: Path) -> None:
     assert "def format_reward(" in train
     assert "def length_reward(" in train
     # Relative to the spec's folder, written relative to the script's (out/ beside the spec).
-    assert 'load_reward(str((SCRIPT_DIR / "../rewards/mine.py").resolve()), "score")' in train
+    assert 'str((SCRIPT_DIR / "../rewards/mine.py").resolve()),\n            "score",' in train
     assert "dataset.map(conversation_prompt" in train
     assert "peftgen" not in train.replace("peftgen emit", "").replace("by peftgen", "")
 
