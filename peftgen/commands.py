@@ -51,7 +51,7 @@ def validate(args: argparse.Namespace) -> int:
 
 def schema(args: argparse.Namespace) -> int:
     """Print the spec's JSON Schema, or write it (``-o specs/peftgen.schema.json``)."""
-    from peftgen.spec import schema_text
+    from peftgen.docs import schema_text
 
     text = schema_text()
     if args.output is None:

@@ -16,7 +16,6 @@ loader can point at that field's line instead of the section's.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Literal
 
@@ -609,12 +608,6 @@ def spec_json_schema() -> dict[str, object]:
     schema["title"] = "peftgen experiment spec v1"
     _one_line_descriptions(schema)
     return schema
-
-
-def schema_text() -> str:
-    """The JSON Schema as ``peftgen schema`` prints it and ``specs/peftgen.schema.json``
-    holds it (stable key order)."""
-    return json.dumps(spec_json_schema(), indent=2, sort_keys=True) + "\n"
 
 
 def _one_line_descriptions(node: object) -> None:

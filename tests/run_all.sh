@@ -21,5 +21,4 @@ fi
 ruff check .
 ruff format --check .
 mypy
-lint-imports
 python -m pytest -n 2 --dist loadgroup -p no:cacheprovider "$@"

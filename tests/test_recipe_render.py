@@ -265,3 +265,17 @@ def test_paths_are_relative_to_the_spec_and_written_relative_to_the_script(
     written = YAML(typ="safe").load((out / "spec.yaml").read_text())
     assert written["dataset"]["path"] == "../../project/configs/data/train.jsonl"
     assert written["output_dir"] == "../../project/runs/first"
+
+
+def test_plan_md_and_plan_json_name_the_resolved_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    path = _sft(tmp_path, model="llama3-8b-instruct", gpu="rtx-4090")
+    out = tmp_path / "out"
+    assert peftgen_main(["emit", str(path), "-o", str(out)]) == 0
+    assert "`meta-llama/Meta-Llama-3-8B-Instruct`" in (out / "plan.md").read_text()
+    capsys.readouterr()
+    assert peftgen_main(["plan", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_id"] == "meta-llama/Meta-Llama-3-8B-Instruct"

@@ -57,7 +57,7 @@ def report_data(resolved: Resolved, plan: Plan) -> ReportData:
             path=str(resolved.loaded.path),
             text=resolved.loaded.text,
             sha256=resolved.loaded.sha256,
-            model_id=spec.model.id,
+            model_id=resolved.arch.id,  # an alias resolved to its hub id
             method=spec.method,
             precision=spec.precision,
             max_length=spec.training.max_length,
