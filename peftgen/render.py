@@ -288,20 +288,8 @@ class ChatFormat:
 
 def _dataset_loader(loaded: LoadedSpec) -> str | None:
     """The ``datasets`` builder for a local file (json, csv, parquet), or None for a hub id.
-
-    A single local file loads as one split named ``train``; any other split would fail at
-    run time, so it fails here.
-    """
-    dataset = loaded.spec.dataset
-    loader = LOCAL_DATA_LOADERS.get(Path(dataset.path).suffix.lower())
-    if loader is not None and dataset.split != "train":
-        raise UserError.single(
-            f"a local file has one split, `train`; got {dataset.split!r} "
-            "(hold out evaluation rows with dataset.eval_fraction)",
-            file=str(loaded.path),
-            field_path="dataset.split",
-        )
-    return loader
+    (A local file has one split, ``train``: resolve refuses any other.)"""
+    return LOCAL_DATA_LOADERS.get(Path(loaded.spec.dataset.path).suffix.lower())
 
 
 def _path_expr(target: Path, anchor_dir: Path | None) -> str:

@@ -456,3 +456,55 @@ def test_merged_chat_model_answers_and_stops(tiny_base_model_dir: Path, tmp_path
     assert new[-1] == end, tokenizer.decode(new)
     assert len(new) < 30
     assert tokenizer.decode(new[:-1]).strip() == "Blue 42."
+
+
+@pytest.mark.slow
+def test_chatml_installed_on_a_base_model_trains_the_assistant_turns(
+    tiny_base_model_dir: Path, tmp_path: Path
+) -> None:
+    spec = _spec(
+        tmp_path,
+        method="sft",
+        model_dir=tiny_base_model_dir,
+        data_format="messages",
+        rows=CHAT_ROWS,
+    )
+    text = spec.read_text(encoding="utf-8").replace(
+        "  format: messages\n", "  format: messages\n  chat_template: chatml\n"
+    )
+    spec.write_text(text, encoding="utf-8")
+    for row in _first_batch(_emit(spec, tmp_path / "out"), tmp_path):
+        source = next(s for s in CHAT_ROWS if _assistant_texts(s)[-1] in row["input"])
+        assert "<|im_start|>user\n" in row["input"]
+        assert row["trained"] == "".join(f"{text}<|im_end|>" for text in _assistant_texts(source))
+
+
+@pytest.mark.slow
+def test_text_rows_train_every_token_with_eos(tiny_base_model_dir: Path, tmp_path: Path) -> None:
+    rows_in = [{"text": "The patient is a 64-year-old man."}, {"text": "Blood pressure 142/88."}]
+    spec = _spec(
+        tmp_path, method="sft", model_dir=tiny_base_model_dir, data_format="text", rows=rows_in
+    )
+    rows = _first_batch(_emit(spec, tmp_path / "out"), tmp_path)
+    for row in rows:
+        assert row["trained"] == row["input"]
+        assert row["input"].endswith("</s>")
+        assert row["input"].removesuffix("</s>") in {r["text"] for r in rows_in}
+
+
+@pytest.mark.slow
+def test_dpo_on_a_base_model_scores_plain_completions(
+    tiny_base_model_dir: Path, tmp_path: Path
+) -> None:
+    spec = _spec(
+        tmp_path,
+        method="dpo",
+        model_dir=tiny_base_model_dir,
+        data_format="preference",
+        rows=PREFERENCE_ROWS,
+        extra="dpo:\n  beta: 0.1\n",
+    )
+    answers = {s["chosen"] for s in PREFERENCE_ROWS} | {s["rejected"] for s in PREFERENCE_ROWS}
+    for row in _first_batch(_emit(spec, tmp_path / "out"), tmp_path):
+        assert "<|im_start|>" not in row["input"]
+        assert row["trained"].removesuffix("</s>") in answers
