@@ -26,8 +26,12 @@ LOCAL_DATA_LOADERS: dict[str, str] = {
 
 
 def from_spec_dir(path: str, spec_dir: Path) -> Path:
-    """``path`` as the spec means it: absolute, or relative to the spec's folder."""
-    expanded = Path(path).expanduser()
+    """``path`` as the spec means it: absolute, or relative to the spec's folder (``~`` is
+    the home folder; ``~name`` of an unknown user stays a plain name)."""
+    try:
+        expanded = Path(path).expanduser()
+    except RuntimeError:
+        expanded = Path(path)
     return Path(os.path.abspath(expanded if expanded.is_absolute() else spec_dir / expanded))
 
 
