@@ -16,7 +16,8 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from peftgen.accuracy_interval import UNDER_PREDICTION_FACTOR, high_end_bytes
-from peftgen.catalog import Gpu, gpu_catalogue, lookup_gpu
+from peftgen.catalog import Gpu, ModelArch, gpu_catalogue, lookup_gpu
+from peftgen.chat_templates import CHATML_SPECIAL_TOKENS
 from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.errors import UserError
 from peftgen.memory import (
@@ -213,6 +214,17 @@ def budget_bytes(gpu: Gpu, headroom_fraction: float) -> int:
     return int(gpu.memory_bytes * (1.0 - headroom_fraction))
 
 
+def trained_arch(resolved: Resolved) -> ModelArch:
+    """The architecture the script trains: with ``dataset.chat_template: chatml`` the two
+    ChatML markers become new tokens, and ``resize_token_embeddings`` grows the vocabulary
+    (embeddings, a separate head) by them."""
+    arch = resolved.arch
+    if resolved.loaded.spec.dataset.chat_template is None:
+        return arch
+    grown = arch.config.vocab_size + len(CHATML_SPECIAL_TOKENS)
+    return arch.model_copy(update={"config": arch.config.model_copy(update={"vocab_size": grown})})
+
+
 def estimate_input(
     resolved: Resolved,
     precision: LoadPrecision,
@@ -232,7 +244,7 @@ def estimate_input(
     )
     grpo = getattr(spec, "grpo", None)
     inputs = EstimateInput(
-        arch=resolved.arch,
+        arch=trained_arch(resolved),
         precision=precision,
         method=spec.method,
         compute_dtype="bf16" if target.bf16 and precision != "fp16" else "fp16",
