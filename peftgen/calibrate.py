@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from peftgen.errors import Problem, UserError
+from peftgen.stack import GIB
 
 RECEIPT_VERSION = 1
-GIB = 2**30
 MAX_BYTES = 2**60
 """Largest byte count a receipt may hold (1 EiB): anything above is not a measurement."""
 MAX_RECEIPT_BYTES = 16 * 2**20

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from peftgen.load import load_spec
 from peftgen.paths import with_absolute_paths
 from peftgen.plan import BREAKDOWN_KEYS, Plan
+from peftgen.stack import GIB, format_gib
 
 if TYPE_CHECKING:
     from pathlib import Path as _Path
@@ -51,7 +52,7 @@ def validate(args: argparse.Namespace) -> int:
 
 def schema(args: argparse.Namespace) -> int:
     """Print the spec's JSON Schema, or write it (``-o specs/peftgen.schema.json``)."""
-    from peftgen.docs import schema_text
+    from peftgen.spec import schema_text
 
     text = schema_text()
     if args.output is None:
@@ -239,14 +240,13 @@ def _print_simulation(result: Plan, simulation: SimulationResult) -> None:
 
     from peftgen.simulate import CATEGORIES
 
-    gib = 2**30
     analytic = next(c for c in result.candidates if c.precision == simulation.precision)
     console = Console(highlight=False)
     console.print(
         f"[bold]simulated one step[/] at {simulation.precision} on fake tensors in "
-        f"{simulation.seconds:.0f} s: peak allocated {simulation.peak_allocated_bytes / gib:.2f} "
-        f"GiB in {simulation.peak_phase} (analytic {analytic.peak_allocated_bytes / gib:.2f} "
-        f"GiB, {analytic.phase})"
+        f"{simulation.seconds:.0f} s: peak allocated "
+        f"{format_gib(simulation.peak_allocated_bytes, 2)} in {simulation.peak_phase} "
+        f"(analytic {format_gib(analytic.peak_allocated_bytes, 2)}, {analytic.phase})"
     )
     b = analytic.breakdown
     analytic_by_category = {
@@ -262,15 +262,15 @@ def _print_simulation(result: Plan, simulation: SimulationResult) -> None:
         table.add_column(column, justify="left" if column == "category" else "right")
     for name in CATEGORIES:
         a, s = analytic_by_category[name], at_peak[name]
-        table.add_row(name.replace("_", " "), f"{a / gib:.2f}", f"{s / gib:.2f}", _diff(a, s))
+        table.add_row(name.replace("_", " "), f"{a / GIB:.2f}", f"{s / GIB:.2f}", _diff(a, s))
     table.add_section()
     # the split between what is kept for backward and what is transient differs by
     # definition; their sum is comparable
     a = analytic_by_category["activations"] + analytic_by_category["temporaries"]
     s = at_peak["activations"] + at_peak["temporaries"]
-    table.add_row("activ. + temp.", f"{a / gib:.2f}", f"{s / gib:.2f}", _diff(a, s))
+    table.add_row("activ. + temp.", f"{a / GIB:.2f}", f"{s / GIB:.2f}", _diff(a, s))
     a, s = analytic.peak_allocated_bytes, simulation.peak_allocated_bytes
-    table.add_row("peak allocated", f"{a / gib:.2f}", f"{s / gib:.2f}", _diff(a, s))
+    table.add_row("peak allocated", f"{a / GIB:.2f}", f"{s / GIB:.2f}", _diff(a, s))
     console.print(table)
     phases = Table(title="simulated peak per phase (GiB)")
     phases.add_column("phase", no_wrap=True)
@@ -279,8 +279,8 @@ def _print_simulation(result: Plan, simulation: SimulationResult) -> None:
     for phase, peak in simulation.phases.items():
         phases.add_row(
             phase.replace("optimizer_step", "optim step"),
-            f"{peak.peak_allocated_bytes / gib:.2f}",
-            *(f"{peak.by_category[name] / gib:.2f}" for name in CATEGORIES),
+            f"{peak.peak_allocated_bytes / GIB:.2f}",
+            *(f"{peak.by_category[name] / GIB:.2f}" for name in CATEGORIES),
         )
     console.print(phases)
     console.print(
@@ -307,7 +307,6 @@ def _shown(value: object) -> str:
 def plan_header(result: Plan, written_model_id: str | None = None) -> str:
     """The plan's first line: what was planned (the resolved model, length, micro-batch)
     and for which GPU."""
-    gib = 2**30
     gpu = result.gpu
     model = result.model_id
     if written_model_id is not None and written_model_id != model:
@@ -315,8 +314,8 @@ def plan_header(result: Plan, written_model_id: str | None = None) -> str:
     count = f"{gpu.count} x " if gpu.count > 1 else ""
     return (
         f"{result.spec}: {model}, max_length {result.max_length}, micro-batch "
-        f"{result.micro_batch}, on {count}{gpu.name} ({gpu.vram_bytes / gib:.1f} GiB, budget "
-        f"{result.budget_bytes / gib:.1f} GiB{' per GPU' if gpu.count > 1 else ''})"
+        f"{result.micro_batch}, on {count}{gpu.name} ({format_gib(gpu.vram_bytes)}, budget "
+        f"{format_gib(result.budget_bytes)}{' per GPU' if gpu.count > 1 else ''})"
     )
 
 
@@ -325,14 +324,13 @@ def tight_text(result: Plan) -> str | None:
     chosen = result.chosen
     if chosen is None or not result.tight:
         return None
-    gib = 2**30
-    margin = (result.budget_bytes - chosen.peak_reserved_bytes) / gib
-    over = (chosen.peak_reserved_bytes_high - result.budget_bytes) / gib
+    margin = (result.budget_bytes - chosen.peak_reserved_bytes) / GIB
+    over = (chosen.peak_reserved_bytes_high - result.budget_bytes) / GIB
     return (
-        f"tight: {chosen.precision} peaks at {chosen.peak_reserved_bytes / gib:.1f} GiB, "
-        f"{margin:.1f} GiB under the {result.budget_bytes / gib:.1f} GiB budget, but the upper "
+        f"tight: {chosen.precision} peaks at {format_gib(chosen.peak_reserved_bytes)}, "
+        f"{margin:.1f} GiB under the {format_gib(result.budget_bytes)} budget, but the upper "
         f"end of the prediction interval (x{result.interval_factor:g}, the accuracy benchmark's "
-        f"90th percentile) is {chosen.peak_reserved_bytes_high / gib:.1f} GiB, {over:.1f} GiB "
+        f"90th percentile) is {format_gib(chosen.peak_reserved_bytes_high)}, {over:.1f} GiB "
         "over: the run may run out of memory"
     )
 
@@ -345,7 +343,6 @@ def _print_plan(
     from rich.markup import escape
     from rich.table import Table
 
-    gib = 2**30
     console = console or Console(highlight=False)
     console.print(escape(plan_header(result, written_model_id)))
     trainable, total = result.trainable_parameters, result.total_parameters
@@ -365,23 +362,23 @@ def _print_plan(
     for key in BREAKDOWN_KEYS:
         table.add_row(
             key.removesuffix("_bytes"),
-            *(f"{getattr(c.breakdown, key) / gib:.2f}" for c in result.candidates),
+            *(f"{getattr(c.breakdown, key) / GIB:.2f}" for c in result.candidates),
         )
     table.add_section()
     table.add_row(
-        "peak allocated", *(f"{c.peak_allocated_bytes / gib:.2f}" for c in result.candidates)
+        "peak allocated", *(f"{c.peak_allocated_bytes / GIB:.2f}" for c in result.candidates)
     )
     table.add_row(
-        "peak reserved", *(f"{c.peak_reserved_bytes / gib:.2f}" for c in result.candidates)
+        "peak reserved", *(f"{c.peak_reserved_bytes / GIB:.2f}" for c in result.candidates)
     )
     table.add_row(
         "upper end",
-        *(f"{c.peak_reserved_bytes_high / gib:.2f}" for c in result.candidates),
+        *(f"{c.peak_reserved_bytes_high / GIB:.2f}" for c in result.candidates),
     )
     if any(c.managed_bytes for c in result.candidates):
         table.add_row(
             "paged (managed, outside)",
-            *(f"{c.managed_bytes / gib:.2f}" for c in result.candidates),
+            *(f"{c.managed_bytes / GIB:.2f}" for c in result.candidates),
         )
     table.add_row(
         "fits",
@@ -467,10 +464,10 @@ def emit(args: argparse.Namespace) -> int:
         print(f"warning: {tight}; `{plan_command(args)}` lists what makes it fit", file=sys.stderr)
     if not result.fits:
         peaks = ", ".join(
-            f"{c.precision} {c.peak_reserved_bytes / 2**30:.1f} GiB" for c in result.candidates
+            f"{c.precision} {format_gib(c.peak_reserved_bytes)}" for c in result.candidates
         )
         message = (
-            f"{args.spec}: nothing fits the {result.budget_bytes / 2**30:.1f} GiB budget on "
+            f"{args.spec}: nothing fits the {format_gib(result.budget_bytes)} budget on "
             f"{result.gpu.name} (peaks: {peaks}); `{plan_command(args)}` lists what to change"
         )
         if not args.force:

@@ -9,13 +9,12 @@ Regenerate both with ``python -m peftgen.docs``.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from peftgen.load import KEY_ALIASES, MAX_ALIASES, MAX_DEPTH, MAX_EXPANDED_NODES, MAX_SPEC_BYTES
-from peftgen.spec import spec_json_schema
+from peftgen.spec import schema_text, spec_json_schema
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "specs" / "peftgen.schema.json"
@@ -41,11 +40,6 @@ TOP_LEVEL_ORDER = (
     "grpo",
 )
 METHOD_ONLY = {"dpo": "dpo", "grpo": "grpo"}
-
-
-def schema_text() -> str:
-    """The JSON Schema as written to ``specs/peftgen.schema.json`` (stable key order)."""
-    return json.dumps(spec_json_schema(), indent=2, sort_keys=True) + "\n"
 
 
 def reference_markdown() -> str:

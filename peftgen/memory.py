@@ -30,15 +30,18 @@ from peftgen.catalog.structure import (
     SANDWICH_NORM_TYPES,
     SDPA_REFUSED_TYPES,
 )
-from peftgen.spec import Optim
+from peftgen.spec import (
+    PARAMETER_SHARDING_ENGINES,
+    STATE_SHARDING_ENGINES,
+    Distributed,
+    LoadPrecision,
+    Method,
+    Optim,
+)
 
 MIB = 2**20
-GIB = 2**30
 
-LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
-Method = Literal["sft", "dpo", "grpo"]
 AdapterDtype = Literal["bf16", "fp16", "fp32"]
-Distributed = Literal["none", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 LossPath = Literal[
     "fused_lm_head",
     "full_logits_fp32",
@@ -65,17 +68,46 @@ PAGED_MIN_NUMEL = 100_000
 # projects [4096 tokens x 32768 vocabulary] tiles.
 FUSED_HEAD_TOKEN_TILE = 4096
 FUSED_HEAD_VOCAB_TILE = 32768
-# Allocator-level overheads (torch 2.13 CUDA caching allocator).
+# Allocator-level overheads (torch 2.13 CUDA caching allocator). Each names its source or
+# says it is an assumption; ``peftgen calibrate`` reports what receipts imply for each.
 CUDA_CONTEXT_BYTES = 512 * MIB
-"""CUDA context + torch kernels with lazy module loading; held by the process (nvidia-smi)
-but outside ``torch.cuda.memory_reserved``."""
-CUBLAS_WORKSPACE_BYTES = 32 * MIB
-"""cuBLAS/cuBLASLt workspaces, allocated through the caching allocator (Hopper size)."""
+"""Assumption (neither measured here nor published for this stack): the CUDA context plus
+torch's kernels under lazy module loading (``CUDA_MODULE_LOADING=LAZY``, torch's default),
+held by the process (nvidia-smi shows it) but outside ``torch.cuda.memory_reserved``. One
+figure for every architecture; it varies with the driver, CUDA and the kernels a run
+loads. Receipts record torch's counters only, so they cannot check it."""
+CUBLAS_WORKSPACE_BYTES_SM90 = 4096 * 1024 * 8
+"""32 MiB: torch's default cuBLAS workspace on compute capability 9.0 (H100, H200),
+``CUBLAS_WORKSPACE_CONFIG=:4096:8``. Source: ``parseChosenWorkspaceSize`` in
+aten/src/ATen/cuda/CublasHandlePool.cpp (``sm90 ? 4096 * 8 * 1024 : ...``)."""
+CUBLAS_WORKSPACE_BYTES_OTHER = 4096 * 1024 * 2 + 16 * 1024 * 8
+"""8 MiB + 128 KiB: the same function's default on every other architecture (Volta to
+Ada, and Blackwell: only ``major == 9 && minor == 0`` gets the Hopper size),
+``CUBLAS_WORKSPACE_CONFIG=:4096:2:16:8``."""
+CUBLASLT_WORKSPACE_BYTES = 1024 * 1024
+"""cuBLASLt's own workspace: ``CUBLASLT_WORKSPACE_SIZE`` defaults to 1024 KiB
+(``parseCUDABlasLtWorkspaceSize``, same file), a separate allocation unless
+``TORCH_CUBLASLT_UNIFIED_WORKSPACE=1``; every architecture."""
 TRANSIENT_FRAGMENTATION_FRACTION = 0.10
-"""Share of the peak's short-lived tensors (activations, logits, dequantized weights) the
-caching allocator holds in blocks it cannot reuse for the next, differently sized request."""
+"""Assumption (not fitted, not measured here): the share of the peak's short-lived tensors
+(activations, logits, dequantized weights) the caching allocator holds in blocks it cannot
+reuse for the next, differently sized request. Not architecture-specific: the allocator's
+block rules are the same on every GPU. ``peftgen calibrate`` prints the fraction each
+measured receipt implies."""
 PERSISTENT_ROUNDING_FRACTION = 0.01
-"""Rounding of long-lived tensors to 512-byte / 2 MiB allocator blocks."""
+"""Assumption, bounded by the allocator's rounding rules (c10/cuda/CUDACachingAllocator.cpp:
+every request rounds up to 512 B (``kMinBlockSize``), requests over 1 MiB to 2 MiB
+(``kRoundLarge``), and up to 10 MiB ones share 20 MiB segments): 1 % of long-lived tensors.
+The same on every architecture."""
+
+
+def cublas_workspace_bytes(compute_capability: str | None) -> int:
+    """cuBLAS plus cuBLASLt workspaces torch allocates through the caching allocator, once
+    per (handle, stream) pair; the training loop multiplies on one stream. ``None`` (a GPU
+    of unknown architecture): the larger, Hopper size."""
+    hopper = compute_capability is None or compute_capability == "9.0"
+    cublas = CUBLAS_WORKSPACE_BYTES_SM90 if hopper else CUBLAS_WORKSPACE_BYTES_OTHER
+    return cublas + CUBLASLT_WORKSPACE_BYTES
 
 
 @dataclass(frozen=True)
@@ -135,7 +167,7 @@ class EstimateInput:
     arch: ModelArch
     precision: LoadPrecision
     method: Method = "sft"
-    compute_dtype: Literal["bf16", "fp16"] = "bf16"
+    compute_dtype: stack.ComputeDtype = "bf16"
     """Dtype of unquantized weights and of the autocast compute (fp16 on GPUs without bf16)."""
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
@@ -162,6 +194,9 @@ class EstimateInput:
     """FSDP ``offload_params`` / DeepSpeed ``offload_optimizer`` (+ ``offload_param`` for
     ZeRO-3): sharded state lives in host memory."""
     stack: StackProfile = field(default_factory=StackProfile)
+    gpu_compute_capability: str | None = None
+    """The GPU's compute capability (``"8.0"``): it sizes the cuBLAS workspace. ``None``
+    where the GPU is unknown (published rows that do not name one): the larger size."""
 
 
 @dataclass(frozen=True)
@@ -1107,14 +1142,14 @@ def grpo_last_decode_bytes(inputs: EstimateInput) -> int:
 # --------------------------------------------------------------------------- totals
 
 
-def overhead_bytes(persistent_bytes: int, transient_bytes: int, stack: StackProfile) -> int:
-    """Reserved minus allocated: cuBLAS workspace, allocator rounding of long-lived
-    tensors, fragmentation among short-lived ones, and the CUDA context."""
+def overhead_bytes(persistent_bytes: int, transient_bytes: int, inputs: EstimateInput) -> int:
+    """Reserved minus allocated: cuBLAS workspace (per architecture), allocator rounding of
+    long-lived tensors, fragmentation among short-lived ones, and the CUDA context."""
     return (
-        CUBLAS_WORKSPACE_BYTES
+        cublas_workspace_bytes(inputs.gpu_compute_capability)
         + int(PERSISTENT_ROUNDING_FRACTION * persistent_bytes)
         + int(TRANSIENT_FRAGMENTATION_FRACTION * transient_bytes)
-        + stack.cuda_context_bytes
+        + inputs.stack.cuda_context_bytes
     )
 
 
@@ -1146,7 +1181,7 @@ def estimate(inputs: EstimateInput) -> Estimate:
             gradient = communication
     optimizer += max(0, parts.optimizer_step_temporary_bytes - (activation + logits))
     persistent = weights + adapter + gradient + optimizer
-    overhead = overhead_bytes(persistent, activation + logits, inputs.stack)
+    overhead = overhead_bytes(persistent, activation + logits, inputs)
     allocated = persistent + activation + logits
     return Estimate(
         weights_bytes=weights,
@@ -1168,12 +1203,8 @@ def estimate(inputs: EstimateInput) -> Estimate:
 
 # --------------------------------------------------------------------------- multi-GPU
 
-DDP_BUCKET_CAP_BYTES = 25 * MIB
-"""torch DDP ``bucket_cap_mb=25``: gradients are reduced in buckets of this size."""
 DEEPSPEED_BUCKET_ELEMENTS = 50_000_000
 """``reduce_bucket_size`` and ``allgather_bucket_size`` peftgen writes into ds_config.json."""
-PARAMETER_SHARDING = frozenset({"fsdp", "deepspeed-zero3"})
-STATE_SHARDING = frozenset({"fsdp", "deepspeed-zero2", "deepspeed-zero3"})
 
 
 @dataclass(frozen=True)
@@ -1291,7 +1322,7 @@ def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
     managed = managed_optimizer_bytes(inputs)
     gathered = 0
     offload = inputs.cpu_offload
-    if inputs.distributed in PARAMETER_SHARDING:
+    if inputs.distributed in PARAMETER_SHARDING_ENGINES:
         replicated = replicated_quant_state_bytes(inputs)
         sharded = weights - replicated
         if inputs.distributed == "fsdp":
@@ -1299,7 +1330,7 @@ def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
         gathered = gathered_parameter_bytes(inputs)
         weights = replicated + (0 if offload else _shard(sharded, world)) + gathered
         adapter = 0 if offload else _shard(adapter, world)
-    if inputs.distributed in STATE_SHARDING:
+    if inputs.distributed in STATE_SHARDING_ENGINES:
         optimizer, temporary = _shard(optimizer, world), _shard(temporary, world)
         managed = _shard(managed, world)
         gradient = _shard(gradient, world)

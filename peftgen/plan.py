@@ -11,20 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
 from peftgen.accuracy_interval import UNDER_PREDICTION_FACTOR, high_end_bytes
-from peftgen.catalog import Gpu, ModelArch, gpu_catalogue, lookup_gpu
-from peftgen.chat_templates import CHATML_SPECIAL_TOKENS
+from peftgen.catalog import Gpu, gpu_catalogue, lookup_gpu
 from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.errors import UserError
 from peftgen.memory import (
-    GIB,
     PAGED_OPTIMIZERS,
-    PARAMETER_SHARDING,
-    STATE_SHARDING,
     Estimate,
     EstimateInput,
     MemoryBreakdown,
@@ -37,10 +33,15 @@ from peftgen.memory import (
 )
 from peftgen.overrides import apply_changes
 from peftgen.resolve import Resolved, valid_with
-from peftgen.spec import AnySpec, trained_modules_to_save
-
-LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
-
+from peftgen.spec import (
+    PARAMETER_SHARDING_ENGINES,
+    STATE_SHARDING_ENGINES,
+    AnySpec,
+    LoadPrecision,
+    trained_modules_to_save,
+)
+from peftgen.stack import GIB, format_gib
+from peftgen.stack import compute_dtype as stack_compute_dtype
 
 BREAKDOWN_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MemoryBreakdown))
 """``MemoryBreakdown``'s keys in order, as ``plan --json`` and every table list them."""
@@ -204,7 +205,7 @@ def precision_order(
     sixteen: LoadPrecision = "bf16" if gpu.bf16 else "fp16"
     if requested == "fp16":
         sixteen = "fp16"
-    if distributed in PARAMETER_SHARDING:
+    if distributed in PARAMETER_SHARDING_ENGINES:
         return (sixteen, "4bit")
     return (sixteen, "8bit", "4bit")
 
@@ -212,17 +213,6 @@ def precision_order(
 def budget_bytes(gpu: Gpu, headroom_fraction: float) -> int:
     """What the run may hold: GPU memory less the spec's headroom."""
     return int(gpu.memory_bytes * (1.0 - headroom_fraction))
-
-
-def trained_arch(resolved: Resolved) -> ModelArch:
-    """The architecture the script trains: with ``dataset.chat_template: chatml`` the two
-    ChatML markers become new tokens, and ``resize_token_embeddings`` grows the vocabulary
-    (embeddings, a separate head) by them."""
-    arch = resolved.arch
-    if resolved.loaded.spec.dataset.chat_template is None:
-        return arch
-    grown = arch.config.vocab_size + len(CHATML_SPECIAL_TOKENS)
-    return arch.model_copy(update={"config": arch.config.model_copy(update={"vocab_size": grown})})
 
 
 def estimate_input(
@@ -244,10 +234,10 @@ def estimate_input(
     )
     grpo = getattr(spec, "grpo", None)
     inputs = EstimateInput(
-        arch=trained_arch(resolved),
+        arch=resolved.arch,
         precision=precision,
         method=spec.method,
-        compute_dtype="bf16" if target.bf16 and precision != "fp16" else "fp16",
+        compute_dtype=stack_compute_dtype(precision, target.bf16),
         bnb_4bit_quant_type=spec.quantization.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=spec.quantization.bnb_4bit_use_double_quant,
         lora_r=lora.r,
@@ -267,6 +257,7 @@ def estimate_input(
         world_size=spec.hardware.world_size,
         distributed=spec.hardware.distributed,
         cpu_offload=spec.hardware.cpu_offload,
+        gpu_compute_capability=target.compute_capability,
     )
     if overrides:
         unknown = set(overrides) - set(SPEC_KEY_TO_FIELD)
@@ -488,8 +479,8 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
         notes.append(
             f"grpo: the table shows the {shown.phase} phase, the larger of the two for "
             f"{shown.precision} (generation: KV cache and activations of {rows} rows, "
-            f"{_gib(generation)}, no gradients; training: activations and logits "
-            f"{_gib(activation + logits)} plus gradients); the {other} phase peaks lower"
+            f"{format_gib(generation)}, no gradients; training: activations and logits "
+            f"{format_gib(activation + logits)} plus gradients); the {other} phase peaks lower"
         )
     hardware = spec.hardware
     if hardware.cpu_offload:
@@ -503,8 +494,9 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
             else "parameters, gradients and optimizer state"
         )
         notes.append(
-            f"hardware.cpu_offload: about {_gib(per_gpu * hardware.num_gpus)} of host memory "
-            f"per node ({hardware.num_gpus} GPUs x {_gib(per_gpu)} of offloaded {what}), plus "
+            f"hardware.cpu_offload: about {format_gib(per_gpu * hardware.num_gpus)} of host "
+            f"memory per node ({hardware.num_gpus} GPUs x {format_gib(per_gpu)} of offloaded "
+            f"{what}), plus "
             "the CPU optimizer step's temporaries and the loaded checkpoint"
         )
     return notes
@@ -544,10 +536,6 @@ def choose_precision(requested: str, candidates: tuple[Candidate, ...]) -> LoadP
     return None
 
 
-def _gib(value: int) -> str:
-    return f"{value / GIB:.1f} GiB"
-
-
 def plan_decisions(
     resolved: Resolved,
     gpu: Gpu,
@@ -559,23 +547,23 @@ def plan_decisions(
     spec = resolved.loaded.spec
     by_precision = {c.precision: c for c in candidates}
     decisions: list[Decision] = []
-    peaks = ", ".join(f"{c.precision} {_gib(c.peak_reserved_bytes)}" for c in candidates)
+    peaks = ", ".join(f"{c.precision} {format_gib(c.peak_reserved_bytes)}" for c in candidates)
     if chosen is None:
-        reason = f"nothing fits the {_gib(budget)} budget on {gpu.name} (peaks: {peaks})"
+        reason = f"nothing fits the {format_gib(budget)} budget on {gpu.name} (peaks: {peaks})"
     elif spec.precision != "auto":
         reason = (
             f"precision {chosen} set in the spec; peak "
-            f"{_gib(by_precision[chosen].peak_reserved_bytes)} fits the {_gib(budget)} budget "
-            f"on {gpu.name}"
+            f"{format_gib(by_precision[chosen].peak_reserved_bytes)} fits the "
+            f"{format_gib(budget)} budget on {gpu.name}"
         )
     else:
         better = candidates[: [c.precision for c in candidates].index(chosen)]
         too_big = "; ".join(
-            f"{c.precision} would peak at {_gib(c.peak_reserved_bytes)}" for c in better
+            f"{c.precision} would peak at {format_gib(c.peak_reserved_bytes)}" for c in better
         )
         reason = (
-            f"{chosen} peaks at {_gib(by_precision[chosen].peak_reserved_bytes)} of the "
-            f"{_gib(budget)} budget on {gpu.name}"
+            f"{chosen} peaks at {format_gib(by_precision[chosen].peak_reserved_bytes)} of the "
+            f"{format_gib(budget)} budget on {gpu.name}"
             + (
                 f"; {too_big}, over budget"
                 if too_big
@@ -614,9 +602,9 @@ def plan_decisions(
             Decision(
                 "gradient_checkpointing",
                 checkpointing,
-                f"saves {_gib(delta)} of activations for ~30% more compute"
+                f"saves {format_gib(delta)} of activations for ~30% more compute"
                 if checkpointing
-                else f"off: turning it on would save {_gib(delta)}",
+                else f"off: turning it on would save {format_gib(delta)}",
             )
         )
     return decisions
@@ -785,7 +773,7 @@ def suggest_changes(
             "keeps one layer's activations instead of all",
         )
     hardware = spec.hardware
-    if hardware.distributed in STATE_SHARDING and not hardware.cpu_offload:
+    if hardware.distributed in STATE_SHARDING_ENGINES and not hardware.cpu_offload:
         add(
             "offload sharded state to host memory",
             {"hardware.cpu_offload": True, "training.optim": "adamw_torch"}
@@ -880,12 +868,12 @@ def _suggestion(
     after = outcome.candidate
     saved = base_peak - after.peak_reserved_bytes
     verdict = "fits" if outcome.fits_high else "fits, tight" if outcome.fits else "still over"
-    saving = f"saves {_gib(saved)}, " if saved > 0 else ""
+    saving = f"saves {format_gib(saved)}, " if saved > 0 else ""
     return Suggestion(
         action=action,
         detail=(
-            f"{what}: {saving}peak {_gib(after.peak_reserved_bytes)} in {after.precision}, "
-            f"up to {_gib(after.peak_reserved_bytes_high)} ({verdict})"
+            f"{what}: {saving}peak {format_gib(after.peak_reserved_bytes)} in {after.precision}, "
+            f"up to {format_gib(after.peak_reserved_bytes_high)} ({verdict})"
         ),
         change=change,
         peak_reserved_bytes=after.peak_reserved_bytes,
@@ -993,23 +981,23 @@ def distributed_decision(resolved: Resolved, gpu: Gpu, chosen: Candidate) -> Dec
     """The engine, with the per-GPU numbers it leads to and what one GPU would need."""
     hardware = resolved.loaded.spec.hardware
     single = estimate_candidate(resolved, chosen.precision, ONE_GPU, gpu)
-    parts = [f"weights {_gib(chosen.breakdown.weights_bytes)}"]
+    parts = [f"weights {format_gib(chosen.breakdown.weights_bytes)}"]
     if chosen.gathered_weight_bytes:
-        parts[0] += f" (of which {_gib(chosen.gathered_weight_bytes)} gathered unsharded)"
+        parts[0] += f" (of which {format_gib(chosen.gathered_weight_bytes)} gathered unsharded)"
     parts.append(
-        f"gradients {_gib(chosen.breakdown.gradient_bytes)}"
+        f"gradients {format_gib(chosen.breakdown.gradient_bytes)}"
         + (
-            f" (of which {_gib(chosen.communication_bytes)} communication buffers)"
+            f" (of which {format_gib(chosen.communication_bytes)} communication buffers)"
             if chosen.communication_bytes
             else ""
         )
     )
-    parts.append(f"optimizer {_gib(chosen.breakdown.optimizer_bytes)}")
+    parts.append(f"optimizer {format_gib(chosen.breakdown.optimizer_bytes)}")
     offload = "; sharded state offloaded to host memory" if hardware.cpu_offload else ""
     reason = (
         f"{hardware.world_size} GPUs, per GPU: {', '.join(parts)}; peak "
-        f"{_gib(chosen.peak_reserved_bytes)} per GPU against "
-        f"{_gib(single.peak_reserved_bytes)} on one GPU{offload}"
+        f"{format_gib(chosen.peak_reserved_bytes)} per GPU against "
+        f"{format_gib(single.peak_reserved_bytes)} on one GPU{offload}"
     )
     return Decision("distributed", hardware.distributed, reason)
 
@@ -1053,7 +1041,7 @@ def smallest_fitting_gpu_count(resolved: Resolved, gpu: Gpu, base_peak: int) -> 
     """
     spec = resolved.loaded.spec
     hardware = spec.hardware
-    engine = hardware.distributed if hardware.distributed in PARAMETER_SHARDING else "fsdp"
+    engine = hardware.distributed if hardware.distributed in PARAMETER_SHARDING_ENGINES else "fsdp"
     first_point: Suggestion | None = None
     for count in range(hardware.num_gpus + 1, MAX_SUGGESTED_GPUS + 1):
         change: dict[str, Any] = {"hardware.num_gpus": count, "hardware.distributed": engine}
@@ -1092,12 +1080,13 @@ def recommended_engine(resolved: Resolved) -> tuple[str, str]:
     if one.fits_high and ddp_ok:
         return "ddp", (
             f"the run fits one {gpu.name} ({one.precision} peaks at "
-            f"{_gib(one.peak_reserved_bytes)}, up to {_gib(one.peak_reserved_bytes_high)}), so "
+            f"{format_gib(one.peak_reserved_bytes)}, up to "
+            f"{format_gib(one.peak_reserved_bytes_high)}), so "
             f"each of the {world} GPUs holds a replica and DDP only averages gradients"
         )
     too_big = (
         f"one {gpu.name} is too small ({one.precision} peaks at up to "
-        f"{_gib(one.peak_reserved_bytes_high)})"
+        f"{format_gib(one.peak_reserved_bytes_high)})"
         if not one.fits_high
         else "ddp cannot run this spec"
     )

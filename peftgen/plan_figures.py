@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from peftgen.stack import GIB, format_gib
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
 PLAN_DOC = REPO_ROOT / "docs" / "plan.md"
@@ -28,7 +30,6 @@ EXAMPLE_SPEC = "specs/llama3-8b-clinical-qlora.yaml"
 TABLE_SPEC = "tests/plan_specs/llama3-8b-sft-auto.yaml"
 TABLE_GPUS = ("rtx-4090", "t4", "a100-80gb")
 COMMAND = "python -m peftgen.plan_figures"
-GIB = 2**30
 
 
 def _begin(name: str) -> str:
@@ -74,13 +75,13 @@ def plan_gpu_table() -> str:
             mark = "" if c.fits_high else " (tight)" if c.fits else " (over)"
             label = f" ({c.precision})" if c.precision == "fp16" else ""
             cells.append(
-                f"{c.peak_reserved_bytes / GIB:.1f}-{c.peak_reserved_bytes_high / GIB:.1f} GiB"
+                f"{c.peak_reserved_bytes / GIB:.1f}-{format_gib(c.peak_reserved_bytes_high)}"
                 f"{label}{mark}"
             )
         name = plan.gpu.name.removeprefix("NVIDIA ").removeprefix("GeForce ")
-        memory = f"{plan.gpu.vram_bytes / GIB:.1f} GiB{'' if plan.gpu.bf16 else ', no bf16'}"
+        memory = f"{format_gib(plan.gpu.vram_bytes)}{'' if plan.gpu.bf16 else ', no bf16'}"
         lines.append(
-            f"| {name} ({memory}) | {plan.budget_bytes / GIB:.1f} GiB | {' | '.join(cells)} | "
+            f"| {name} ({memory}) | {format_gib(plan.budget_bytes)} | {' | '.join(cells)} | "
             f"{plan.chosen_precision or 'nothing fits'}{' (tight)' if plan.tight else ''} |"
         )
     return "\n".join(lines)

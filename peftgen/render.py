@@ -28,7 +28,6 @@ from typing import Any
 import jinja2
 
 from peftgen import chat_templates, stack
-from peftgen.chat_templates import CHATML_SPECIAL_TOKENS
 from peftgen.errors import UserError
 from peftgen.launch import LAUNCH_FILES, launch_files
 from peftgen.load import LoadedSpec
@@ -51,6 +50,7 @@ TRAIN_TEMPLATES: dict[str, str] = {
     "dpo": "train_dpo.py.j2",
     "grpo": "train_grpo.py.j2",
 }
+CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 class RenderError(Exception):

@@ -29,8 +29,7 @@ from peftgen.errors import Problem, UserError
 from peftgen.load import LoadedSpec, did_you_mean
 from peftgen.overrides import apply_changes
 from peftgen.spec import PARAMETER_SHARDING_ENGINES, AnySpec, GrpoRunSpec
-
-GIB = 2**30
+from peftgen.stack import GIB
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 """Non-linear (or output) modules peft can train in full through ``modules_to_save``."""

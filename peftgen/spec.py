@@ -16,6 +16,7 @@ loader can point at that field's line instead of the section's.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Literal
 
@@ -39,9 +40,17 @@ USER_REWARD_PATTERN = re.compile(r"^(?P<path>[^:\n\r\x00]+\.py):(?P<func>[A-Za-z
 
 Method = Literal["sft", "dpo", "grpo"]
 Precision = Literal["auto", "bf16", "fp16", "8bit", "4bit"]
+LoadPrecision = Literal["bf16", "fp16", "8bit", "4bit"]
+"""How the base weights are loaded once ``auto`` is decided (the planner's candidates)."""
 AttnImplementation = Literal["sdpa", "flash_attention_2", "eager"]
 DatasetFormat = Literal["messages", "prompt_completion", "text", "preference", "prompt"]
 Distributed = Literal["none", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
+PARAMETER_SHARDING_ENGINES: frozenset[Distributed] = frozenset({"fsdp", "deepspeed-zero3"})
+"""Engines that shard the parameters themselves (FSDP FULL_SHARD, ZeRO-3)."""
+STATE_SHARDING_ENGINES: frozenset[Distributed] = frozenset(
+    {"fsdp", "deepspeed-zero2", "deepspeed-zero3"}
+)
+"""Engines that shard gradients and optimizer state (ZeRO-2 too)."""
 # transformers 5.24 OptimizerNames that peftgen models and renders.
 Optim = Literal[
     "adamw_torch",
@@ -462,9 +471,6 @@ def _check_loss_on(spec: _SpecBase, method: str) -> None:
         )
 
 
-PARAMETER_SHARDING_ENGINES = ("fsdp", "deepspeed-zero3")
-
-
 def _storage_set_to_uint8(spec: _SpecBase) -> bool:
     """``bnb_4bit_quant_storage: uint8`` written in the spec. Left out, ``resolve`` sets the
     compute dtype under FSDP / ZeRO-3, so only a written uint8 is refused."""
@@ -608,6 +614,12 @@ def spec_json_schema() -> dict[str, object]:
     schema["title"] = "peftgen experiment spec v1"
     _one_line_descriptions(schema)
     return schema
+
+
+def schema_text() -> str:
+    """The JSON Schema as ``peftgen schema`` prints it and ``specs/peftgen.schema.json``
+    holds it (stable key order)."""
+    return json.dumps(spec_json_schema(), indent=2, sort_keys=True) + "\n"
 
 
 def _one_line_descriptions(node: object) -> None:

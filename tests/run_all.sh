@@ -21,4 +21,5 @@ fi
 ruff check .
 ruff format --check .
 mypy
+lint-imports
 python -m pytest -n 2 --dist loadgroup -p no:cacheprovider "$@"

@@ -8,7 +8,8 @@ import pytest
 
 from peftgen.errors import UserError
 from peftgen.load import load_spec
-from peftgen.resolve import GIB, Resolved, resolve
+from peftgen.resolve import Resolved, resolve
+from peftgen.stack import GIB
 
 SPEC = """\
 name: clinical-lora

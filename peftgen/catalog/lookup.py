@@ -25,6 +25,7 @@ from peftgen.catalog.structure import SUPPORTED_MODEL_TYPES
 from peftgen.catalog.types import ArchConfig, Gpu, ModelArch
 from peftgen.chat_templates import identify
 from peftgen.errors import Problem, UserError, close_matches, normalise_name
+from peftgen.stack import GIB, format_gib
 
 DATA_DIR = Path(__file__).parent / "data"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -128,7 +129,7 @@ def _memory_splits(key: str) -> list[tuple[str, float]]:
 
 def _same_memory(gpu: Gpu, gb: float) -> bool:
     """``gb`` is how people write this card's memory (24 for 23.99 GiB, 16 for a T4's 14.7)."""
-    gib = gpu.memory_bytes / 2**30
+    gib = gpu.memory_bytes / GIB
     return abs(gib - gb) <= max(1.5, 0.06 * gb)
 
 
@@ -152,7 +153,7 @@ def _match_gpu(name: str) -> Gpu | Problem:
             return sized[0]
         if len(sized) > 1:
             return _ambiguous_problem(name, tuple(sized))
-        sizes = ", ".join(f"{g.name} {g.memory_bytes / 2**30:.1f} GiB" for g in variants)
+        sizes = ", ".join(f"{g.name} {format_gib(g.memory_bytes)}" for g in variants)
         return Problem(
             f"GPU {name!r}: no catalogue card of that kind has {gb:g} GB ({sizes})",
             hint=f"for a card with other memory, set gpu: {_gpu_label(variants[0])} and "
@@ -167,7 +168,7 @@ def _gpu_label(gpu: Gpu) -> str:
 
 def _ambiguous_problem(name: str, variants: tuple[Gpu, ...]) -> Problem:
     listed = "; ".join(
-        f"{_gpu_label(gpu)} ({gpu.name}, {gpu.memory_bytes / 2**30:.1f} GiB)" for gpu in variants
+        f"{_gpu_label(gpu)} ({gpu.name}, {format_gib(gpu.memory_bytes)})" for gpu in variants
     )
     return Problem(
         f"GPU {name!r} is more than one card: {listed}",

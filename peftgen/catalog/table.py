@@ -11,9 +11,9 @@ from pathlib import Path
 from peftgen.catalog.lookup import gpu_catalogue, model_catalogue
 from peftgen.catalog.structure import parameter_groups
 from peftgen.catalog.types import Gpu, ModelArch
+from peftgen.stack import GIB
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "catalogue.md"
-GIB = 2**30
 
 _HEADER = """\
 # Catalogue: models and GPUs

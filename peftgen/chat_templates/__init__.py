@@ -31,6 +31,7 @@ from pathlib import Path
 
 __all__ = [
     "CHATML",
+    "CHATML_SPECIAL_TOKENS",
     "FAMILIES",
     "ChatTemplateFamily",
     "family_for_training",
@@ -232,6 +233,9 @@ FAMILIES: dict[str, ChatTemplateFamily] = _load()
 
 CHATML: ChatTemplateFamily = FAMILIES["chatml"]
 """peftgen's own ChatML: what the generated scripts install on a base model."""
+
+CHATML_SPECIAL_TOKENS: tuple[str, str] = ("<|im_start|>", "<|im_end|>")
+"""The special tokens a script adds with ChatML; the second ends a turn (the new eos)."""
 
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 

@@ -128,8 +128,7 @@ def _hub_id(model_id: str) -> str:
 
 def _install_chatml(tokenizer: Any) -> None:
     """What ``train.py`` does when the spec names ``chatml`` (templates/train_base.py.j2)."""
-    from peftgen.chat_templates import CHATML
-    from peftgen.render import CHATML_SPECIAL_TOKENS
+    from peftgen.chat_templates import CHATML, CHATML_SPECIAL_TOKENS
 
     tokenizer.add_special_tokens(
         {"extra_special_tokens": list(CHATML_SPECIAL_TOKENS)}, replace_extra_special_tokens=False

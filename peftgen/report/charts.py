@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from peftgen.errors import UserError
-from peftgen.memory import GIB
 from peftgen.plan import Plan
 from peftgen.report.data import COMPONENTS, ReportData, precision_label
+from peftgen.stack import GIB
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

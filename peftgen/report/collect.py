@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from peftgen.catalog import Gpu, gpu_catalogue
 from peftgen.plan import (
-    LoadPrecision,
     Plan,
     budget_bytes,
     estimate_candidate,
@@ -34,6 +33,7 @@ from peftgen.report.data import (
     fit_status,
 )
 from peftgen.resolve import Resolved
+from peftgen.spec import PARAMETER_SHARDING_ENGINES, LoadPrecision
 
 CURVE_MAX_LENGTHS: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 """From short chat turns to long-context fine-tuning."""
@@ -175,7 +175,7 @@ def gpu_count_changes(
         "hardware.distributed": engine,
         "hardware.cpu_offload": offload,
     }
-    if precision == "4bit" and engine in ("fsdp", "deepspeed-zero3"):
+    if precision == "4bit" and engine in PARAMETER_SHARDING_ENGINES:
         changes["quantization.bnb_4bit_quant_storage"] = "bfloat16"
     return changes
 

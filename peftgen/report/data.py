@@ -8,9 +8,10 @@ spec (another GPU, another precision, another ``max_length``). The renderers onl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-from peftgen.plan import LoadPrecision, Plan
+from peftgen.plan import Plan
+from peftgen.spec import Distributed, LoadPrecision
 
 FitStatus = Literal["fits", "tight", "no"]
 
@@ -97,7 +98,8 @@ class PrecisionLimits:
 
 GPU_COUNTS: tuple[int, ...] = (1, 2, 4, 8)
 """GPU counts the report's multi-GPU table shows (one node)."""
-ENGINES: tuple[str, ...] = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
+ENGINES: tuple[str, ...] = tuple(e for e in get_args(Distributed) if e != "none")
+"""The multi-GPU engines, in the spec's order."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from jinja2 import Environment
 from markupsafe import Markup
 
 from peftgen import __version__
-from peftgen.memory import GIB
 from peftgen.plan import Candidate, Plan
 from peftgen.report.data import (
     COMPONENTS,
@@ -29,6 +28,7 @@ from peftgen.report.data import (
     fit_status,
     precision_label,
 )
+from peftgen.stack import GIB
 
 if TYPE_CHECKING:
     from peftgen.resolve import Resolved
