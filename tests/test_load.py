@@ -139,7 +139,7 @@ def test_a_bug_still_prints_its_traceback(monkeypatch: pytest.MonkeyPatch) -> No
     def broken(*_: object) -> None:
         raise RuntimeError("a bug in peftgen")
 
-    monkeypatch.setattr(peftgen.load, "_parse", broken)
+    monkeypatch.setattr(peftgen.load, "parse", broken)
     with pytest.raises(RuntimeError):
         main(["validate", "tests/cases/invalid/lora_r_zero.yaml"])
 
