@@ -9,7 +9,9 @@ Two metrics, each predicted against measured:
 
 - allocated: ``peak_allocated_bytes`` vs ``torch.cuda.max_memory_allocated``;
 - reserved: ``torch_reserved_bytes`` (the plan's reserved minus the CUDA context) vs
-  ``torch.cuda.max_memory_reserved``, which does not see the context either.
+  ``torch.cuda.max_memory_reserved``, which does not see the context either;
+- step_seconds (receipt version 2): the throughput model's seconds per optimizer step vs
+  the mean the script's callback measured after the first (warm-up) step.
 
 The error is ``(predicted - measured) / measured`` in percent: positive means the plan
 over-predicted (safe), negative means it under-predicted (an OOM risk). Receipts written
@@ -30,12 +32,16 @@ from typing import Any
 from peftgen.errors import Problem, UserError
 from peftgen.stack import GIB
 
-RECEIPT_VERSION = 1
+RECEIPT_VERSION = 2
+"""What generated scripts write now: version 1 plus measured and predicted step seconds."""
+READABLE_VERSIONS = (1, 2)
+MAX_SECONDS = 10**7
+"""Longest plausible optimizer step (about 4 months): anything above is not a measurement."""
 MAX_BYTES = 2**60
 """Largest byte count a receipt may hold (1 EiB): anything above is not a measurement."""
 MAX_RECEIPT_BYTES = 16 * 2**20
 """A receipt is a few KB of JSON; a bigger file is the wrong one, refused before parsing."""
-METRICS = ("allocated", "reserved")
+METRICS = ("allocated", "reserved", "step_seconds")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,12 @@ class ReceiptRow:
     predicted_reserved_bytes: int
     """The plan's ``torch_reserved_bytes``: comparable with ``max_memory_reserved``."""
     measured_reserved_bytes: int | None
+    predicted_step_seconds: float | None = None
+    """The plan's seconds per optimizer step (None in version 1 receipts)."""
+    predicted_step_seconds_low: float | None = None
+    predicted_step_seconds_high: float | None = None
+    measured_step_seconds: float | None = None
+    """Mean seconds per optimizer step after warm-up (None in version 1, or too few steps)."""
 
     @property
     def measured(self) -> bool:
@@ -62,15 +74,28 @@ class ReceiptRow:
         )
 
     def error_percent(self, metric: str) -> float | None:
-        """``(predicted - measured) / measured`` in percent; None without a measurement."""
+        """``(predicted - measured) / measured`` in percent; None without a measurement.
+        Step time counts only on a GPU (a CPU run is not the planned GPU's speed)."""
         predicted, measured = self._pair(metric)
-        if measured is None:
+        if measured is None or predicted is None:
+            return None
+        if metric == "step_seconds" and not self.measured:
             return None
         return 100.0 * (predicted - measured) / measured
 
-    def _pair(self, metric: str) -> tuple[int, int | None]:
+    def within_step_range(self) -> bool | None:
+        """The measured step time lies in the plan's low-high range (None: not compared)."""
+        low, high = self.predicted_step_seconds_low, self.predicted_step_seconds_high
+        if self.error_percent("step_seconds") is None or low is None or high is None:
+            return None
+        assert self.measured_step_seconds is not None
+        return low <= self.measured_step_seconds <= high
+
+    def _pair(self, metric: str) -> tuple[float | None, float | None]:
         if metric == "allocated":
             return self.predicted_allocated_bytes, self.measured_allocated_bytes
+        if metric == "step_seconds":
+            return self.predicted_step_seconds, self.measured_step_seconds
         return self.predicted_reserved_bytes, self.measured_reserved_bytes
 
     def to_json(self) -> dict[str, Any]:
@@ -91,6 +116,14 @@ class ReceiptRow:
                 "predicted_bytes": self.predicted_reserved_bytes,
                 "measured_bytes": self.measured_reserved_bytes,
                 "error_percent": self.error_percent("reserved"),
+            },
+            "step_seconds": {
+                "predicted": self.predicted_step_seconds,
+                "predicted_low": self.predicted_step_seconds_low,
+                "predicted_high": self.predicted_step_seconds_high,
+                "measured": self.measured_step_seconds,
+                "error_percent": self.error_percent("step_seconds"),
+                "within_range": self.within_step_range(),
             },
         }
 
@@ -180,6 +213,23 @@ def _byte_count(data: Mapping[str, Any], dotted: str, file: str) -> int:
     return value
 
 
+def _seconds(data: Mapping[str, Any], dotted: str, file: str) -> float | None:
+    """A positive, finite number of seconds, or null; absent counts as null."""
+    parent, _, key = dotted.rpartition(".")
+    holder = _field(data, parent, Mapping, file)
+    if key not in holder:
+        return None
+    value = _field(data, dotted, (int, float, type(None)), file)
+    if value is not None and not (0 < value <= MAX_SECONDS):  # NaN fails both comparisons
+        raise UserError.single(
+            f"must be a positive number of seconds (at most {MAX_SECONDS:g}) or null; got "
+            f"{value!r}",
+            file=file,
+            field_path=dotted,
+        )
+    return None if value is None else float(value)
+
+
 def read_receipt(path: Path) -> ReceiptRow:
     """One receipt file as a row; a missing file, bad JSON or a foreign file is a UserError."""
     file = str(path)
@@ -215,12 +265,14 @@ def read_receipt(path: Path) -> ReceiptRow:
     if not isinstance(data, dict):
         raise UserError.single("not a memory receipt (expected a JSON object)", file=file)
     version = _field(data, "receipt_version", int, file)
-    if version != RECEIPT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise UserError.single(
-            f"receipt version {version} is not supported (this peftgen reads {RECEIPT_VERSION})",
+            f"receipt version {version} is not supported (this peftgen reads {readable})",
             file=file,
             field_path="receipt_version",
         )
+    timed = version >= 2
     return ReceiptRow(
         file=file,
         spec_name=_field(data, "spec_name", str, file),
@@ -233,6 +285,14 @@ def read_receipt(path: Path) -> ReceiptRow:
         measured_allocated_bytes=_measurement(data, "measured.max_memory_allocated_bytes", file),
         predicted_reserved_bytes=_byte_count(data, "predicted.torch_reserved_bytes", file),
         measured_reserved_bytes=_measurement(data, "measured.max_memory_reserved_bytes", file),
+        predicted_step_seconds=_seconds(data, "predicted.step_seconds", file) if timed else None,
+        predicted_step_seconds_low=(
+            _seconds(data, "predicted.step_seconds_low", file) if timed else None
+        ),
+        predicted_step_seconds_high=(
+            _seconds(data, "predicted.step_seconds_high", file) if timed else None
+        ),
+        measured_step_seconds=_seconds(data, "measured.step_seconds", file) if timed else None,
     )
 
 
@@ -272,6 +332,10 @@ def _gib(value: int | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
 
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}%"
 
@@ -290,6 +354,9 @@ def table_rows(calibration: Calibration) -> list[list[str]]:
         "resv pred GiB",
         "resv meas GiB",
         "resv err",
+        "step pred s",
+        "step meas s",
+        "step err",
     ]
     body = [
         [
@@ -304,6 +371,9 @@ def table_rows(calibration: Calibration) -> list[list[str]]:
             _gib(row.predicted_reserved_bytes),
             _gib(row.measured_reserved_bytes),
             _percent(row.error_percent("reserved")),
+            _secs(row.predicted_step_seconds),
+            _secs(row.measured_step_seconds),
+            _percent(row.error_percent("step_seconds")),
         ]
         for row in calibration.rows
     ]
@@ -315,8 +385,21 @@ def summary_lines(calibration: Calibration) -> list[str]:
     lines: list[str] = []
     for metric in METRICS:
         stats = calibration.statistics[metric]
+        if stats is None and metric == "step_seconds":
+            lines.append("step_seconds: no GPU receipt with a step time (version 2); no statistics")
+            continue
         if stats is None:
             lines.append(f"{metric}: no receipt measured on a GPU; no statistics")
+            continue
+        if metric == "step_seconds":
+            inside = [r.within_step_range() for r in calibration.rows]
+            compared = [flag for flag in inside if flag is not None]
+            lines.append(
+                f"step_seconds: median |error| {stats.median_abs_percent:.1f}%, max |error| "
+                f"{stats.max_abs_percent:.1f}%, median error {stats.median_percent:+.1f}% over "
+                f"{stats.count} receipt(s); {sum(compared)} of {len(compared)} inside the "
+                "plan's range"
+            )
             continue
         lines.append(
             f"{metric}: median |error| {stats.median_abs_percent:.1f}%, max |error| "

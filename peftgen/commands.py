@@ -17,6 +17,7 @@ from peftgen.load import load_spec
 from peftgen.paths import with_absolute_paths
 from peftgen.plan import BREAKDOWN_KEYS, Plan
 from peftgen.stack import GIB, format_gib
+from peftgen.throughput import format_duration
 
 if TYPE_CHECKING:
     from pathlib import Path as _Path
@@ -387,7 +388,17 @@ def _print_plan(
             for c in result.candidates
         ),
     )
+    timed = [c.time for c in result.candidates]
+    if all(t is not None for t in timed):
+        table.add_section()
+        table.add_row("tokens/s", *(f"{t.tokens_per_second:,.0f}" for t in timed if t))
+        table.add_row("s / step", *(f"{t.step_seconds:.1f}" for t in timed if t))
+        if all(t.total_hours is not None for t in timed if t):
+            table.add_row("total", *(format_duration(t.total_hours or 0.0) for t in timed if t))
     console.print(table)
+    time_line = time_text(result)
+    if time_line is not None:
+        console.print(escape(time_line))
     console.print(
         f"upper end: the peak x{result.interval_factor:g} (CUDA context unscaled), the 90th "
         "percentile of measured / predicted in the accuracy benchmark; tight: fits at the "
@@ -425,6 +436,34 @@ def _print_plan(
             f"  {number}. {escape(suggestion.action)} ({escape(change)}) - "
             f"{escape(suggestion.detail)}"
         )
+
+
+def time_text(result: Plan) -> str | None:
+    """What the time rows assume: the range, the run's length, what is not modelled."""
+    from peftgen.throughput import RATIO_HIGH, RATIO_LOW, format_duration
+
+    shown = result.chosen or result.candidates[-1]
+    t = shown.time
+    if t is None:
+        return "time: not estimated (the GPU has no datasheet figures; name one with --gpu)"
+    text = (
+        f"time ({shown.precision}): {t.tokens_per_second_low:,.0f}-"
+        f"{t.tokens_per_second_high:,.0f} tokens/s, {t.step_seconds_low:.1f}-"
+        f"{t.step_seconds_high:.1f} s per optimizer step of {t.tokens_per_step:,} tokens "
+        f"(datasheet peak {t.peak_tflops:g} TFLOP/s x {t.efficiency:g} calibrated "
+        f"efficiency, range x{RATIO_LOW:g}-{RATIO_HIGH:g}: benchmarks/throughput.py)"
+    )
+    if t.total_hours is not None:
+        low, high = t.total_hours_low or 0.0, t.total_hours_high or 0.0
+        text += (
+            f"; {t.optimizer_steps:,} steps ({t.steps_source}, max_length tokens per row): "
+            f"{format_duration(low)}-{format_duration(high)}"
+        )
+    else:
+        text += f"; total unknown: {t.steps_source}"
+    if result.gpu.count > 1:
+        text += "; communication between GPUs not modelled"
+    return text
 
 
 def plan_command(args: argparse.Namespace) -> str:

@@ -42,6 +42,7 @@ from peftgen.spec import (
 )
 from peftgen.stack import GIB, format_gib
 from peftgen.stack import compute_dtype as stack_compute_dtype
+from peftgen.throughput import TimeEstimate, estimate_time, spec_run_length
 
 BREAKDOWN_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MemoryBreakdown))
 """``MemoryBreakdown``'s keys in order, as ``plan --json`` and every table list them."""
@@ -84,6 +85,9 @@ class Candidate:
     """The upper end fits the budget too."""
     tight: bool = False
     """Fits at the estimate but not at the upper end of the interval."""
+    time: TimeEstimate | None = None
+    """Seconds per optimizer step, tokens/s and hours (``peftgen.throughput``); None for
+    a GPU without datasheet figures (``--vram-gib``)."""
 
 
 @dataclass(frozen=True)
@@ -423,6 +427,7 @@ def make_plan(
     budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
     order = precision_order(gpu, spec.precision, spec.hardware.distributed)
     candidates = tuple(estimate_candidate(resolved, p, gpu=gpu) for p in order)
+    candidates = with_times(resolved, candidates, gpu)
     chosen = choose_precision(spec.precision, candidates)
     first = estimate(estimate_input(resolved, order[0], gpu=gpu))
     fits = chosen is not None
@@ -462,6 +467,22 @@ def make_plan(
         tight=tight,
         defaults=tuple(Decision(d.field_path, d.value, d.reason) for d in resolved.defaults),
         notes=tuple(plan_notes(resolved, gpu, chosen_candidate or candidates[-1])),
+    )
+
+
+def with_times(
+    resolved: Resolved, candidates: tuple[Candidate, ...], gpu: Gpu
+) -> tuple[Candidate, ...]:
+    """Each candidate with its time estimate (``peftgen.throughput``) for the spec's run."""
+    spec = resolved.loaded.spec
+    run = spec_run_length(spec, resolved.loaded.path.parent)
+    grpo_beta = float(getattr(getattr(spec, "grpo", None), "beta", 0.0))
+    return tuple(
+        replace(
+            c,
+            time=estimate_time(estimate_input(resolved, c.precision, gpu=gpu), gpu, run, grpo_beta),
+        )
+        for c in candidates
     )
 
 

@@ -225,3 +225,75 @@ def test_harness_dry(tmp_path: Path) -> None:
     assert len(calibration["receipts"]) == 3
     assert len(calibration["excluded_without_cuda"]) == 3  # a CPU run measures nothing
     assert "memory receipts: predicted vs measured" in (results / "table.txt").read_text()
+
+
+# --- Step time (receipt version 2) --------------------------------------------------------
+
+
+def _timed(
+    predicted: float | None, measured: float | None, cuda: bool = True, name: str = "t"
+) -> dict[str, Any]:
+    """A version-2 receipt: version 1 plus the plan's step seconds and the measured mean."""
+    receipt = _receipt(10 * GIB, 10 * GIB if cuda else None, 12 * GIB, 12 * GIB if cuda else None)
+    receipt["receipt_version"] = 2
+    receipt["spec_name"] = name
+    receipt["measured"] |= {"step_seconds": measured, "timed_steps": 9}
+    receipt["predicted"] |= {
+        "step_seconds": predicted,
+        "step_seconds_low": None if predicted is None else predicted * 0.88,
+        "step_seconds_high": None if predicted is None else predicted * 1.16,
+    }
+    return receipt
+
+
+def test_step_seconds_compared_with_the_prediction(tmp_path: Path) -> None:
+    paths = [
+        _write(tmp_path, "fast", _timed(2.0, 2.5, name="fast")),  # -20 %, outside the range
+        _write(tmp_path, "near", _timed(4.2, 4.0, name="near")),  # +5 %, inside
+        _write(tmp_path, "laptop", _timed(4.0, 30.0, cuda=False, name="laptop")),  # CPU: left out
+        _write(tmp_path, "old", _receipt(GIB, GIB, GIB, GIB, "old")),  # version 1: no step time
+    ]
+    result = calibrate_receipts(paths)
+    by_name = {row.spec_name: row for row in result.rows}
+    assert by_name["fast"].error_percent("step_seconds") == pytest.approx(-20.0)
+    assert by_name["fast"].within_step_range() is False
+    assert by_name["near"].within_step_range() is True
+    assert by_name["laptop"].error_percent("step_seconds") is None
+    assert by_name["old"].predicted_step_seconds is None
+    stats = result.statistics["step_seconds"]
+    assert stats is not None
+    assert (stats.count, stats.max_abs_percent) == (2, pytest.approx(20.0))
+    assert stats.median_abs_percent == pytest.approx(12.5)
+    data = result.to_json()
+    step = data["receipts"][0]["step_seconds"]
+    assert step["predicted"] == 2.0 and step["measured"] == 2.5
+    assert step["within_range"] is False
+
+
+def test_step_seconds_in_the_table_and_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "one", _timed(3.0, 3.0))
+    assert peftgen_main(["calibrate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "step err" in out
+    assert "step_seconds: median |error| 0.0%" in out and "1 of 1 inside" in out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, 0.0, 1e12, "3 s", True])
+def test_bad_step_seconds_are_user_errors(tmp_path: Path, bad: object) -> None:
+    receipt = _timed(3.0, 3.0)
+    receipt["measured"]["step_seconds"] = bad
+    path = tmp_path / "bad.json"
+    # NaN as JSON's NaN literal, which Python's json writes and reads back.
+    path.write_text(json.dumps(receipt), encoding="utf-8")
+    with pytest.raises(UserError) as caught:
+        calibrate_receipts([path])
+    assert caught.value.problems[0].field_path == "measured.step_seconds"
+
+
+def test_receipt_version_2_without_step_fields_still_reads(tmp_path: Path) -> None:
+    receipt = _receipt(GIB, GIB, GIB, GIB)
+    receipt["receipt_version"] = 2
+    row = calibrate_receipts([_write(tmp_path, "bare", receipt)]).rows[0]
+    assert row.measured_step_seconds is None and row.predicted_step_seconds is None

@@ -133,10 +133,15 @@ def test_cpu_run_writes_receipt_with_the_plan_embedded(
     assert receipt["optimizer_steps"] == 4
     assert receipt["smoke_steps"] == 0
     assert receipt["device"] == {"type": "cpu", "name": "cpu", "total_memory_bytes": None}
-    assert receipt["measured"] == {
-        "max_memory_allocated_bytes": None,
-        "max_memory_reserved_bytes": None,
-    }
+    measured = receipt["measured"]
+    assert receipt["receipt_version"] == 2
+    assert (measured["max_memory_allocated_bytes"], measured["max_memory_reserved_bytes"]) == (
+        None,
+        None,
+    )
+    # Seconds per optimizer step: the mean over the steps after the first (warm-up).
+    assert measured["timed_steps"] == 3
+    assert 0 < measured["step_seconds"] < 60
     assert set(receipt["versions"]) == {
         "torch",
         "transformers",
@@ -161,6 +166,8 @@ def test_cpu_run_writes_receipt_with_the_plan_embedded(
     breakdown = plan.chosen.breakdown
     assert predicted["breakdown_bytes"]["activation_bytes"] == breakdown.activation_bytes
     assert sum(predicted["breakdown_bytes"].values()) == breakdown.reserved_bytes
+    # A vram_gib-only GPU has no datasheet peak: no step time is predicted.
+    assert plan.chosen.time is None and predicted["step_seconds"] is None
 
     # What the user does next: calibrate lists it, without statistics.
     assert peftgen_main(["calibrate", str(receipt_path), "--json"]) == 0

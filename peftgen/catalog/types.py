@@ -78,6 +78,25 @@ class ModelArch(_Frozen):
     config: ArchConfig
 
 
+class GpuThroughput(_Frozen):
+    """Datasheet peaks for the throughput model (``peftgen.throughput``), each with its source.
+
+    Tensor-core figures are *dense* (NVIDIA datasheets print the 2:4-sparse figure, twice
+    the dense one, for Ampere and newer) and with fp32 accumulation, what mixed-precision
+    training uses (GeForce cards run fp16/bf16 with fp32 accumulation at half their
+    fp16-accumulate rate).
+    """
+
+    dense_fp16_tflops: float = Field(gt=0)
+    dense_bf16_tflops: float | None = Field(default=None, gt=0)
+    """None on GPUs without bfloat16 tensor cores (before Ampere)."""
+    memory_bandwidth_gb_s: float = Field(gt=0)
+    """Peak DRAM bandwidth, GB/s (10^9 bytes)."""
+    fp16_source: str
+    bf16_source: str = ""
+    bandwidth_source: str
+
+
 class Gpu(_Frozen):
     """One GPU model as the driver reports it."""
 
@@ -92,6 +111,8 @@ class Gpu(_Frozen):
     flash_attention_2: bool
     """FlashAttention-2 kernels exist for this architecture (Ampere and newer)."""
     source: str = ""
+    throughput: GpuThroughput | None = None
+    """Peak dense tensor FLOP/s and memory bandwidth; None for a ``--vram-gib`` card."""
 
 
 @dataclass(frozen=True)
