@@ -468,6 +468,8 @@ def weights_bytes(inputs: EstimateInput) -> int:
 def adapter_dtype(inputs: EstimateInput) -> AdapterDtype:
     """Dtype of LoRA A/B: bf16 on quantized models (trl's cast), else peft's fp32 upcast."""
     if inputs.precision in ("8bit", "4bit"):
+        if inputs.compute_dtype == "fp16":
+            return "fp32"  # the script casts trl's bf16 adapters back: the GPU has no bf16
         return inputs.stack.quantized_adapter_dtype
     return inputs.stack.unquantized_adapter_dtype
 
@@ -520,7 +522,7 @@ def modules_to_save_dtype_bytes(inputs: EstimateInput) -> int:
     trainable tensor (16-bit master weights round small updates away, and the fp16
     gradient scaler refuses fp16 parameters)."""
     quantized = inputs.precision in ("8bit", "4bit")
-    return 2 if quantized else 4
+    return 2 if quantized and inputs.compute_dtype != "fp16" else 4
 
 
 def adapter_bytes(inputs: EstimateInput) -> int:

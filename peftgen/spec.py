@@ -205,6 +205,9 @@ class HardwareSpec(_Frozen):
     """Keep sharded state in host memory: FSDP `offload_params` (parameters, gradients,
     optimizer), DeepSpeed `offload_optimizer` (ZeRO-3: `offload_param` too). Needs fsdp or
     deepspeed; slower, much less GPU memory."""
+    host_memory_gib: Annotated[float, Field(gt=0, le=1048576)] | None = None
+    """Host RAM per machine in GiB. When given, the plan checks the host memory that loading
+    and `cpu_offload` need against it (a run that needs more does not fit)."""
     headroom_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.05
     """Share of GPU memory the plan keeps free (other processes, allocator spikes): budget = memory
     x (1 - headroom)."""
@@ -337,10 +340,13 @@ class TrainingSpec(_Frozen):
     """Random seed for data order and adapter initialisation."""
     logging_steps: Annotated[int, Field(ge=1)] = 10
     """Log every this many optimizer steps."""
-    save_strategy: SaveStrategy = "epoch"
-    """When to write checkpoints."""
-    save_steps: Annotated[int, Field(ge=1)] = 500
+    save_strategy: SaveStrategy = "steps"
+    """When to write checkpoints: every `save_steps` optimizer steps (so `--resume` has one to
+    continue from after a preemption), each `epoch`, or `no`."""
+    save_steps: Annotated[int, Field(ge=1)] = 100
     """Checkpoint interval when save_strategy is `steps`."""
+    save_total_limit: Annotated[int, Field(ge=1)] | None = 2
+    """Checkpoints kept in output_dir (the oldest are deleted); `null` keeps all."""
     report_to: ReportTo = "none"
     """Experiment tracker to log to."""
 
