@@ -557,6 +557,17 @@ def choose_precision(requested: str, candidates: tuple[Candidate, ...]) -> LoadP
     return None
 
 
+def _adapter_dtype_reason(chosen: str, gpu: Gpu) -> str:
+    if chosen not in ("8bit", "4bit"):
+        return "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)"
+    if not gpu.bf16:
+        return (
+            f"trl 1.16 casts the trainable weights of 8/4-bit models to bf16, which {gpu.name} "
+            "lacks (emulated kernels, coarse updates); the script casts them back to fp32"
+        )
+    return "trl casts trainable parameters of 8/4-bit models to bf16"
+
+
 def plan_decisions(
     resolved: Resolved,
     gpu: Gpu,
@@ -607,9 +618,7 @@ def plan_decisions(
             Decision(
                 "adapter_dtype",
                 adapter_dtype(inputs),
-                "trl casts trainable parameters of 8/4-bit models to bf16"
-                if chosen in ("8bit", "4bit")
-                else "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)",
+                _adapter_dtype_reason(chosen, gpu),
             )
         )
         if spec.hardware.world_size > 1:
@@ -674,11 +683,6 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
         warnings.append(
             "model.attn_implementation: eager materialises (seq x seq) attention scores per "
             "head; sdpa computes the same without them"
-        )
-    if not gpu.bf16 and chosen in ("8bit", "4bit"):
-        warnings.append(
-            f"{gpu.name} lacks bfloat16, but trl 1.16 casts the LoRA weights of 8/4-bit models "
-            "to bf16 anyway: they run through slower emulated bf16 kernels"
         )
     warnings.extend(distributed_warnings(resolved))
     if spec.method == "grpo":
