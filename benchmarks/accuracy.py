@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from peftgen.catalog import ArchConfig, ModelArch, find_gpu, find_model
 from peftgen.memory import Estimate, EstimateInput, StackProfile, estimate
@@ -29,7 +29,7 @@ from peftgen.memory import Estimate, EstimateInput, StackProfile, estimate
 GB = 10**9
 GIB = 2**30
 
-Metric = Literal["alloc", "resv", "weights"]
+Metric = Literal["alloc", "resv", "weights", "process"]
 
 # ----------------------------------------------------------------------------- stacks
 
@@ -83,6 +83,35 @@ HF_PEFT_2025 = StackProfile(
     name="HF 2025 (peft method comparison: transformers 4.5x, fp32 adapters)",
     # model(**batch) with labels: transformers >= 4.46 pads labels, no shifted copy.
     loss_path="full_logits_fp32",
+)
+
+FSDP_QLORA_2024 = replace(
+    HF_FSDP_QLORA_2024,
+    name="fsdp_qlora Mar 2024 (FSDP1, torch 2.2, transformers 4.38, bnb 0.43, pure bf16)",
+    # train.py: FSDP(..., use_orig_params=False, limit_all_gathers=True, sync_module_states=
+    # low_memory, default backward_prefetch=BACKWARD_PRE, MixedPrecision(bf16, bf16)); rank 0
+    # reads the checkpoint on the CPU, the others on meta (``low_memory``), so each unit is
+    # moved to the GPU and sharded while wrapping; no empty_cache before training.
+    fsdp_version=1,
+    fsdp_backward_prefetch="BACKWARD_PRE",
+    fsdp_limit_all_gathers=True,
+    fsdp_load_on_cpu=True,
+)
+HF_PEFT_SHARDED_2024 = StackProfile(
+    name="peft docs Sep 2024 (transformers 4.45, trl 0.11, peft 0.13, bnb 0.43.3, accelerate 1.0)",
+    # SFTTrainer without the fused head: model(labels=...) in transformers 4.45 (no shifted
+    # fp32 copy since 4.45's loss_function).
+    loss_path="full_logits_fp32",
+    # trl 0.11 casts no adapter: QLoRA adapters created in the bf16 quant storage dtype
+    # (``dtype=quant_storage_dtype`` in the recipe) -> bf16; peft 0.13 autocast upcasts
+    # only adapters on 16-bit bases.
+    quantized_adapter_dtype="bf16",
+    # bitsandbytes 0.43.3 MatMul4Bit no longer saves A for frozen weights.
+    bnb_4bit_saves_input=False,
+    fsdp_version=1,
+    fsdp_load_on_cpu=True,
+    # trl 0.11 had no ZeRO-3 adapter-dtype rule.
+    zero3_adapters_in_base_dtype=False,
 )
 
 # ----------------------------------------------------------------------------- models
@@ -148,6 +177,8 @@ class Row:
             return result.peak_allocated_bytes
         if self.metric == "resv":
             return result.torch_reserved_bytes
+        if self.metric == "process":
+            return result.peak_reserved_bytes
         return result.weights_bytes
 
     def error(self) -> float:
@@ -486,6 +517,208 @@ def published_rows() -> list[Row]:
     return rows
 
 
+def fsdp_qlora(arch: ModelArch, **kwargs: object) -> EstimateInput:
+    """Answer.AI fsdp_qlora train.py defaults (benchmarks_03_2024.md): LoRA r64 on q,k,v,
+    gate,up,down, dropout 0.1, NF4 without double quantization, reentrant checkpointing,
+    dummy rows of exactly ``context_length`` tokens, FSDP FULL_SHARD over 2 GPUs."""
+    base: dict[str, object] = {
+        "precision": "4bit",
+        "bnb_4bit_use_double_quant": False,
+        "lora_r": 64,
+        "lora_dropout": 0.1,
+        "target_modules": ALL_BUT_O,
+        "max_length": 2048,
+        "gradient_checkpointing": True,
+        "world_size": 2,
+        "distributed": "fsdp",
+    }
+    base.update(kwargs)
+    return lora(arch, FSDP_QLORA_2024, **base)
+
+
+def peft_docs_70b(distributed: str, **kwargs: object) -> EstimateInput:
+    """peft docs/source/accelerate/{fsdp,deepspeed}.md: Llama-2-70B QLoRA r8 all-linear,
+    dropout 0.1, NF4 + double quantization, bf16 storage, packed 2048, micro-batch 2,
+    reentrant checkpointing, flash-attention 2, 2 GPUs."""
+    base: dict[str, object] = {
+        "precision": "4bit",
+        "bnb_4bit_use_double_quant": True,
+        "lora_r": 8,
+        "lora_dropout": 0.1,
+        "target_modules": "all-linear",
+        "max_length": 2048,
+        "micro_batch": 2,
+        "packing": True,
+        "attn_implementation": "flash_attention_2",
+        "gradient_checkpointing": True,
+        "world_size": 2,
+        "distributed": distributed,
+    }
+    base.update(kwargs)
+    return lora(LLAMA2_70B, HF_PEFT_SHARDED_2024, **base)
+
+
+FSDP_QLORA_DOC = "AnswerDotAI/fsdp_qlora benchmarks_03_2024.md"
+PEFT_FSDP_DOC = "huggingface/peft docs/source/accelerate/fsdp.md (Memory usage)"
+PEFT_ZERO3_DOC = "huggingface/peft docs/source/accelerate/deepspeed.md (Memory usage)"
+
+
+def sharded_rows() -> list[Row]:
+    """Published FSDP / ZeRO-3 measurements, per GPU, with their stacks' mechanisms.
+
+    16a-d are published.md row 16; the rest come from the same documents (sources in
+    ``Row.note``). The peft docs' figures ("memory consumed per GPU", GB) are read as the
+    process figure (``peak_reserved_bytes``: what nvidia-smi shows), metric ``process``.
+    """
+    f = fsdp_qlora
+    return [
+        Row(
+            "16a",
+            "HF+bnb",
+            "7B QLoRA FSDP 2x3090, ctx 512",
+            f(LLAMA2_7B, max_length=512),
+            int(4.98 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16b",
+            "HF+bnb",
+            "7B QLoRA FSDP 2x3090, ctx 2048",
+            f(LLAMA2_7B),
+            int(5.21 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16c",
+            "HF+bnb",
+            "7B LoRA FSDP 2x3090, ctx 512",
+            f(LLAMA2_7B, precision="bf16", max_length=512),
+            int(10.24 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16d",
+            "HF+bnb",
+            "7B LoRA FSDP 2x3090, ctx 2048",
+            f(LLAMA2_7B, precision="bf16"),
+            int(10.22 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16e",
+            "HF+bnb",
+            "7B LoRA FSDP 2x3090, ctx 512 (allocated)",
+            f(LLAMA2_7B, precision="bf16", max_length=512),
+            int(8.28 * GIB),
+            "alloc",
+            FSDP_QLORA_DOC + " (NB under the LoRA table)",
+        ),
+        Row(
+            "16f",
+            "HF+bnb",
+            "7B LoRA FSDP 2x3090, ctx 2048 (allocated)",
+            f(LLAMA2_7B, precision="bf16"),
+            int(9.16 * GIB),
+            "alloc",
+            FSDP_QLORA_DOC + " (NB under the LoRA table)",
+        ),
+        Row(
+            "16g",
+            "HF+bnb",
+            "7B QLoRA FSDP 2x3090, 2048, mbs4",
+            f(LLAMA2_7B, micro_batch=4),
+            int(11.22 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16h",
+            "HF+bnb",
+            "7B QLoRA FSDP 2x3090, 2048, mbs10",
+            f(LLAMA2_7B, micro_batch=10),
+            int(20.97 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16i",
+            "HF+bnb",
+            "7B LoRA FSDP 2x3090, 2048, mbs4",
+            f(LLAMA2_7B, precision="bf16", micro_batch=4),
+            int(16.14 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16j",
+            "HF+bnb",
+            "7B LoRA FSDP 2x3090, 2048, mbs6",
+            f(LLAMA2_7B, precision="bf16", micro_batch=6),
+            int(21.35 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16k",
+            "HF+bnb",
+            "70B QLoRA FSDP+offload 2x3090, 2048, mbs2",
+            f(LLAMA2_70B, micro_batch=2, cpu_offload=True),
+            int(14.92 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16l",
+            "HF+bnb",
+            "7B QLoRA FSDP+offload 2x4090, 2048, mbs12",
+            f(LLAMA2_7B, micro_batch=12, cpu_offload=True),
+            int(22.38 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "16m",
+            "HF+bnb",
+            "7B LoRA FSDP+offload 2x4090, 2048, mbs10",
+            f(LLAMA2_7B, precision="bf16", micro_batch=10, cpu_offload=True),
+            int(22.69 * GIB),
+            "resv",
+            FSDP_QLORA_DOC,
+        ),
+        Row(
+            "P1",
+            "HF+peft",
+            "70B QLoRA FSDP+offload, 2 GPUs",
+            peft_docs_70b("fsdp", cpu_offload=True),
+            int(19.6 * GB),
+            "process",
+            PEFT_FSDP_DOC,
+        ),
+        Row(
+            "P2",
+            "HF+peft",
+            "70B QLoRA FSDP, 2 GPUs",
+            peft_docs_70b("fsdp"),
+            int(35.6 * GB),
+            "process",
+            PEFT_FSDP_DOC,
+        ),
+        Row(
+            "P3",
+            "HF+peft",
+            "70B QLoRA ZeRO-3, 2 GPUs",
+            peft_docs_70b("deepspeed-zero3"),
+            int(36.6 * GB),
+            "process",
+            PEFT_ZERO3_DOC,
+        ),
+    ]
+
+
 @dataclass(frozen=True)
 class FitRow:
     """A published fit / OOM observation on a given card."""
@@ -498,20 +731,20 @@ class FitRow:
 
 def fit_rows() -> list[FitRow]:
     """Row 17: the HF 4-bit blog's T4 experiments (batch 1, LoRA r8 q,v, fp16 compute)."""
-    t4 = dict(stack=HF_2023, compute_dtype="fp16", lora_dropout=0.05)
+    t4: dict[str, Any] = {"stack": HF_2023, "compute_dtype": "fp16", "lora_dropout": 0.05}
     return [
         FitRow(
             "17a",
             "LLaMA-7B int8 + GC, 512",
             lora(LLAMA2_7B, precision="8bit", max_length=512, gradient_checkpointing=True, **t4),
             True,
-        ),  # type: ignore[arg-type]
+        ),
         FitRow(
             "17b",
             "LLaMA-7B int8 + GC, 1024",
             lora(LLAMA2_7B, precision="8bit", max_length=1024, gradient_checkpointing=True, **t4),
             False,
-        ),  # type: ignore[arg-type]
+        ),
         FitRow(
             "17c",
             "LLaMA-7B nf4 no GC, 1024",
@@ -519,7 +752,7 @@ def fit_rows() -> list[FitRow]:
                 LLAMA2_7B, precision="4bit", bnb_4bit_use_double_quant=False, max_length=1024, **t4
             ),
             False,
-        ),  # type: ignore[arg-type]
+        ),
         FitRow(
             "17d",
             "LLaMA-7B nf4 + GC, 1024",
@@ -532,7 +765,7 @@ def fit_rows() -> list[FitRow]:
                 **t4,
             ),
             True,
-        ),  # type: ignore[arg-type]
+        ),
         FitRow(
             "17e",
             "LLaMA-13B nf4 + GC, 1024",
@@ -545,7 +778,7 @@ def fit_rows() -> list[FitRow]:
                 **t4,
             ),
             False,
-        ),  # type: ignore[arg-type]
+        ),
         FitRow(
             "17f",
             "LLaMA-13B nf4+DQ + GC, 1024",
@@ -558,7 +791,7 @@ def fit_rows() -> list[FitRow]:
                 **t4,
             ),
             True,
-        ),  # type: ignore[arg-type]
+        ),
     ]
 
 
@@ -566,7 +799,6 @@ NOT_COVERED = [
     ("5", "StableLM-alpha-3B (GPT-NeoX): architecture not modelled by the catalogue"),
     ("6", "phi-1.5 (phi): architecture not modelled by the catalogue"),
     ("13c", "full fine-tune: peftgen plans LoRA only"),
-    ("16", "FSDP over 2 GPUs: multi-GPU sharding is issue 8"),
     ("18", "QLoRA paper accounting: its terms have no stated metric or configuration"),
 ]
 
@@ -612,6 +844,22 @@ def main() -> None:
             f"predicted peak {peak / GB:5.2f} GB -> {'fits' if predicted_fit else 'OOM'}"
         )
     print(f"  {agree} of {len(fit_rows())} fit/OOM outcomes agree")
+    print()
+    sharded = sharded_rows()
+    print("sharded runs (FSDP / ZeRO-3), per GPU:")
+    for row in sharded:
+        measured, predicted = row.measured_bytes / GIB, row.predicted_bytes() / GIB
+        print(
+            f"{row.label:>4} {row.what:<45} {row.metric:<7} measured {measured:6.2f} GiB  "
+            f"predicted {predicted:6.2f} GiB  {100 * row.error():+6.1f} %  "
+            f"({row.inputs.stack.name})"
+        )
+    sharded_errors = [abs(row.error()) for row in sharded]
+    median = 100 * statistics.median(sharded_errors)
+    print(
+        f"{len(sharded)} sharded rows: median |error| {median:.1f} %, "
+        f"max |error| {100 * max(sharded_errors):.1f} %"
+    )
     print()
     print("not covered:")
     for label, reason in NOT_COVERED:

@@ -194,6 +194,7 @@ def plan(args: argparse.Namespace) -> int:
     resolved = _for_planning(_resolve_with_set(args.spec, getattr(args, "set", None) or []))
     result = make_plan(resolved, args.gpu, args.vram_gib)
     simulation = None
+    sharded = None
     if args.simulate:
         from peftgen.plan import target_gpu
 
@@ -203,17 +204,30 @@ def plan(args: argparse.Namespace) -> int:
         precision = result.chosen_precision or result.candidates[-1].precision
         gpu = target_gpu(resolved, args.gpu, args.vram_gib)
         simulation = simulate_candidate(resolved, precision, gpu)
+        if resolved.spec.hardware.distributed == "fsdp":
+            from peftgen.simulate_sharded import simulate_sharded
+
+            sharded = simulate_sharded(resolved, precision, gpu)
     if args.json:
         data = result.to_json()
         if simulation is not None:
             for candidate in data["candidates"]:
                 if candidate["precision"] == simulation.precision:
                     candidate["simulated"] = simulation.to_json()
+                    if sharded is not None:
+                        candidate["simulated_sharded"] = sharded.to_json()
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return 0 if result.fits else 3
     _print_plan(result, resolved.spec.model.id)
     if simulation is not None:
         _print_simulation(result, simulation)
+    if sharded is not None:
+        print(
+            f"sharded step (FSDP2 on a fake process group, rank 0 of {sharded.world_size}): "
+            f"simulated {sharded.peak_allocated_bytes / 2**30:.2f} GiB allocated per GPU, "
+            f"analytic {sharded.analytic_allocated_bytes / 2**30:.2f} GiB "
+            f"({100 * sharded.error:+.1f}%)"
+        )
     return 0 if result.fits else 3
 
 
@@ -440,7 +454,7 @@ def _print_plan(
 
 def time_text(result: Plan) -> str | None:
     """What the time rows assume: the range, the run's length, what is not modelled."""
-    from peftgen.throughput import RATIO_HIGH, RATIO_LOW, format_duration_range
+    from peftgen.throughput import RATIO_HIGH, RATIO_LOW, format_duration
 
     shown = result.chosen or result.candidates[-1]
     t = shown.time
@@ -457,7 +471,7 @@ def time_text(result: Plan) -> str | None:
         low, high = t.total_hours_low or 0.0, t.total_hours_high or 0.0
         text += (
             f"; {t.optimizer_steps:,} steps ({t.steps_source}, max_length tokens per row): "
-            f"{format_duration_range(low, high)}"
+            f"{format_duration(low)}-{format_duration(high)}"
         )
     else:
         text += f"; total unknown: {t.steps_source}"
@@ -538,9 +552,7 @@ def report(args: argparse.Namespace) -> int:
     for warning in resolved.warnings:
         print(warning, file=sys.stderr)
     planned = _for_planning(resolved)
-    result = make_plan(planned, args.gpu, args.vram_gib)
-    prices = parse_prices(getattr(args, "price_per_hour", None) or [], result.gpu.name)
-    data = report_data(planned, result, prices)
+    data = report_data(planned, make_plan(planned, args.gpu, args.vram_gib))
     output: Path | None = args.output
     charts: dict[str, str] = {}
     if args.format == "html":
@@ -559,37 +571,6 @@ def report(args: argparse.Namespace) -> int:
     for path in (output, *(output.parent / name for name in charts)):
         print(f"wrote {path}", file=sys.stderr)
     return 0
-
-
-def parse_prices(arguments: list[str], target_gpu: str) -> dict[str, float]:
-    """``--price-per-hour`` values: ``PRICE`` (the target GPU) or ``GPU=PRICE`` (a catalogue
-    name or alias), by catalogue GPU name. A bad value is a user error naming the flag."""
-    from peftgen.catalog import lookup_gpu
-    from peftgen.errors import UserError
-
-    prices: dict[str, float] = {}
-    for argument in arguments:
-        name, _, text = argument.rpartition("=")
-        try:
-            price = float(text)
-        except ValueError:
-            price = -1.0
-        if not 0 <= price < 1e6 or price != price:
-            raise UserError.single(
-                f"must be a price per GPU-hour (a number from 0, e.g. 1.89 or a100-80gb=1.89); "
-                f"got {argument!r}",
-                field_path="--price-per-hour",
-            )
-        if not name.strip():
-            prices[target_gpu] = price
-            continue
-        try:
-            prices[lookup_gpu(name.strip()).name] = price
-        except UserError as error:
-            raise UserError(
-                [replace(p, field_path="--price-per-hour", file=None) for p in error.problems]
-            ) from None
-    return prices
 
 
 def check_data(args: argparse.Namespace) -> int:

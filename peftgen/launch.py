@@ -19,7 +19,11 @@ import json
 from io import StringIO
 from typing import Any
 
-from peftgen.memory import DEEPSPEED_BUCKET_ELEMENTS
+from peftgen.memory import (
+    DEEPSPEED_BUCKET_ELEMENTS,
+    ZERO3_MAX_LIVE_PARAMETERS,
+    ZERO3_PREFETCH_BUCKET_ELEMENTS,
+)
 from peftgen.plan import Plan
 from peftgen.spec import AnySpec
 
@@ -30,9 +34,6 @@ LAUNCH_FILES = (ACCELERATE_CONFIG_FILE, DEEPSPEED_CONFIG_FILE, LAUNCH_SCRIPT_FIL
 """Every file this module may write (``write_output_dir`` may replace them)."""
 DEFAULT_MAIN_PROCESS_PORT = 29500
 """torch.distributed's customary rendezvous port; ``MAIN_PROCESS_PORT`` overrides it."""
-ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
-"""ZeRO-3's cap on gathered parameters (elements): the working set the planner assumes
-(two decoder layers or the head) stays under it for the catalogued models."""
 ZERO3_PERSISTENCE_THRESHOLD = 100_000
 """Parameters smaller than this (norms) stay gathered in ZeRO-3: negligible bytes."""
 
@@ -89,6 +90,14 @@ def accelerate_config_dict(spec: AnySpec, plan: Plan) -> dict[str, Any]:
 def fsdp_config(spec: AnySpec) -> dict[str, Any]:
     """FSDP1 settings for (Q)LoRA.
 
+    Why FSDP1 and not FSDP2 (accelerate 1.15 supports both, ``fsdp_version``): FSDP2's
+    ``fully_shard`` replaces every parameter with a DTensor, and bitsandbytes 0.50.2 has no
+    DTensor support for ``Params4bit`` (its ``quant_state`` is lost); transformers' FSDP-QLoRA
+    hook (distributed/fsdp.py ``update_fsdp_plugin_peft``) and ``is_fsdp_enabled`` (the
+    ``cpu_ram_efficient_loading`` path) cover FSDP1; peft's documented FSDP-QLoRA recipe
+    (docs/source/accelerate/fsdp.md) is FSDP1 with ``use_orig_params: false``. FSDP2 stays
+    an input switch of the estimator (``StackProfile.fsdp_version``).
+
     - ``TRANSFORMER_BASED_WRAP``: one unit per decoder layer (``_no_split_modules``);
       transformers swaps in peft's policy, which also wraps each LoRA layer.
     - ``BACKWARD_PRE``: the next unit's all-gather overlaps this one's backward (two layers
@@ -130,7 +139,7 @@ def deepspeed_config_dict(spec: AnySpec) -> dict[str, Any]:
         zero["allgather_bucket_size"] = DEEPSPEED_BUCKET_ELEMENTS
     else:
         zero |= {
-            "stage3_prefetch_bucket_size": DEEPSPEED_BUCKET_ELEMENTS,
+            "stage3_prefetch_bucket_size": ZERO3_PREFETCH_BUCKET_ELEMENTS,
             "stage3_max_live_parameters": ZERO3_MAX_LIVE_PARAMETERS,
             "stage3_param_persistence_threshold": ZERO3_PERSISTENCE_THRESHOLD,
             "stage3_gather_16bit_weights_on_model_save": True,

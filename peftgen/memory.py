@@ -151,6 +151,35 @@ class StackProfile:
     """bitsandbytes < 0.43 ``MatMul4Bit`` saved its input A for backward even for frozen
     weights; 0.50.2 keeps ``(None, B)`` (bitsandbytes/autograd/_functions.py:357)."""
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES
+    # --- sharded engines (what accelerate 1.15 / torch 2.13 / DeepSpeed run) ---------------
+    fsdp_version: Literal[1, 2] = 1
+    """1: ``FullyShardedDataParallel`` with flat parameters (what peftgen emits: bitsandbytes
+    0.50.2 has no DTensor support, so ``fully_shard`` would drop ``Params4bit``); 2:
+    ``fully_shard`` (per-parameter DTensor shards, no flat buffers)."""
+    fsdp_backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST", "NONE"] = "BACKWARD_PRE"
+    """FSDP1 ``backward_prefetch`` (accelerate's ``fsdp_backward_prefetch``)."""
+    fsdp_forward_prefetch: bool = False
+    """FSDP1 ``forward_prefetch``: the next unit's all-gather is issued before this
+    unit's forward runs."""
+    fsdp_limit_all_gathers: bool = True
+    """FSDP1 ``limit_all_gathers`` (accelerate's default True): the CPU thread blocks once
+    two all-gathers are ahead of the computation (``_free_event_queue``, max 2)."""
+    fsdp_load_on_cpu: bool = True
+    """How the sharded model is built: the checkpoint is read into host memory and FSDP /
+    ZeRO moves each unit to the GPU while wrapping (the emitted recipe; fsdp_qlora's
+    ``low_memory``). False: every rank first loads the whole model on its GPU."""
+    collectives_on_own_stream: bool = True
+    """FSDP (all-gather and reduce-scatter streams) and ZeRO-3 (its all-gather stream)
+    allocate their outputs on side streams; the caching allocator keeps a separate block pool
+    per stream, so those blocks never serve the compute stream's activations."""
+    zero3_adapters_in_base_dtype: bool = True
+    """trl 1.16 passes ``autocast_adapter_dtype=False`` to ``get_peft_model`` under ZeRO-3
+    for non-quantized models (trl/trainer/sft_trainer.py:856): LoRA stays in the base
+    model's dtype instead of peft's fp32."""
+    nccl_channels: int = 8
+    """NCCL channels per communicator: each channel keeps a receive buffer per protocol
+    (``NCCL_BUFFSIZE`` 4 MiB for SIMPLE, about 4.5 MiB for LL128, 256 KiB for LL), outside
+    torch's allocator (counted in the process figure, not ``memory_reserved``)."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +222,8 @@ class EstimateInput:
     cpu_offload: bool = False
     """FSDP ``offload_params`` / DeepSpeed ``offload_optimizer`` (+ ``offload_param`` for
     ZeRO-3): sharded state lives in host memory."""
+    num_nodes: int = 1
+    """Machines the ``world_size`` GPUs are spread over (host memory is per node)."""
     stack: StackProfile = field(default_factory=StackProfile)
     gpu_compute_capability: str | None = None
     """The GPU's compute capability (``"8.0"``): it sizes the cuBLAS workspace. ``None``
@@ -248,6 +279,15 @@ class Estimate(MemoryBreakdown):
     """Of ``weights_bytes``: parameters FSDP / ZeRO-3 hold unsharded at the peak."""
     trainable_parameters: int
     total_parameters: int
+    load_peak_bytes: int = 0
+    """The loading phase's peak per GPU (model built, wrapped and sharded), what the
+    process holds then (CUDA context included), to compare with the training peak."""
+    host_memory_bytes: int = 0
+    """Host RAM per node: the larger of the loading phase (checkpoint read into host
+    memory) and training (CPU-offloaded shards and optimizer), all the node's processes."""
+    sharded_reserve_bytes: int = 0
+    """Of ``overhead_bytes``: blocks the caching allocator keeps beyond the allocated peak
+    under FSDP / ZeRO-3 (loading leftovers, side-stream pools) plus NCCL's buffers."""
 
     @property
     def peak_allocated_bytes(self) -> int:
@@ -468,9 +508,9 @@ def weights_bytes(inputs: EstimateInput) -> int:
 def adapter_dtype(inputs: EstimateInput) -> AdapterDtype:
     """Dtype of LoRA A/B: bf16 on quantized models (trl's cast), else peft's fp32 upcast."""
     if inputs.precision in ("8bit", "4bit"):
-        if inputs.compute_dtype == "fp16":
-            return "fp32"  # the script casts trl's bf16 adapters back: the GPU has no bf16
         return inputs.stack.quantized_adapter_dtype
+    if inputs.distributed == "deepspeed-zero3" and inputs.stack.zero3_adapters_in_base_dtype:
+        return inputs.compute_dtype
     return inputs.stack.unquantized_adapter_dtype
 
 
@@ -522,7 +562,7 @@ def modules_to_save_dtype_bytes(inputs: EstimateInput) -> int:
     trainable tensor (16-bit master weights round small updates away, and the fp16
     gradient scaler refuses fp16 parameters)."""
     quantized = inputs.precision in ("8bit", "4bit")
-    return 2 if quantized and inputs.compute_dtype != "fp16" else 4
+    return 2 if quantized else 4
 
 
 def adapter_bytes(inputs: EstimateInput) -> int:
@@ -1182,9 +1222,19 @@ def estimate(inputs: EstimateInput) -> Estimate:
             communication = communication if inputs.distributed == "ddp" else 0
             gradient = communication
     optimizer += max(0, parts.optimizer_step_temporary_bytes - (activation + logits))
+    gathered = parts.gathered_weight_bytes
+    copy_out = fsdp2_all_gather_buffer_bytes(inputs)
+    if copy_out > activation + logits:
+        # FSDP2 unsharding the largest unit before any activation exists
+        phase = "unshard"
+        weights, gathered = weights + copy_out, gathered + copy_out
+        activation = logits = 0
     persistent = weights + adapter + gradient + optimizer
     overhead = overhead_bytes(persistent, activation + logits, inputs)
     allocated = persistent + activation + logits
+    reserve = allocator_sharded_reserve_bytes(inputs, allocated, gathered)
+    nccl = nccl_buffer_bytes(inputs)
+    overhead += reserve + nccl
     return Estimate(
         weights_bytes=weights,
         adapter_bytes=adapter,
@@ -1193,13 +1243,16 @@ def estimate(inputs: EstimateInput) -> Estimate:
         activation_bytes=activation,
         logits_bytes=logits,
         overhead_bytes=overhead,
-        torch_reserved_bytes=allocated + overhead - inputs.stack.cuda_context_bytes,
+        torch_reserved_bytes=allocated + overhead - inputs.stack.cuda_context_bytes - nccl,
         managed_bytes=parts.managed_bytes,
         phase=phase,
         communication_bytes=communication,
-        gathered_weight_bytes=parts.gathered_weight_bytes,
+        gathered_weight_bytes=gathered,
         trainable_parameters=trainable_parameter_count(inputs.arch, inputs),
         total_parameters=peft_total_parameter_count(inputs.arch, inputs),
+        load_peak_bytes=load_peak_bytes(inputs),
+        host_memory_bytes=host_memory_bytes(inputs),
+        sharded_reserve_bytes=reserve + nccl,
     )
 
 
@@ -1207,6 +1260,10 @@ def estimate(inputs: EstimateInput) -> Estimate:
 
 DEEPSPEED_BUCKET_ELEMENTS = 50_000_000
 """``reduce_bucket_size`` and ``allgather_bucket_size`` peftgen writes into ds_config.json."""
+ZERO3_PREFETCH_BUCKET_ELEMENTS = 50_000_000
+"""``stage3_prefetch_bucket_size`` peftgen writes into ds_config.json."""
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
+"""``stage3_max_live_parameters`` peftgen writes: the cap on gathered elements."""
 
 
 @dataclass(frozen=True)
@@ -1262,19 +1319,131 @@ def layer_unit_bytes(inputs: EstimateInput) -> int:
     return math.ceil(layers / inputs.arch.config.num_hidden_layers)
 
 
+def fsdp_gathered_layer_units(stack: StackProfile) -> int:
+    """Decoder-layer units FSDP holds unsharded at the backward's peak, per the prefetch
+    configured.
+
+    FSDP1 (torch/distributed/fsdp/_runtime_utils.py ``_pre_backward_hook`` ->
+    ``_prefetch_handle``): ``BACKWARD_PRE`` issues the next unit's all-gather before this
+    unit's gradient is computed, so two units are unsharded together; ``BACKWARD_POST``
+    issues it after this unit's backward (the current unit is freed first: one unit and the
+    next's all-gather overlap only the reduce-scatter); ``NONE`` gathers on use. FSDP2
+    prefetches one unit in backward by default (``_fsdp_state.py`` ``_pre_backward``:
+    ``backward_prefetch`` of the reverse post-forward order), like ``BACKWARD_PRE``."""
+    if stack.fsdp_version == 2:
+        return 2
+    return 1 if stack.fsdp_backward_prefetch == "NONE" else 2
+
+
+def fsdp_forward_gathered_layer_units(stack: StackProfile) -> int:
+    """Layer units unsharded at once during the forward: one, two with ``forward_prefetch``
+    (or FSDP2's default forward prefetch of one unit); without ``limit_all_gathers`` the
+    CPU thread may issue one more all-gather ahead of the computation."""
+    units = 2 if stack.fsdp_forward_prefetch or stack.fsdp_version == 2 else 1
+    if stack.fsdp_version == 1 and not stack.fsdp_limit_all_gathers:
+        units += 1
+    return units
+
+
+def zero3_gathered_parameter_bytes(inputs: EstimateInput) -> int:
+    """ZeRO-3's gathered working set: DeepSpeed gathers parameters per *module* on its
+    forward/backward pre-hook (deepspeed/runtime/zero/partitioned_param_coordinator.py
+    ``fetch_sub_module``) and prefetches the next modules in trace order up to
+    ``stage3_prefetch_bucket_size`` elements, all capped by ``stage3_max_live_parameters``
+    elements. The largest module is the output head (or, when larger, a decoder linear)."""
+    element = unquantized_weight_dtype_bytes(inputs)
+    largest = zero3_largest_module_bytes(inputs)
+    prefetch = min(ZERO3_PREFETCH_BUCKET_ELEMENTS * element, largest)
+    cap = ZERO3_MAX_LIVE_PARAMETERS * element
+    return min(largest + prefetch, max(cap, largest))
+
+
+def zero3_largest_module_bytes(inputs: EstimateInput) -> int:
+    """The largest module ZeRO-3 gathers at once: the head (embeddings when tied) or one
+    decoder linear (4-bit: its packed storage)."""
+    groups = parameter_groups(inputs.arch)
+    largest = (groups.lm_head or groups.embedding) * unquantized_weight_dtype_bytes(inputs)
+    for module in linear_modules(inputs.arch):
+        largest = max(largest, linear_weight_bytes(module, inputs) // module.count)
+    return largest
+
+
 def gathered_parameter_bytes(inputs: EstimateInput) -> int:
     """Parameters FSDP / ZeRO-3 hold unsharded at the backward's peak.
 
-    FSDP (``BACKWARD_PRE`` prefetch): the layer being differentiated and the next one's
-    all-gather, plus the whole root unit. ZeRO-3 gathers each module on use and prefetches
-    the next: two layers, or two head-sized tensors when the head is larger.
+    FSDP: the whole root unit (embeddings, head, final norm: the root is not resharded
+    after forward, FSDP1 ``_post_forward_reshard`` skips ``_is_root``; FSDP2 sets the
+    root's ``post_forward_mesh_info`` to None) plus ``fsdp_gathered_layer_units`` decoder
+    layers. ZeRO-3: ``zero3_gathered_parameter_bytes``.
     """
-    layer = layer_unit_bytes(inputs)
     if inputs.distributed == "fsdp":
-        return root_unit_bytes(inputs) + 2 * layer
-    groups = parameter_groups(inputs.arch)
-    head = (groups.lm_head or groups.embedding) * unquantized_weight_dtype_bytes(inputs)
-    return 2 * max(layer, head)
+        units = max(
+            fsdp_gathered_layer_units(inputs.stack),
+            fsdp_forward_gathered_layer_units(inputs.stack),
+        )
+        return root_unit_bytes(inputs) + units * layer_unit_bytes(inputs)
+    return zero3_gathered_parameter_bytes(inputs)
+
+
+def fsdp2_all_gather_buffer_bytes(inputs: EstimateInput) -> int:
+    """FSDP2's all-gather output: ``foreach_all_gather`` gathers a unit into one flat
+    buffer and ``foreach_all_gather_copy_out`` copies it into the per-parameter unsharded
+    tensors (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py), so while the largest
+    unit (the root, at the forward's start) is unsharded its buffer is alive too. FSDP1
+    all-gathers straight into the unsharded flat parameter: 0."""
+    if inputs.distributed != "fsdp" or inputs.stack.fsdp_version != 2:
+        return 0
+    return max(root_unit_bytes(inputs), layer_unit_bytes(inputs))
+
+
+def fsdp_mixed_precision_copy_bytes(inputs: EstimateInput) -> int:
+    """FSDP's low-precision parameter copies of trainable units whose storage dtype differs
+    from ``MixedPrecision.param_dtype`` (fp32 LoRA under bf16 mixed precision): FSDP1 keeps
+    a sharded low-precision copy (``_mp_shard``, flat_param.py ``_uses_param_mixed_precision``)
+    while the unit is gathered, and gathers in the low precision; the sharded master stays
+    in the storage dtype (fp32). Two layers' adapters are gathered at the peak; frozen 4-bit
+    units store in ``bnb_4bit_quant_storage`` = the compute dtype (transformers sets the
+    mixed precision to it, distributed/fsdp.py ``update_fsdp_plugin_peft``): no copy."""
+    if inputs.distributed != "fsdp":
+        return 0
+    adapter_element = DTYPE_BYTES[adapter_dtype(inputs)]
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    if adapter_element == compute:
+        return 0
+    numel = sum(trainable_tensors(inputs, include_biases=False).numel_by_bytes.values())
+    per_layer = math.ceil(numel / inputs.arch.config.num_hidden_layers)
+    units = fsdp_gathered_layer_units(inputs.stack)
+    return units * (per_layer * compute + _shard(per_layer * compute, inputs.world_size))
+
+
+def fsdp_gradient_buffer_bytes(inputs: EstimateInput) -> int:
+    """Unsharded gradients and reduce-scatter outputs of trainable units.
+
+    FSDP1 ``_post_backward_hook`` (_runtime_utils.py): the unit's unsharded gradient (in
+    ``reduce_dtype``, the compute dtype under accelerate's mixed precision), and, on the
+    post-backward stream, a padded copy to reduce-scatter from plus the new sharded
+    gradient (1/N); the unsharded gradient is kept alive for that stream
+    (``_no_dispatch_record_stream``) while the next unit's backward runs: two units'
+    buffers at once with ``BACKWARD_PRE``."""
+    if inputs.distributed != "fsdp":
+        return 0
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    numel = sum(trainable_tensors(inputs).numel_by_bytes.values())
+    per_layer = math.ceil(numel / inputs.arch.config.num_hidden_layers) * compute
+    units = fsdp_gathered_layer_units(inputs.stack)
+    return units * per_layer + _shard(per_layer, inputs.world_size)
+
+
+def zero_bucket_bytes(inputs: EstimateInput) -> int:
+    """DeepSpeed's gradient buckets: with ``contiguous_gradients`` an ``ipg`` buffer of
+    ``reduce_bucket_size`` elements in the gradient dtype receives each gradient as it is
+    produced, and the reduce (ZeRO-2: plus ``allgather_bucket_size`` for the updated
+    parameters; ZeRO-3: the parameters' all-gather goes through the prefetch bucket)
+    uses a second bucket of the same size (deepspeed/runtime/zero/stage3.py
+    ``__reduce_and_partition_ipg_grads``; fewer elements when fewer are trained)."""
+    trainable = sum(trainable_tensors(inputs).numel_by_bytes.values())
+    bucket = min(DEEPSPEED_BUCKET_ELEMENTS, trainable)
+    return 2 * bucket * DTYPE_BYTES[inputs.compute_dtype]
 
 
 def communication_buffer_bytes(inputs: EstimateInput) -> int:
@@ -1282,20 +1451,144 @@ def communication_buffer_bytes(inputs: EstimateInput) -> int:
 
     DDP (``gradient_as_bucket_view=False``): the reducer keeps its own bucketed copy of
     every trainable gradient, in buckets of at most 25 MiB, for the job's life. DeepSpeed:
-    a reduce bucket and an all-gather bucket of up to ``DEEPSPEED_BUCKET_ELEMENTS`` each in
-    the compute dtype (fewer elements when fewer are trained). FSDP: one unit's unsharded
-    gradient before its reduce-scatter (a decoder layer's share of the trainable ones).
+    ``zero_bucket_bytes``. FSDP: ``fsdp_gradient_buffer_bytes`` plus the mixed-precision
+    copies of gathered trainable units (``fsdp_mixed_precision_copy_bytes``).
     """
     if inputs.distributed == "none":
         return 0
-    gradients = gradient_bytes(inputs)
     if inputs.distributed == "ddp":
-        return gradients
+        return gradient_bytes(inputs)
     if inputs.distributed == "fsdp":
-        return math.ceil(gradients / inputs.arch.config.num_hidden_layers)
-    trainable = sum(trainable_tensors(inputs).numel_by_bytes.values())
-    bucket = min(DEEPSPEED_BUCKET_ELEMENTS, trainable)
-    return 2 * bucket * DTYPE_BYTES[inputs.compute_dtype]
+        return fsdp_gradient_buffer_bytes(inputs) + fsdp_mixed_precision_copy_bytes(inputs)
+    return zero_bucket_bytes(inputs)
+
+
+def nccl_buffer_bytes(inputs: EstimateInput) -> int:
+    """NCCL's own device buffers (cudaMalloc outside torch's allocator), one communicator
+    per process group: per channel a receive buffer per protocol (SIMPLE ``NCCL_BUFFSIZE``
+    4 MiB, LL128 ~4.5 MiB, LL 256 KiB), for the ring and the tree. Counted in the process
+    figure, not in ``torch.cuda.memory_reserved``."""
+    if inputs.world_size <= 1 or inputs.distributed == "none":
+        return 0
+    per_channel = 4 * MIB + 4608 * 1024 + 256 * 1024
+    return 2 * inputs.stack.nccl_channels * per_channel
+
+
+def sharded_resident_bytes(inputs: EstimateInput) -> int:
+    """What stays on one GPU between steps under FSDP / ZeRO-3: parameter shards (or
+    nothing with offload), replicated 4-bit scales, adapter shards."""
+    parts = per_gpu_parts(inputs)
+    return parts.weights_bytes - parts.gathered_weight_bytes + parts.adapter_bytes
+
+
+def largest_wrap_unit_bytes(inputs: EstimateInput) -> int:
+    """The largest unit FSDP wraps (root or decoder layer) / ZeRO-3's largest module."""
+    if inputs.distributed == "fsdp":
+        return max(root_unit_bytes(inputs), layer_unit_bytes(inputs))
+    return zero3_largest_module_bytes(inputs)
+
+
+def sharded_load_transient_bytes(inputs: EstimateInput) -> int:
+    """GPU bytes a unit needs while it is sharded at load: FSDP1 moves the unit's
+    parameters to the GPU (``_move_module_to_device``), broadcasts them from rank 0
+    (``sync_module_states``), flattens them into a new ``FlatParameter`` (``flatten_tensors``
+    -> ``torch.cat``) and clones this rank's shard (``_get_shard``): twice the unit plus a
+    shard. ZeRO-3 partitions one parameter at a time (the unit plus its partition)."""
+    unit = largest_wrap_unit_bytes(inputs)
+    if inputs.distributed == "fsdp":
+        return 2 * unit + _shard(unit, inputs.world_size)
+    return unit + _shard(unit, inputs.world_size)
+
+
+def load_peak_bytes(inputs: EstimateInput) -> int:
+    """The loading phase's peak on one GPU, in the process figure (CUDA context included).
+
+    Sharded engines (``StackProfile.fsdp_load_on_cpu``, the emitted recipe): the model is
+    read into host memory and each unit is moved, flattened and sharded in turn, so the
+    GPU holds the shards made so far plus one unit's transient
+    (``sharded_load_transient_bytes``). Otherwise (one GPU, DDP, ZeRO-2, or a sharded run
+    that loads on every GPU first) the whole model is on the GPU, plus the largest linear
+    in the compute dtype while bitsandbytes quantizes it.
+    """
+    stack = inputs.stack
+    context = stack.cuda_context_bytes + cublas_workspace_bytes(inputs.gpu_compute_capability)
+    whole = weights_bytes(inputs) + adapter_bytes(inputs)
+    whole += dequantized_weight_transient_bytes(inputs)
+    if inputs.distributed in PARAMETER_SHARDING_ENGINES and stack.fsdp_load_on_cpu:
+        resident = sharded_resident_bytes(inputs)
+        return resident + sharded_load_transient_bytes(inputs) + context + nccl_buffer_bytes(inputs)
+    return whole + context + nccl_buffer_bytes(inputs)
+
+
+def allocator_sharded_reserve_bytes(inputs: EstimateInput, allocated: int, gathered: int) -> int:
+    """What torch's caching allocator reserves beyond the allocated peak under FSDP /
+    ZeRO-3 (``collectives_on_own_stream``).
+
+    The gathered parameters are allocated on the all-gather stream
+    (FSDP1 ``_alloc_padded_unsharded_flat_param`` under ``_unshard_stream``; FSDP2
+    ``foreach_all_gather`` on ``all_gather_stream``; ZeRO-3's ``__allgather_stream``); the
+    allocator pools blocks per stream (c10/cuda/CUDACachingAllocator.cpp ``BlockPool`` keyed
+    by stream), so that pool is reserved for them alone. The compute stream's pool still
+    holds the loading phase's blocks (nothing calls ``empty_cache`` between loading and
+    training): its reservation is the larger of the load transient's high-water mark and
+    the training peak without the gathered set. Reserved beyond allocated is the excess of
+    that over the allocated peak."""
+    if inputs.distributed not in PARAMETER_SHARDING_ENGINES:
+        return 0
+    if not inputs.stack.collectives_on_own_stream:
+        return 0
+    compute_stream_train = allocated - gathered
+    compute_stream_load = 0
+    if inputs.stack.fsdp_load_on_cpu:
+        compute_stream_load = sharded_resident_bytes(inputs) + sharded_load_transient_bytes(inputs)
+    return max(0, compute_stream_load - compute_stream_train)
+
+
+def host_load_bytes(inputs: EstimateInput, gpus_per_node: int) -> int:
+    """Host RAM while loading, per node. transformers 5.24 reads a quantized model on every
+    rank (the meta-device path skips quantized models: modeling_utils.py:4862 ``not
+    is_quantized``), and bitsandbytes quantizes it on the CPU when the device map is the CPU:
+    each process holds the whole quantized model. A 16-bit model under FSDP's
+    ``cpu_ram_efficient_loading`` / ZeRO-3's ``zero.Init`` is read by one rank per node."""
+    if inputs.distributed not in PARAMETER_SHARDING_ENGINES or not inputs.stack.fsdp_load_on_cpu:
+        return 0
+    whole = weights_bytes(inputs) + adapter_bytes(inputs)
+    quantized = inputs.precision in ("8bit", "4bit")
+    return whole * (gpus_per_node if quantized else 1) + (
+        dequantized_weight_transient_bytes(inputs) if quantized else 0
+    )
+
+
+def host_offload_bytes(inputs: EstimateInput) -> int:
+    """Host RAM one GPU's offloaded state takes: what leaves the GPU with ``cpu_offload``
+    (parameter shards, adapters, gradients, optimizer state and the CPU step's temporary)."""
+    if not inputs.cpu_offload:
+        return 0
+    kept = per_gpu_parts(_replace_offload(inputs, False))
+    moved = per_gpu_parts(inputs)
+    names = (
+        "weights_bytes",
+        "adapter_bytes",
+        "gradient_bytes",
+        "optimizer_bytes",
+        "optimizer_step_temporary_bytes",
+        "managed_bytes",
+    )
+    return sum(max(0, getattr(kept, n) - getattr(moved, n)) for n in names)
+
+
+def host_memory_bytes(inputs: EstimateInput, gpus_per_node: int | None = None) -> int:
+    """Host RAM per node: the larger of the loading phase and training (the offloaded
+    state of every GPU on the node, pinned). 0 when neither puts model state in host memory
+    (the Python processes themselves are not counted)."""
+    gpus = gpus_per_node or max(1, inputs.world_size // max(1, inputs.num_nodes))
+    return max(host_load_bytes(inputs, gpus), gpus * host_offload_bytes(inputs))
+
+
+def _replace_offload(inputs: EstimateInput, offload: bool) -> EstimateInput:
+    from dataclasses import replace
+
+    return replace(inputs, cpu_offload=offload)
 
 
 def deepspeed_master_weight_bytes(inputs: EstimateInput) -> int:
@@ -1326,9 +1619,9 @@ def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
     offload = inputs.cpu_offload
     if inputs.distributed in PARAMETER_SHARDING_ENGINES:
         replicated = replicated_quant_state_bytes(inputs)
+        # Every unit keeps its shard while it is gathered (FSDP1's sharded FlatParameter,
+        # FSDP2's DTensor shards next to the unsharded tensors): the root too.
         sharded = weights - replicated
-        if inputs.distributed == "fsdp":
-            sharded -= root_unit_bytes(inputs)  # counted whole in the gathered set
         gathered = gathered_parameter_bytes(inputs)
         weights = replicated + (0 if offload else _shard(sharded, world)) + gathered
         adapter = 0 if offload else _shard(adapter, world)

@@ -85,6 +85,14 @@ class Candidate:
     """The upper end fits the budget too."""
     tight: bool = False
     """Fits at the estimate but not at the upper end of the interval."""
+    load_peak_bytes: int = 0
+    """The loading phase's peak per GPU (``memory.load_peak_bytes``), process figure."""
+    host_memory_bytes: int = 0
+    """Host RAM per node for loading and CPU offload (``memory.host_memory_bytes``)."""
+    load_fits: bool = True
+    """The loading peak fits the GPU budget."""
+    host_fits: bool = True
+    """The host memory fits ``hardware.host_memory_gib`` (True when the spec gives none)."""
     time: TimeEstimate | None = None
     """Seconds per optimizer step, tokens/s and hours (``peftgen.throughput``); None for
     a GPU without datasheet figures (``--vram-gib``)."""
@@ -259,6 +267,7 @@ def estimate_input(
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_completion_length=grpo.max_completion_length if grpo else 256,
         world_size=spec.hardware.world_size,
+        num_nodes=spec.hardware.num_nodes,
         distributed=spec.hardware.distributed,
         cpu_offload=spec.hardware.cpu_offload,
         gpu_compute_capability=target.compute_capability,
@@ -276,16 +285,27 @@ def estimate_input(
     return inputs
 
 
-def candidate_from_estimate(precision: LoadPrecision, result: Estimate, budget: int) -> Candidate:
+def candidate_from_estimate(
+    precision: LoadPrecision, result: Estimate, budget: int, host_budget: int | None = None
+) -> Candidate:
+    """A candidate fits when the training peak, the loading peak (both per GPU) fit the
+    budget and, when the spec gives ``hardware.host_memory_gib``, the host memory per node
+    fits the host's RAM."""
     breakdown = MemoryBreakdown(**{key: getattr(result, key) for key in BREAKDOWN_KEYS})
-    fits = result.peak_reserved_bytes <= budget
+    load_fits = result.load_peak_bytes <= budget
+    host_fits = host_budget is None or result.host_memory_bytes <= host_budget
+    fits = result.peak_reserved_bytes <= budget and load_fits and host_fits
     high = high_end_bytes(result.peak_reserved_bytes, result.torch_reserved_bytes)
     return Candidate(
         precision=precision,
         fits=fits,
         peak_reserved_bytes_high=high,
-        fits_high=high <= budget,
+        fits_high=high <= budget and load_fits and host_fits,
         tight=fits and high > budget,
+        load_peak_bytes=result.load_peak_bytes,
+        host_memory_bytes=result.host_memory_bytes,
+        load_fits=load_fits,
+        host_fits=host_fits,
         peak_allocated_bytes=result.peak_allocated_bytes,
         peak_reserved_bytes=result.peak_reserved_bytes,
         breakdown=breakdown,
@@ -307,7 +327,9 @@ def estimate_candidate(
     target = gpu or resolved.gpu
     budget = budget_bytes(target, resolved.loaded.spec.hardware.headroom_fraction)
     inputs = estimate_input(resolved, precision, overrides, target)
-    candidate = candidate_from_estimate(precision, estimate(inputs), budget)
+    host_gib = getattr(resolved.loaded.spec.hardware, "host_memory_gib", None)
+    host_budget = None if host_gib is None else int(host_gib * 2**30)
+    candidate = candidate_from_estimate(precision, estimate(inputs), budget, host_budget)
     return replace(candidate, assumptions=candidate_assumptions(inputs))
 
 
@@ -520,6 +542,22 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
             f"{what}), plus "
             "the CPU optimizer step's temporaries and the loaded checkpoint"
         )
+    if hardware.distributed in PARAMETER_SHARDING_ENGINES or shown.host_memory_bytes:
+        host = format_gib(shown.host_memory_bytes)
+        limit = getattr(hardware, "host_memory_gib", None)
+        verdict = (
+            ""
+            if limit is None
+            else f" of the {limit:g} GiB hardware.host_memory_gib"
+            + ("" if shown.host_fits else ": does NOT fit")
+        )
+        notes.append(
+            f"loading: peaks at {format_gib(shown.load_peak_bytes)} per GPU "
+            f"(training {format_gib(shown.peak_reserved_bytes)}); the checkpoint is read into "
+            f"host memory and each unit sharded while it is wrapped; host memory per node "
+            f"about {host}{verdict} (the larger of loading, where a quantized model is read "
+            f"by every process, and the offloaded state)"
+        )
     return notes
 
 
@@ -555,17 +593,6 @@ def choose_precision(requested: str, candidates: tuple[Candidate, ...]) -> LoadP
         if requested in ("auto", candidate.precision) and candidate.fits:
             return candidate.precision
     return None
-
-
-def _adapter_dtype_reason(chosen: str, gpu: Gpu) -> str:
-    if chosen not in ("8bit", "4bit"):
-        return "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)"
-    if not gpu.bf16:
-        return (
-            f"trl 1.16 casts the trainable weights of 8/4-bit models to bf16, which {gpu.name} "
-            "lacks (emulated kernels, coarse updates); the script casts them back to fp32"
-        )
-    return "trl casts trainable parameters of 8/4-bit models to bf16"
 
 
 def plan_decisions(
@@ -618,7 +645,9 @@ def plan_decisions(
             Decision(
                 "adapter_dtype",
                 adapter_dtype(inputs),
-                _adapter_dtype_reason(chosen, gpu),
+                "trl casts trainable parameters of 8/4-bit models to bf16"
+                if chosen in ("8bit", "4bit")
+                else "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)",
             )
         )
         if spec.hardware.world_size > 1:
@@ -683,6 +712,11 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
         warnings.append(
             "model.attn_implementation: eager materialises (seq x seq) attention scores per "
             "head; sdpa computes the same without them"
+        )
+    if not gpu.bf16 and chosen in ("8bit", "4bit"):
+        warnings.append(
+            f"{gpu.name} lacks bfloat16, but trl 1.16 casts the LoRA weights of 8/4-bit models "
+            "to bf16 anyway: they run through slower emulated bf16 kernels"
         )
     warnings.extend(distributed_warnings(resolved))
     if spec.method == "grpo":
@@ -798,6 +832,12 @@ def suggest_changes(
             "keeps one layer's activations instead of all",
         )
     hardware = spec.hardware
+    if hardware.cpu_offload and not base.host_fits:
+        add(
+            "keep sharded state on the GPUs (host RAM too small)",
+            {"hardware.cpu_offload": False},
+            "the offloaded shards need more host memory than hardware.host_memory_gib",
+        )
     if hardware.distributed in STATE_SHARDING_ENGINES and not hardware.cpu_offload:
         add(
             "offload sharded state to host memory",
@@ -1046,8 +1086,8 @@ def distributed_warnings(resolved: Resolved) -> list[str]:
     elif hardware.distributed != "none":
         warnings.append(
             f"hardware.distributed: {hardware.distributed} over {hardware.world_size} GPUs: the "
-            "figures are per GPU; NCCL's own buffers (outside torch's allocator) are not "
-            "counted"
+            "figures are per GPU; the overhead includes NCCL's own buffers (outside torch's "
+            "allocator) and the blocks the allocator keeps from loading"
         )
     if hardware.cpu_offload:
         warnings.append(
