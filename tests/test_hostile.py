@@ -8,18 +8,27 @@ both scripts parse and the literal the script holds equals the input exactly.
 
 Text that only reaches comments and the docstring (the plan's reasons, the GPU's name) is
 checked too: whatever it holds, the script's syntax tree is the same as with plain text.
+
+Fields whose validation only lets identifier-shaped text through (``lora.target_modules``,
+``lora.modules_to_save``, ``name``) draw valid-but-hostile values instead: Python
+keywords and builtins, names of the script's own constants, very long names, and a share
+of unicode look-alikes the pattern must refuse. Each run counts how many examples reached
+the renderer and fails when too few did, so the property tests rendering, not the
+validator.
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import keyword
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from ruamel.yaml import YAML
@@ -68,6 +77,62 @@ hostile_text = st.one_of(
     ),
     st.text(min_size=1, max_size=30),
 )
+
+# Identifier-shaped values the patterns accept (MODULE_NAME_PATTERN, SPEC_NAME_PATTERN) that
+# would break a script that pasted them as code: keywords, builtins, the script's own names.
+CODE_WORDS = [
+    *keyword.kwlist,
+    *keyword.softkwlist,
+    "__import__",
+    "__builtins__",
+    "__name__",
+    "os",
+    "sys",
+    "eval",
+    "exec",
+    "print",
+    "self",
+    "SCRIPT_DIR",
+    "MODEL_ID",
+    "TARGET_MODULES",
+    "main",
+]
+# Unicode look-alikes of valid names: the patterns are ASCII, so these must be refused.
+LOOKALIKES = [
+    "q_\u0440roj",  # Cyrillic er
+    "\uff51_proj",  # fullwidth q
+    "q_proj\u200b",  # zero-width space
+    "\u212a_proj",  # Kelvin sign
+    "q\u0131proj",  # dotless i
+    "lm_hea\u0501",  # Cyrillic komi de
+    "hostil\u0435",  # Cyrillic ie
+    "\u0391",  # Greek capital alpha
+]
+_segment = st.one_of(
+    st.sampled_from(CODE_WORDS),
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,24}", fullmatch=True),
+    st.integers(100, 3000).map(lambda n: "x" * n),
+)
+module_names = st.one_of(
+    st.lists(_segment, min_size=1, max_size=3).map(".".join),
+    st.lists(_segment, min_size=1, max_size=3).map(".".join),
+    st.lists(_segment, min_size=1, max_size=3).map(".".join),
+    st.sampled_from(LOOKALIKES),
+)
+spec_names = st.one_of(
+    st.sampled_from([w.lower() for w in CODE_WORDS if w[0].isalpha()]),
+    st.from_regex(r"[a-z0-9][a-z0-9._-]{0,99}", fullmatch=True),
+    st.sampled_from(["..", "0.-_", "a" * 100, "x.py", "con", "nul"]),
+    st.sampled_from([w.lower() for w in LOOKALIKES]),
+)
+FIELD_TEXT = {
+    "lora.target_modules": module_names,
+    "lora.modules_to_save": module_names,
+    "name": spec_names,
+}
+"""Fields drawn from their valid-but-hostile strategy; every other field gets hostile_text."""
+MIN_RENDERED_SHARE = 0.6
+"""Of a FIELD_TEXT field's examples, the share that must pass validation and render."""
 
 BASE: dict[str, Any] = {
     "name": "hostile",
@@ -196,7 +261,7 @@ FIELDS = {
     "model.revision": (lambda s: s, "MODEL_REVISION"),
     "dataset.path": (lambda s: s, "DATASET_PATH"),
     "output_dir": (lambda s: s, "OUTPUT_DIR"),
-    "name": (lambda s: s, None),
+    "name": (lambda s: s, "SPEC_NAME"),
     "lora.target_modules": (lambda s: [s], "TARGET_MODULES"),
     "lora.modules_to_save": (lambda s: [s], "MODULES_TO_SAVE"),
     "hardware.gpu": (lambda s: s, None),
@@ -205,16 +270,32 @@ FIELDS = {
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
 @pytest.mark.parametrize("field", sorted(FIELDS))
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=hostile_text, precision=st.sampled_from(["bf16", "4bit"]))
-def test_hostile_string_fields_stay_literals(
-    method: str, field: str, text: str, precision: str
-) -> None:
+def test_hostile_string_fields_stay_literals(method: str, field: str) -> None:
+    reached: Counter[str] = Counter()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(text=FIELD_TEXT.get(field, hostile_text), precision=st.sampled_from(["bf16", "4bit"]))
+    def check(text: str, precision: str) -> None:
+        reached["examples"] += 1
+        if _renders_as_literal(method, field, text, precision):
+            reached["rendered"] += 1
+            event("rendered")
+        else:
+            event("refused by validation")
+
+    check()
+    if field in FIELD_TEXT:
+        share = reached["rendered"] / reached["examples"]
+        assert share >= MIN_RENDERED_SHARE, f"{field}: only {share:.0%} reached the renderer"
+
+
+def _renders_as_literal(method: str, field: str, text: str, precision: str) -> bool:
+    """False when validation refuses the value; else the checks hold (or an assertion fails)."""
     build, constant = FIELDS[field]
     raw = _with(BASE | METHOD_SECTIONS[method], field, build(text))
     files = _render(raw, precision)
     if files is None:
-        return
+        return False
     train = _constants(files["train.py"])
     merge = _constants(files["merge.py"])
     if constant is not None:
@@ -238,6 +319,7 @@ def test_hostile_string_fields_stay_literals(
     assert written.model == original.model
     assert written.lora == original.lora
     assert written.name == original.name
+    return True
 
 
 def _expected(field: str, value: Any) -> Any:
