@@ -15,10 +15,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from transformers import PreTrainedTokenizerFast
 
 from peftgen.catalog.lookup import arch_from_folder, model_catalogue
 from peftgen.chat_templates import (
@@ -28,6 +27,9 @@ from peftgen.chat_templates import (
     has_generation_markers,
     identify,
 )
+
+if TYPE_CHECKING:  # transformers is imported by the tests that use it, not at collection
+    from transformers import PreTrainedTokenizerFast
 
 # ChatML exactly as the generated scripts install it on a base model: Jinja string literals
 # with backslash-n escapes (peftgen.render's CHATML_TEMPLATE at the time of writing).
@@ -222,6 +224,7 @@ CORPUS = [
 def _tokenizer(family: str) -> PreTrainedTokenizerFast:
     """A small byte-level BPE tokenizer that knows ``family``'s special tokens (no network)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     bos, eos, specials = SPECIAL_TOKENS[family]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))

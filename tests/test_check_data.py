@@ -254,7 +254,7 @@ def test_json_file_holding_json_lines_is_read_line_by_line(tmp_path: Path) -> No
 def test_parquet_rows_are_located_by_row_index(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow  # the train extra (datasets) brings it: a plain import, never a skip
     import pyarrow.parquet as pq
 
     data = tmp_path / "rows.parquet"
@@ -368,7 +368,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 def test_length_statistics_equal_a_direct_tokenization(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    numpy = pytest.importorskip("numpy")
+    import numpy
     from transformers import AutoTokenizer
 
     rows = _messages_rows(157)
@@ -652,7 +652,7 @@ def test_plan_sizes_for_the_measured_p99_when_the_spec_asks(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`training.length_source: p99` plans exactly as a spec whose max_length is the p99."""
-    numpy = pytest.importorskip("numpy")
+    import numpy
     from transformers import AutoTokenizer
 
     rows = _messages_rows(157)

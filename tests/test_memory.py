@@ -1,15 +1,21 @@
-"""Properties of the memory estimator, plus hand-computed byte counts of quantized weights."""
+"""The memory estimator against oracles that do not share its formulas: transformers' model
+on the meta device, published measurements, the fake-tensor simulation; plus properties
+(monotone in every size) and byte counts of quantized weights worked out by hand from the
+bitsandbytes storage rules."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peftgen.catalog import LinearModule, ModelArch, find_model, model_catalogue
+from peftgen.catalog import LinearModule, ModelArch, config_dict, find_model, model_catalogue
 from peftgen.load import load_spec
 from peftgen.memory import (
     OPTIMIZERS,
@@ -18,23 +24,17 @@ from peftgen.memory import (
     activation_bytes,
     attention_mask_bytes,
     backward_layer_bytes,
-    backward_transient_bytes,
     estimate,
     fused_head_scored_tokens,
     fused_qkv_output_bytes,
-    grpo_prefill_bytes,
     int8_linear_bytes,
     kept_activation_bytes,
-    kv_cache_bytes,
-    layer_saved_activation_bytes,
     linear_weight_bytes,
-    logits_bytes,
     managed_optimizer_bytes,
     masked_attention_layer_count,
     nf4_linear_bytes,
     optimizer_state_bytes,
     paged_state_bytes,
-    recompute_transient_bytes,
     residual_stream_dtype_bytes,
     sliding_window_layer_count,
     weights_bytes,
@@ -75,7 +75,8 @@ fast = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 @fast
 @given(inputs_strategy)
-def test_total_is_the_sum_of_the_parts(inputs: EstimateInput) -> None:
+def test_no_part_is_negative(inputs: EstimateInput) -> None:
+    """(The sums of the parts are ``MemoryBreakdown`` properties: nothing to test there.)"""
     result = estimate(inputs)
     parts = (
         result.weights_bytes,
@@ -84,11 +85,9 @@ def test_total_is_the_sum_of_the_parts(inputs: EstimateInput) -> None:
         result.optimizer_bytes,
         result.activation_bytes,
         result.logits_bytes,
+        result.overhead_bytes,
     )
     assert all(part >= 0 for part in parts)
-    assert result.peak_allocated_bytes == sum(parts)
-    assert result.peak_reserved_bytes == sum(parts) + result.overhead_bytes
-    assert result.peak_allocated_bytes < result.torch_reserved_bytes < result.peak_reserved_bytes
 
 
 @fast
@@ -186,6 +185,74 @@ def test_planner_never_under_picks(
     assert plan.tight == (not safe)
 
 
+# --------------------------------------------------------------------------- oracles
+# Independent of peftgen.memory's formulas: transformers' own model on the meta device,
+# published measurements (benchmarks/accuracy.py, each row with its source), and the
+# fake-tensor simulation that runs the real training step (benchmarks/simulate_vs_analytic.py).
+
+REPO = Path(__file__).resolve().parent.parent
+DISTINCT_ARCHS = list({arch.config.model_dump_json(): arch for arch in reversed(ARCHS)}.values())[
+    ::-1
+]
+"""One language-only catalogue entry per distinct config."""
+
+
+def _benchmark(name: str) -> Any:
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"peftgen_benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch", DISTINCT_ARCHS, ids=lambda a: a.id)
+def test_bf16_weights_equal_the_meta_models_parameters(arch: ModelArch) -> None:
+    """16-bit weights are what transformers allocates for the model's parameters: the model
+    built from the catalogue config on the meta device, each tensor counted once (tied
+    embeddings share one), two bytes per element. Plain imports: the train extra is part
+    of the test install, so a missing oracle fails the suite."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**config_dict(arch))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    unique = {id(p): p for p in model.parameters()}
+    expected = sum(p.numel() * p.element_size() for p in unique.values())
+    assert weights_bytes(EstimateInput(arch=arch, precision="bf16")) == expected
+
+
+def test_weights_match_published_measurements() -> None:
+    """The ``weights`` rows of the accuracy benchmark (litgpt's published memory of the
+    loaded Llama 2 7B / 13B / 70B): 16-bit within 1 %, NF4 within 10 % (the measured
+    figure includes allocator blocks the estimate leaves to ``overhead``)."""
+    accuracy = _benchmark("accuracy")
+    rows = [row for row in accuracy.published_rows() if row.metric == "weights"]
+    assert len(rows) >= 5
+    for row in rows:
+        bound = 0.01 if row.inputs.precision == "bf16" else 0.10
+        assert abs(row.error()) <= bound, (row.label, row.what, row.error())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("precision", "max_length", "checkpointing", "method"),
+    [("bf16", 256, True, "sft"), ("4bit", 128, True, "grpo")],
+    ids=["sft-bf16-recompute", "grpo-4bit-prefill"],
+)
+def test_peak_agrees_with_the_fake_tensor_simulation(
+    precision: str, max_length: int, checkpointing: bool, method: str
+) -> None:
+    """The fake-tensor simulation runs one real step of the trainer (peft, trl, the
+    recomputed forward, GRPO's generation and fused head) and measures the allocated peak;
+    the estimate agrees within the benchmark's 5 %. SmolLM2-135M, about 30 s each."""
+    simulate_vs_analytic = _benchmark("simulate_vs_analytic")
+    row = simulate_vs_analytic.run_case(SMOLLM2, precision, max_length, checkpointing, method)
+    assert row.agrees, (row.relative_error, row.analytic_terms, row.simulated_terms)
+
+
 # --------------------------------------------------------------------------- exact bytes
 
 SMALL = LinearModule("q_proj", in_features=128, out_features=64, count=1)
@@ -241,41 +308,12 @@ SMOLLM2 = find_model("HuggingFaceTB/SmolLM2-135M")
 assert SMOLLM2 is not None
 
 
-def test_recompute_transient_by_hand() -> None:
-    """down_proj's LoRA in the recomputed forward: bf16 product + fp32 cast + fp32 dropout
-    output (10 B per T x intermediate) with fp32 adapters; only the product with bf16 ones."""
-    tokens, width = 2048, SMOLLM2.config.intermediate_size
-    bf16 = EstimateInput(arch=SMOLLM2, precision="bf16", max_length=tokens)
-    assert recompute_transient_bytes(bf16, tokens) == 10 * tokens * width
-    no_dropout = replace(bf16, lora_dropout=0.0)
-    assert recompute_transient_bytes(no_dropout, tokens) == 6 * tokens * width
-    four_bit = replace(bf16, precision="4bit")
-    assert recompute_transient_bytes(four_bit, tokens) == 2 * tokens * width
-    attention_only = replace(bf16, target_modules=("q_proj", "v_proj"))
-    assert recompute_transient_bytes(attention_only, tokens) == 0
-
-
-def test_checkpointed_layer_takes_the_larger_transient() -> None:
-    inputs = EstimateInput(arch=SMOLLM2, precision="bf16", max_length=8192)
-    tokens = 8192
-    saved = layer_saved_activation_bytes(inputs, tokens)
-    larger = max(
-        recompute_transient_bytes(inputs, tokens), backward_transient_bytes(inputs, tokens)
-    )
-    assert recompute_transient_bytes(inputs, tokens) > backward_transient_bytes(inputs, tokens)
-    assert backward_layer_bytes(inputs) == saved + larger
-
-
 def test_grpo_fused_head_scores_only_completion_tokens() -> None:
-    c = SMOLLM2.config
+    """(The bytes of the fused head's tiles are checked against the simulation above.)"""
     grpo = EstimateInput(
         arch=SMOLLM2, precision="bf16", method="grpo", micro_batch=2, max_completion_length=256
     )
-    scored = 2 * 256
-    tile = 2 * scored * min(c.vocab_size, 32768)
-    expected = 2 * scored * c.hidden_size + tile + 4 * scored * c.hidden_size + 8 * 4 * scored
-    assert fused_head_scored_tokens(grpo) == scored
-    assert logits_bytes(grpo) == expected
+    assert fused_head_scored_tokens(grpo) == 2 * 256
     sft = replace(grpo, method="sft")
     assert fused_head_scored_tokens(sft) == 2 * sft.max_length
 
@@ -358,7 +396,9 @@ def test_fp32_embeddings_keep_the_residual_stream_fp32() -> None:
     assert residual_stream_dtype_bytes(fp16) == 4
     assert residual_stream_dtype_bytes(replace(fp16, modules_to_save=())) == 2
     assert residual_stream_dtype_bytes(replace(fp16, precision="bf16", compute_dtype="bf16")) == 4
-    assert residual_stream_dtype_bytes(replace(fp16, precision="4bit")) == 2
+    # 4-bit: trl's bf16 cast of the copies, which the script undoes on a GPU without bf16.
+    assert residual_stream_dtype_bytes(replace(fp16, precision="4bit", compute_dtype="bf16")) == 2
+    assert residual_stream_dtype_bytes(replace(fp16, precision="4bit")) == 4
     upcast = replace(
         fp16,
         precision="4bit",
@@ -371,21 +411,3 @@ def test_fp32_embeddings_keep_the_residual_stream_fp32() -> None:
     kept_fp16 = kept_activation_bytes(replace(fp16, modules_to_save=()))
     extra = c.num_hidden_layers * 2 * tokens * c.hidden_size
     assert kept_activation_bytes(fp16) - kept_fp16 == extra
-
-
-def test_grpo_prefill_by_hand() -> None:
-    """8 rows x 2048 prompt tokens, 4-bit, bf16 adapters: KV cache, four T x intermediate
-    tensors around up_proj's LoRA sum, four hidden-sized tensors (embedding output, layer
-    input, residual, norm output) and the largest dequantized weight."""
-    inputs = EstimateInput(
-        arch=SMOLLM2, precision="4bit", method="grpo", gradient_accumulation_steps=8
-    )
-    c = SMOLLM2.config
-    tokens = 8 * 2048
-    expected = (
-        kv_cache_bytes(inputs, 8, 2048)
-        + 4 * 2 * tokens * c.intermediate_size
-        + 4 * 2 * tokens * c.hidden_size
-        + 2 * c.hidden_size * c.intermediate_size
-    )
-    assert grpo_prefill_bytes(inputs) == expected

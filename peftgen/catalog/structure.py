@@ -23,6 +23,7 @@ Facts of transformers 5.24 these functions encode (each checked by the test):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,16 +309,21 @@ def config_dict(arch: ModelArch) -> dict[str, Any]:
 
     Multimodal wrappers get their nested ``text_config`` back, so
     ``AutoConfig.for_model(**config_dict(arch))`` builds what ``from_pretrained`` would.
+    A deep copy: transformers edits nested fields in place (``rope_scaling`` gains
+    ``rope_type``), which must not reach the cached catalogue entry.
     """
     c = arch.config
     fields = {name: getattr(c, name) for name in _CORE_FIELDS if getattr(c, name) is not None}
     language = {**fields, **c.extra}
     if c.text_config_model_type is None:
-        return {"model_type": c.model_type, "architectures": list(c.architectures), **language}
-    return {
-        "model_type": c.model_type,
-        "architectures": list(c.architectures),
-        "tie_word_embeddings": c.tie_word_embeddings,
-        **c.wrapper_extra,
-        "text_config": {"model_type": c.text_config_model_type, **language},
-    }
+        flat = {"model_type": c.model_type, "architectures": list(c.architectures), **language}
+        return copy.deepcopy(flat)
+    return copy.deepcopy(
+        {
+            "model_type": c.model_type,
+            "architectures": list(c.architectures),
+            "tie_word_embeddings": c.tie_word_embeddings,
+            **c.wrapper_extra,
+            "text_config": {"model_type": c.text_config_model_type, **language},
+        }
+    )
