@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path, metavar="SPEC")
     p.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
     p.add_argument("--format", choices=["html", "md"], default="html")
+    p.add_argument(
+        "--price-per-hour",
+        action="append",
+        default=[],
+        metavar="[GPU=]PRICE",
+        help="your price per GPU-hour, for the target GPU or a named one (repeatable): the "
+        "GPU matrix then shows the run's cost",
+    )
     _add_gpu_overrides(p)
     p.set_defaults(func=_cmd_report)
 

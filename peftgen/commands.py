@@ -454,7 +454,7 @@ def _print_plan(
 
 def time_text(result: Plan) -> str | None:
     """What the time rows assume: the range, the run's length, what is not modelled."""
-    from peftgen.throughput import RATIO_HIGH, RATIO_LOW, format_duration
+    from peftgen.throughput import RATIO_HIGH, RATIO_LOW, format_duration_range
 
     shown = result.chosen or result.candidates[-1]
     t = shown.time
@@ -471,7 +471,7 @@ def time_text(result: Plan) -> str | None:
         low, high = t.total_hours_low or 0.0, t.total_hours_high or 0.0
         text += (
             f"; {t.optimizer_steps:,} steps ({t.steps_source}, max_length tokens per row): "
-            f"{format_duration(low)}-{format_duration(high)}"
+            f"{format_duration_range(low, high)}"
         )
     else:
         text += f"; total unknown: {t.steps_source}"
@@ -552,7 +552,9 @@ def report(args: argparse.Namespace) -> int:
     for warning in resolved.warnings:
         print(warning, file=sys.stderr)
     planned = _for_planning(resolved)
-    data = report_data(planned, make_plan(planned, args.gpu, args.vram_gib))
+    result = make_plan(planned, args.gpu, args.vram_gib)
+    prices = parse_prices(getattr(args, "price_per_hour", None) or [], result.gpu.name)
+    data = report_data(planned, result, prices)
     output: Path | None = args.output
     charts: dict[str, str] = {}
     if args.format == "html":
@@ -571,6 +573,37 @@ def report(args: argparse.Namespace) -> int:
     for path in (output, *(output.parent / name for name in charts)):
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def parse_prices(arguments: list[str], target_gpu: str) -> dict[str, float]:
+    """``--price-per-hour`` values: ``PRICE`` (the target GPU) or ``GPU=PRICE`` (a catalogue
+    name or alias), by catalogue GPU name. A bad value is a user error naming the flag."""
+    from peftgen.catalog import lookup_gpu
+    from peftgen.errors import UserError
+
+    prices: dict[str, float] = {}
+    for argument in arguments:
+        name, _, text = argument.rpartition("=")
+        try:
+            price = float(text)
+        except ValueError:
+            price = -1.0
+        if not 0 <= price < 1e6 or price != price:
+            raise UserError.single(
+                f"must be a price per GPU-hour (a number from 0, e.g. 1.89 or a100-80gb=1.89); "
+                f"got {argument!r}",
+                field_path="--price-per-hour",
+            )
+        if not name.strip():
+            prices[target_gpu] = price
+            continue
+        try:
+            prices[lookup_gpu(name.strip()).name] = price
+        except UserError as error:
+            raise UserError(
+                [replace(p, field_path="--price-per-hour", file=None) for p in error.problems]
+            ) from None
+    return prices
 
 
 def check_data(args: argparse.Namespace) -> int:

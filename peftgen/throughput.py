@@ -493,6 +493,17 @@ def run_length(
     )
 
 
+def format_duration_range(low_hours: float, high_hours: float) -> str:
+    """``3.1-4.2 h``; the unit once when both ends share it, ``50 min - 1.1 h`` when not."""
+    low, high = format_duration(low_hours), format_duration(high_hours)
+    if low == high:
+        return low
+    (low_number, low_unit), (high_number, high_unit) = low.split(" ", 1), high.split(" ", 1)
+    if low_unit == high_unit:
+        return f"{low_number}-{high_number} {high_unit}"
+    return f"{low} - {high}"
+
+
 def format_duration(hours: float) -> str:
     """``42 min``, ``3.4 h``, ``2.1 days``."""
     if hours < 1:

@@ -283,3 +283,32 @@ def test_vram_gib_gpu_has_no_time() -> None:
     assert gpu is not None
     bare = gpu.model_copy(update={"throughput": None})
     assert throughput.estimate_time(_inputs(), bare) is None
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def test_report_matrix_shows_time_and_the_users_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    from peftgen.cli import main
+
+    spec = str(REPO / "specs" / "llama3-8b-clinical-qlora.yaml")
+    assert main(["report", spec, "--format", "md"]) == 0
+    plain = capsys.readouterr().out
+    assert "| Time |" in plain and "| Cost |" not in plain  # no price, no cost
+    args = ["--price-per-hour", "0.69", "--price-per-hour", "a100-80gb=1.89"]
+    assert main(["report", spec, "--format", "md", *args]) == 0
+    priced = capsys.readouterr().out
+    assert "| Time | Cost |" in priced
+    target = next(line for line in priced.splitlines() if "**(target)**" in line)
+    a100 = next(line for line in priced.splitlines() if line.startswith("| NVIDIA A100-SXM4-80GB"))
+    assert target.rstrip(" |").split("|")[-1].strip() != "-"
+    assert a100.rstrip(" |").split("|")[-1].strip() != "-"
+
+
+@pytest.mark.parametrize("bad", ["free", "-1", "nan", "no-such-gpu=1.0"])
+def test_bad_price_is_a_user_error(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from peftgen.cli import main
+
+    spec = str(REPO / "specs" / "llama3-8b-clinical-qlora.yaml")
+    assert main(["report", spec, "--format", "md", "--price-per-hour", bad]) == 2
+    assert "--price-per-hour" in capsys.readouterr().err

@@ -8,11 +8,17 @@ searches the planner's own suggestions use.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
 from peftgen.catalog import Gpu, gpu_catalogue
 from peftgen.plan import (
+    Candidate,
     Plan,
     budget_bytes,
+    choose_precision,
     estimate_candidate,
+    estimate_input,
     largest_fitting_batch,
     largest_fitting_max_length,
     precision_order,
@@ -34,16 +40,20 @@ from peftgen.report.data import (
 )
 from peftgen.resolve import Resolved
 from peftgen.spec import PARAMETER_SHARDING_ENGINES, LoadPrecision
+from peftgen.throughput import TimeEstimate, estimate_time, spec_run_length
 
 CURVE_MAX_LENGTHS: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 """From short chat turns to long-context fine-tuning."""
 
 
-def report_data(resolved: Resolved, plan: Plan) -> ReportData:
+def report_data(
+    resolved: Resolved, plan: Plan, prices: Mapping[str, float] | None = None
+) -> ReportData:
     """The plan plus the planner's answers for other GPUs, lengths and batch sizes.
 
     ``plan`` is the one ``plan`` / ``emit`` made (with any ``--gpu`` / ``--vram-gib``
-    override already applied); the what-ifs use the very GPU it was made for.
+    override already applied); the what-ifs use the very GPU it was made for. ``prices``:
+    the user's price per GPU-hour by catalogue GPU name (the matrix then shows cost).
     """
     # Imported here: ``peftgen.render`` may import this package to write ``plan.md``.
     from peftgen.stack import PINNED_VERSIONS
@@ -64,7 +74,7 @@ def report_data(resolved: Resolved, plan: Plan) -> ReportData:
             per_device_train_batch_size=spec.training.per_device_train_batch_size,
             model_max_positions=resolved.arch.config.max_position_embeddings,
         ),
-        fit_matrix=_fit_matrix(resolved, plan),
+        fit_matrix=_fit_matrix(resolved, plan, prices or {}),
         length_curves=tuple(
             PrecisionCurve(
                 precision,
@@ -85,6 +95,7 @@ def report_data(resolved: Resolved, plan: Plan) -> ReportData:
         versions=tuple(PINNED_VERSIONS.items()),
         spec_warnings=resolved.warnings,
         gpu_counts=_gpu_count_table(resolved, plan, gpu),
+        priced=bool(prices),
     )
 
 
@@ -105,9 +116,27 @@ def _curve_point(resolved: Resolved, precision: LoadPrecision, length: int, gpu:
     return CurvePoint(length, candidate.peak_reserved_bytes, candidate.fits)
 
 
-def _fit_matrix(resolved: Resolved, plan: Plan) -> tuple[GpuFitRow, ...]:
+def _chosen_time(
+    spec_precision: str, candidates: Sequence[Candidate]
+) -> tuple[LoadPrecision | None, TimeEstimate | None]:
+    """The precision the planner would choose among ``candidates``, and its time."""
+    chosen = choose_precision(spec_precision, tuple(candidates))
+    for candidate in candidates:
+        if candidate.precision == chosen:
+            return chosen, candidate.time
+    return None, None
+
+
+def _fit_matrix(
+    resolved: Resolved, plan: Plan, prices: Mapping[str, float]
+) -> tuple[GpuFitRow, ...]:
     """The target GPU (from the plan itself), then the other catalogue GPUs by memory,
-    those with identical answers merged into one row."""
+    those with identical answers (memory and time) merged into one row."""
+    spec = resolved.loaded.spec
+    count = spec.hardware.world_size
+    run = spec_run_length(spec, resolved.loaded.path.parent)
+    beta = float(getattr(getattr(spec, "grpo", None), "beta", 0.0))
+    target_precision, target_time = _chosen_time(spec.precision, plan.candidates)
     target_row = GpuFitRow(
         gpu_names=(plan.gpu.name,),
         vram_bytes=plan.gpu.vram_bytes,
@@ -121,23 +150,48 @@ def _fit_matrix(resolved: Resolved, plan: Plan) -> tuple[GpuFitRow, ...]:
             for c in plan.candidates
         ),
         is_target=True,
+        time=target_time,
+        time_precision=target_precision,
+        price_per_hour=prices.get(plan.gpu.name),
+        gpu_count=count,
     )
     headroom = resolved.loaded.spec.hardware.headroom_fraction
     distributed = resolved.loaded.spec.hardware.distributed
-    groups: dict[tuple[int, int, tuple[FitCell, ...]], list[str]] = {}
+    groups: dict[tuple[object, ...], list[str]] = {}
+    first: dict[tuple[object, ...], GpuFitRow] = {}
     for gpu in sorted(gpu_catalogue(), key=lambda g: (g.memory_bytes, g.name)):
         if gpu.name == plan.gpu.name and gpu.memory_bytes == plan.gpu.vram_bytes:
             continue
         budget = budget_bytes(gpu, headroom)
         cells = []
+        candidates = []
         for precision in precision_order(gpu, distributed=distributed):
             candidate = estimate_candidate(resolved, precision, gpu=gpu)
+            time = estimate_time(estimate_input(resolved, precision, gpu=gpu), gpu, run, beta)
+            candidates.append(replace(candidate, time=time))
             status = fit_status(candidate.peak_reserved_bytes, budget, candidate.fits)
             cells.append(FitCell(precision, candidate.peak_reserved_bytes, status))
-        groups.setdefault((gpu.memory_bytes, budget, tuple(cells)), []).append(gpu.name)
+        chosen = _chosen_time(spec.precision, candidates)
+        # GPUs that differ in speed (or in the user's price) get their own rows.
+        speed = None if chosen[1] is None else round(chosen[1].step_seconds, 3)
+        key = (gpu.memory_bytes, budget, tuple(cells), speed, prices.get(gpu.name))
+        groups.setdefault(key, []).append(gpu.name)
+        first.setdefault(
+            key,
+            GpuFitRow(
+                (gpu.name,),
+                gpu.memory_bytes,
+                budget,
+                tuple(cells),
+                is_target=False,
+                time=chosen[1],
+                time_precision=chosen[0],
+                price_per_hour=prices.get(gpu.name),
+                gpu_count=count,
+            ),
+        )
     rows = [target_row]
-    for (vram, budget, cells_key), names in groups.items():
-        rows.append(GpuFitRow(tuple(names), vram, budget, cells_key, is_target=False))
+    rows += [replace(first[key], gpu_names=tuple(names)) for key, names in groups.items()]
     return tuple(rows)
 
 

@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 from peftgen.plan import Plan
 from peftgen.spec import Distributed, LoadPrecision
+from peftgen.throughput import TimeEstimate, format_duration_range
 
 FitStatus = Literal["fits", "tight", "no"]
 
@@ -67,6 +68,33 @@ class GpuFitRow:
     budget_bytes: int
     cells: tuple[FitCell, ...]
     is_target: bool
+    time: TimeEstimate | None = None
+    """The run's time at the precision the planner would choose on this GPU (the first
+    that fits, in the spec's order); None when nothing fits or without datasheet figures."""
+    time_precision: LoadPrecision | None = None
+    price_per_hour: float | None = None
+    """The user's price per GPU-hour (``report --price-per-hour``); never a built-in fact."""
+    gpu_count: int = 1
+
+    @property
+    def hours_text(self) -> str:
+        """The run's wall-clock range, or seconds per step when the step count is unknown."""
+        t = self.time
+        if t is None:
+            return "-"
+        if t.total_hours_low is None or t.total_hours_high is None:
+            return f"{t.step_seconds_low:.1f}-{t.step_seconds_high:.1f} s/step"
+        return format_duration_range(t.total_hours_low, t.total_hours_high)
+
+    @property
+    def cost_text(self) -> str:
+        """Price x GPU-hours over the range (the spec's GPU count), or ``-``."""
+        t = self.time
+        if t is None or self.price_per_hour is None or t.total_hours_low is None:
+            return "-"
+        low = t.total_hours_low * self.gpu_count * self.price_per_hour
+        high = (t.total_hours_high or t.total_hours_low) * self.gpu_count * self.price_per_hour
+        return f"{low:,.2f}" if f"{low:,.2f}" == f"{high:,.2f}" else f"{low:,.2f} - {high:,.2f}"
 
 
 @dataclass(frozen=True)
@@ -164,3 +192,5 @@ class ReportData:
     common_gpu_sizes_gib: tuple[int, ...] = (16, 24, 40, 48, 80)
     gpu_counts: GpuCountTable | None = None
     """Per-GPU memory on 1, 2, 4, 8 GPUs (multi-GPU engines)."""
+    priced: bool = False
+    """The user gave a price per GPU-hour for at least one GPU: the matrix shows cost."""
