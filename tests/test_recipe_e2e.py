@@ -60,6 +60,14 @@ def capture(self, *args, **kwargs):
         rows = [{"prompt": row["prompt"]} for row in batch]
     with open(out, "w", encoding="utf-8") as handle:
         json.dump(rows, handle)
+    setup = {
+        "batch_tokens": int(batch["input_ids"].numel()) if isinstance(batch, dict) else None,
+        "bf16": self.args.bf16,
+        "fp16": self.args.fp16,
+        "parameter_dtypes": sorted({str(p.dtype) for p in self.model.parameters()}),
+    }
+    with open(out + ".setup", "w", encoding="utf-8") as handle:
+        json.dump(setup, handle)
     if only:
         raise SystemExit(0)
     return original_train(self, *args, **kwargs)
@@ -345,6 +353,12 @@ def test_fp16_script_smoke_runs_on_the_cpu(tiny_base_model_dir: Path, tmp_path: 
     result = _run_script(script, tmp_path, PEFTGEN_SMOKE_STEPS="1")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "smoke test passed" in result.stdout
+    # What the trainer was given on the CPU: no mixed precision at all (trl would turn bf16
+    # on if the script left it unset), fp32 weights.
+    _first_batch(script, tmp_path)
+    setup = json.loads((tmp_path / "batch.json.setup").read_text(encoding="utf-8"))
+    assert (setup["bf16"], setup["fp16"]) == (False, False)
+    assert setup["parameter_dtypes"] == ["torch.float32"]
 
 
 @pytest.mark.slow
@@ -508,3 +522,80 @@ def test_dpo_on_a_base_model_scores_plain_completions(
     for row in _first_batch(_emit(spec, tmp_path / "out"), tmp_path):
         assert "<|im_start|>" not in row["input"]
         assert row["trained"].removesuffix("</s>") in answers
+
+
+@pytest.mark.slow
+def test_tied_embeddings_trained_in_full_stay_one_tensor_through_the_merge(
+    tmp_path: Path,
+) -> None:
+    """ChatML on a tied base model: one trained copy of embeddings and head (as the plan
+    counts), and the merged checkpoint is still tied."""
+    import torch
+    from tiny_model import build_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from peftgen.load import load_spec
+    from peftgen.plan import make_plan
+    from peftgen.resolve import resolve
+
+    model_dir = build_tiny_llama(
+        tmp_path / "tied", with_chat_template=False, tie_word_embeddings=True
+    )
+    spec = _spec(
+        tmp_path, method="sft", model_dir=model_dir, data_format="messages", rows=CHAT_ROWS
+    )
+    text = spec.read_text(encoding="utf-8").replace(
+        "  format: messages\n", "  format: messages\n  chat_template: chatml\n"
+    )
+    spec.write_text(text, encoding="utf-8")
+    script = _emit(spec, tmp_path / "out")
+    trained = _run_script(script, tmp_path)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    planned = make_plan(resolve(load_spec(spec))).trainable_parameters
+    assert f"trainable params: {planned:,}" in trained.stdout
+    merged_run = _run_script(tmp_path / "out" / "merge.py", tmp_path)
+    assert merged_run.returncode == 0, merged_run.stderr[-4000:]
+    merged = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "spec" / "outputs" / "recipe-merged", dtype=torch.float32
+    )
+    assert merged.config.tie_word_embeddings
+    assert merged.lm_head.weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_a_packed_smoke_test_fills_its_sequences(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With packing, the smoke test's rows share sequences: it takes enough of the longest
+    rows to fill each sequence to max_length, the worst case the plan sizes for."""
+    spec = _spec(
+        tmp_path,
+        method="sft",
+        model_dir=tiny_model_dir,
+        data_format="messages",
+        rows=[
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {index}?"},
+                    {"role": "assistant", "content": f"Answer {index}."},
+                ]
+            }
+            for index in range(60)
+        ],
+        training="packing: true\n",
+    )
+    spec.write_text(spec.read_text().replace("  max_length: 128\n", "  max_length: 64\n"))
+    script = _emit(spec, tmp_path / "out")
+    shim = tmp_path / "capture.py"
+    shim.write_text(CAPTURE_SHIM, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(shim), str(script), str(tmp_path / "batch.json")],
+        cwd=tmp_path,
+        env=_env(CAPTURE_ONLY="1", PEFTGEN_SMOKE_STEPS="1"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    setup = json.loads((tmp_path / "batch.json.setup").read_text(encoding="utf-8"))
+    # Two sequences of up to 64 tokens per micro-batch; two rows alone would fill one.
+    assert setup["batch_tokens"] >= 0.75 * 2 * 64
