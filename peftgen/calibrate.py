@@ -66,6 +66,11 @@ class ReceiptRow:
     predicted_step_seconds_high: float | None = None
     measured_step_seconds: float | None = None
     """Mean seconds per optimizer step after warm-up (None in version 1, or too few steps)."""
+    predicted_persistent_bytes: int | None = None
+    """Of the plan's breakdown: weights, adapter, gradients, optimizer state (None when the
+    receipt holds no readable breakdown)."""
+    predicted_transient_bytes: int | None = None
+    """Of the plan's breakdown: activations and logits."""
 
     @property
     def measured(self) -> bool:
@@ -165,6 +170,7 @@ class Calibration:
                 for metric, stats in self.statistics.items()
             },
             "excluded_without_cuda": self.unmeasured_files,
+            "allocator": allocator_json(self),
         }
 
 
@@ -293,7 +299,29 @@ def read_receipt(path: Path) -> ReceiptRow:
             _seconds(data, "predicted.step_seconds_high", file) if timed else None
         ),
         measured_step_seconds=_seconds(data, "measured.step_seconds", file) if timed else None,
+        predicted_persistent_bytes=_breakdown_sum(data, PERSISTENT_KEYS),
+        predicted_transient_bytes=_breakdown_sum(data, TRANSIENT_KEYS),
     )
+
+
+PERSISTENT_KEYS = ("weights_bytes", "adapter_bytes", "gradient_bytes", "optimizer_bytes")
+TRANSIENT_KEYS = ("activation_bytes", "logits_bytes")
+
+
+def _breakdown_sum(data: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:
+    """The sum of ``predicted.breakdown_bytes[key]`` over ``keys``; None unless every one is
+    a byte count (the breakdown only informs the allocator lines: never a reason to refuse
+    a receipt)."""
+    predicted = data.get("predicted")
+    breakdown = predicted.get("breakdown_bytes") if isinstance(predicted, Mapping) else None
+    if not isinstance(breakdown, Mapping):
+        return None
+    values = [breakdown.get(key) for key in keys]
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_BYTES for v in values
+    ):
+        return None
+    return sum(values)  # type: ignore[arg-type]
 
 
 def _statistics(rows: Sequence[ReceiptRow], metric: str) -> ErrorStatistics | None:
@@ -413,4 +441,134 @@ def summary_lines(calibration: Calibration) -> list[str]:
             f"{', '.join(unmeasured)}"
         )
     lines.append("error = (predicted - measured) / measured: + over-predicts, - under-predicts")
+    return lines
+
+
+# --- Allocator constants ------------------------------------------------------------------
+
+
+def _architecture(device_name: str) -> str | None:
+    """The compute capability of the GPU a receipt ran on, from the catalogue; None for a
+    GPU the catalogue does not know."""
+    from peftgen.catalog import find_gpu
+
+    gpu = find_gpu(device_name)
+    return gpu.compute_capability if gpu is not None else None
+
+
+def implied_fragmentation(row: ReceiptRow) -> float | None:
+    """The ``TRANSIENT_FRAGMENTATION_FRACTION`` a measured receipt implies: what torch
+    reserved beyond what it allocated, less the cuBLAS workspace of the receipt's
+    architecture and the assumed rounding of long-lived tensors, over the plan's short-lived
+    bytes. None without a measurement or a breakdown."""
+    from peftgen.memory import PERSISTENT_ROUNDING_FRACTION, cublas_workspace_bytes
+
+    if (
+        row.measured_allocated_bytes is None
+        or row.measured_reserved_bytes is None
+        or row.predicted_persistent_bytes is None
+        or not row.predicted_transient_bytes
+    ):
+        return None
+    free = row.measured_reserved_bytes - row.measured_allocated_bytes
+    free -= cublas_workspace_bytes(_architecture(row.device_name))
+    free -= int(PERSISTENT_ROUNDING_FRACTION * row.predicted_persistent_bytes)
+    return free / row.predicted_transient_bytes
+
+
+def allocator_json(calibration: Calibration) -> dict[str, Any]:
+    """Each allocator constant of ``peftgen.memory``, what it rests on, and per GPU
+    architecture what the measured receipts imply for it."""
+    from peftgen.memory import (
+        CUDA_CONTEXT_BYTES,
+        PERSISTENT_ROUNDING_FRACTION,
+        TRANSIENT_FRAGMENTATION_FRACTION,
+        cublas_workspace_bytes,
+    )
+
+    by_architecture: dict[str, list[float]] = {}
+    for row in calibration.rows:
+        implied = implied_fragmentation(row)
+        if implied is not None:
+            architecture = _architecture(row.device_name) or "unknown"
+            by_architecture.setdefault(architecture, []).append(implied)
+    architectures = sorted(
+        {_architecture(row.device_name) or "unknown" for row in calibration.rows if row.measured}
+    )
+    return {
+        "cuda_context_bytes": {
+            "value": CUDA_CONTEXT_BYTES,
+            "basis": "assumption",
+            "receipts_imply": None,
+            "why_not": "outside torch's counters, which are all a receipt records",
+        },
+        "cublas_workspace_bytes": {
+            "basis": "torch source (CublasHandlePool.cpp), per architecture",
+            "by_architecture": {
+                arch: cublas_workspace_bytes(None if arch == "unknown" else arch)
+                for arch in architectures
+            },
+        },
+        "persistent_rounding_fraction": {
+            "value": PERSISTENT_ROUNDING_FRACTION,
+            "basis": "assumption",
+            "receipts_imply": None,
+            "why_not": "a receipt's one reserved-minus-allocated figure cannot split it from "
+            "fragmentation; it is taken as given below",
+        },
+        "transient_fragmentation_fraction": {
+            "value": TRANSIENT_FRAGMENTATION_FRACTION,
+            "basis": "assumption",
+            "receipts_imply": {
+                arch: {
+                    "count": len(values),
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+                for arch, values in sorted(by_architecture.items())
+            },
+        },
+    }
+
+
+def allocator_lines(calibration: Calibration) -> list[str]:
+    """The allocator constants and what the measured receipts imply, as text."""
+    facts = allocator_json(calibration)
+    mib = 2**20
+    context = facts["cuda_context_bytes"]["value"] / mib
+    lines = [
+        "allocator constants (peftgen/memory.py) and what the measured receipts imply:",
+        f"  CUDA context {context:.0f} MiB: an assumption; receipts cannot check it (torch's "
+        "counters do not see it)",
+    ]
+    from peftgen.memory import cublas_workspace_bytes
+
+    workspace = facts["cublas_workspace_bytes"]["by_architecture"]
+    shown = ", ".join(f"{arch} {size / mib:.1f} MiB" for arch, size in workspace.items())
+    lines.append(
+        f"  cuBLAS + cuBLASLt workspace: from torch's source, "
+        f"{cublas_workspace_bytes('9.0') / mib:.1f} MiB on compute capability 9.0, "
+        f"{cublas_workspace_bytes('8.0') / mib:.1f} MiB on every other"
+        f"{f' (here: {shown})' if shown else ''}"
+    )
+    rounding = facts["persistent_rounding_fraction"]["value"]
+    lines.append(
+        f"  rounding of long-lived tensors {rounding:.0%}: an assumption, taken as given "
+        "(one receipt cannot separate it from fragmentation)"
+    )
+    fragmentation = facts["transient_fragmentation_fraction"]
+    implied = fragmentation["receipts_imply"]
+    if not implied:
+        lines.append(
+            f"  fragmentation of short-lived tensors {fragmentation['value']:.0%}: an "
+            "assumption; no measured receipt with a breakdown to check it"
+        )
+    for arch, stats in implied.items():
+        lines.append(
+            f"  fragmentation of short-lived tensors {fragmentation['value']:.0%} (an "
+            f"assumption): receipts on compute capability {arch} imply "
+            f"{stats['median']:.1%} (median of {stats['count']}, {stats['min']:.1%} to "
+            f"{stats['max']:.1%})"
+        )
     return lines

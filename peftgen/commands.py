@@ -192,6 +192,8 @@ def plan(args: argparse.Namespace) -> int:
     from peftgen.plan import make_plan
 
     resolved = _for_planning(_resolve_with_set(args.spec, getattr(args, "set", None) or []))
+    for warning in resolved.warnings:
+        print(warning, file=sys.stderr)
     result = make_plan(resolved, args.gpu, args.vram_gib)
     simulation = None
     sharded = None
@@ -650,7 +652,7 @@ def calibrate(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from peftgen.calibrate import calibrate_receipts, summary_lines, table_rows
+    from peftgen.calibrate import allocator_lines, calibrate_receipts, summary_lines, table_rows
 
     result = calibrate_receipts(args.receipts)
     if args.json:
@@ -665,6 +667,6 @@ def calibrate(args: argparse.Namespace) -> int:
         table.add_row(*(escape(cell) for cell in cells))
     console = Console(highlight=False, width=200)
     console.print(table)
-    for line in summary_lines(result):
+    for line in [*summary_lines(result), *allocator_lines(result)]:
         console.print(escape(line), soft_wrap=True)
     return 0

@@ -508,6 +508,8 @@ def weights_bytes(inputs: EstimateInput) -> int:
 def adapter_dtype(inputs: EstimateInput) -> AdapterDtype:
     """Dtype of LoRA A/B: bf16 on quantized models (trl's cast), else peft's fp32 upcast."""
     if inputs.precision in ("8bit", "4bit"):
+        if inputs.compute_dtype == "fp16":
+            return "fp32"  # the script casts trl's bf16 adapters back: the GPU has no bf16
         return inputs.stack.quantized_adapter_dtype
     if inputs.distributed == "deepspeed-zero3" and inputs.stack.zero3_adapters_in_base_dtype:
         return inputs.compute_dtype
@@ -562,7 +564,7 @@ def modules_to_save_dtype_bytes(inputs: EstimateInput) -> int:
     trainable tensor (16-bit master weights round small updates away, and the fp16
     gradient scaler refuses fp16 parameters)."""
     quantized = inputs.precision in ("8bit", "4bit")
-    return 2 if quantized else 4
+    return 2 if quantized and inputs.compute_dtype != "fp16" else 4
 
 
 def adapter_bytes(inputs: EstimateInput) -> int:

@@ -16,8 +16,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from peftgen.accuracy_interval import UNDER_PREDICTION_FACTOR, high_end_bytes
-from peftgen.catalog import Gpu, gpu_catalogue, lookup_gpu
+from peftgen.catalog import Gpu, ModelArch, gpu_catalogue, lookup_gpu
 from peftgen.catalog.structure import SDPA_REFUSED_TYPES
+from peftgen.chat_templates import CHATML_SPECIAL_TOKENS
 from peftgen.errors import UserError
 from peftgen.memory import (
     PAGED_OPTIMIZERS,
@@ -227,6 +228,17 @@ def budget_bytes(gpu: Gpu, headroom_fraction: float) -> int:
     return int(gpu.memory_bytes * (1.0 - headroom_fraction))
 
 
+def trained_arch(resolved: Resolved) -> ModelArch:
+    """The architecture the script trains: with ``dataset.chat_template: chatml`` the two
+    ChatML markers become new tokens, and ``resize_token_embeddings`` grows the vocabulary
+    (embeddings, a separate head) by them."""
+    arch = resolved.arch
+    if resolved.loaded.spec.dataset.chat_template is None:
+        return arch
+    grown = arch.config.vocab_size + len(CHATML_SPECIAL_TOKENS)
+    return arch.model_copy(update={"config": arch.config.model_copy(update={"vocab_size": grown})})
+
+
 def estimate_input(
     resolved: Resolved,
     precision: LoadPrecision,
@@ -246,7 +258,7 @@ def estimate_input(
     )
     grpo = getattr(spec, "grpo", None)
     inputs = EstimateInput(
-        arch=resolved.arch,
+        arch=trained_arch(resolved),
         precision=precision,
         method=spec.method,
         compute_dtype=stack_compute_dtype(precision, target.bf16),
@@ -595,6 +607,17 @@ def choose_precision(requested: str, candidates: tuple[Candidate, ...]) -> LoadP
     return None
 
 
+def _adapter_dtype_reason(chosen: str, gpu: Gpu) -> str:
+    if chosen not in ("8bit", "4bit"):
+        return "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)"
+    if not gpu.bf16:
+        return (
+            f"trl 1.16 casts the trainable weights of 8/4-bit models to bf16, which {gpu.name} "
+            "lacks (emulated kernels, coarse updates); the script casts them back to fp32"
+        )
+    return "trl casts trainable parameters of 8/4-bit models to bf16"
+
+
 def plan_decisions(
     resolved: Resolved,
     gpu: Gpu,
@@ -645,9 +668,7 @@ def plan_decisions(
             Decision(
                 "adapter_dtype",
                 adapter_dtype(inputs),
-                "trl casts trainable parameters of 8/4-bit models to bf16"
-                if chosen in ("8bit", "4bit")
-                else "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)",
+                _adapter_dtype_reason(chosen, gpu),
             )
         )
         if spec.hardware.world_size > 1:
@@ -712,11 +733,6 @@ def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) ->
         warnings.append(
             "model.attn_implementation: eager materialises (seq x seq) attention scores per "
             "head; sdpa computes the same without them"
-        )
-    if not gpu.bf16 and chosen in ("8bit", "4bit"):
-        warnings.append(
-            f"{gpu.name} lacks bfloat16, but trl 1.16 casts the LoRA weights of 8/4-bit models "
-            "to bf16 anyway: they run through slower emulated bf16 kernels"
         )
     warnings.extend(distributed_warnings(resolved))
     if spec.method == "grpo":

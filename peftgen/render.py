@@ -28,6 +28,7 @@ from typing import Any
 import jinja2
 
 from peftgen import chat_templates, stack
+from peftgen.chat_templates import CHATML_SPECIAL_TOKENS
 from peftgen.errors import UserError
 from peftgen.launch import LAUNCH_FILES, launch_files
 from peftgen.load import LoadedSpec
@@ -50,7 +51,6 @@ TRAIN_TEMPLATES: dict[str, str] = {
     "dpo": "train_dpo.py.j2",
     "grpo": "train_grpo.py.j2",
 }
-CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 class RenderError(Exception):
@@ -532,7 +532,11 @@ def build_context(
         and {"embed_tokens", "lm_head"} <= {name.rsplit(".", 1)[-1] for name in modules_to_save},
         # fp32 master weights for full copies on a 16-bit base: bf16 / fp16 weights would
         # round small updates away (quantized models: trl casts them to bf16 itself).
+        # merge.py holds the whole model in the compute dtype on the CPU.
+        "merge_host_bytes": plan.total_parameters * 2,
         "upcast_modules_to_save": bool(modules_to_save) and precision in ("bf16", "fp16"),
+        # trl casts the trainable weights of 8/4-bit models to bf16, which an fp16 GPU lacks.
+        "upcast_quantized_trainables": precision in ("8bit", "4bit") and dtype == "fp16",
         "chat": chat,
         "loss_text": _loss_text(spec.method, chat.loss_on),
         "format_text": _format_text(chat),

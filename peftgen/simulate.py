@@ -946,8 +946,9 @@ def _prepare_peft(
         "grpo": ("log_probs", "entropy"),
     }[spec.method]
     add_fused_lm_head(base, outputs=outputs)
-    if not quantized and modules_to_save:
-        # the generated script: fp32 master weights for full copies on a 16-bit base
+    if (not quantized and modules_to_save) or (quantized and compute_dtype == torch.float16):
+        # the generated script: fp32 master weights for full copies on a 16-bit base, and
+        # for every trainable weight of a quantized model on a GPU without bf16
         for param in peft_model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()

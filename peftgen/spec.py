@@ -340,10 +340,13 @@ class TrainingSpec(_Frozen):
     """Random seed for data order and adapter initialisation."""
     logging_steps: Annotated[int, Field(ge=1)] = 10
     """Log every this many optimizer steps."""
-    save_strategy: SaveStrategy = "epoch"
-    """When to write checkpoints."""
-    save_steps: Annotated[int, Field(ge=1)] = 500
+    save_strategy: SaveStrategy = "steps"
+    """When to write checkpoints: every `save_steps` optimizer steps (so `--resume` has one to
+    continue from after a preemption), each `epoch`, or `no`."""
+    save_steps: Annotated[int, Field(ge=1)] = 100
     """Checkpoint interval when save_strategy is `steps`."""
+    save_total_limit: Annotated[int, Field(ge=1)] | None = 2
+    """Checkpoints kept in output_dir (the oldest are deleted); `null` keeps all."""
     report_to: ReportTo = "none"
     """Experiment tracker to log to."""
 

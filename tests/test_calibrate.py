@@ -297,3 +297,71 @@ def test_receipt_version_2_without_step_fields_still_reads(tmp_path: Path) -> No
     receipt["receipt_version"] = 2
     row = calibrate_receipts([_write(tmp_path, "bare", receipt)]).rows[0]
     assert row.measured_step_seconds is None and row.predicted_step_seconds is None
+
+
+def _with_breakdown(receipt: dict[str, Any], device: str, **parts: int) -> dict[str, Any]:
+    receipt["device"]["name"] = device
+    receipt["predicted"]["breakdown_bytes"] = {
+        key: parts.get(key, 0)
+        for key in (
+            "weights_bytes",
+            "adapter_bytes",
+            "gradient_bytes",
+            "optimizer_bytes",
+            "activation_bytes",
+            "logits_bytes",
+            "overhead_bytes",
+        )
+    }
+    return receipt
+
+
+def test_allocator_constants_and_what_receipts_imply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Per architecture, the fragmentation a receipt implies: reserved - allocated, less
+    torch's default cuBLAS + cuBLASLt workspaces (32 MiB + 1 MiB on compute capability 9.0,
+    8 MiB + 128 KiB + 1 MiB elsewhere) and 1 % of the long-lived bytes, over the short-lived
+    bytes."""
+    mib = 2**20
+    hopper = _with_breakdown(
+        _receipt(10 * GIB, 10 * GIB, 11 * GIB, 11 * GIB, "h200"),
+        "NVIDIA H200",
+        weights_bytes=8 * GIB,
+        activation_bytes=2 * GIB,
+    )
+    ampere = _with_breakdown(
+        _receipt(10 * GIB, 10 * GIB, 11 * GIB, 10 * GIB + 512 * mib, "a100"),
+        "NVIDIA A100-SXM4-80GB",
+        weights_bytes=6 * GIB,
+        optimizer_bytes=2 * GIB,
+        activation_bytes=GIB,
+        logits_bytes=GIB,
+    )
+    paths = [_write(tmp_path, "h200", hopper), _write(tmp_path, "a100", ampere)]
+    implied = calibrate_receipts(paths).to_json()["allocator"]
+    fragmentation = implied["transient_fragmentation_fraction"]
+    assert fragmentation["basis"] == "assumption"
+    hopper_free = GIB - 33 * mib - int(0.01 * 8 * GIB)
+    ampere_free = 512 * mib - (8 * mib + 128 * 1024 + mib) - int(0.01 * 8 * GIB)
+    assert fragmentation["receipts_imply"]["9.0"]["median"] == pytest.approx(
+        hopper_free / (2 * GIB)
+    )
+    assert fragmentation["receipts_imply"]["8.0"]["median"] == pytest.approx(
+        ampere_free / (2 * GIB)
+    )
+    assert implied["cublas_workspace_bytes"]["by_architecture"] == {
+        "8.0": 8 * mib + 128 * 1024 + mib,
+        "9.0": 33 * mib,
+    }
+    assert implied["cuda_context_bytes"]["basis"] == "assumption"
+    assert peftgen_main(["calibrate", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA context 512 MiB: an assumption" in out
+    assert f"receipts on compute capability 9.0 imply {hopper_free / (2 * GIB):.1%}" in out
+    assert f"receipts on compute capability 8.0 imply {ampere_free / (2 * GIB):.1%}" in out
+
+
+def test_a_receipt_without_a_breakdown_implies_nothing(receipts: list[Path]) -> None:
+    implied = calibrate_receipts(receipts).to_json()["allocator"]
+    assert implied["transient_fragmentation_fraction"]["receipts_imply"] == {}

@@ -185,7 +185,7 @@ def test_gpu_without_bf16_gets_fp16_and_no_tf32(tmp_path: Path) -> None:
 
 def test_ampere_gets_tf32(tmp_path: Path) -> None:
     train = _render(_spec(tmp_path))["train.py"]
-    assert 'torch.backends.cuda.matmul.fp32_precision = "tf32"' in train
+    assert 'torch.set_float32_matmul_precision("high")' in train
 
 
 def test_lora_options_appear_only_when_set(tmp_path: Path) -> None:
@@ -257,7 +257,7 @@ def test_data_sources_and_eval_split(tmp_path: Path) -> None:
     )
     train = _render(path)["train.py"]
     assert "dataset.train_test_split(test_size=EVAL_FRACTION, seed=SEED)" in train
-    assert 'eval_strategy="epoch"' in train
+    assert 'eval_strategy="steps"' in train and "eval_steps=SAVE_STEPS" in train
     assert "eval_dataset=eval_dataset" in train
 
 

@@ -65,13 +65,16 @@ def _train_tokenizer(special_tokens: list[str]) -> object:
     return tokenizer
 
 
-def build_tiny_llama(path: Path, *, with_chat_template: bool = True) -> Path:
+def build_tiny_llama(
+    path: Path, *, with_chat_template: bool = True, tie_word_embeddings: bool = False
+) -> Path:
     """Write a tiny Llama (hidden 64, 2 layers, 4 heads, 2 kv heads) and tokenizer to ``path``.
 
     Deterministic: the same seed gives the same weights and the same tokenizer, so a test
     that compares logits before and after training compares like with like.
     ``with_chat_template=False`` leaves the tokenizer without a template (a base model), for
-    the path where the generated script installs a named one.
+    the path where the generated script installs a named one. ``tie_word_embeddings=True``
+    ties the output head to the input embeddings (SmolLM2, Llama-3.2-1B, Qwen2.5-0.5B do).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -99,7 +102,7 @@ def build_tiny_llama(path: Path, *, with_chat_template: bool = True) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config)

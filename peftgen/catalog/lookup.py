@@ -283,7 +283,8 @@ def _local_model_folder(model_id: str, base_dir: Path, need_config: bool = True)
         path = Path(model_id).expanduser()
     except RuntimeError:  # ~user of a user that does not exist
         return None
-    candidates = [path] if path.is_absolute() else [path, base_dir / path]
+    # Relative to the spec's folder, as every path in a spec is (never the working directory).
+    candidates = [path] if path.is_absolute() else [base_dir / path]
     for candidate in candidates:
         try:
             is_folder = candidate.is_dir()
