@@ -75,6 +75,24 @@ def _gpu_row(gpu: Gpu) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _peak_row(gpu: Gpu) -> str:
+    figures = gpu.throughput
+    if figures is None:
+        return f"| {gpu.name} | - | - | - | |"
+    bf16 = "-" if figures.dense_bf16_tflops is None else f"{figures.dense_bf16_tflops:g}"
+    sources = [f"fp16: {figures.fp16_source}", f"bandwidth: {figures.bandwidth_source}"]
+    if figures.bf16_source and not figures.bf16_source.endswith(figures.fp16_source):
+        sources.insert(1, f"bf16: {figures.bf16_source}")
+    cells = [
+        gpu.name,
+        f"{figures.dense_fp16_tflops:g}",
+        bf16,
+        f"{figures.memory_bandwidth_gb_s:g}",
+        _escape("; ".join(sources)),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def render_catalogue_markdown() -> str:
     """The full text of docs/catalogue.md."""
     models = model_catalogue()
@@ -93,6 +111,16 @@ def render_catalogue_markdown() -> str:
         "| bf16 | FlashAttention-2 | source |",
         "|---|---|---|---|---|---|---|---|",
         *(_gpu_row(gpu) for gpu in gpus),
+        "",
+        "## GPU peaks (the throughput model's datasheet figures)",
+        "",
+        "Dense tensor-core TFLOP/s with fp32 accumulation (the 2:4-sparse figures datasheets "
+        "print are twice these) and memory bandwidth, as `peftgen.throughput` divides by them "
+        "(docs/plan.md, Time and cost).",
+        "",
+        "| name | dense fp16 TFLOP/s | dense bf16 TFLOP/s | bandwidth GB/s | sources |",
+        "|---|---|---|---|---|",
+        *(_peak_row(gpu) for gpu in gpus),
         "",
     ]
     return "\n".join(lines)
