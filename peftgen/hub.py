@@ -23,10 +23,6 @@ PROBE_TIMEOUT_S = 2.0
 """How long the probe waits for the hub to accept a connection (DNS included)."""
 HUB_TIMEOUTS_S = {"HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10"}
 """huggingface_hub's timeouts while peftgen asks it something, unless the user set them."""
-OFFLINE_HINT = (
-    "to work offline: set HF_HUB_OFFLINE=1, point model.id at a local folder holding "
-    "config.json, and give check-data --tokenizer DIR"
-)
 
 
 def _endpoint() -> tuple[str, int]:
