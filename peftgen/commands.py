@@ -352,6 +352,23 @@ def tight_text(result: Plan) -> str | None:
     )
 
 
+def full_finetuning_text(result: Plan) -> str | None:
+    """A LoRA plan's comparison line: what ``finetuning: full`` would need (never chosen)."""
+    full = result.full_finetuning
+    if full is None:
+        return None
+    b = full.breakdown
+    verdict = "fits" if full.fits_high else "fits, tight" if full.fits else "does not fit"
+    return (
+        "full fine-tuning (finetuning: full, not chosen): peak "
+        f"{full.peak_reserved_bytes / GIB:.2f} GiB, up to "
+        f"{full.peak_reserved_bytes_high / GIB:.2f} GiB, {verdict} (weights "
+        f"{b.weights_bytes / GIB:.2f}, gradients {b.gradient_bytes / GIB:.2f}, optimizer "
+        f"{b.optimizer_bytes / GIB:.2f}, activations {b.activation_bytes / GIB:.2f}, logits "
+        f"{b.logits_bytes / GIB:.2f} GiB; fp32 masters under {full.precision} autocast)"
+    )
+
+
 def _print_plan(
     result: Plan, written_model_id: str | None = None, console: Console | None = None
 ) -> None:
@@ -425,6 +442,9 @@ def _print_plan(
             "logits 0: the peak is a decoder layer's backward; the LM head's tensors are "
             "freed by then"
         )
+    full_line = full_finetuning_text(result)
+    if full_line is not None:
+        console.print(escape(full_line))
     for default in result.defaults:
         console.print(
             f"[bold]default[/] {escape(default.knob)}: {escape(_shown(default.value))} "

@@ -224,6 +224,21 @@ class EstimateInput:
     ZeRO-3): sharded state lives in host memory."""
     num_nodes: int = 1
     """Machines the ``world_size`` GPUs are spread over (host memory is per node)."""
+    finetuning: Literal["lora", "full"] = "lora"
+    """``full``: every weight trained, fp32 master weights under compute-dtype autocast (no
+    LoRA, no quantization); see the "full fine-tuning" section."""
+    reference_model: bool = False
+    """Full fine-tuning only: a frozen reference copy of the model in the compute dtype on
+    the GPU (DPO without ``precompute_ref_log_probs``, GRPO with ``beta > 0``). With LoRA the
+    reference is the base with the adapter disabled: no copy."""
+    vllm_mode: Literal["none", "colocate", "server"] = "none"
+    """GRPO generation through trl's vLLM integration (``grpo.use_vllm``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Colocate: the share of each GPU's memory vLLM takes (trl's default 0.3)."""
+    vllm_enable_sleep_mode: bool = False
+    """Colocate: vLLM sleeps (level 2) during the training phase."""
+    gpu_memory_bytes: int = 0
+    """The GPU's memory: vLLM's colocated share is a fraction of it."""
     stack: StackProfile = field(default_factory=StackProfile)
     gpu_compute_capability: str | None = None
     """The GPU's compute capability (``"8.0"``): it sizes the cuBLAS workspace. ``None``
@@ -288,6 +303,9 @@ class Estimate(MemoryBreakdown):
     sharded_reserve_bytes: int = 0
     """Of ``overhead_bytes``: blocks the caching allocator keeps beyond the allocated peak
     under FSDP / ZeRO-3 (loading leftovers, side-stream pools) plus NCCL's buffers."""
+    vllm_bytes: int = 0
+    """Of ``overhead_bytes``: vLLM's colocated share at the peak (its weights and KV cache,
+    ``vllm_gpu_memory_utilization`` of the GPU), outside torch's training counters."""
 
     @property
     def peak_allocated_bytes(self) -> int:
@@ -420,6 +438,8 @@ def modules_to_save_parameter_count(arch: ModelArch, modules_to_save: tuple[str,
 
 def trainable_parameter_count(arch: ModelArch, inputs: EstimateInput) -> int:
     """What peft's ``print_trainable_parameters`` reports as ``trainable params``."""
+    if inputs.finetuning == "full":
+        return base_parameter_count(arch)
     return (
         lora_parameter_count(arch, inputs)
         + modules_to_save_parameter_count(arch, inputs.modules_to_save)
@@ -434,6 +454,8 @@ def peft_total_parameter_count(arch: ModelArch, inputs: EstimateInput) -> int:
     (peft/peft_model.py:947-954), which recovers the unpacked count, so the figure does
     not depend on the loading precision.
     """
+    if inputs.finetuning == "full":
+        return base_parameter_count(arch)
     return (
         base_parameter_count(arch)
         + lora_parameter_count(arch, inputs)
@@ -495,6 +517,8 @@ def unquantized_weight_dtype_bytes(inputs: EstimateInput) -> int:
 
 def weights_bytes(inputs: EstimateInput) -> int:
     """The frozen base model on the GPU (per GPU; sharding divides it, issue 8)."""
+    if inputs.finetuning == "full":
+        return full_weights_bytes(inputs)
     linear = sum(linear_weight_bytes(m, inputs) for m in linear_modules(inputs.arch))
     groups = parameter_groups(inputs.arch)
     return linear + (groups.non_linear - groups.linear_bias) * unquantized_weight_dtype_bytes(
@@ -531,6 +555,8 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
     peft's autocast, and trl skips them in its bf16 cast), modules_to_save copies (load
     dtype; bf16 under trl's quantized cast; fp32 in the fp16 script, which upcasts every
     trainable tensor) and trainable biases."""
+    if inputs.finetuning == "full":
+        return full_trainable_tensors(inputs.arch)
     arch = inputs.arch
     lora_bytes = DTYPE_BYTES[adapter_dtype(inputs)]
     copy_bytes = modules_to_save_dtype_bytes(inputs)
@@ -570,6 +596,8 @@ def modules_to_save_dtype_bytes(inputs: EstimateInput) -> int:
 def adapter_bytes(inputs: EstimateInput) -> int:
     """Trainable parameters' own storage (LoRA, DoRA magnitudes, modules_to_save copies);
     trainable base biases are already in ``weights_bytes``."""
+    if inputs.finetuning == "full":
+        return 0  # the trained weights are the weights
     tensors = trainable_tensors(inputs, include_biases=False)
     return sum(size * n for size, n in tensors.numel_by_bytes.items())
 
@@ -913,6 +941,13 @@ def moe_merged_expert_bytes_per_layer(inputs: EstimateInput) -> int:
 
 def layer_saved_activation_bytes(inputs: EstimateInput, tokens: int) -> int:
     """Everything one decoder layer keeps for its backward pass (no checkpointing)."""
+    if inputs.finetuning == "full":
+        return (
+            norm_saved_bytes_per_layer(inputs, tokens)
+            + attention_saved_bytes_per_layer(inputs, tokens)
+            + mlp_saved_bytes_per_layer(inputs, tokens)
+            + full_saved_bytes_per_layer(inputs, tokens)
+        )
     return (
         moe_merged_expert_bytes_per_layer(inputs)
         + norm_saved_bytes_per_layer(inputs, tokens)
@@ -936,6 +971,8 @@ def backward_transient_bytes(inputs: EstimateInput, tokens: int) -> int:
     if targeted_modules(inputs.arch, inputs.target_modules):
         element = max(element, DTYPE_BYTES[adapter_dtype(inputs)])
     width = max(c.intermediate_size, c.num_attention_heads * c.head_dim)
+    if inputs.finetuning == "full":
+        return 2 * element * tokens * width + full_weight_gradient_transient_bytes(inputs)
     return 2 * element * tokens * width + dequantized_weight_transient_bytes(inputs)
 
 
@@ -974,6 +1011,8 @@ def residual_stream_dtype_bytes(inputs: EstimateInput) -> int:
     trained copy of ``embed_tokens``; ``prepare_model_for_kbit_training``'s upcast) keep
     every layer's input and output in fp32; a tied ``lm_head`` copy is separate and does
     not matter here."""
+    if inputs.finetuning == "full":
+        return 4  # fp32 embeddings: the residual stream and the norms' outputs are fp32
     trained = {name.rsplit(".", 1)[-1] for name in inputs.modules_to_save}
     if "embed_tokens" in trained:
         return modules_to_save_dtype_bytes(inputs)
@@ -1087,6 +1126,8 @@ def logits_bytes(inputs: EstimateInput) -> int:
     tokens = fused_head_scored_tokens(inputs)
     tile = compute * min(tokens, FUSED_HEAD_TOKEN_TILE) * min(c.vocab_size, FUSED_HEAD_VOCAB_TILE)
     fused = compute * tokens * c.hidden_size + tile + 4 * tokens * c.hidden_size + 8 * 4 * tokens
+    if inputs.finetuning == "full":
+        return fused + full_head_extra_bytes(inputs, tokens)
     return fused + trained_head_gradient_bytes(inputs)
 
 
@@ -1130,8 +1171,12 @@ def grpo_generation_rows(inputs: EstimateInput) -> int:
 
 def grpo_generation_bytes(inputs: EstimateInput) -> int:
     """The generation phase's peak (no gradients): the larger of the prompt's prefill and
-    the last decoding step."""
-    return max(grpo_prefill_bytes(inputs), grpo_last_decode_bytes(inputs))
+    the last decoding step. Full fine-tuning adds autocast's cast of every decoder weight,
+    cached until each forward returns (``full_decoder_cast_bytes``)."""
+    peak = max(grpo_prefill_bytes(inputs), grpo_last_decode_bytes(inputs))
+    if inputs.finetuning == "full":
+        peak += full_decoder_cast_bytes(inputs)
+    return peak
 
 
 def grpo_prefill_bytes(inputs: EstimateInput) -> int:
@@ -1183,6 +1228,164 @@ def grpo_last_decode_bytes(inputs: EstimateInput) -> int:
     return cache + regrow + logits + dequantized_weight_transient_bytes(inputs)
 
 
+# --------------------------------------------------------------------------- full fine-tuning
+#
+# ``finetuning: full`` as the emitted script runs it: the model loaded in fp32 (master
+# weights), trained under accelerate's bf16 autocast (``bf16=True``; fp16 GPUs ``fp16=True``),
+# so gradients and optimizer states are fp32 too. Pure bf16 weights would save half the
+# weight and gradient bytes but round small AdamW updates away (lr x update << bf16's 8-bit
+# mantissa), the reason the LoRA scripts keep fp32 masters for modules_to_save.
+#
+# What autocast adds (torch/amp/autocast_mode.py, accelerate/accelerator.py:1826-1833
+# wrapping ``model.forward``): every matmul casts its fp32 weight to the compute dtype; the
+# cast of a leaf parameter is cached until the outermost autocast exits (the end of the
+# forward, autocast_mode.py:349 ``clear_autocast_cache``), and the matmul saves it for
+# backward. Without checkpointing every layer's casts live until that layer's backward; with
+# (non-reentrant) checkpointing the forward's saved tensors are dropped, but the cache still
+# holds every cast until the forward returns, and each recomputed layer holds its own.
+
+
+def full_parameter_shapes(arch: ModelArch) -> list[tuple[int, int, int]]:
+    """(rows, cols, how many) of every parameter tensor of the built model, for the
+    per-tensor optimizer rules (8-bit states for tensors of 4096+ elements, Adafactor's
+    factored rows and columns): linear weights and biases, embeddings, the untied head, the
+    norms (1-D), fused MoE experts and routers, and the rest of a vision tower."""
+    c = arch.config
+    groups = parameter_groups(arch)
+    shapes: list[tuple[int, int, int]] = []
+    for module in linear_modules(arch):
+        shapes.append((module.out_features, module.in_features, module.count))
+        if module.bias:
+            shapes.append((module.out_features, 1, module.count))
+    shapes.append((c.vocab_size, c.hidden_size, 1))
+    if groups.lm_head:
+        shapes.append((c.vocab_size, c.hidden_size, 1))
+    norm_vectors, rest = divmod(groups.norm, c.hidden_size)
+    shapes.append((c.hidden_size, 1, norm_vectors))
+    if rest:
+        shapes.append((rest, 1, 1))
+    if groups.moe_experts:
+        per_layer = groups.moe_experts // c.num_hidden_layers
+        shapes.append((per_layer // c.hidden_size, c.hidden_size, c.num_hidden_layers))
+    if groups.moe_router:
+        shapes.append((groups.moe_router // c.num_hidden_layers, 1, c.num_hidden_layers))
+    if groups.vision_other:
+        shapes.append((groups.vision_other, 1, 1))
+    return [shape for shape in shapes if shape[0] * shape[1] * shape[2]]
+
+
+def full_trainable_tensors(arch: ModelArch) -> TrainableTensors:
+    """Every parameter, fp32 (the master weights the optimizer steps)."""
+    shapes = tuple(full_parameter_shapes(arch))
+    return TrainableTensors({4: base_parameter_count(arch)}, shapes)
+
+
+def reference_weight_bytes(inputs: EstimateInput) -> int:
+    """The frozen reference copy full fine-tuning keeps for DPO (no
+    ``precompute_ref_log_probs``) and GRPO (``beta > 0``): the script loads it in the compute
+    dtype (trl would load it in the policy's fp32, dpo_trainer.py:924, grpo_trainer.py:1002)."""
+    if inputs.finetuning != "full" or not inputs.reference_model:
+        return 0
+    return DTYPE_BYTES[inputs.compute_dtype] * base_parameter_count(inputs.arch)
+
+
+def full_weights_bytes(inputs: EstimateInput) -> int:
+    """fp32 master weights of every parameter, plus the reference copy if any."""
+    return 4 * base_parameter_count(inputs.arch) + reference_weight_bytes(inputs)
+
+
+def full_layer_linear_parameters(inputs: EstimateInput) -> int:
+    """Weight elements of one decoder layer's linears (what autocast casts per layer)."""
+    total = sum(m.weight_parameters for m in language_linear_modules(inputs.arch))
+    return total // inputs.arch.config.num_hidden_layers
+
+
+def full_weight_cast_bytes_per_layer(inputs: EstimateInput) -> int:
+    """One layer's autocast weight casts: every linear weight in the compute dtype."""
+    return DTYPE_BYTES[inputs.compute_dtype] * full_layer_linear_parameters(inputs)
+
+
+def full_decoder_cast_bytes(inputs: EstimateInput) -> int:
+    """Every decoder layer's weight casts: what autocast's cache holds at a forward's end."""
+    return inputs.arch.config.num_hidden_layers * full_weight_cast_bytes_per_layer(inputs)
+
+
+def full_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
+    """What training every weight adds to a layer's saved tensors (beyond the attention,
+    MLP and norm rules the LoRA estimate shares).
+
+    - The weight casts (``full_weight_cast_bytes_per_layer``): each matmul saves its
+      compute-dtype weight for the input gradient.
+    - Each linear saves its input for the weight gradient. The residual stream is fp32
+      (fp32 embeddings; RMSNorm returns ``weight * x.to(input_dtype)``), so q/k/v and
+      gate/up each save their own autocast copy of the fp32 norm output (autocast caches
+      only leaf parameters); o_proj reads the attention output (counted by the attention
+      rule); down_proj saves ``act(gate) * up``.
+    - Each norm's trainable ``weight * x`` saves the fp32 normalised ``x``.
+    """
+    c = inputs.arch.config
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    total = full_weight_cast_bytes_per_layer(inputs)
+    for width, members in _input_groups(inputs):
+        names = {m.name for m in members}
+        if names & {"o_proj", "dense"}:
+            continue
+        total += len(members) * compute * tokens * width
+    norms = 4 if c.model_type in SANDWICH_NORM_TYPES else 2
+    total += norms * 4 * tokens * c.hidden_size
+    return total
+
+
+def full_weight_gradient_transient_bytes(inputs: EstimateInput) -> int:
+    """The largest linear's weight gradient as its backward makes it: the compute-dtype
+    matmul result, then autocast's cast back to the fp32 master (``ToCopyBackward``)
+    before it is accumulated into ``.grad``."""
+    largest = max(m.in_features * m.out_features for m in language_linear_modules(inputs.arch))
+    return (DTYPE_BYTES[inputs.compute_dtype] + 4) * largest
+
+
+def full_head_extra_bytes(inputs: EstimateInput, tokens: int) -> int:
+    """At the LM head (forward end / backward start) under full fine-tuning: the fused
+    head's fp32 gradient buffer of the whole head (chunked_logprob.py:410, kept fp32: the
+    weight is fp32), the head's input in fp32 rather than the compute dtype, and with
+    checkpointing every layer's weight cast still in autocast's cache (without it they are
+    in the kept activations already)."""
+    c = inputs.arch.config
+    head = 4 * c.vocab_size * c.hidden_size
+    hidden = (4 - DTYPE_BYTES[inputs.compute_dtype]) * tokens * c.hidden_size
+    cache = full_decoder_cast_bytes(inputs) if inputs.gradient_checkpointing else 0
+    return head + hidden + cache
+
+
+# --------------------------------------------------------------------------- GRPO with vLLM
+#
+# trl 1.16 (trl/generation/vllm_generation.py:347-368) builds ``vllm.LLM`` in the training
+# process for ``vllm_mode="colocate"`` with ``gpu_memory_utilization`` (trl's default 0.3).
+# vLLM's documented meaning (EngineArgs ``gpu_memory_utilization``): the fraction of the
+# GPU's *total* memory this instance may use, a per-instance limit holding its own copy of
+# the weights, its activation workspace and the KV cache, which fills what is left of the
+# fraction; vLLM refuses to start when less than that is free. With
+# ``vllm_enable_sleep_mode`` trl puts vLLM to sleep at level 2 after every generation round
+# (weights and KV cache released, :750) and wakes it for the next (:489, :704). In
+# ``server`` mode vLLM runs on other GPUs (``trl vllm-serve``) and the training GPUs only
+# receive completions.
+
+
+def vllm_share_bytes(inputs: EstimateInput) -> int:
+    """vLLM's colocated share of one GPU: ``vllm_gpu_memory_utilization`` x its memory."""
+    if inputs.vllm_mode != "colocate":
+        return 0
+    return int(inputs.vllm_gpu_memory_utilization * inputs.gpu_memory_bytes)
+
+
+def vllm_training_phase_bytes(inputs: EstimateInput) -> int:
+    """What colocated vLLM holds while the policy trains: its whole share, or nothing once
+    asleep (what vLLM keeps mapped while asleep, its CUDA graphs, is not modelled)."""
+    if inputs.vllm_mode != "colocate" or inputs.vllm_enable_sleep_mode:
+        return 0
+    return vllm_share_bytes(inputs)
+
+
 # --------------------------------------------------------------------------- totals
 
 
@@ -1214,7 +1417,16 @@ def estimate(inputs: EstimateInput) -> Estimate:
     communication = parts.communication_bytes
     activation, logits = train_step_peak_parts(inputs)
     phase = "train"
-    if inputs.method == "grpo":
+    vllm = vllm_training_phase_bytes(inputs)
+    if inputs.method == "grpo" and inputs.vllm_mode != "none":
+        share = vllm_share_bytes(inputs)
+        if share > gradient + activation + logits + vllm:
+            # A sleeping colocated vLLM wakes up for each generation round: its share next
+            # to the training state, without gradients or training activations.
+            phase, vllm = "generation", share
+            communication = communication if inputs.distributed == "ddp" else 0
+            gradient, activation, logits = communication, 0, 0
+    elif inputs.method == "grpo":
         generation = grpo_generation_bytes(inputs)
         if generation > gradient + activation + logits:
             phase = "generation"
@@ -1232,7 +1444,7 @@ def estimate(inputs: EstimateInput) -> Estimate:
         weights, gathered = weights + copy_out, gathered + copy_out
         activation = logits = 0
     persistent = weights + adapter + gradient + optimizer
-    overhead = overhead_bytes(persistent, activation + logits, inputs)
+    overhead = overhead_bytes(persistent, activation + logits, inputs) + vllm
     allocated = persistent + activation + logits
     reserve = allocator_sharded_reserve_bytes(inputs, allocated, gathered)
     nccl = nccl_buffer_bytes(inputs)
@@ -1245,7 +1457,7 @@ def estimate(inputs: EstimateInput) -> Estimate:
         activation_bytes=activation,
         logits_bytes=logits,
         overhead_bytes=overhead,
-        torch_reserved_bytes=allocated + overhead - inputs.stack.cuda_context_bytes - nccl,
+        torch_reserved_bytes=allocated + overhead - inputs.stack.cuda_context_bytes - nccl - vllm,
         managed_bytes=parts.managed_bytes,
         phase=phase,
         communication_bytes=communication,
@@ -1255,6 +1467,7 @@ def estimate(inputs: EstimateInput) -> Estimate:
         load_peak_bytes=load_peak_bytes(inputs),
         host_memory_bytes=host_memory_bytes(inputs),
         sharded_reserve_bytes=reserve + nccl,
+        vllm_bytes=vllm,
     )
 
 

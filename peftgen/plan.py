@@ -26,11 +26,14 @@ from peftgen.memory import (
     EstimateInput,
     MemoryBreakdown,
     adapter_dtype,
+    base_parameter_count,
     estimate,
     grpo_generation_bytes,
     moe_experts_per_layer,
     per_gpu_parts,
+    reference_weight_bytes,
     train_step_peak_parts,
+    vllm_share_bytes,
 )
 from peftgen.overrides import apply_changes
 from peftgen.resolve import Resolved, valid_with
@@ -69,6 +72,9 @@ class Candidate:
     breakdown: MemoryBreakdown
     managed_bytes: int = 0
     """Paged optimizer state in CUDA managed memory: outside torch's counters and the peak."""
+    vllm_bytes: int = 0
+    """Of ``overhead_bytes``: colocated vLLM's share of the GPU at the peak (GRPO with
+    ``grpo.use_vllm: colocate``)."""
     torch_reserved_bytes: int = 0
     """What ``torch.cuda.max_memory_reserved`` would report: reserved minus the CUDA context."""
     phase: str = "train"
@@ -167,6 +173,9 @@ class Plan:
     """Keys the spec left out that were filled in (``resolve.with_defaults``), with why."""
     notes: tuple[str, ...] = ()
     """What the table assumes: GRPO's phase, host memory for CPU offload."""
+    full_finetuning: Candidate | None = None
+    """A LoRA spec's comparison: the same run with ``finetuning: full`` in the GPU's 16-bit
+    compute dtype (fp32 master weights under autocast). Never chosen; None for a full spec."""
 
     @property
     def chosen(self) -> Candidate | None:
@@ -200,6 +209,8 @@ SPEC_KEY_TO_FIELD: dict[str, str] = {
     "lora.lora_dropout": "lora_dropout",
     "model.attn_implementation": "attn_implementation",
     "grpo.max_completion_length": "max_completion_length",
+    "grpo.vllm_gpu_memory_utilization": "vllm_gpu_memory_utilization",
+    "grpo.vllm_enable_sleep_mode": "vllm_enable_sleep_mode",
     "hardware.num_gpus": "world_size",
     "hardware.num_nodes": "world_size",
     "hardware.distributed": "distributed",
@@ -257,6 +268,8 @@ def estimate_input(
         lora.target_modules if lora.target_modules == "all-linear" else tuple(lora.target_modules)
     )
     grpo = getattr(spec, "grpo", None)
+    if spec.finetuning == "full":
+        return full_finetuning_input(resolved, precision, overrides, gpu)
     inputs = EstimateInput(
         arch=trained_arch(resolved),
         precision=precision,
@@ -283,6 +296,7 @@ def estimate_input(
         distributed=spec.hardware.distributed,
         cpu_offload=spec.hardware.cpu_offload,
         gpu_compute_capability=target.compute_capability,
+        **vllm_fields(spec, target),
     )
     if overrides:
         unknown = set(overrides) - set(SPEC_KEY_TO_FIELD)
@@ -295,6 +309,106 @@ def estimate_input(
             fields["world_size"] = gpus * nodes
         inputs = replace(inputs, **fields)
     return inputs
+
+
+def vllm_fields(spec: AnySpec, gpu: Gpu) -> dict[str, Any]:
+    """The estimate's vLLM inputs from ``grpo.use_vllm`` and its options."""
+    grpo = getattr(spec, "grpo", None)
+    if grpo is None or not grpo.use_vllm:
+        return {"gpu_memory_bytes": gpu.memory_bytes}
+    return {
+        "vllm_mode": grpo.use_vllm,
+        "vllm_gpu_memory_utilization": grpo.vllm_gpu_memory_utilization,
+        "vllm_enable_sleep_mode": grpo.vllm_enable_sleep_mode,
+        "gpu_memory_bytes": gpu.memory_bytes,
+    }
+
+
+def needs_reference_copy(spec: AnySpec) -> bool:
+    """Full fine-tuning keeps a frozen reference model: DPO unless its log-probs are
+    precomputed (trl then sets ``ref_model=None`` and scores with the untrained policy
+    before training, dpo_trainer.py:909), GRPO when ``beta > 0`` (grpo_trainer.py:984)."""
+    dpo = getattr(spec, "dpo", None)
+    if dpo is not None:
+        return not dpo.precompute_ref_log_probs
+    grpo = getattr(spec, "grpo", None)
+    return grpo is not None and grpo.beta > 0
+
+
+def full_finetuning_input(
+    resolved: Resolved,
+    precision: LoadPrecision,
+    overrides: Mapping[str, Any] | None = None,
+    gpu: Gpu | None = None,
+) -> EstimateInput:
+    """The estimate's input for ``finetuning: full`` (or a LoRA spec's full comparison):
+    no adapters, every weight trained, the reference copy when the method needs one.
+    ``precision`` only picks the autocast dtype (bf16, or fp16)."""
+    spec = resolved.loaded.spec
+    lora_spec = spec.finetuning != "full"
+    if lora_spec:
+        # A LoRA spec's comparison: estimate it as the LoRA spec's own input, unchanged
+        # but for what full fine-tuning replaces.
+        spec = spec.model_copy(update={"finetuning": "full"})
+        resolved = replace(resolved, loaded=replace(resolved.loaded, spec=spec))
+    target = gpu or resolved.gpu
+    sixteen: LoadPrecision = "bf16" if target.bf16 and precision != "fp16" else "fp16"
+    base = replace(
+        _lora_free_input(resolved, sixteen, target),
+        reference_model=needs_reference_copy(spec),
+    )
+    if overrides:
+        unknown = set(overrides) - set(SPEC_KEY_TO_FIELD)
+        if unknown:
+            raise KeyError(f"cannot override {sorted(unknown)}; known: {sorted(SPEC_KEY_TO_FIELD)}")
+        fields = {SPEC_KEY_TO_FIELD[k]: v for k, v in overrides.items()}
+        if "world_size" in fields:
+            gpus = int(overrides.get("hardware.num_gpus", spec.hardware.num_gpus))
+            nodes = int(overrides.get("hardware.num_nodes", spec.hardware.num_nodes))
+            fields["world_size"] = gpus * nodes
+        for key in ("lora_r", "use_dora", "lora_dropout"):
+            fields.pop(key, None)
+        base = replace(base, **fields)
+    return base
+
+
+def _lora_free_input(resolved: Resolved, precision: LoadPrecision, gpu: Gpu) -> EstimateInput:
+    spec = resolved.loaded.spec
+    training = spec.training
+    grpo = getattr(spec, "grpo", None)
+    return EstimateInput(
+        arch=resolved.arch,
+        precision=precision,
+        method=spec.method,
+        compute_dtype="bf16" if gpu.bf16 and precision != "fp16" else "fp16",
+        lora_r=0,
+        target_modules=(),
+        modules_to_save=(),
+        lora_dropout=0.0,
+        micro_batch=training.per_device_train_batch_size,
+        max_length=training.max_length,
+        gradient_checkpointing=training.gradient_checkpointing,
+        packing=spec.method == "sft" and training.packing,
+        attn_implementation=spec.model.attn_implementation,
+        optim=training.optim,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_completion_length=grpo.max_completion_length if grpo else 256,
+        world_size=spec.hardware.world_size,
+        distributed=spec.hardware.distributed,
+        finetuning="full",
+        **vllm_fields(spec, gpu),
+    )
+
+
+def spec_precisions(order: tuple[LoadPrecision, ...], spec: AnySpec) -> tuple[LoadPrecision, ...]:
+    """The candidates the spec allows: full fine-tuning loads fp32 masters and computes in
+    the 16-bit dtype (one candidate, never 8/4-bit); vLLM cannot load LLM.int8 weights."""
+    if spec.finetuning == "full":
+        return order[:1]
+    grpo = getattr(spec, "grpo", None)
+    if grpo is not None and grpo.use_vllm:
+        return tuple(p for p in order if p != "8bit")
+    return order
 
 
 def candidate_from_estimate(
@@ -322,6 +436,7 @@ def candidate_from_estimate(
         peak_reserved_bytes=result.peak_reserved_bytes,
         breakdown=breakdown,
         managed_bytes=result.managed_bytes,
+        vllm_bytes=result.vllm_bytes,
         phase=result.phase,
         torch_reserved_bytes=result.torch_reserved_bytes,
         communication_bytes=result.communication_bytes,
@@ -348,6 +463,8 @@ def estimate_candidate(
 def candidate_assumptions(inputs: EstimateInput) -> tuple[Assumption, ...]:
     """Why each component has its size, in words the report and the script can print."""
     dtype = inputs.compute_dtype
+    if inputs.finetuning == "full":
+        return full_assumptions(inputs)
     if inputs.precision == "4bit":
         double = " + double quantization" if inputs.bnb_4bit_use_double_quant else ""
         weights = (
@@ -380,6 +497,37 @@ def candidate_assumptions(inputs: EstimateInput) -> tuple[Assumption, ...]:
         Assumption(
             "logits_bytes",
             "trl's fused LM head: 4096 x 32768 tiles, never the full logits",
+        ),
+    )
+
+
+def full_assumptions(inputs: EstimateInput) -> tuple[Assumption, ...]:
+    """``candidate_assumptions`` for full fine-tuning."""
+    dtype = inputs.compute_dtype
+    reference = f", plus a frozen {dtype} reference copy" if inputs.reference_model else ""
+    checkpointing = (
+        "gradient checkpointing: each layer keeps its fp32 input; autocast's cache holds every "
+        "layer's weight casts until the forward ends, one recomputed layer's in backward"
+        if inputs.gradient_checkpointing
+        else "no checkpointing: every layer keeps its saved tensors and its weight casts until "
+        "its backward"
+    )
+    optimizer = f"{inputs.optim} state for every parameter (fp32 masters)"
+    if inputs.optim in PAGED_OPTIMIZERS:
+        optimizer += " in CUDA managed memory, outside torch's counters (managed_bytes)"
+    return (
+        Assumption("weights_bytes", f"every weight in fp32 (master weights){reference}"),
+        Assumption("adapter_bytes", "no adapter: full fine-tuning trains the weights"),
+        Assumption("gradient_bytes", "an fp32 gradient for every parameter"),
+        Assumption("optimizer_bytes", optimizer),
+        Assumption(
+            "activation_bytes",
+            f"{dtype} autocast; {checkpointing}; {inputs.attn_implementation} attention; "
+            f"{inputs.micro_batch} x {inputs.max_length} tokens per micro-batch",
+        ),
+        Assumption(
+            "logits_bytes",
+            "trl's fused LM head (4096 x 32768 tiles) plus its fp32 gradient of the whole head",
         ),
     )
 
@@ -459,7 +607,7 @@ def make_plan(
     spec = resolved.loaded.spec
     gpu = target_gpu(resolved, gpu_override, vram_gib_override)
     budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
-    order = precision_order(gpu, spec.precision, spec.hardware.distributed)
+    order = spec_precisions(precision_order(gpu, spec.precision, spec.hardware.distributed), spec)
     candidates = tuple(estimate_candidate(resolved, p, gpu=gpu) for p in order)
     candidates = with_times(resolved, candidates, gpu)
     chosen = choose_precision(spec.precision, candidates)
@@ -494,13 +642,17 @@ def make_plan(
         candidates=candidates,
         suggestions=suggestions,
         warnings=tuple(plan_warnings(resolved, gpu, chosen)),
-        decisions=tuple(plan_decisions(resolved, gpu, budget, candidates, chosen)),
+        decisions=tuple(
+            full_decisions(spec, plan_decisions(resolved, gpu, budget, candidates, chosen))
+        ),
         model_id=resolved.arch.id,
         max_length=spec.training.max_length,
         micro_batch=spec.training.per_device_train_batch_size,
         tight=tight,
         defaults=tuple(Decision(d.field_path, d.value, d.reason) for d in resolved.defaults),
-        notes=tuple(plan_notes(resolved, gpu, chosen_candidate or candidates[-1])),
+        notes=tuple(plan_notes(resolved, gpu, chosen_candidate or candidates[-1]))
+        + tuple(full_and_vllm_notes(resolved, gpu, chosen_candidate or candidates[-1])),
+        full_finetuning=full_finetuning_candidate(resolved, gpu),
     )
 
 
@@ -520,13 +672,97 @@ def with_times(
     )
 
 
+def full_decisions(spec: AnySpec, decisions: list[Decision]) -> list[Decision]:
+    """Full fine-tuning has no adapter to choose a dtype for; it says how it trains instead."""
+    if spec.finetuning != "full":
+        return decisions
+    kept = [d for d in decisions if d.knob != "adapter_dtype"]
+    kept.append(
+        Decision(
+            "finetuning",
+            "full",
+            "every weight trained: fp32 master weights, gradients and optimizer state under "
+            "16-bit autocast (16-bit weights would round small AdamW updates away)",
+        )
+    )
+    return kept
+
+
+def full_finetuning_candidate(resolved: Resolved, gpu: Gpu) -> Candidate | None:
+    """A LoRA spec's run as ``finetuning: full`` would need it (never chosen): the seed's
+    "small model: full fine-tuning or LoRA" answered by numbers. None when the spec is full
+    already or its engine shards (full fine-tuning is planned for one GPU or DDP)."""
+    spec = resolved.loaded.spec
+    if spec.finetuning == "full" or spec.hardware.distributed not in ("none", "ddp"):
+        return None
+    sixteen: LoadPrecision = "bf16" if gpu.bf16 else "fp16"
+    budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
+    inputs = full_finetuning_input(resolved, sixteen, gpu=gpu)
+    candidate = candidate_from_estimate(sixteen, estimate(inputs), budget)
+    return replace(candidate, assumptions=candidate_assumptions(inputs))
+
+
+def full_and_vllm_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
+    """What full fine-tuning and vLLM generation add to the table."""
+    spec = resolved.loaded.spec
+    notes: list[str] = []
+    inputs = estimate_input(resolved, shown.precision, gpu=gpu)
+    if spec.finetuning == "full":
+        reference = (
+            f"; weights include a frozen {inputs.compute_dtype} reference copy "
+            f"({format_gib(reference_weight_bytes(inputs))})"
+            if inputs.reference_model
+            else ""
+        )
+        notes.append(
+            f"finetuning: full trains all {shown_parameters(resolved):,} parameters: fp32 "
+            f"master weights, fp32 gradients and fp32 {spec.training.optim} state, under "
+            f"{inputs.compute_dtype} autocast (each matmul casts its weight; the casts are "
+            f"saved for backward){reference}"
+        )
+    grpo = getattr(spec, "grpo", None)
+    if grpo is not None and grpo.use_vllm == "colocate":
+        share = vllm_share_bytes(inputs)
+        asleep = (
+            "asleep during training (sleep level 2: weights and KV cache released), awake "
+            "for each generation round next to the weights and optimizer state"
+            if grpo.vllm_enable_sleep_mode
+            else "held through training as well (vllm_enable_sleep_mode: false)"
+        )
+        notes.append(
+            f"grpo.use_vllm: colocate: vLLM takes {grpo.vllm_gpu_memory_utilization:g} x "
+            f"{format_gib(gpu.memory_bytes)} = {format_gib(share)} of the GPU for its own "
+            f"weights and KV cache, {asleep}; the table shows the {shown.phase} phase (vLLM "
+            f"{format_gib(shown.vllm_bytes)} in overhead)"
+        )
+    if grpo is not None and grpo.use_vllm == "server":
+        notes.append(
+            "grpo.use_vllm: server: generation runs on a separate `trl vllm-serve` process on "
+            "its own GPU(s), not counted here; start it first, e.g. `CUDA_VISIBLE_DEVICES="
+            f"{spec.hardware.num_gpus} trl vllm-serve --model {resolved.arch.id} "
+            f"--host {grpo.vllm_server_host} --port {grpo.vllm_server_port}`, then train on "
+            f"GPUs 0-{spec.hardware.num_gpus - 1}"
+            if spec.hardware.num_gpus > 1
+            else "grpo.use_vllm: server: generation runs on a separate `trl vllm-serve` "
+            "process on its own GPU(s), not counted here; start it first, e.g. "
+            f"`CUDA_VISIBLE_DEVICES=1 trl vllm-serve --model {resolved.arch.id} --host "
+            f"{grpo.vllm_server_host} --port {grpo.vllm_server_port}`, then train with "
+            "CUDA_VISIBLE_DEVICES=0"
+        )
+    return notes
+
+
+def shown_parameters(resolved: Resolved) -> int:
+    return base_parameter_count(resolved.arch)
+
+
 def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
     """What the table's numbers assume that the table cannot show: which GRPO phase sets
     the peak, and how much host memory CPU offload needs."""
     spec = resolved.loaded.spec
     notes: list[str] = []
     inputs = estimate_input(resolved, shown.precision, gpu=gpu)
-    if spec.method == "grpo":
+    if spec.method == "grpo" and inputs.vllm_mode == "none":
         generation = grpo_generation_bytes(inputs)
         activation, logits = train_step_peak_parts(inputs)
         other = "training" if shown.phase == "generation" else "generation"
@@ -783,7 +1019,9 @@ def replan(resolved: Resolved, gpu: Gpu, change: Mapping[str, Any]) -> Replanned
         return None
     target = other.gpu if "hardware.gpu" in change else gpu
     spec = other.loaded.spec
-    order = precision_order(target, spec.precision, spec.hardware.distributed)
+    order = spec_precisions(
+        precision_order(target, spec.precision, spec.hardware.distributed), spec
+    )
     candidates = tuple(estimate_candidate(other, p, gpu=target) for p in order)
     chosen = choose_precision(spec.precision, candidates)
     if chosen is None:
@@ -923,8 +1161,32 @@ def suggest_changes(
                 {"grpo.max_completion_length": completion},
                 f"the longest completion that fits (was {grpo.max_completion_length})",
             )
+    if grpo is not None and grpo.use_vllm == "colocate":
+        if not grpo.vllm_enable_sleep_mode:
+            add(
+                "let vLLM sleep while the policy trains",
+                {"grpo.vllm_enable_sleep_mode": True},
+                "vLLM releases its weights and KV cache between generation rounds",
+            )
+        shares = [
+            round(0.05 * step, 2)
+            for step in range(1, 20)
+            if round(0.05 * step, 2) < grpo.vllm_gpu_memory_utilization
+        ]
+        share = largest_vllm_share(resolved, gpu, shares)
+        if share is not None:
+            add(
+                f"lower vLLM's share to {share:g}",
+                {"grpo.vllm_gpu_memory_utilization": share},
+                "a smaller KV cache for vLLM (fewer sequences decoded at once)",
+            )
+        add(
+            "run vLLM as a server on another GPU",
+            {"grpo.use_vllm": "server"},
+            "generation moves off the training GPU (one more GPU runs `trl vllm-serve`)",
+        )
     ranks = [r for r in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if r < spec.lora.r]
-    if ranks:
+    if ranks and spec.finetuning != "full":
         rank = largest("lora.r", ranks) or ranks[0]
         add(f"lower the LoRA rank to {rank}", {"lora.r": rank}, "fewer adapter parameters")
     combined = combined_change(resolved, gpu, batch_change)
@@ -933,6 +1195,20 @@ def suggest_changes(
     made.extend(smallest_fitting_gpu(resolved, gpu, base.peak_reserved_bytes))
     made.extend(smallest_fitting_gpu_count(resolved, gpu, base.peak_reserved_bytes))
     return sorted(made, key=_rank)
+
+
+def largest_vllm_share(resolved: Resolved, gpu: Gpu, shares: list[float]) -> float | None:
+    """The largest of ``shares`` (ascending) for ``grpo.vllm_gpu_memory_utilization`` with
+    which the run fits: at the interval's upper end if any does, else at the estimate."""
+    outcomes = [
+        (share, replan(resolved, gpu, {"grpo.vllm_gpu_memory_utilization": share}))
+        for share in reversed(shares)
+    ]
+    for safe in (True, False):
+        for share, outcome in outcomes:
+            if outcome is not None and (outcome.fits_high if safe else outcome.fits):
+                return share
+    return None
 
 
 def _rank(suggestion: Suggestion) -> tuple[int, int]:

@@ -560,7 +560,57 @@ def build_context(
         context["length_target_tokens"] = max(1, spec.grpo.max_completion_length // 2)
     if isinstance(spec, DpoRunSpec):
         context["dpo_loss_types"] = [spec.dpo.loss_type]
+    context.update(_full_and_vllm_context(spec, context, model))
     return context
+
+
+def _full_and_vllm_context(
+    spec: AnySpec, context: Mapping[str, Any], model: ModelSource
+) -> dict[str, Any]:
+    """``full`` (``finetuning: full``: no peft, fp32 masters, no merge step) and GRPO's
+    vLLM options, written as trl 1.16's own GRPOConfig keys."""
+    full = spec.finetuning == "full"
+    extra: dict[str, Any] = {"full": full, "vllm_kwargs": {}, "vllm_comment": ""}
+    if full:
+        extra["pinned"] = {k: v for k, v in context["pinned"].items() if k != "peft"}
+        extra["precision_text"] = (
+            f"fp32 (master weights), trained under {context['compute_dtype']} autocast: "
+            "full fine-tuning"
+        )
+        extra["upcast_modules_to_save"] = False
+        extra["breakdown_rows"] = [
+            row for row in context["breakdown_rows"] if row[0] != "LoRA adapter"
+        ]
+    if isinstance(spec, GrpoRunSpec):
+        extra["vllm_kwargs"] = grpo_vllm_kwargs(spec)
+        extra["vllm_comment"] = {
+            "colocate": "trl's colocate mode: vLLM shares this GPU",
+            "server": "a `trl vllm-serve` process on other GPUs; start it before training",
+        }.get(str(spec.grpo.use_vllm), "")
+        grpo = spec.grpo
+        served = model.local_dir.as_posix() if model.local_dir else model.id
+        extra["vllm_serve_command"] = comment_text(
+            f"CUDA_VISIBLE_DEVICES={spec.hardware.world_size} trl vllm-serve --model {served} "
+            f"--host {grpo.vllm_server_host} --port {grpo.vllm_server_port} "
+            f"--gpu_memory_utilization {grpo.vllm_gpu_memory_utilization:g}"
+        )
+    return extra
+
+
+def grpo_vllm_kwargs(spec: GrpoRunSpec) -> dict[str, Any]:
+    """The GRPOConfig keyword arguments for ``grpo.use_vllm`` (trl/trainer/grpo_config.py
+    names; nothing when generation stays with ``model.generate``)."""
+    grpo = spec.grpo
+    if not grpo.use_vllm:
+        return {}
+    kwargs: dict[str, Any] = {"use_vllm": True, "vllm_mode": grpo.use_vllm}
+    if grpo.use_vllm == "colocate":
+        kwargs["vllm_gpu_memory_utilization"] = grpo.vllm_gpu_memory_utilization
+        kwargs["vllm_enable_sleep_mode"] = grpo.vllm_enable_sleep_mode
+    else:
+        kwargs["vllm_server_host"] = grpo.vllm_server_host
+        kwargs["vllm_server_port"] = grpo.vllm_server_port
+    return kwargs
 
 
 # --- Public entry points -------------------------------------------------------------------
@@ -581,9 +631,11 @@ def render_all(
     caller, which holds the resolved architecture the report's tables need."""
     anchor = Path(os.path.abspath(output_dir))
     context = build_context(loaded, plan, model, anchor)
+    # Full fine-tuning saves the model itself: there is no adapter to merge.
+    merge = {} if context["full"] else {"merge.py": render_template("merge.py.j2", context)}
     return {
         "train.py": render_template(TRAIN_TEMPLATES[loaded.spec.method], context),
-        "merge.py": render_template("merge.py.j2", context),
+        **merge,
         # The VRAM report's Markdown, without charts: the same tables `peftgen report` shows.
         "plan.md": plan_markdown,
         "spec.yaml": resolved_spec_yaml(loaded, model, anchor),
@@ -620,6 +672,10 @@ def resolved_spec_yaml(loaded: LoadedSpec, model: ModelSource, anchor_dir: Path)
     relocated = relocated_spec(spec, paths, model.id, anchor_dir)
     fields = relocated.model_dump(mode="json")
     fields["training"]["loss_on"] = spec.resolved_loss_on if spec.method == "sft" else None
+    if spec.finetuning == "full":
+        # Nothing to configure there, and full fine-tuning refuses the sections.
+        fields.pop("lora")
+        fields.pop("quantization")
     # name and method first, as people write them; the rest in the models' order.
     ordered = {"name": fields.pop("name"), "method": fields.pop("method"), **fields}
     yaml.dump(ordered, buffer)

@@ -100,6 +100,11 @@ DpoLossType = Literal[
 ]
 ChatTemplateName = Literal["chatml"]
 LossOn = Literal["assistant", "completion", "all"]
+Finetuning = Literal["lora", "full"]
+"""What is trained: LoRA adapters on a frozen base, or every weight of the model."""
+VllmMode = Literal[False, "colocate", "server"]
+"""GRPO generation: ``model.generate`` (false), or trl's vLLM integration in the training
+process (``colocate``) or on a separate server (``server``, ``trl vllm-serve``)."""
 
 # The tokens SFT trains on when `training.loss_on` is not set, by dataset format: what a
 # chat or instruction tune means (trl's own default for `messages` is every token).
@@ -388,6 +393,21 @@ class GrpoSpec(_Frozen):
     """KL penalty towards the reference model; 0 (trl's default) keeps no reference pass."""
     temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
     """Sampling temperature for the generations."""
+    use_vllm: VllmMode = False
+    """Generate with vLLM (trl's `use_vllm`): `colocate` runs vLLM inside the training process on
+    the same GPU (trl's `vllm_mode="colocate"`), `server` asks a `trl vllm-serve` process on other
+    GPUs; `false` generates with `model.generate`. Needs `pip install vllm` and a CUDA GPU."""
+    vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    """The share of each GPU's memory vLLM takes for its weights and KV cache: colocate, on the
+    training GPU (trl's default 0.3); server, on the server's GPU (`trl vllm-serve
+    --gpu_memory_utilization`)."""
+    vllm_enable_sleep_mode: bool = False
+    """Colocate only: vLLM releases its weights and KV cache during the training phase (sleep
+    level 2) and takes them back for each generation round."""
+    vllm_server_host: Annotated[str, Field(min_length=1, max_length=253)] = "0.0.0.0"
+    """Server only: host of the `trl vllm-serve` process."""
+    vllm_server_port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    """Server only: port of the `trl vllm-serve` process."""
 
     @field_validator("reward_funcs")
     @classmethod
@@ -395,6 +415,45 @@ class GrpoSpec(_Frozen):
         if len(set(value)) != len(value):
             raise ValueError("lists a reward twice")
         return value
+
+    @field_validator("vllm_server_host")
+    @classmethod
+    def _plain_host(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9.:_\[\]-]+", value):
+            raise ValueError("must be a host name or an IP address")
+        return value
+
+    @model_validator(mode="after")
+    def _vllm_options_fit_the_mode(self) -> GrpoSpec:
+        # Keys that differ from their defaults (a spec dumped with every default filled in,
+        # as emit's spec.yaml, must load again).
+        defaults = GrpoSpec.model_fields
+        given = {
+            key
+            for key in self.model_fields_set
+            if key.startswith("vllm_") and getattr(self, key) != defaults[key].default
+        }
+        # The utilisation also sizes a server (`trl vllm-serve --gpu_memory_utilization`).
+        colocate_only = ("vllm_enable_sleep_mode",)
+        server_only = ("vllm_server_host", "vllm_server_port")
+        if "vllm_gpu_memory_utilization" in given and not self.use_vllm:
+            raise ValueError(
+                "vllm_gpu_memory_utilization: applies with use_vllm: colocate (or server, "
+                "for the `trl vllm-serve` command); use_vllm is false"
+            )
+        for key in colocate_only:
+            if key in given and self.use_vllm != "colocate":
+                raise ValueError(
+                    f"{key}: applies to use_vllm: colocate only (use_vllm is "
+                    f"{self.use_vllm or 'false'}); remove it or set use_vllm: colocate"
+                )
+        for key in server_only:
+            if key in given and self.use_vllm != "server":
+                raise ValueError(
+                    f"{key}: applies to use_vllm: server only (use_vllm is "
+                    f"{self.use_vllm or 'false'}); remove it or set use_vllm: server"
+                )
+        return self
 
 
 class _SpecBase(_Frozen):
@@ -404,6 +463,9 @@ class _SpecBase(_Frozen):
     model: ModelSpec
     dataset: DatasetSpec
     hardware: HardwareSpec
+    finetuning: Finetuning = "lora"
+    """`lora` (adapters on a frozen base, the default) or `full` (every weight trained: fp32 master
+    weights under bf16/fp16 autocast, no `lora` or `quantization` section, no merge step)."""
     precision: Precision = "auto"
     """Base-model loading: `auto` (the planner picks bf16, else 8-bit, else 4-bit), `bf16`, `fp16`,
     `8bit`, `4bit`."""
@@ -427,6 +489,7 @@ class _SpecBase(_Frozen):
                 f"training.packing: packing is for SFT only; method {method!r} cannot pack"
             )
         _check_loss_on(self, method)
+        _check_full_finetuning(self)
         if self.output_dir is not None and any(ch in self.output_dir for ch in "\n\r\x00"):
             raise ValueError("output_dir: must be a single line")
         if (
@@ -474,6 +537,35 @@ def _check_loss_on(spec: _SpecBase, method: str) -> None:
         raise ValueError(
             f"training.loss_on: {loss_on!r} does not apply to `{spec.dataset.format}` rows; "
             f"use one of: {', '.join(allowed)}"
+        )
+
+
+def _check_full_finetuning(spec: _SpecBase) -> None:
+    """``finetuning: full`` trains every weight: nothing for the LoRA and quantization
+    sections to configure, no bitsandbytes weights (they cannot be trained), and one GPU or
+    DDP (the sharded engines are not modelled for full fine-tuning yet)."""
+    if spec.finetuning != "full":
+        return
+    # A section that changes anything (spec.yaml files list every default: those pass).
+    for section, default in (("lora", LoraSpec()), ("quantization", QuantizationSpec())):
+        if getattr(spec, section) != default:
+            raise ValueError(
+                f"{section}: finetuning: full trains every weight, so there is no `{section}` "
+                f"section to configure; remove it, or use finetuning: lora"
+            )
+    if spec.precision in ("8bit", "4bit"):
+        raise ValueError(
+            f"precision: {spec.precision} loading cannot be fully fine-tuned: bitsandbytes "
+            "weights are frozen integer codes that cannot be trained (only adapters on top "
+            "of them can); use precision: bf16 (or fp16, or auto) with finetuning: full, or "
+            "finetuning: lora for QLoRA"
+        )
+    engine = spec.hardware.distributed
+    if engine in ("fsdp", "deepspeed-zero2", "deepspeed-zero3"):
+        raise ValueError(
+            f"hardware.distributed: {engine} with finetuning: full is not planned yet (the "
+            "sharded estimate models LoRA runs); use distributed: ddp (every GPU holds the "
+            "whole model and optimizer) or finetuning: lora"
         )
 
 
@@ -577,6 +669,13 @@ class GrpoRunSpec(_SpecBase):
                     world,
                     training.gradient_accumulation_steps,
                 )
+            )
+        if self.grpo.use_vllm and self.precision == "8bit":
+            # trl/generation/vllm_generation.py:344: "vLLM does not support in-flight 8-bit
+            # quantization."
+            raise ValueError(
+                "precision: vLLM cannot load 8-bit (LLM.int8) weights (trl refuses it); use "
+                "precision: 4bit, bf16 or auto, or grpo.use_vllm: false"
             )
         return self
 

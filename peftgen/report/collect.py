@@ -22,6 +22,7 @@ from peftgen.plan import (
     largest_fitting_batch,
     largest_fitting_max_length,
     precision_order,
+    spec_precisions,
 )
 from peftgen.report.data import (
     ENGINES,
@@ -165,7 +166,9 @@ def _fit_matrix(
         budget = budget_bytes(gpu, headroom)
         cells = []
         candidates = []
-        for precision in precision_order(gpu, distributed=distributed):
+        for precision in spec_precisions(
+            precision_order(gpu, distributed=distributed), resolved.loaded.spec
+        ):
             candidate = estimate_candidate(resolved, precision, gpu=gpu)
             time = estimate_time(estimate_input(resolved, precision, gpu=gpu), gpu, run, beta)
             candidates.append(replace(candidate, time=time))
