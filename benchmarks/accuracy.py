@@ -1,4 +1,4 @@
-"""Reproduce the published peak-memory measurements (``shared/calibration/published.md``).
+"""Reproduce the published peak-memory measurements (``benchmarks/published.md``).
 
 Every row the estimator covers is rebuilt as an ``EstimateInput`` with the row's own
 configuration and the *mechanisms of the stack it ran on*, selected through

@@ -3,7 +3,7 @@ prediction interval, derived from the accuracy benchmark's measured errors.
 
 ``benchmarks/accuracy.py`` rebuilds 25 published peak-memory measurements with the
 estimator (the measured numbers are in that file, each with its source row of
-``shared/calibration/published.md``). Of its rows, the 18 that measure a whole run's peak
+``benchmarks/published.md``). Of its rows, the 18 that measure a whole run's peak
 (metric ``alloc``: ``max_memory_allocated``; ``resv``: ``max_memory_reserved``) give the
 ratio measured / predicted; the weights-only rows (``weights``) do not measure a peak and
 are left out. Most ratios are above 1: the estimate under-predicts more often than not.
@@ -24,12 +24,6 @@ import math
 UNDER_PREDICTION_FACTOR = 1.168
 """90th percentile of measured / predicted peak over the 18 ``alloc`` / ``resv`` rows of
 ``benchmarks/accuracy.py`` (``published_rows()``), rounded up to three decimals."""
-
-INTERVAL_SOURCE = (
-    "benchmarks/accuracy.py: 90th percentile of measured / predicted peak over its 18 "
-    "alloc / resv rows (published measurements, shared/calibration/published.md)"
-)
-"""Where the factor comes from, in the words the plan prints."""
 
 INTERVAL_PERCENTILE = 90
 """The percentile of the measured / predicted ratios the factor is."""

@@ -6,6 +6,7 @@ bitsandbytes storage rules."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -234,6 +235,27 @@ def test_weights_match_published_measurements() -> None:
     for row in rows:
         bound = 0.01 if row.inputs.precision == "bf16" else 0.10
         assert abs(row.error()) <= bound, (row.label, row.what, row.error())
+
+
+def test_benchmark_rows_quote_the_table_in_the_repository() -> None:
+    """Every measured number ``benchmarks/accuracy.py`` compares with is in its row of
+    ``benchmarks/published.md`` (GB or GiB, as published): the evidence is in the repo."""
+    table: dict[int, str] = {}
+    for line in (REPO / "benchmarks" / "published.md").read_text(encoding="utf-8").splitlines():
+        found = re.match(r"\| (\d+) \|", line)
+        if found:
+            table[int(found.group(1))] = line
+    rows = _benchmark("accuracy").published_rows()
+    assert len(rows) >= 25
+    for row in rows:
+        number = re.match(r"\d+", row.label)
+        assert number is not None and int(number.group()) in table, row.label
+        line = table[int(number.group())]
+        shown = [f"{row.measured_bytes / 1e9:.2f}", f"{row.measured_bytes / 2**30:.2f}"]
+        short = [f"{row.measured_bytes / 1e9:.1f}", f"{row.measured_bytes / 2**30:.1f}"]
+        assert any(text in line for text in shown) or any(
+            re.search(rf"(?<![\d.]){re.escape(text)}(?!\d)", line) for text in short
+        ), (row.label, shown, line)
 
 
 @pytest.mark.slow
