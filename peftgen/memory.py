@@ -1756,7 +1756,25 @@ def allocator_sharded_reserve_bytes(inputs: EstimateInput, allocated: int, gathe
     compute_stream_load = 0
     if inputs.stack.fsdp_load_on_cpu:
         compute_stream_load = sharded_resident_bytes(inputs) + sharded_load_transient_bytes(inputs)
-    return max(0, compute_stream_load - compute_stream_train)
+    loading = max(0, compute_stream_load - compute_stream_train)
+    return loading + fsdp_pending_free_bytes(inputs)
+
+
+def fsdp_pending_free_bytes(inputs: EstimateInput) -> int:
+    """Unsharded units freed but not yet reusable: FSDP1 frees a unit's unsharded flat
+    parameter after ``record_stream`` on the compute stream (flat_param.py
+    ``_free_unsharded_flat_param``), so its block returns to the all-gather pool only once
+    the GPU has run past it; the CPU runs ahead, and the rate limiter
+    (``limit_all_gathers``, _runtime_utils.py ``_unshard``: ``_free_event_queue`` of 2)
+    waits only for the free two units back. One layer unit's block is reserved beyond what
+    is allocated (``max_memory_allocated`` drops at the free); without the limiter the CPU
+    may run a further unit ahead."""
+    if inputs.distributed != "fsdp" or inputs.stack.fsdp_version != 1:
+        return 0
+    if not inputs.stack.collectives_on_own_stream:
+        return 0
+    units = 1 if inputs.stack.fsdp_limit_all_gathers else 2
+    return units * layer_unit_bytes(inputs)
 
 
 def host_load_bytes(inputs: EstimateInput, gpus_per_node: int) -> int:
