@@ -566,9 +566,10 @@ PEFT_ZERO3_DOC = "huggingface/peft docs/source/accelerate/deepspeed.md (Memory u
 def sharded_rows() -> list[Row]:
     """Published FSDP / ZeRO-3 measurements, per GPU, with their stacks' mechanisms.
 
-    16a-d are published.md row 16; the rest come from the same documents (sources in
-    ``Row.note``). The peft docs' figures ("memory consumed per GPU", GB) are read as the
-    process figure (``peak_reserved_bytes``: what nvidia-smi shows), metric ``process``.
+    16a-d are published.md row 16; 19a-i, 20a-b and 21 are rows 19-21 of
+    ``benchmarks/published.md`` (sources in ``Row.note``). The peft docs' figures ("memory
+    consumed per GPU", GB) are read as the process figure (``peak_reserved_bytes``: what
+    nvidia-smi shows), metric ``process``.
     """
     f = fsdp_qlora
     return [
@@ -609,7 +610,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC,
         ),
         Row(
-            "16e",
+            "19a",
             "HF+bnb",
             "7B LoRA FSDP 2x3090, ctx 512 (allocated)",
             f(LLAMA2_7B, precision="bf16", max_length=512),
@@ -618,7 +619,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC + " (NB under the LoRA table)",
         ),
         Row(
-            "16f",
+            "19b",
             "HF+bnb",
             "7B LoRA FSDP 2x3090, ctx 2048 (allocated)",
             f(LLAMA2_7B, precision="bf16"),
@@ -627,7 +628,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC + " (NB under the LoRA table)",
         ),
         Row(
-            "16g",
+            "19c",
             "HF+bnb",
             "7B QLoRA FSDP 2x3090, 2048, mbs4",
             f(LLAMA2_7B, micro_batch=4),
@@ -636,7 +637,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC,
         ),
         Row(
-            "16h",
+            "19d",
             "HF+bnb",
             "7B QLoRA FSDP 2x3090, 2048, mbs10",
             f(LLAMA2_7B, micro_batch=10),
@@ -645,7 +646,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC,
         ),
         Row(
-            "16i",
+            "19e",
             "HF+bnb",
             "7B LoRA FSDP 2x3090, 2048, mbs4",
             f(LLAMA2_7B, precision="bf16", micro_batch=4),
@@ -654,7 +655,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC,
         ),
         Row(
-            "16j",
+            "19f",
             "HF+bnb",
             "7B LoRA FSDP 2x3090, 2048, mbs6",
             f(LLAMA2_7B, precision="bf16", micro_batch=6),
@@ -663,7 +664,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC,
         ),
         Row(
-            "16k",
+            "19g",
             "HF+bnb",
             "70B QLoRA FSDP+offload 2x3090, 2048, mbs2",
             f(LLAMA2_70B, micro_batch=2, cpu_offload=True),
@@ -672,7 +673,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC,
         ),
         Row(
-            "16l",
+            "19h",
             "HF+bnb",
             "7B QLoRA FSDP+offload 2x4090, 2048, mbs12",
             f(LLAMA2_7B, micro_batch=12, cpu_offload=True),
@@ -681,7 +682,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC,
         ),
         Row(
-            "16m",
+            "19i",
             "HF+bnb",
             "7B LoRA FSDP+offload 2x4090, 2048, mbs10",
             f(LLAMA2_7B, precision="bf16", micro_batch=10, cpu_offload=True),
@@ -690,7 +691,7 @@ def sharded_rows() -> list[Row]:
             FSDP_QLORA_DOC,
         ),
         Row(
-            "P1",
+            "20a",
             "HF+peft",
             "70B QLoRA FSDP+offload, 2 GPUs",
             peft_docs_70b("fsdp", cpu_offload=True),
@@ -699,7 +700,7 @@ def sharded_rows() -> list[Row]:
             PEFT_FSDP_DOC,
         ),
         Row(
-            "P2",
+            "20b",
             "HF+peft",
             "70B QLoRA FSDP, 2 GPUs",
             peft_docs_70b("fsdp"),
@@ -708,7 +709,7 @@ def sharded_rows() -> list[Row]:
             PEFT_FSDP_DOC,
         ),
         Row(
-            "P3",
+            "21",
             "HF+peft",
             "70B QLoRA ZeRO-3, 2 GPUs",
             peft_docs_70b("deepspeed-zero3"),

@@ -193,6 +193,32 @@ def test_emitted_fsdp_qlora_script_quantizes_in_host_memory(tmp_path: Path) -> N
     assert "fsdp_version: 1" in config
 
 
+def test_every_sharded_row_is_in_the_published_table() -> None:
+    """Each measured number the sharded rows compare with is in its row of
+    ``benchmarks/published.md`` (GB or GiB, as published)."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from accuracy import sharded_rows
+
+    table: dict[int, str] = {}
+    for line in (REPO / "benchmarks" / "published.md").read_text(encoding="utf-8").splitlines():
+        found = re.match(r"\| (\d+) \|", line)
+        if found:
+            table[int(found.group(1))] = line
+    rows = sharded_rows()
+    assert len(rows) >= 6
+    for row in rows:
+        number = re.match(r"\d+", row.label)
+        assert number is not None and int(number.group()) in table, row.label
+        line = table[int(number.group())]
+        shown = [f"{row.measured_bytes / 1e9:.2f}", f"{row.measured_bytes / 2**30:.2f}"]
+        short = [f"{row.measured_bytes / 1e9:.1f}", f"{row.measured_bytes / 2**30:.1f}"]
+        assert any(text in line for text in shown + short), (row.label, shown, line)
+        assert row.note, row.label
+
+
 @pytest.mark.slow
 def test_sharded_simulation_agrees_with_the_analytic_figure(tmp_path: Path) -> None:
     """One FSDP step on fake tensors (fake process group, rank 0 of 2) for Llama-3-8B
