@@ -49,6 +49,7 @@ def row_input(row: ThroughputRow) -> EstimateInput:
         gradient_checkpointing=row.gradient_checkpointing,
         attn_implementation=row.attn_implementation,  # type: ignore[arg-type]
         lora_dropout=0.0,
+        finetuning=row.finetuning,  # type: ignore[arg-type]
     )
 
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in rows:
         r = c.row
         print(
-            f"| {r.row} | {r.gpu} | {r.model.split('/')[-1]} | {r.precision} | "
+            f"| {r.row} | {r.gpu} | {r.model.split('/')[-1]} | "
+            f"{r.precision}{' full' if r.finetuning == 'full' else ''} | "
             f"{r.micro_batch} x {r.max_length} | {r.measured_tokens_per_second:,.0f} | "
             f"{c.predicted:,.0f} | {c.error:+.1%} | "
             f"{'calibration' if r.calibration else 'held back'} ({r.stack}) |"

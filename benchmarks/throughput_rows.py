@@ -34,6 +34,8 @@ class ThroughputRow:
     calibration: bool
     """Used to derive ``EFFICIENCY``; False: held back to measure the error."""
     note: str = ""
+    finetuning: str = "lora"
+    """``full``: every weight trained (no LoRA)."""
     stack: str = "hf"
     """``hf``: transformers Trainer + peft (+ bitsandbytes), the generated script's stack;
     ``torchtune``: torch.compile'd torchtune recipes, a faster stack (its rows are held
@@ -140,6 +142,27 @@ ROWS: tuple[ThroughputRow, ...] = (
         2413,
         False,
         TORCHTUNE_QLORA,
+        stack="torchtune",
+    ),
+    ThroughputRow(
+        "T4",
+        TORCHTUNE,
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "rtx-4090",
+        "bf16",
+        "bf16",
+        8,
+        (),
+        2,
+        2048,
+        True,
+        "sdpa",
+        1650,
+        False,
+        "Full finetune row; config llama3_1/8B_full_single_device: every weight trained in pure "
+        "bf16 (no fp32 masters), bitsandbytes PagedAdamW8bit stepped inside the backward, "
+        "activation checkpointing on",
+        finetuning="full",
         stack="torchtune",
     ),
     ThroughputRow(

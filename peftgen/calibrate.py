@@ -162,6 +162,31 @@ class Calibration:
     def unmeasured_files(self) -> list[str]:
         return [row.file for row in self.rows if not row.measured]
 
+    def implied_efficiency(self) -> dict[str, dict[str, float]]:
+        """What the measured step times say the throughput model's efficiency factor is, per
+        loading path: the calibrated factor x predicted / measured (every term of a step is
+        divided by the factor), median over the GPU receipts with a step time."""
+        from peftgen.throughput import EFFICIENCY
+
+        implied: dict[str, list[float]] = {}
+        for row in self.rows:
+            if row.error_percent("step_seconds") is None:
+                continue
+            assert row.predicted_step_seconds is not None and row.measured_step_seconds
+            path = "16bit" if row.precision in ("bf16", "fp16") else row.precision
+            if path not in EFFICIENCY:
+                continue
+            ratio = row.predicted_step_seconds / row.measured_step_seconds
+            implied.setdefault(path, []).append(EFFICIENCY[path] * ratio)
+        return {
+            path: {
+                "median": statistics.median(values),
+                "count": len(values),
+                "calibrated": EFFICIENCY[path],  # type: ignore[index]
+            }
+            for path, values in sorted(implied.items())
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "receipts": [row.to_json() for row in self.rows],
@@ -171,6 +196,7 @@ class Calibration:
             },
             "excluded_without_cuda": self.unmeasured_files,
             "allocator": allocator_json(self),
+            "implied_efficiency": self.implied_efficiency(),
         }
 
 
@@ -428,6 +454,12 @@ def summary_lines(calibration: Calibration) -> list[str]:
                 f"{stats.count} receipt(s); {sum(compared)} of {len(compared)} inside the "
                 "plan's range"
             )
+            for path, implied in calibration.implied_efficiency().items():
+                lines.append(
+                    f"  the receipts imply a {path} efficiency of {implied['median']:.3f} "
+                    f"(calibrated {implied['calibrated']:g}, {implied['count']:g} receipt(s); "
+                    "peftgen.throughput.EFFICIENCY)"
+                )
             continue
         lines.append(
             f"{metric}: median |error| {stats.median_abs_percent:.1f}%, max |error| "

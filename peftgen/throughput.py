@@ -65,9 +65,11 @@ seconds: 16bit from IBM fms-acceleration's Mistral-7B LoRA (HF Trainer + peft, f
 flash-attention 2, checkpointing) on an A100-80GB (0.546) and an L40 (0.712); 4bit from
 its Mistral-7B QLoRA (bitsandbytes nf4) on the A100-80GB (0.422). 8bit has no public row
 with a full configuration: an assumption, set to the 4bit factor (the dequantisation term
-carries 8-bit's extra work). Held-back rows (8, not used here): median |error| 13.4 %,
-max 42.6 %; the 5 HF + peft ones median 11.4 %, max 14.1 %; torchtune's torch.compile'd
-recipes run 28-43 % faster than predicted (the benchmark's table)."""
+carries 8-bit's extra work). Full fine-tuning (``finetuning: full``) takes the 16bit
+factor, an assumption: its one row, torchtune's, is held back (+11 %). Held-back rows (9,
+not used here): median |error| 12.6 %, max 42.6 %; the 5 HF + peft ones median 11.4 %, max
+14.1 %; torchtune's torch.compile'd LoRA recipes run 28-43 % faster than predicted (the
+benchmark's table)."""
 
 RATIO_LOW = 0.86
 """Calibrated: the smallest measured / predicted tokens/s over the benchmark's HF + peft
@@ -165,6 +167,8 @@ def head_matmul_parameters(inputs: EstimateInput) -> int:
 def lora_matmul_parameters(inputs: EstimateInput) -> float:
     """LoRA's A and B elements one token multiplies (``r x (in + out)`` per adapted
     module); on fused MoE experts only the active experts' share."""
+    if inputs.finetuning == "full":
+        return 0.0
     r = inputs.lora_r
     dense = sum(
         r * (m.in_features + m.out_features) * m.count
@@ -201,7 +205,10 @@ def backward_input_gradient_flops_per_token(inputs: EstimateInput) -> float:
 
 def backward_weight_gradient_flops_per_token(inputs: EstimateInput) -> float:
     """Backward, gradient w.r.t. weights: trained tensors only (LoRA A and B, a trained
-    output head); frozen weights get none, which is most of LoRA's saving."""
+    output head); frozen weights get none, which is most of LoRA's saving. Full
+    fine-tuning pays it for every matmul (the embedding's is a scatter, not counted)."""
+    if inputs.finetuning == "full":
+        return 2.0 * (decoder_matmul_parameters(inputs) + head_matmul_parameters(inputs))
     flops = 2.0 * lora_matmul_parameters(inputs)
     if trained_head(inputs):
         flops += 2.0 * head_matmul_parameters(inputs)
@@ -300,6 +307,16 @@ def dequantization_bytes_per_pass(inputs: EstimateInput) -> float:
     return total
 
 
+def weight_cast_bytes_per_pass(inputs: EstimateInput) -> float:
+    """Full fine-tuning keeps fp32 master weights and autocast casts each linear's weight
+    to the compute dtype for its matmul: read 4 B, write 2 B, and the matmul reads it back."""
+    if inputs.finetuning != "full":
+        return 0.0
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    elements = decoder_matmul_parameters(inputs) + head_matmul_parameters(inputs)
+    return elements * (4 + 2 * compute)
+
+
 def dequantization_passes(inputs: EstimateInput) -> int:
     """Forward, backward (the input gradient needs the weight), and the recompute."""
     return 3 if inputs.gradient_checkpointing else 2
@@ -372,6 +389,10 @@ def step_seconds_per_term(
         * dequantization_passes(inputs)
         * dequantization_bytes_per_pass(inputs)
         / byte_rate,
+        "weight_cast": micro_batches
+        * dequantization_passes(inputs)
+        * weight_cast_bytes_per_pass(inputs)
+        / byte_rate,
         "reference": 0.0,
         "generation": 0.0,
         "optimizer": optimizer_step_bytes(inputs) / byte_rate,
@@ -390,7 +411,11 @@ def grpo_generation_seconds(inputs: EstimateInput, compute_rate: float, byte_rat
     """One generation batch per optimizer step (``micro x gradient_accumulation`` rows,
     trl's ``steps_per_generation``): a compute-bound prefill of the prompts, then one
     decode step per completion token, each the slower of reading the weights and the KV
-    cache (bandwidth) and its matmuls (compute), plus the host's per-layer overhead."""
+    cache (bandwidth) and its matmuls (compute), plus the host's per-layer overhead.
+
+    With vLLM (``grpo.use_vllm``) the decode reads vLLM's own compute-dtype copy of the
+    weights (no dequantisation), its CUDA graphs remove the per-layer host overhead, and
+    trl pushes the merged weights to it once per step (``vllm_weight_sync_bytes``)."""
     rows = grpo_generation_rows(inputs)
     prompt = inputs.max_length
     completion = inputs.max_completion_length
@@ -398,15 +423,31 @@ def grpo_generation_seconds(inputs: EstimateInput, compute_rate: float, byte_rat
     dense += lora_matmul_parameters(inputs)
     prefill = rows * prompt * 2.0 * dense / compute_rate
     mean_positions = prompt + completion / 2
-    decode_bytes = decode_weight_bytes(inputs) + kv_cache_bytes(inputs, rows, int(mean_positions))
+    vllm = inputs.vllm_mode != "none"
+    weights = vllm_weight_bytes(inputs) if vllm else decode_weight_bytes(inputs)
+    decode_bytes = weights + kv_cache_bytes(inputs, rows, int(mean_positions))
     c = inputs.arch.config
     decode_flops = rows * (
         2.0 * dense
         + 4.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * mean_positions
     )
     per_token = max(decode_bytes / byte_rate, decode_flops / compute_rate)
+    if vllm:
+        return prefill + completion * per_token + vllm_weight_sync_bytes(inputs) / byte_rate
     per_token += DECODE_STEP_OVERHEAD_SECONDS_PER_LAYER * c.num_hidden_layers
     return prefill + completion * per_token
+
+
+def vllm_weight_bytes(inputs: EstimateInput) -> float:
+    """vLLM's copy of the model in the compute dtype (trl gives it merged weights)."""
+    return float(parameter_groups(inputs.arch).total * DTYPE_BYTES[inputs.compute_dtype])
+
+
+def vllm_weight_sync_bytes(inputs: EstimateInput) -> float:
+    """Assumption: trl merges the adapters and loads every weight into vLLM once per
+    optimizer step: read the base (dequantised if 8/4-bit), write vLLM's copy, ~3 model
+    copies of traffic (over NCCL in server mode, where this is a lower bound)."""
+    return 3.0 * vllm_weight_bytes(inputs) + dequantization_bytes_per_pass(inputs)
 
 
 def step_flops(inputs: EstimateInput, grpo_beta: float = 0.0) -> float:

@@ -365,3 +365,21 @@ def test_allocator_constants_and_what_receipts_imply(
 def test_a_receipt_without_a_breakdown_implies_nothing(receipts: list[Path]) -> None:
     implied = calibrate_receipts(receipts).to_json()["allocator"]
     assert implied["transient_fragmentation_fraction"]["receipts_imply"] == {}
+
+
+def test_receipts_imply_an_efficiency_factor(tmp_path: Path) -> None:
+    """Measured 25 % slower than predicted: the factor the receipts imply is 0.8x the
+    calibrated one (every term of a step is divided by it)."""
+    from peftgen.throughput import EFFICIENCY
+
+    path = _write(tmp_path, "slow", _timed(2.0, 2.5))
+    result = calibrate_receipts([path])
+    implied = result.implied_efficiency()
+    assert implied == {
+        "16bit": {
+            "median": pytest.approx(0.8 * EFFICIENCY["16bit"]),
+            "count": 1,
+            "calibrated": EFFICIENCY["16bit"],
+        }
+    }
+    assert result.to_json()["implied_efficiency"]["16bit"]["count"] == 1

@@ -86,6 +86,23 @@ def test_lora_pays_no_weight_gradient_for_frozen_weights() -> None:
     assert head - weight_grad == pytest.approx(2 * 128256 * 4096)
 
 
+def test_full_finetuning_pays_every_weight_gradient_and_the_casts() -> None:
+    full = _inputs(finetuning="full")
+    forward = throughput.forward_matmul_flops_per_token(full)
+    assert throughput.backward_weight_gradient_flops_per_token(full) == forward
+    assert throughput.lora_matmul_parameters(full) == 0
+    gpu = find_gpu("a100-80gb")
+    assert gpu is not None
+    terms = throughput.step_seconds_per_term(full, gpu)
+    lora = throughput.step_seconds_per_term(_inputs(), gpu)
+    assert terms is not None and lora is not None
+    assert terms["weight_cast"] > 0 and lora["weight_cast"] == 0
+    # Full fine-tuning's step: about 4/3 of LoRA's matmul work (6N vs 4N per token with the
+    # recompute: 8N vs 6N), plus its optimizer over every parameter.
+    assert 1.25 < terms["matmul"] / lora["matmul"] < 1.6
+    assert terms["optimizer"] > 100 * lora["optimizer"]
+
+
 def test_checkpointing_recomputes_the_decoder_forward() -> None:
     on = throughput.training_flops_per_token(_inputs(gradient_checkpointing=True))
     off = throughput.training_flops_per_token(_inputs(gradient_checkpointing=False))
@@ -152,6 +169,20 @@ def test_grpo_generation_is_bandwidth_bound() -> None:
     assert fast["generation"] == pytest.approx(2 * short["generation"], rel=0.05)
 
 
+def test_vllm_generation_beats_eager_generate() -> None:
+    """vLLM's CUDA graphs remove the per-layer host overhead of eager ``generate``; it pays
+    a weight sync per step instead."""
+    gpu = find_gpu("a100-80gb")
+    assert gpu is not None
+    inputs = _inputs(method="grpo", micro_batch=4, gradient_accumulation_steps=2)
+    eager = throughput.step_seconds_per_term(inputs, gpu)
+    vllm = throughput.step_seconds_per_term(replace(inputs, vllm_mode="colocate"), gpu)
+    assert eager is not None and vllm is not None
+    assert vllm["generation"] < eager["generation"]
+    sync = throughput.vllm_weight_sync_bytes(replace(inputs, vllm_mode="colocate"))
+    assert sync >= 3 * 2 * 8.03e9 * 0.99  # three bf16 copies of Llama-3-8B's weights
+
+
 # ----------------------------------------------------------------------------- physics
 
 
@@ -166,13 +197,15 @@ def test_grpo_generation_is_bandwidth_bound() -> None:
     checkpointing=st.booleans(),
     attn=st.sampled_from(["sdpa", "eager", "flash_attention_2"]),
     world=st.sampled_from([1, 2, 8]),
+    full=st.booleans(),
 )
 def test_predicted_tokens_per_second_never_beats_the_peak(
-    gpu, arch, precision, method, micro_batch, max_length, checkpointing, attn, world
+    gpu, arch, precision, method, micro_batch, max_length, checkpointing, attn, world, full
 ) -> None:
     inputs = EstimateInput(
         arch=arch,
-        precision=precision,
+        finetuning="full" if full else "lora",
+        precision="bf16" if full else precision,
         method=method,
         compute_dtype="bf16" if gpu.bf16 else "fp16",
         micro_batch=micro_batch,
