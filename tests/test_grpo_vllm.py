@@ -179,8 +179,7 @@ def test_vllm_share_that_does_not_fit_is_refused_with_fixes(
 def test_pinned_trl_accepts_the_emitted_vllm_configuration(
     grpo: dict[str, Any], tmp_path: Path
 ) -> None:
-    pytest.importorskip("trl")
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # the pinned trl is part of the test install: never a skip
 
     kwargs = grpo_vllm_kwargs(_spec(**grpo))
     config = GRPOConfig(
