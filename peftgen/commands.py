@@ -226,8 +226,8 @@ def plan(args: argparse.Namespace) -> int:
     if sharded is not None:
         print(
             f"sharded step (FSDP2 on a fake process group, rank 0 of {sharded.world_size}): "
-            f"simulated {sharded.peak_allocated_bytes / 2**30:.2f} GiB allocated per GPU, "
-            f"analytic {sharded.analytic_allocated_bytes / 2**30:.2f} GiB "
+            f"simulated {format_gib(sharded.peak_allocated_bytes, 2)} allocated per GPU, "
+            f"analytic {format_gib(sharded.analytic_allocated_bytes, 2)} "
             f"({100 * sharded.error:+.1f}%)"
         )
     return 0 if result.fits else 3

@@ -455,7 +455,7 @@ def estimate_candidate(
     budget = budget_bytes(target, resolved.loaded.spec.hardware.headroom_fraction)
     inputs = estimate_input(resolved, precision, overrides, target)
     host_gib = getattr(resolved.loaded.spec.hardware, "host_memory_gib", None)
-    host_budget = None if host_gib is None else int(host_gib * 2**30)
+    host_budget = None if host_gib is None else int(host_gib * GIB)
     candidate = candidate_from_estimate(precision, estimate(inputs), budget, host_budget)
     return replace(candidate, assumptions=candidate_assumptions(inputs))
 
