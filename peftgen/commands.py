@@ -341,13 +341,13 @@ def tight_text(result: Plan) -> str | None:
     chosen = result.chosen
     if chosen is None or not result.tight:
         return None
-    margin = (result.budget_bytes - chosen.peak_reserved_bytes) / GIB
-    over = (chosen.peak_reserved_bytes_high - result.budget_bytes) / GIB
+    margin = result.budget_bytes - chosen.peak_reserved_bytes
+    over = chosen.peak_reserved_bytes_high - result.budget_bytes
     return (
         f"tight: {chosen.precision} peaks at {format_gib(chosen.peak_reserved_bytes)}, "
-        f"{margin:.1f} GiB under the {format_gib(result.budget_bytes)} budget, but the upper "
+        f"{format_gib(margin)} under the {format_gib(result.budget_bytes)} budget, but the upper "
         f"end of the prediction interval (x{result.interval_factor:g}, the accuracy benchmark's "
-        f"90th percentile) is {format_gib(chosen.peak_reserved_bytes_high)}, {over:.1f} GiB "
+        f"90th percentile) is {format_gib(chosen.peak_reserved_bytes_high)}, {format_gib(over)} "
         "over: the run may run out of memory"
     )
 
@@ -361,8 +361,8 @@ def full_finetuning_text(result: Plan) -> str | None:
     verdict = "fits" if full.fits_high else "fits, tight" if full.fits else "does not fit"
     return (
         "full fine-tuning (finetuning: full, not chosen): peak "
-        f"{full.peak_reserved_bytes / GIB:.2f} GiB, up to "
-        f"{full.peak_reserved_bytes_high / GIB:.2f} GiB, {verdict} (weights "
+        f"{format_gib(full.peak_reserved_bytes, 2)}, up to "
+        f"{format_gib(full.peak_reserved_bytes_high, 2)}, {verdict} (weights "
         f"{b.weights_bytes / GIB:.2f}, gradients {b.gradient_bytes / GIB:.2f}, optimizer "
         f"{b.optimizer_bytes / GIB:.2f}, activations {b.activation_bytes / GIB:.2f}, logits "
         f"{b.logits_bytes / GIB:.2f} GiB; fp32 masters under {full.precision} autocast)"

@@ -29,7 +29,7 @@ from peftgen.errors import Problem, UserError
 from peftgen.load import LoadedSpec, did_you_mean
 from peftgen.overrides import apply_changes
 from peftgen.spec import PARAMETER_SHARDING_ENGINES, AnySpec, GrpoRunSpec
-from peftgen.stack import GIB
+from peftgen.stack import GIB, format_gib
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 """Non-linear (or output) modules peft can train in full through ``modules_to_save``."""
@@ -410,7 +410,7 @@ def _memory_warnings(loaded: LoadedSpec, gpu: Gpu) -> list[str]:
     return [
         loaded.warning(
             "hardware.vram_gib",
-            f"{vram_gib:g} GiB is more than {gpu.name}'s {gpu.memory_bytes / GIB:.1f} GiB; "
+            f"{vram_gib:g} GiB is more than {gpu.name}'s {format_gib(gpu.memory_bytes)}; "
             "the plan will assume memory the card does not have",
         )
     ]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from peftgen.errors import UserError
 from peftgen.plan import Plan
 from peftgen.report.data import COMPONENTS, ReportData, precision_label
-from peftgen.stack import GIB
+from peftgen.stack import GIB, format_gib
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -138,7 +138,7 @@ def memory_breakdown_svg(plan: Plan) -> str:
         for position, candidate in zip(positions, plan.candidates, strict=True):
             peak_gib = _gib(candidate.peak_reserved_bytes)
             axes.annotate(
-                f"{peak_gib:.1f} GiB",
+                format_gib(candidate.peak_reserved_bytes),
                 (position, peak_gib),
                 xytext=(0, 3),
                 textcoords="offset points",
@@ -168,14 +168,17 @@ def _gpu_lines(axes: Axes, plan: Plan) -> None:
     vram_gib = _gib(plan.gpu.vram_bytes)
     budget_gib = _gib(plan.budget_bytes)
     axes.axhline(
-        vram_gib, color=BUDGET_COLOUR, linewidth=1.4, label=f"GPU memory {vram_gib:.1f} GiB"
+        vram_gib,
+        color=BUDGET_COLOUR,
+        linewidth=1.4,
+        label=f"GPU memory {format_gib(plan.gpu.vram_bytes)}",
     )
     axes.axhline(
         budget_gib,
         color=BUDGET_COLOUR,
         linewidth=1.2,
         linestyle=(0, (4, 3)),
-        label=f"Budget {budget_gib:.1f} GiB",
+        label=f"Budget {format_gib(plan.budget_bytes)}",
     )
 
 
@@ -238,7 +241,7 @@ def max_length_curve_svg(data: ReportData) -> str:
             color=BUDGET_COLOUR,
             linewidth=1.4,
             linestyle=(0, (4, 3)),
-            label=f"Budget on {plan.gpu.name} ({target_gib:.1f} GiB)",
+            label=f"Budget on {plan.gpu.name} ({format_gib(plan.budget_bytes)})",
         )
         right = lengths[-1] * 1.3
         if model_max_positions < lengths[-1]:
