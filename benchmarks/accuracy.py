@@ -84,6 +84,13 @@ HF_PEFT_2025 = StackProfile(
     # model(**batch) with labels: transformers >= 4.46 pads labels, no shifted copy.
     loss_path="full_logits_fp32",
 )
+HF_PEFT_FULL_2025 = replace(
+    HF_PEFT_2025,
+    name="HF 2025 (peft method comparison: full fine-tune, pure bf16, no autocast)",
+    # default_training_params.json: "dtype": "bfloat16", "use_amp": false: weights,
+    # gradients and AdamW states in bf16 (peftgen's own scripts keep fp32 masters).
+    full_master_weights="compute",
+)
 
 FSDP_QLORA_2024 = replace(
     HF_FSDP_QLORA_2024,
@@ -461,6 +468,21 @@ def published_rows() -> list[Row]:
             "eval generation (batch 50) shares the process",
         ),
         Row(
+            "13c",
+            "HF+peft",
+            "Llama-3.2-3B full fine-tune, mbs4, <=768",
+            replace(
+                lora(LLAMA32_3B, HF_PEFT_FULL_2025, micro_batch=4, max_length=768),
+                finetuning="full",
+                lora_r=0,
+                target_modules=(),
+                lora_dropout=0.0,
+            ),
+            int(38.87 * GB),
+            "resv",
+            "eval generation (batch 50) shares the process; pure bf16 (no fp32 masters)",
+        ),
+        Row(
             "13b",
             "HF+peft",
             "Llama-3.2-3B LoRA r10 MLP, mbs4, <=768",
@@ -799,7 +821,6 @@ def fit_rows() -> list[FitRow]:
 NOT_COVERED = [
     ("5", "StableLM-alpha-3B (GPT-NeoX): architecture not modelled by the catalogue"),
     ("6", "phi-1.5 (phi): architecture not modelled by the catalogue"),
-    ("13c", "full fine-tune: peftgen plans LoRA only"),
     ("18", "QLoRA paper accounting: its terms have no stated metric or configuration"),
 ]
 

@@ -180,6 +180,11 @@ class StackProfile:
     """NCCL channels per communicator: each channel keeps a receive buffer per protocol
     (``NCCL_BUFFSIZE`` 4 MiB for SIMPLE, about 4.5 MiB for LL128, 256 KiB for LL), outside
     torch's allocator (counted in the process figure, not ``memory_reserved``)."""
+    full_master_weights: Literal["fp32", "compute"] = "fp32"
+    """Full fine-tuning: ``fp32`` master weights under compute-dtype autocast (what peftgen
+    emits); ``compute``: the model loaded and trained in the compute dtype, no autocast
+    (pure bf16: weights, gradients and AdamW states 2 B each, as peft's method comparison
+    ran its full fine-tune)."""
 
 
 @dataclass(frozen=True)
@@ -556,7 +561,7 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
     dtype; bf16 under trl's quantized cast; fp32 in the fp16 script, which upcasts every
     trainable tensor) and trainable biases."""
     if inputs.finetuning == "full":
-        return full_trainable_tensors(inputs.arch)
+        return full_trainable_tensors(inputs)
     arch = inputs.arch
     lora_bytes = DTYPE_BYTES[adapter_dtype(inputs)]
     copy_bytes = modules_to_save_dtype_bytes(inputs)
@@ -1012,7 +1017,7 @@ def residual_stream_dtype_bytes(inputs: EstimateInput) -> int:
     every layer's input and output in fp32; a tied ``lm_head`` copy is separate and does
     not matter here."""
     if inputs.finetuning == "full":
-        return 4  # fp32 embeddings: the residual stream and the norms' outputs are fp32
+        return full_master_bytes(inputs)  # fp32 embeddings: an fp32 residual stream
     trained = {name.rsplit(".", 1)[-1] for name in inputs.modules_to_save}
     if "embed_tokens" in trained:
         return modules_to_save_dtype_bytes(inputs)
@@ -1274,10 +1279,24 @@ def full_parameter_shapes(arch: ModelArch) -> list[tuple[int, int, int]]:
     return [shape for shape in shapes if shape[0] * shape[1] * shape[2]]
 
 
-def full_trainable_tensors(arch: ModelArch) -> TrainableTensors:
-    """Every parameter, fp32 (the master weights the optimizer steps)."""
+def full_master_bytes(inputs: EstimateInput) -> int:
+    """Bytes per element of the trained weights: fp32 masters, or the compute dtype when
+    the stack trains in pure 16 bits (``StackProfile.full_master_weights``)."""
+    if inputs.stack.full_master_weights == "fp32":
+        return 4
+    return DTYPE_BYTES[inputs.compute_dtype]
+
+
+def full_autocast(inputs: EstimateInput) -> bool:
+    """fp32 masters run under autocast, which casts each weight per matmul."""
+    return inputs.stack.full_master_weights == "fp32"
+
+
+def full_trainable_tensors(inputs: EstimateInput) -> TrainableTensors:
+    """Every parameter, in the master dtype (what the optimizer steps)."""
+    arch = inputs.arch
     shapes = tuple(full_parameter_shapes(arch))
-    return TrainableTensors({4: base_parameter_count(arch)}, shapes)
+    return TrainableTensors({full_master_bytes(inputs): base_parameter_count(arch)}, shapes)
 
 
 def reference_weight_bytes(inputs: EstimateInput) -> int:
@@ -1290,8 +1309,9 @@ def reference_weight_bytes(inputs: EstimateInput) -> int:
 
 
 def full_weights_bytes(inputs: EstimateInput) -> int:
-    """fp32 master weights of every parameter, plus the reference copy if any."""
-    return 4 * base_parameter_count(inputs.arch) + reference_weight_bytes(inputs)
+    """Master weights of every parameter, plus the reference copy if any."""
+    master = full_master_bytes(inputs) * base_parameter_count(inputs.arch)
+    return master + reference_weight_bytes(inputs)
 
 
 def full_layer_linear_parameters(inputs: EstimateInput) -> int:
@@ -1301,7 +1321,10 @@ def full_layer_linear_parameters(inputs: EstimateInput) -> int:
 
 
 def full_weight_cast_bytes_per_layer(inputs: EstimateInput) -> int:
-    """One layer's autocast weight casts: every linear weight in the compute dtype."""
+    """One layer's autocast weight casts: every linear weight in the compute dtype (none
+    when the weights are in the compute dtype already)."""
+    if not full_autocast(inputs):
+        return 0
     return DTYPE_BYTES[inputs.compute_dtype] * full_layer_linear_parameters(inputs)
 
 
@@ -1330,10 +1353,21 @@ def full_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
         names = {m.name for m in members}
         if names & {"o_proj", "dense"}:
             continue
-        total += len(members) * compute * tokens * width
+        # Pure 16-bit: the members share the norm's output (no autocast copies).
+        copies = len(members) if full_autocast(inputs) else 1
+        total += copies * compute * tokens * width
     norms = 4 if c.model_type in SANDWICH_NORM_TYPES else 2
-    total += norms * 4 * tokens * c.hidden_size
+    total += norms * full_master_bytes(inputs) * tokens * c.hidden_size
     return total
+
+
+def full_gradients_released(inputs: EstimateInput, phase: str) -> bool:
+    """No gradients at the forward's end: full fine-tuning with one micro-batch per optimizer
+    step (the Trainer's ``zero_grad`` sets them to None after each step; with accumulation
+    they survive into the next micro-batch). LoRA's gradients are small: not split there."""
+    return (
+        inputs.finetuning == "full" and inputs.gradient_accumulation_steps == 1 and phase == "train"
+    )
 
 
 def full_weight_gradient_transient_bytes(inputs: EstimateInput) -> int:
@@ -1341,7 +1375,8 @@ def full_weight_gradient_transient_bytes(inputs: EstimateInput) -> int:
     matmul result, then autocast's cast back to the fp32 master (``ToCopyBackward``)
     before it is accumulated into ``.grad``."""
     largest = max(m.in_features * m.out_features for m in language_linear_modules(inputs.arch))
-    return (DTYPE_BYTES[inputs.compute_dtype] + 4) * largest
+    upcast = 4 if full_autocast(inputs) else 0
+    return (DTYPE_BYTES[inputs.compute_dtype] + upcast) * largest
 
 
 def full_head_extra_bytes(inputs: EstimateInput, tokens: int) -> int:
@@ -1351,8 +1386,10 @@ def full_head_extra_bytes(inputs: EstimateInput, tokens: int) -> int:
     checkpointing every layer's weight cast still in autocast's cache (without it they are
     in the kept activations already)."""
     c = inputs.arch.config
-    head = 4 * c.vocab_size * c.hidden_size
-    hidden = (4 - DTYPE_BYTES[inputs.compute_dtype]) * tokens * c.hidden_size
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    # fp32 buffer, cast to a 16-bit weight's dtype on return
+    head = (4 + (0 if full_autocast(inputs) else compute)) * c.vocab_size * c.hidden_size
+    hidden = (full_master_bytes(inputs) - compute) * tokens * c.hidden_size
     cache = full_decoder_cast_bytes(inputs) if inputs.gradient_checkpointing else 0
     return head + hidden + cache
 
@@ -1435,6 +1472,16 @@ def estimate(inputs: EstimateInput) -> Estimate:
             # alive only while gradients are reduced.
             communication = communication if inputs.distributed == "ddp" else 0
             gradient = communication
+    if full_gradients_released(inputs, phase):
+        # Full fine-tuning, one micro-batch per step: zero_grad(set_to_none=True) frees the
+        # gradients after each step, so the forward runs without them; they come back in
+        # backward as the activations are freed. The peak is the forward's end, or the
+        # optimizer step (every gradient and the step's temporaries, no activations).
+        step = gradient - communication + parts.optimizer_step_temporary_bytes
+        if activation + logits >= step:
+            gradient = communication
+        else:
+            activation, logits = 0, 0
     optimizer += max(0, parts.optimizer_step_temporary_bytes - (activation + logits))
     gathered = parts.gathered_weight_bytes
     copy_out = fsdp2_all_gather_buffer_bytes(inputs)

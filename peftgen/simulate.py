@@ -712,10 +712,16 @@ def build_model(
     spec = resolved.loaded.spec
     dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float16
     config = transformers_config(resolved)
+    full = spec.finetuning == "full"
     model = _from_config(
-        config, dtype, _attn_implementation(resolved), [] if notes is None else notes
+        config,
+        torch.float32 if full else dtype,  # full fine-tuning: fp32 master weights
+        _attn_implementation(resolved),
+        [] if notes is None else notes,
     )
     model.tie_weights()  # from_pretrained ties the output head to the embeddings; from_config not
+    if full:
+        return _prepare_full(model, resolved, gc=spec.training.gradient_checkpointing)
     if precision in ("8bit", "4bit"):
         _quantize_linears(model, precision, resolved, dtype)
     return _prepare_peft(
@@ -954,6 +960,29 @@ def _prepare_peft(
                 param.data = param.data.float()
     peft_model.train()
     return peft_model
+
+
+def _prepare_full(model: Any, resolved: Resolved, gc: bool) -> Any:
+    """``finetuning: full`` as the script runs it: no peft, every fp32 weight trainable,
+    trl's fused LM head; the step runs under the compute dtype's autocast (``_run_step``).
+    DPO's frozen reference copy (compute dtype, no gradients) is not simulated."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    spec = resolved.loaded.spec
+    if gc:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=None)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=None)
+    outputs = {
+        "sft": ("log_probs", "entropy", "is_top1"),
+        "dpo": ("log_probs", "entropy", "mean_logits", "is_top1"),
+        "grpo": ("log_probs", "entropy"),
+    }[spec.method]
+    add_fused_lm_head(model, outputs=outputs)
+    model.train()
+    return model
 
 
 def _base_model(model: Any) -> Any:
