@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -99,6 +100,7 @@ def _spec(
     extra: str = "",
     precision: str = "bf16",
     training: str = "",
+    chatml: bool = False,
 ) -> Path:
     data = tmp_path / "data" / "rows.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +118,7 @@ def _spec(
             dataset:
               path: ../data/rows.jsonl
               format: {data_format}
+            {"  chat_template: chatml" if chatml else ""}
             hardware:
               vram_gib: 4
             precision: {precision}
@@ -160,14 +163,16 @@ def _run_script(
     )
 
 
-def _first_batch(script: Path, tmp_path: Path, train: bool = False) -> list[dict[str, Any]]:
+def _first_batch(script: Path, tmp_path: Path, **env: str) -> list[dict[str, Any]]:
+    """The trainer's first collated batch, decoded (``batch.json.setup``: its precision
+    flags, parameter dtypes and token count); the script stops before training."""
     shim = tmp_path / "capture.py"
     shim.write_text(CAPTURE_SHIM, encoding="utf-8")
     out = tmp_path / "batch.json"
     result = subprocess.run(
         [sys.executable, str(shim), str(script), str(out)],
         cwd=tmp_path,
-        env=_env(CAPTURE_ONLY="0" if train else "1"),
+        env=_env(CAPTURE_ONLY="1", **env),
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
@@ -342,12 +347,8 @@ def test_fp16_script_smoke_runs_on_the_cpu(tiny_base_model_dir: Path, tmp_path: 
         data_format="messages",
         rows=CHAT_ROWS,
         precision="fp16",
-        extra="",
+        chatml=True,
     )
-    text = spec.read_text(encoding="utf-8").replace(
-        "  format: messages\n", "  format: messages\n  chat_template: chatml\n"
-    )
-    spec.write_text(text, encoding="utf-8")
     script = _emit(spec, tmp_path / "out")
     assert "fp16=torch.cuda.is_available()" in script.read_text(encoding="utf-8")
     result = _run_script(script, tmp_path, PEFTGEN_SMOKE_STEPS="1")
@@ -412,17 +413,19 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir: Path, tmp_pat
     assert refused.returncode == 1 and "no checkpoint" in refused.stderr
     first = _run_script(script, tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
-    # An interruption after step 1: the last checkpoints are gone.
-    for step in (2, 3):
-        import shutil
-
-        shutil.rmtree(output_dir / f"checkpoint-{step}")
+    # save_total_limit (2 by default) kept the last two checkpoints.
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
+    # An interruption after step 2: the last checkpoint is gone.
+    shutil.rmtree(output_dir / "checkpoint-3")
     resumed = _run_script(script, tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
-    # Only steps 2 and 3 ran again: two loss lines.
-    assert resumed.stdout.count("'loss'") + resumed.stderr.count("'loss'") == 2
+    # Only step 3 ran again: one loss line.
+    assert resumed.stdout.count("'loss'") + resumed.stderr.count("'loss'") == 1
 
 
 @pytest.mark.slow
@@ -444,10 +447,9 @@ def test_merged_chat_model_answers_and_stops(tiny_base_model_dir: Path, tmp_path
         data_format="messages",
         rows=[{"messages": exchange}] * 8,
         training="max_steps: 60\n",
-        extra="",
+        chatml=True,
     )
     text = spec.read_text(encoding="utf-8").replace("  max_steps: 2\n", "")
-    text = text.replace("  format: messages\n", "  format: messages\n  chat_template: chatml\n")
     text = text.replace("  r: 8\n", "  r: 16\n")
     spec.write_text(text, encoding="utf-8")
     script = _emit(spec, tmp_path / "out")
@@ -482,11 +484,8 @@ def test_chatml_installed_on_a_base_model_trains_the_assistant_turns(
         model_dir=tiny_base_model_dir,
         data_format="messages",
         rows=CHAT_ROWS,
+        chatml=True,
     )
-    text = spec.read_text(encoding="utf-8").replace(
-        "  format: messages\n", "  format: messages\n  chat_template: chatml\n"
-    )
-    spec.write_text(text, encoding="utf-8")
     for row in _first_batch(_emit(spec, tmp_path / "out"), tmp_path):
         source = next(s for s in CHAT_ROWS if _assistant_texts(s)[-1] in row["input"])
         assert "<|im_start|>user\n" in row["input"]
@@ -542,12 +541,13 @@ def test_tied_embeddings_trained_in_full_stay_one_tensor_through_the_merge(
         tmp_path / "tied", with_chat_template=False, tie_word_embeddings=True
     )
     spec = _spec(
-        tmp_path, method="sft", model_dir=model_dir, data_format="messages", rows=CHAT_ROWS
+        tmp_path,
+        method="sft",
+        model_dir=model_dir,
+        data_format="messages",
+        rows=CHAT_ROWS,
+        chatml=True,
     )
-    text = spec.read_text(encoding="utf-8").replace(
-        "  format: messages\n", "  format: messages\n  chat_template: chatml\n"
-    )
-    spec.write_text(text, encoding="utf-8")
     script = _emit(spec, tmp_path / "out")
     trained = _run_script(script, tmp_path)
     assert trained.returncode == 0, trained.stderr[-4000:]
@@ -583,19 +583,7 @@ def test_a_packed_smoke_test_fills_its_sequences(tiny_model_dir: Path, tmp_path:
         training="packing: true\n",
     )
     spec.write_text(spec.read_text().replace("  max_length: 128\n", "  max_length: 64\n"))
-    script = _emit(spec, tmp_path / "out")
-    shim = tmp_path / "capture.py"
-    shim.write_text(CAPTURE_SHIM, encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, str(shim), str(script), str(tmp_path / "batch.json")],
-        cwd=tmp_path,
-        env=_env(CAPTURE_ONLY="1", PEFTGEN_SMOKE_STEPS="1"),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    _first_batch(_emit(spec, tmp_path / "out"), tmp_path, PEFTGEN_SMOKE_STEPS="1")
     setup = json.loads((tmp_path / "batch.json.setup").read_text(encoding="utf-8"))
     # Two sequences of up to 64 tokens per micro-batch; two rows alone would fill one.
     assert setup["batch_tokens"] >= 0.75 * 2 * 64

@@ -345,3 +345,25 @@ def test_bad_price_is_a_user_error(bad: str, capsys: pytest.CaptureFixture[str])
     spec = str(REPO / "specs" / "llama3-8b-clinical-qlora.yaml")
     assert main(["report", spec, "--format", "md", "--price-per-hour", bad]) == 2
     assert "--price-per-hour" in capsys.readouterr().err
+
+
+def test_spec_run_length_for_local_hub_and_grpo_data(tmp_path: Path) -> None:
+    from peftgen.load import load_spec
+
+    text = (REPO / "specs" / "llama3-8b-clinical-qlora.yaml").read_text(encoding="utf-8")
+    local = load_spec(REPO / "specs" / "llama3-8b-clinical-qlora.yaml").spec
+    # 12 rows, 1 x 8 rows per optimizer step, 1 epoch.
+    assert throughput.spec_run_length(local, REPO / "specs").optimizer_steps == 2
+    hub_file = tmp_path / "hub.yaml"
+    hub_file.write_text(text.replace("data/clinical_sft.jsonl", "org/some-data"), encoding="utf-8")
+    hub = throughput.spec_run_length(load_spec(hub_file).spec, tmp_path)
+    assert hub.optimizer_steps is None and "hub dataset" in hub.source
+    grpo = load_spec(REPO / "specs" / "qwen2.5-1.5b-grpo-lora.yaml").spec
+    run = throughput.spec_run_length(grpo, REPO / "specs")
+    prompts = throughput.local_dataset_rows(REPO / "specs" / grpo.dataset.path)
+    assert prompts is not None and run.optimizer_steps is not None
+    training = grpo.training
+    completions = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    # Every prompt yields num_generations completions; a step trains `completions` of them.
+    expected = -(-prompts * grpo.grpo.num_generations // completions)
+    assert run.optimizer_steps == expected * training.num_train_epochs
