@@ -66,8 +66,8 @@ flash-attention 2, checkpointing) on an A100-80GB (0.546) and an L40 (0.712); 4b
 its Mistral-7B QLoRA (bitsandbytes nf4) on the A100-80GB (0.422). 8bit has no public row
 with a full configuration: an assumption, set to the 4bit factor (the dequantisation term
 carries 8-bit's extra work). Full fine-tuning (``finetuning: full``) takes the 16bit
-factor, an assumption: its one row, torchtune's, is held back (+11 %). Held-back rows (9,
-not used here): median |error| 12.6 %, max 42.6 %; the 5 HF + peft ones median 11.4 %, max
+factor, an assumption: its one row, torchtune's, is held back (-20 %). Held-back rows (9,
+not used here): median |error| 14.1 %, max 42.6 %; the 5 HF + peft ones median 11.4 %, max
 14.1 %; torchtune's torch.compile'd LoRA recipes run 28-43 % faster than predicted (the
 benchmark's table)."""
 

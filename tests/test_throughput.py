@@ -255,6 +255,22 @@ def test_benchmark_holds_back_rows_and_keeps_sources() -> None:
     assert "held-back rows: median |error|" in out
 
 
+def test_docs_quote_the_benchmarks_current_table() -> None:
+    """docs/plan.md's calibration table is the benchmark's output, not a stale copy."""
+    import contextlib
+    import io
+
+    import throughput as benchmark  # benchmarks/throughput.py
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        benchmark.main([])
+    docs = (REPO / "docs" / "plan.md").read_text(encoding="utf-8")
+    summary = f"{len(benchmark.ROWS)} rows"
+    quoted = [line for line in out.getvalue().splitlines() if line.startswith(("|", summary))]
+    assert quoted and all(line in docs for line in quoted), "update docs/plan.md's table"
+
+
 # ----------------------------------------------------------------------------- run length
 
 
