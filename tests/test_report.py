@@ -237,6 +237,11 @@ def with_changes(spec: Path, tmp_path: Path, changes: dict[str, Any]) -> Path:
     """A copy of ``spec`` with dotted keys changed, for asking ``plan --json`` what-ifs."""
     yaml = YAML()
     document = yaml.load(spec.read_text(encoding="utf-8"))
+    # The copy lives elsewhere: the files the spec names relative to its folder, absolute.
+    for section, key in (("model", "id"), ("dataset", "path")):
+        value = document.get(section, {}).get(key)
+        if isinstance(value, str) and (spec.parent / value).exists():
+            document[section][key] = str((spec.parent / value).resolve())
     for dotted, value in changes.items():
         *parents, leaf = dotted.split(".")
         node = document
