@@ -53,6 +53,9 @@ def test_every_spec_is_rendered(expected: dict[Path, str]) -> None:
             # A distributed spec adds its accelerate config and launch.sh (no DeepSpeed JSON
             # for FSDP).
             assert names == single_gpu | {"accelerate_config.yaml", "launch.sh"}
+        elif "\nfinetuning: full\n" in expected[folder / "spec.yaml"]:
+            # Full fine-tuning saves the model itself: no adapter, no merge.py.
+            assert names == single_gpu - {"merge.py"}
         else:
             assert single_gpu <= names and names - single_gpu <= set(LAUNCH_FILES)
 
