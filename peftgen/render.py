@@ -578,6 +578,9 @@ def _full_and_vllm_context(
             "full fine-tuning"
         )
         extra["upcast_modules_to_save"] = False
+        # Every weight trains: nothing to list for peft.
+        extra["modules_to_save"] = []
+        extra["ensure_weight_tying"] = False
         extra["breakdown_rows"] = [
             row for row in context["breakdown_rows"] if row[0] != "LoRA adapter"
         ]

@@ -560,6 +560,15 @@ def _check_full_finetuning(spec: _SpecBase) -> None:
             "of them can); use precision: bf16 (or fp16, or auto) with finetuning: full, or "
             "finetuning: lora for QLoRA"
         )
+    grpo = getattr(spec, "grpo", None)
+    if grpo is not None and grpo.beta > 0 and spec.dataset.chat_template is not None:
+        # trl builds GRPO's reference from the model's path (grpo_trainer.py:1003): it would
+        # lack the tokens the chat template adds to the trained model.
+        raise ValueError(
+            "dataset.chat_template: GRPO with beta > 0 and finetuning: full loads its "
+            "reference from model.id, which lacks the tokens the template adds; use a model "
+            "with a chat template, grpo.beta: 0, or finetuning: lora"
+        )
     engine = spec.hardware.distributed
     if engine in ("fsdp", "deepspeed-zero2", "deepspeed-zero3"):
         raise ValueError(

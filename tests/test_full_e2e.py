@@ -41,7 +41,13 @@ PREFERENCE_ROWS = [
 
 
 def _spec(
-    tmp_path: Path, *, method: str, model_dir: Path, data_format: str, rows: list[dict[str, Any]]
+    tmp_path: Path,
+    *,
+    method: str,
+    model_dir: Path,
+    data_format: str,
+    rows: list[dict[str, Any]],
+    chat_template: str = "",
 ) -> Path:
     data = tmp_path / "data" / "rows.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +65,7 @@ def _spec(
             dataset:
               path: ../data/rows.jsonl
               format: {data_format}
+            {chat_template}
             hardware:
               vram_gib: 4
             precision: bf16
@@ -156,3 +163,30 @@ def test_full_dpo_with_a_frozen_reference_copy(tiny_model_dir: Path, tmp_path: P
     assert "copy.deepcopy(model)" in (emitted / "train.py").read_text(encoding="utf-8")
     assert losses[-1] < losses[0], losses
     _check_saved_model(emitted, spec, tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_full_sft_installs_chatml_on_a_base_model(
+    tiny_base_model_dir: Path, tmp_path: Path
+) -> None:
+    """The new ChatML tokens grow the embeddings, which train with every other weight; the
+    saved model and tokenizer agree on the vocabulary and the end of turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = _spec(
+        tmp_path,
+        method="sft",
+        model_dir=tiny_base_model_dir,
+        data_format="messages",
+        rows=CHAT_ROWS,
+        chat_template="  chat_template: chatml",
+    )
+    losses, emitted = _train(spec, tmp_path / "emitted")
+    assert losses[-1] < losses[0], losses
+    assert "MODULES_TO_SAVE" not in (emitted / "train.py").read_text(encoding="utf-8")
+    saved = next(p for p in (spec.parent / "outputs").iterdir() if p.is_dir())
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id

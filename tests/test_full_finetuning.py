@@ -75,6 +75,21 @@ def test_full_refuses_what_it_cannot_train(extra: dict[str, Any], field: str, wo
     assert f"{field}:" in message and words in message
 
 
+def test_full_grpo_reference_cannot_miss_the_chat_template_tokens() -> None:
+    spec = {
+        **BASE,
+        "method": "grpo",
+        "dataset": {"path": "p.jsonl", "format": "prompt", "chat_template": "chatml"},
+        "training": {"gradient_accumulation_steps": 8},
+        "grpo": {"reward_funcs": ["format"], "beta": 0.1},
+    }
+    with pytest.raises(ValidationError) as error:
+        SPEC_ADAPTER.validate_python(spec)
+    assert "dataset.chat_template:" in str(error.value)
+    spec["grpo"] = {"reward_funcs": ["format"]}  # beta 0: no reference
+    assert SPEC_ADAPTER.validate_python(spec).finetuning == "full"
+
+
 def test_full_with_ddp_and_default_sections_is_accepted() -> None:
     spec = SPEC_ADAPTER.validate_python(
         {
