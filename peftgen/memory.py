@@ -1401,7 +1401,9 @@ def full_head_extra_bytes(inputs: EstimateInput, tokens: int) -> int:
 # vLLM's documented meaning (EngineArgs ``gpu_memory_utilization``): the fraction of the
 # GPU's *total* memory this instance may use, a per-instance limit holding its own copy of
 # the weights, its activation workspace and the KV cache, which fills what is left of the
-# fraction; vLLM refuses to start when less than that is free. With
+# fraction; vLLM requests total x utilisation and refuses to start when less than that is
+# free ("Free memory on device ... is less than desired GPU memory utilization",
+# vllm-project/vllm#20305). With
 # ``vllm_enable_sleep_mode`` trl puts vLLM to sleep at level 2 after every generation round
 # (weights and KV cache released, :750) and wakes it for the next (:489, :704). In
 # ``server`` mode vLLM runs on other GPUs (``trl vllm-serve``) and the training GPUs only
