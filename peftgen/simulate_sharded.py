@@ -154,12 +154,37 @@ def _simulate_sharded(
                 memory.reset_mod_stats()
                 _step(model, optimizer, resolved, dtype, state, sim)
         peak = memory.get_tracker_snapshot("peak")
+        scales = _quant_state_bytes(model)
     totals: dict[str, int] = {}
     for per_device in peak.values():
         for name, value in per_device.items():
             key = str(getattr(name, "value", name))
             totals[key] = totals.get(key, 0) + int(value)
-    return totals.pop("Total", 0), totals
+    if scales:
+        # bitsandbytes' quantization state: plain tensors on every rank (not parameters or
+        # buffers, so FSDP neither shards them nor does the tracker see them), alive for the
+        # whole step.
+        totals["Quant State"] = scales
+    return totals.pop("Total", 0) + scales, totals
+
+
+def _quant_state_bytes(model: Any) -> int:
+    """Bytes of the 4-bit stand-ins' quantization state (absmax, code, offset, nested)."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        state = getattr(module, "_sim_quant_state", None)
+        if state is None:
+            continue
+        tensors = [state.absmax, state.code]
+        if state.nested:
+            tensors += [state.offset, state.state2.absmax, state.state2.code]
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage._cdata not in seen:
+                seen.add(storage._cdata)
+                total += storage.nbytes()
+    return total
 
 
 def _step(model: Any, optimizer: Any, resolved: Resolved, dtype: Any, state: Any, sim: Any) -> None:
