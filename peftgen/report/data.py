@@ -174,6 +174,8 @@ class SpecSource:
     per_device_train_batch_size: int
     model_max_positions: int
     """The model's ``max_position_embeddings``: longer sequences are past what it was built for."""
+    finetuning: str = "lora"
+    """``lora`` or ``full`` (every weight trained)."""
 
 
 @dataclass(frozen=True)
