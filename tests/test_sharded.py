@@ -38,6 +38,20 @@ def _inputs(model: str, precision: str, **changes: Any) -> EstimateInput:
     return replace(EstimateInput(arch=arch, precision=precision), **changes)  # type: ignore[arg-type]
 
 
+def _benchmark(name: str) -> Any:
+    """A module of ``benchmarks/`` (not a package), loaded from its file."""
+    import importlib.util
+    import sys
+
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"peftgen_benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _persistent(inputs: EstimateInput) -> int:
     """What stays on the GPU across steps: shards or replicas of weights, adapters,
     gradients and optimizer state (not the gathered working set, not the buffers)."""
@@ -197,11 +211,8 @@ def test_every_sharded_row_is_in_the_published_table() -> None:
     """Each measured number the sharded rows compare with is in its row of
     ``benchmarks/published.md`` (GB or GiB, as published)."""
     import re
-    import sys
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from accuracy import sharded_rows
-
+    sharded_rows = _benchmark("accuracy").sharded_rows
     table: dict[int, str] = {}
     for line in (REPO / "benchmarks" / "published.md").read_text(encoding="utf-8").splitlines():
         found = re.match(r"\| (\d+) \|", line)
@@ -219,15 +230,39 @@ def test_every_sharded_row_is_in_the_published_table() -> None:
         assert row.note, row.label
 
 
+def test_a_4bit_model_loaded_on_the_cpu_has_no_device_map_for_accelerate_to_refuse() -> None:
+    """The recipe's load: bitsandbytes quantizes on the CPU (bf16 storage), and a one-device
+    map is not dispatched (transformers modeling_utils: only maps with several devices or
+    disk), so the model carries no ``hf_device_map`` and accelerate's check that a 4-bit
+    model sits on the process's GPU (accelerator.py ``prepare_model``) does not apply;
+    FSDP / ZeRO-3 place the units."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        REPO / "specs" / "tiny-llama",
+        dtype=torch.bfloat16,
+        quantization_config=config,
+        device_map={"": "cpu"},
+    )
+    assert getattr(model, "hf_device_map", None) is None
+    packed = model.model.layers[0].self_attn.q_proj.weight
+    assert packed.dtype == torch.bfloat16 and packed.device.type == "cpu"
+    assert packed.quant_state is not None
+
+
 @pytest.mark.slow
 def test_sharded_simulation_agrees_with_the_analytic_figure(tmp_path: Path) -> None:
     """One FSDP step on fake tensors (fake process group, rank 0 of 2) for Llama-3-8B
     QLoRA: the analytic per-GPU allocated peak of the same engine is within 5 %."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from simulate_sharded import run
-
-    result = run("llama3-8b", "4bit", 2)
+    result = _benchmark("simulate_sharded").run("llama3-8b", "4bit", 2)
     assert result.by_category.get("All Gather", 0) > 0
     assert abs(result.error) <= 0.05, result.to_json()
