@@ -268,8 +268,6 @@ def estimate_input(
         lora.target_modules if lora.target_modules == "all-linear" else tuple(lora.target_modules)
     )
     grpo = getattr(spec, "grpo", None)
-    if spec.finetuning == "full":
-        return full_finetuning_input(resolved, precision, overrides, gpu)
     inputs = EstimateInput(
         arch=trained_arch(resolved),
         precision=precision,
@@ -308,7 +306,28 @@ def estimate_input(
             nodes = int(overrides.get("hardware.num_nodes", spec.hardware.num_nodes))
             fields["world_size"] = gpus * nodes
         inputs = replace(inputs, **fields)
+    if spec.finetuning == "full":
+        inputs = as_full_finetuning(inputs, spec)
     return inputs
+
+
+def as_full_finetuning(inputs: EstimateInput, spec: AnySpec) -> EstimateInput:
+    """``inputs`` for ``finetuning: full``: no adapters, every weight trained (in the
+    16-bit autocast dtype the input computes in), the reference copy when the method keeps
+    one."""
+    sixteen: LoadPrecision = "fp16" if inputs.compute_dtype == "fp16" else "bf16"
+    return replace(
+        inputs,
+        finetuning="full",
+        precision=sixteen,
+        lora_r=0,
+        target_modules=(),
+        use_dora=False,
+        modules_to_save=(),
+        lora_dropout=0.0,
+        lora_bias="none",
+        reference_model=needs_reference_copy(spec),
+    )
 
 
 def vllm_fields(spec: AnySpec, gpu: Gpu) -> dict[str, Any]:
@@ -341,63 +360,16 @@ def full_finetuning_input(
     overrides: Mapping[str, Any] | None = None,
     gpu: Gpu | None = None,
 ) -> EstimateInput:
-    """The estimate's input for ``finetuning: full`` (or a LoRA spec's full comparison):
-    no adapters, every weight trained, the reference copy when the method needs one.
-    ``precision`` only picks the autocast dtype (bf16, or fp16)."""
+    """The estimate's input for ``finetuning: full``, also for a LoRA spec's comparison (the
+    same spec as if it said ``finetuning: full``). ``precision`` only picks the autocast
+    dtype: bf16, or fp16 where the GPU lacks bf16 or the spec asks for it."""
     spec = resolved.loaded.spec
-    lora_spec = spec.finetuning != "full"
-    if lora_spec:
-        # A LoRA spec's comparison: estimate it as the LoRA spec's own input, unchanged
-        # but for what full fine-tuning replaces.
-        spec = spec.model_copy(update={"finetuning": "full"})
-        resolved = replace(resolved, loaded=replace(resolved.loaded, spec=spec))
+    if spec.finetuning != "full":
+        full_spec = spec.model_copy(update={"finetuning": "full"})
+        resolved = replace(resolved, loaded=replace(resolved.loaded, spec=full_spec))
     target = gpu or resolved.gpu
     sixteen: LoadPrecision = "bf16" if target.bf16 and precision != "fp16" else "fp16"
-    base = replace(
-        _lora_free_input(resolved, sixteen, target),
-        reference_model=needs_reference_copy(spec),
-    )
-    if overrides:
-        unknown = set(overrides) - set(SPEC_KEY_TO_FIELD)
-        if unknown:
-            raise KeyError(f"cannot override {sorted(unknown)}; known: {sorted(SPEC_KEY_TO_FIELD)}")
-        fields = {SPEC_KEY_TO_FIELD[k]: v for k, v in overrides.items()}
-        if "world_size" in fields:
-            gpus = int(overrides.get("hardware.num_gpus", spec.hardware.num_gpus))
-            nodes = int(overrides.get("hardware.num_nodes", spec.hardware.num_nodes))
-            fields["world_size"] = gpus * nodes
-        for key in ("lora_r", "use_dora", "lora_dropout"):
-            fields.pop(key, None)
-        base = replace(base, **fields)
-    return base
-
-
-def _lora_free_input(resolved: Resolved, precision: LoadPrecision, gpu: Gpu) -> EstimateInput:
-    spec = resolved.loaded.spec
-    training = spec.training
-    grpo = getattr(spec, "grpo", None)
-    return EstimateInput(
-        arch=resolved.arch,
-        precision=precision,
-        method=spec.method,
-        compute_dtype="bf16" if gpu.bf16 and precision != "fp16" else "fp16",
-        lora_r=0,
-        target_modules=(),
-        modules_to_save=(),
-        lora_dropout=0.0,
-        micro_batch=training.per_device_train_batch_size,
-        max_length=training.max_length,
-        gradient_checkpointing=training.gradient_checkpointing,
-        packing=spec.method == "sft" and training.packing,
-        attn_implementation=spec.model.attn_implementation,
-        optim=training.optim,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        max_completion_length=grpo.max_completion_length if grpo else 256,
-        world_size=spec.hardware.world_size,
-        distributed=spec.hardware.distributed,
-        finetuning="full",
-        **vllm_fields(spec, gpu),
-    )
+    return estimate_input(resolved, sixteen, overrides, gpu)
 
 
 def spec_precisions(order: tuple[LoadPrecision, ...], spec: AnySpec) -> tuple[LoadPrecision, ...]:

@@ -94,8 +94,8 @@ PREDICTED = {
     # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
     # cache); the whole process with the CUDA context (what nvidia-smi shows).
     "peak_allocated_bytes": 9829644288,
-    "torch_reserved_bytes": 10135804538,
-    "peak_reserved_bytes": 10672675450,
+    "torch_reserved_bytes": 10110769786,
+    "peak_reserved_bytes": 10647640698,
     "breakdown_bytes": {
         "weights_bytes": 1976131072,
         "adapter_bytes": 0,
@@ -103,7 +103,7 @@ PREDICTED = {
         "optimizer_bytes": 3952262144,
         "activation_bytes": 367001600,
         "logits_bytes": 1558118400,
-        "overhead_bytes": 843031162,
+        "overhead_bytes": 817996410,
     },
     # Seconds per optimizer step on NVIDIA GeForce RTX 4090 (the range: the throughput benchmark's
     # spread).
