@@ -108,8 +108,15 @@ def test_monotone_in_batch(inputs: EstimateInput, extra: int) -> None:
 @fast
 @given(inputs_strategy, st.integers(1, 128))
 def test_monotone_in_rank(inputs: EstimateInput, extra: int) -> None:
+    """A larger rank never needs less memory in all; with a paged optimizer, bitsandbytes
+    moves the states of tensors that grow past its paging threshold out of the device
+    counters into managed memory, so the device peak alone can drop."""
     bigger = replace(inputs, lora_r=inputs.lora_r + extra)
-    assert estimate(bigger).peak_reserved_bytes >= estimate(inputs).peak_reserved_bytes
+    small, large = estimate(inputs), estimate(bigger)
+    assert (
+        large.peak_reserved_bytes + large.managed_bytes
+        >= small.peak_reserved_bytes + small.managed_bytes
+    )
 
 
 @fast
