@@ -209,6 +209,8 @@ def environment() -> jinja2.Environment:
     env.filters["wrap_comment"] = wrap_comment
     env.filters["wrap_bullet"] = wrap_bullet
     env.filters["wrap_text"] = wrap_text
+    # Four significant digits: a tiny model's step is a few milliseconds, never "0.0".
+    env.filters["significant"] = lambda value: float(f"{value:.4g}")
     env.filters["gib"] = stack.format_gib
     return env
 

@@ -180,7 +180,10 @@ def test_smoke_mode_trains_the_longest_rows_and_saves_nothing(
     _emit(tmp_path, tiny_model_dir, max_steps=50)
     run = _run(tmp_path, PEFTGEN_SMOKE_STEPS="1")
     assert run.returncode == 0, run.stderr[-4000:]
-    assert "smoke test passed: 1 steps on the longest rows; nothing saved" in run.stdout
+    assert (
+        "smoke test passed: 1 steps on the longest rows; no checkpoint or adapter saved"
+        in run.stdout
+    )
     # One step of the two long rows, each truncated to MAX_LENGTH: a full batch of tokens.
     # Any short row in the batch would log far fewer.
     assert _logged_tokens(run.stdout) == [BATCH * MAX_LENGTH]

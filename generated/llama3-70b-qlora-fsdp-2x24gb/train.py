@@ -23,18 +23,18 @@ Target: NVIDIA GeForce RTX 4090 x 2, memory budget 22.8 GiB per GPU.
 Base model loaded in 4-bit (NF4, double quantization, bfloat16 compute) + LoRA (QLoRA).
 Loss on: the assistant turns only (system and user text are context, not targets).
 Format: conversations rendered with the model's own chat template, as at inference.
-Predicted peak per GPU: 10.9 GiB reserved (9.9 GiB allocated):
+Predicted peak per GPU: 17.0 GiB reserved (9.9 GiB allocated):
     weights                   5.7 GiB
     LoRA adapter              0.0 GiB
     gradients                 0.0 GiB
     optimizer state           0.0 GiB
     activations               4.2 GiB
     logits / loss             0.0 GiB
-    CUDA context, allocator   1.0 GiB
+    CUDA context, allocator   7.1 GiB
 
 The plan's warnings:
-    - hardware.distributed: fsdp over 2 GPUs: the figures are per GPU; NCCL's own buffers (outside
-      torch's allocator) are not counted
+    - hardware.distributed: fsdp over 2 GPUs: the figures are per GPU; the overhead includes NCCL's
+      own buffers (outside torch's allocator) and the blocks the allocator keeps from loading
     - hardware.cpu_offload: sharded parameters, gradients and optimizer state live in host memory
       (each node needs RAM for its GPUs' shards); steps are slower
 
@@ -91,33 +91,41 @@ WARMUP_RATIO = 0.03
 OPTIM = "adamw_torch"
 SEED = 42
 LOGGING_STEPS = 10
-SAVE_STRATEGY = "epoch"
+SAVE_STRATEGY = "steps"
+SAVE_STEPS = 100
+# Checkpoints kept in OUTPUT_DIR (optimizer state included); older ones are deleted.
+SAVE_TOTAL_LIMIT = 2
 REPORT_TO = "none"
 
-# --- Memory receipt: the plan's prediction per GPU, compared with the run's measurements ---
+# Memory receipt: the plan's prediction, written next to what this run measures
+# (OUTPUT_DIR/memory_receipt.json, to calibrate the planner with).
 SPEC_NAME = "llama3-70b-qlora-fsdp-2x24gb"
 SPEC_SHA256 = "460b1b5cad3dee73b3bfac26e7e38d99fd6ecd742fc8e42a28845522aea8cef3"
 PLANNED_GPU = "NVIDIA GeForce RTX 4090"
-PLANNED_GPU_MEMORY_BYTES = 25757220864
-PLANNED_PRECISION = "4bit"
-# torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's cache);
-# and the whole process with the CUDA context (what nvidia-smi shows).
-PREDICTED_PEAK_ALLOCATED_BYTES = 10659747008
-PREDICTED_TORCH_RESERVED_BYTES = 11205786295
-PREDICTED_PEAK_RESERVED_BYTES = 11742657207
-PREDICTED_BREAKDOWN_BYTES = {
-    "weights_bytes": 6144709824,
-    "adapter_bytes": 0,
-    "gradient_bytes": 5177344,
-    "optimizer_bytes": 0,
-    "activation_bytes": 4509859840,
-    "logits_bytes": 0,
-    "overhead_bytes": 1082910199,
+PREDICTED = {
+    "gpu": PLANNED_GPU,
+    "gpu_memory_bytes": 25757220864,
+    "precision": "4bit",
+    # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
+    # cache); the whole process with the CUDA context (what nvidia-smi shows).
+    "peak_allocated_bytes": 10667513024,
+    "torch_reserved_bytes": 17601464851,
+    "peak_reserved_bytes": 18285136403,
+    "breakdown_bytes": {
+        "weights_bytes": 6144709824,
+        "adapter_bytes": 0,
+        "gradient_bytes": 12943360,
+        "optimizer_bytes": 0,
+        "activation_bytes": 4509859840,
+        "logits_bytes": 0,
+        "overhead_bytes": 7617623379,
+    },
+    # Seconds per optimizer step on NVIDIA GeForce RTX 4090 (the range: the throughput benchmark's
+    # spread).
+    "step_seconds": 118.2,
+    "step_seconds_low": 103.7,
+    "step_seconds_high": 137.4,
 }
-# The receipt is written after this many optimizer steps (the optimizer state exists by
-# then), so a long run reports early, and again when training ends.
-RECEIPT_AFTER_STEPS = 3
-RECEIPT_FILE = "memory_receipt.json"
 RECEIPT_LIBRARIES = [
     "torch",
     "transformers",
@@ -155,12 +163,11 @@ def main() -> None:
             raise SystemExit(f"--resume: no checkpoint-* folder in {OUTPUT_DIR} to resume from")
     require(DATASET_PATH, "dataset.path")
     # TF32 matmuls: the NVIDIA GeForce RTX 4090 has tensor cores for them (Ampere or newer).
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    torch.set_float32_matmul_precision("high")
 
     # --- Load ---
     tokenizer = AutoTokenizer.from_pretrained(MODEL_ID)
-    # Why 4-bit: precision 4bit set in the spec; peak 10.9 GiB fits the 22.8 GiB budget on NVIDIA
+    # Why 4-bit: precision 4bit set in the spec; peak 17.0 GiB fits the 22.8 GiB budget on NVIDIA
     # GeForce RTX 4090
     quantization_config = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -169,8 +176,10 @@ def main() -> None:
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_quant_storage=torch.bfloat16,
     )
-    # Quantized weights cannot move after loading: place them on this process's device now.
-    device_map = {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+    # fsdp shards the model while wrapping it: quantize in host memory, and let
+    # each unit move to this GPU as it is sharded (a whole model per GPU would not fit;
+    # FSDP's cpu_ram_efficient_loading skips quantized models in transformers 5.24).
+    device_map = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         MODEL_ID,
         # bfloat16: NVIDIA GeForce RTX 4090 supports native bfloat16 (compute capability 8.9)
@@ -196,8 +205,11 @@ def main() -> None:
     train_dataset = dataset
     if SMOKE_STEPS:
         # Only the longest rows, so every smoke step meets the worst case for memory.
-        rows_needed = SMOKE_STEPS * PER_DEVICE_TRAIN_BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS
-        train_dataset = longest_rows(train_dataset, rows_needed * PartialState().num_processes)
+        sequences = SMOKE_STEPS * PER_DEVICE_TRAIN_BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS
+        sequences *= PartialState().num_processes
+        # Packed, several rows share a sequence: take longest rows until they would fill
+        # every smoke sequence to MAX_LENGTH (8 characters a token over-fills them).
+        train_dataset = longest_rows(train_dataset, sequences, 8 * MAX_LENGTH * sequences)
 
     # --- Trainer ---
     training_args = SFTConfig(
@@ -215,11 +227,13 @@ def main() -> None:
         bf16=True,
         # Without CUDA (a smoke test on a laptop or CI) train on the CPU instead of refusing.
         use_cpu=not torch.cuda.is_available(),
-        # Activation checkpointing saves 82.2 GiB of activations for ~30% more compute
+        # Activation checkpointing saves 76.6 GiB of activations for ~30% more compute
         activation_checkpointing=True,
         logging_steps=LOGGING_STEPS,
         # A smoke test writes no checkpoint.
         save_strategy="no" if SMOKE_STEPS else SAVE_STRATEGY,
+        save_steps=SAVE_STEPS,
+        save_total_limit=SAVE_TOTAL_LIMIT,
         report_to=REPORT_TO,
         seed=SEED,
         max_length=MAX_LENGTH,
@@ -262,89 +276,86 @@ def main() -> None:
     trainer.save_model(OUTPUT_DIR)
 
 
-def longest_rows(dataset: Dataset, count: int) -> Dataset:
-    """The `count` rows with the most characters: the smoke test's worst case for memory."""
+def longest_rows(dataset: Dataset, count: int, characters: int = 0) -> Dataset:
+    """The rows with the most characters, at least `count` of them and at least `characters`
+    characters in all (or every row): the smoke test's worst case for memory."""
     lengths = [len(str(row)) for row in dataset]
-    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:count]
-    return dataset.select(longest)
-
-
-def write_memory_receipt(optimizer_steps: int, stage: str) -> None:
-    """Write OUTPUT_DIR/memory_receipt.json: peak memory measured next to the plan's prediction.
-
-    For calibrating the planner. Without CUDA nothing is measured and the figures are null.
-    """
-    allocated = reserved = total = None
-    device_name = "cpu"
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
-        device_name, total = properties.name, properties.total_memory
-        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    receipt = {
-        "receipt_version": 1,
-        "spec_name": SPEC_NAME,
-        "spec_sha256": SPEC_SHA256,
-        "stage": stage,
-        "optimizer_steps": optimizer_steps,
-        "smoke_steps": SMOKE_STEPS,
-        "world_size": PartialState().num_processes,
-        "device": {
-            "type": "cuda" if total is not None else "cpu",
-            "name": device_name,
-            "total_memory_bytes": total,
-        },
-        "measured": {
-            "max_memory_allocated_bytes": allocated,
-            "max_memory_reserved_bytes": reserved,
-        },
-        "predicted": {
-            "gpu": PLANNED_GPU,
-            "gpu_memory_bytes": PLANNED_GPU_MEMORY_BYTES,
-            "precision": PLANNED_PRECISION,
-            "peak_allocated_bytes": PREDICTED_PEAK_ALLOCATED_BYTES,
-            "torch_reserved_bytes": PREDICTED_TORCH_RESERVED_BYTES,
-            "peak_reserved_bytes": PREDICTED_PEAK_RESERVED_BYTES,
-            "breakdown_bytes": PREDICTED_BREAKDOWN_BYTES,
-        },
-        "versions": {name: metadata.version(name) for name in RECEIPT_LIBRARIES},
-    }
-    os.makedirs(OUTPUT_DIR, exist_ok=True)
-    path = os.path.join(OUTPUT_DIR, RECEIPT_FILE)
-    # A temporary file renamed into place: a reader never sees half a receipt.
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
-        json.dump(receipt, file, indent=2)
-    os.replace(path + ".tmp", path)
-    gib = 2**30
-    if allocated is None or reserved is None:
-        print(
-            f"memory receipt ({stage}, step {optimizer_steps}): no CUDA device, nothing measured "
-            f"(predicted {PREDICTED_TORCH_RESERVED_BYTES / gib:.2f} GiB reserved on "
-            f"{PLANNED_GPU}) -> {path}"
-        )
-        return
-    print(
-        f"memory receipt ({stage}, step {optimizer_steps}) on {device_name}: reserved "
-        f"{reserved / gib:.2f} GiB measured vs {PREDICTED_TORCH_RESERVED_BYTES / gib:.2f} "
-        f"predicted ({(PREDICTED_TORCH_RESERVED_BYTES - reserved) / reserved:+.1%}), allocated "
-        f"{allocated / gib:.2f} vs {PREDICTED_PEAK_ALLOCATED_BYTES / gib:.2f} "
-        f"({(PREDICTED_PEAK_ALLOCATED_BYTES - allocated) / allocated:+.1%}) -> {path}"
-    )
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    taken = 0
+    for index, row in enumerate(order):
+        taken += lengths[row]
+        if index + 1 >= count and taken >= characters:
+            return dataset.select(order[: index + 1])
+    return dataset.select(order)
 
 
 class MemoryReceipt(TrainerCallback):
-    """Writes the memory receipt after RECEIPT_AFTER_STEPS optimizer steps and at the end."""
+    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end: the peak
+    memory and the seconds per optimizer step measured, next to the plan's PREDICTED."""
 
-    def on_step_end(
-        self, args: object, state: TrainerState, control: object, **kwargs: object
-    ) -> None:
-        if state.global_step == RECEIPT_AFTER_STEPS and state.is_world_process_zero:
-            write_memory_receipt(state.global_step, "early")
+    def __init__(self) -> None:
+        from time import perf_counter  # only the receipt needs a clock
 
-    def on_train_end(
-        self, args: object, state: TrainerState, control: object, **kwargs: object
-    ) -> None:
-        if state.is_world_process_zero:
-            write_memory_receipt(state.global_step, "end")
+        self.clock, self.started, self.step_seconds = perf_counter, 0.0, []
+
+    def on_step_begin(self, args, state: TrainerState, control, **kwargs) -> None:
+        self.started = self.clock()
+
+    def on_step_end(self, args, state: TrainerState, control, **kwargs) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels have finished, not just queued
+        self.step_seconds.append(self.clock() - self.started)
+        if state.global_step == 3:
+            self.write(state, "early")
+
+    def on_train_end(self, args, state: TrainerState, control, **kwargs) -> None:
+        self.write(state, "end")
+
+    def write(self, state: TrainerState, stage: str) -> None:
+        if not state.is_world_process_zero:
+            return
+        cuda = torch.cuda.is_available()
+        device = torch.cuda.get_device_properties(torch.cuda.current_device()) if cuda else None
+        timed = self.step_seconds[1:]  # after warm-up: the first step launches every kernel
+        measured = {
+            "max_memory_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "max_memory_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+            "step_seconds": sum(timed) / len(timed) if timed else None,
+            "timed_steps": len(timed),
+        }
+        receipt = {
+            "receipt_version": 2,
+            "spec_name": SPEC_NAME,
+            "spec_sha256": SPEC_SHA256,
+            "stage": stage,
+            "optimizer_steps": state.global_step,
+            "smoke_steps": SMOKE_STEPS,
+            "world_size": PartialState().num_processes,
+            "device": {
+                "type": "cuda" if cuda else "cpu",
+                "name": device.name if device else "cpu",
+                "total_memory_bytes": device.total_memory if device else None,
+            },
+            "measured": measured,
+            "predicted": PREDICTED,
+            "versions": {name: metadata.version(name) for name in RECEIPT_LIBRARIES},
+        }
+        path = os.path.join(OUTPUT_DIR, "memory_receipt.json")
+        os.makedirs(OUTPUT_DIR, exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            json.dump(receipt, file, indent=2)
+        os.replace(path + ".tmp", path)  # renamed into place: never half a receipt
+        found = "no CUDA device, nothing measured"
+        if cuda:
+            found = (
+                f"on {device.name}: {measured['max_memory_reserved_bytes'] / 2**30:.2f} GiB "
+                f"reserved (plan {PREDICTED['torch_reserved_bytes'] / 2**30:.2f})"
+            )
+        if timed:
+            planned = PREDICTED["step_seconds"]
+            found += f", {measured['step_seconds']:.2f} s per step"
+            found += f" (plan {planned:.2f})" if planned is not None else ""
+        print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")
 
 
 if __name__ == "__main__":

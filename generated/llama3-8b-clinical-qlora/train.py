@@ -58,6 +58,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+# Planned for one GPU: run as one process on several visible GPUs, transformers would wrap
+# the model in nn.DataParallel and split each batch over all of them (not what was planned).
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 # Local paths are relative to this file's folder, so the script runs from any directory.
 SCRIPT_DIR = Path(__file__).resolve().parent
 MODEL_ID = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -84,33 +87,41 @@ WARMUP_RATIO = 0.03
 OPTIM = "adamw_torch"
 SEED = 42
 LOGGING_STEPS = 10
-SAVE_STRATEGY = "epoch"
+SAVE_STRATEGY = "steps"
+SAVE_STEPS = 100
+# Checkpoints kept in OUTPUT_DIR (optimizer state included); older ones are deleted.
+SAVE_TOTAL_LIMIT = 2
 REPORT_TO = "none"
 
-# --- Memory receipt: the plan's prediction per GPU, compared with the run's measurements ---
+# Memory receipt: the plan's prediction, written next to what this run measures
+# (OUTPUT_DIR/memory_receipt.json, to calibrate the planner with).
 SPEC_NAME = "llama3-8b-clinical-qlora"
 SPEC_SHA256 = "d633529de01700fe38bfc1b1fef6a350bb2671080bc5c0d6c9c720ace8135e11"
 PLANNED_GPU = "NVIDIA GeForce RTX 4090"
-PLANNED_GPU_MEMORY_BYTES = 25757220864
-PLANNED_PRECISION = "4bit"
-# torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's cache);
-# and the whole process with the CUDA context (what nvidia-smi shows).
-PREDICTED_PEAK_ALLOCATED_BYTES = 7380753280
-PREDICTED_TORCH_RESERVED_BYTES = 7608976080
-PREDICTED_PEAK_RESERVED_BYTES = 8145846992
-PREDICTED_BREAKDOWN_BYTES = {
-    "weights_bytes": 5702310784,
-    "adapter_bytes": 83886080,
-    "gradient_bytes": 83886080,
-    "optimizer_bytes": 167772160,
-    "activation_bytes": 1342898176,
-    "logits_bytes": 0,
-    "overhead_bytes": 765093712,
+PREDICTED = {
+    "gpu": PLANNED_GPU,
+    "gpu_memory_bytes": 25757220864,
+    "precision": "4bit",
+    # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
+    # cache); the whole process with the CUDA context (what nvidia-smi shows).
+    "peak_allocated_bytes": 7380753280,
+    "torch_reserved_bytes": 7584989904,
+    "peak_reserved_bytes": 8121860816,
+    "breakdown_bytes": {
+        "weights_bytes": 5702310784,
+        "adapter_bytes": 83886080,
+        "gradient_bytes": 83886080,
+        "optimizer_bytes": 167772160,
+        "activation_bytes": 1342898176,
+        "logits_bytes": 0,
+        "overhead_bytes": 741107536,
+    },
+    # Seconds per optimizer step on NVIDIA GeForce RTX 4090 (the range: the throughput benchmark's
+    # spread).
+    "step_seconds": 12.76,
+    "step_seconds_low": 11.2,
+    "step_seconds_high": 14.84,
 }
-# The receipt is written after this many optimizer steps (the optimizer state exists by
-# then), so a long run reports early, and again when training ends.
-RECEIPT_AFTER_STEPS = 3
-RECEIPT_FILE = "memory_receipt.json"
 RECEIPT_LIBRARIES = [
     "torch",
     "transformers",
@@ -148,8 +159,7 @@ def main() -> None:
             raise SystemExit(f"--resume: no checkpoint-* folder in {OUTPUT_DIR} to resume from")
     require(DATASET_PATH, "dataset.path")
     # TF32 matmuls: the NVIDIA GeForce RTX 4090 has tensor cores for them (Ampere or newer).
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    torch.set_float32_matmul_precision("high")
 
     # --- Load ---
     tokenizer = AutoTokenizer.from_pretrained(MODEL_ID)
@@ -189,8 +199,11 @@ def main() -> None:
     train_dataset = dataset
     if SMOKE_STEPS:
         # Only the longest rows, so every smoke step meets the worst case for memory.
-        rows_needed = SMOKE_STEPS * PER_DEVICE_TRAIN_BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS
-        train_dataset = longest_rows(train_dataset, rows_needed * PartialState().num_processes)
+        sequences = SMOKE_STEPS * PER_DEVICE_TRAIN_BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS
+        sequences *= PartialState().num_processes
+        # Packed, several rows share a sequence: take longest rows until they would fill
+        # every smoke sequence to MAX_LENGTH (8 characters a token over-fills them).
+        train_dataset = longest_rows(train_dataset, sequences, 8 * MAX_LENGTH * sequences)
 
     # --- Trainer ---
     training_args = SFTConfig(
@@ -213,6 +226,8 @@ def main() -> None:
         logging_steps=LOGGING_STEPS,
         # A smoke test writes no checkpoint.
         save_strategy="no" if SMOKE_STEPS else SAVE_STRATEGY,
+        save_steps=SAVE_STEPS,
+        save_total_limit=SAVE_TOTAL_LIMIT,
         report_to=REPORT_TO,
         seed=SEED,
         max_length=MAX_LENGTH,
@@ -255,89 +270,86 @@ def main() -> None:
     trainer.save_model(OUTPUT_DIR)
 
 
-def longest_rows(dataset: Dataset, count: int) -> Dataset:
-    """The `count` rows with the most characters: the smoke test's worst case for memory."""
+def longest_rows(dataset: Dataset, count: int, characters: int = 0) -> Dataset:
+    """The rows with the most characters, at least `count` of them and at least `characters`
+    characters in all (or every row): the smoke test's worst case for memory."""
     lengths = [len(str(row)) for row in dataset]
-    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:count]
-    return dataset.select(longest)
-
-
-def write_memory_receipt(optimizer_steps: int, stage: str) -> None:
-    """Write OUTPUT_DIR/memory_receipt.json: peak memory measured next to the plan's prediction.
-
-    For calibrating the planner. Without CUDA nothing is measured and the figures are null.
-    """
-    allocated = reserved = total = None
-    device_name = "cpu"
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
-        device_name, total = properties.name, properties.total_memory
-        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    receipt = {
-        "receipt_version": 1,
-        "spec_name": SPEC_NAME,
-        "spec_sha256": SPEC_SHA256,
-        "stage": stage,
-        "optimizer_steps": optimizer_steps,
-        "smoke_steps": SMOKE_STEPS,
-        "world_size": PartialState().num_processes,
-        "device": {
-            "type": "cuda" if total is not None else "cpu",
-            "name": device_name,
-            "total_memory_bytes": total,
-        },
-        "measured": {
-            "max_memory_allocated_bytes": allocated,
-            "max_memory_reserved_bytes": reserved,
-        },
-        "predicted": {
-            "gpu": PLANNED_GPU,
-            "gpu_memory_bytes": PLANNED_GPU_MEMORY_BYTES,
-            "precision": PLANNED_PRECISION,
-            "peak_allocated_bytes": PREDICTED_PEAK_ALLOCATED_BYTES,
-            "torch_reserved_bytes": PREDICTED_TORCH_RESERVED_BYTES,
-            "peak_reserved_bytes": PREDICTED_PEAK_RESERVED_BYTES,
-            "breakdown_bytes": PREDICTED_BREAKDOWN_BYTES,
-        },
-        "versions": {name: metadata.version(name) for name in RECEIPT_LIBRARIES},
-    }
-    os.makedirs(OUTPUT_DIR, exist_ok=True)
-    path = os.path.join(OUTPUT_DIR, RECEIPT_FILE)
-    # A temporary file renamed into place: a reader never sees half a receipt.
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
-        json.dump(receipt, file, indent=2)
-    os.replace(path + ".tmp", path)
-    gib = 2**30
-    if allocated is None or reserved is None:
-        print(
-            f"memory receipt ({stage}, step {optimizer_steps}): no CUDA device, nothing measured "
-            f"(predicted {PREDICTED_TORCH_RESERVED_BYTES / gib:.2f} GiB reserved on "
-            f"{PLANNED_GPU}) -> {path}"
-        )
-        return
-    print(
-        f"memory receipt ({stage}, step {optimizer_steps}) on {device_name}: reserved "
-        f"{reserved / gib:.2f} GiB measured vs {PREDICTED_TORCH_RESERVED_BYTES / gib:.2f} "
-        f"predicted ({(PREDICTED_TORCH_RESERVED_BYTES - reserved) / reserved:+.1%}), allocated "
-        f"{allocated / gib:.2f} vs {PREDICTED_PEAK_ALLOCATED_BYTES / gib:.2f} "
-        f"({(PREDICTED_PEAK_ALLOCATED_BYTES - allocated) / allocated:+.1%}) -> {path}"
-    )
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    taken = 0
+    for index, row in enumerate(order):
+        taken += lengths[row]
+        if index + 1 >= count and taken >= characters:
+            return dataset.select(order[: index + 1])
+    return dataset.select(order)
 
 
 class MemoryReceipt(TrainerCallback):
-    """Writes the memory receipt after RECEIPT_AFTER_STEPS optimizer steps and at the end."""
+    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end: the peak
+    memory and the seconds per optimizer step measured, next to the plan's PREDICTED."""
 
-    def on_step_end(
-        self, args: object, state: TrainerState, control: object, **kwargs: object
-    ) -> None:
-        if state.global_step == RECEIPT_AFTER_STEPS and state.is_world_process_zero:
-            write_memory_receipt(state.global_step, "early")
+    def __init__(self) -> None:
+        from time import perf_counter  # only the receipt needs a clock
 
-    def on_train_end(
-        self, args: object, state: TrainerState, control: object, **kwargs: object
-    ) -> None:
-        if state.is_world_process_zero:
-            write_memory_receipt(state.global_step, "end")
+        self.clock, self.started, self.step_seconds = perf_counter, 0.0, []
+
+    def on_step_begin(self, args, state: TrainerState, control, **kwargs) -> None:
+        self.started = self.clock()
+
+    def on_step_end(self, args, state: TrainerState, control, **kwargs) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels have finished, not just queued
+        self.step_seconds.append(self.clock() - self.started)
+        if state.global_step == 3:
+            self.write(state, "early")
+
+    def on_train_end(self, args, state: TrainerState, control, **kwargs) -> None:
+        self.write(state, "end")
+
+    def write(self, state: TrainerState, stage: str) -> None:
+        if not state.is_world_process_zero:
+            return
+        cuda = torch.cuda.is_available()
+        device = torch.cuda.get_device_properties(torch.cuda.current_device()) if cuda else None
+        timed = self.step_seconds[1:]  # after warm-up: the first step launches every kernel
+        measured = {
+            "max_memory_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "max_memory_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+            "step_seconds": sum(timed) / len(timed) if timed else None,
+            "timed_steps": len(timed),
+        }
+        receipt = {
+            "receipt_version": 2,
+            "spec_name": SPEC_NAME,
+            "spec_sha256": SPEC_SHA256,
+            "stage": stage,
+            "optimizer_steps": state.global_step,
+            "smoke_steps": SMOKE_STEPS,
+            "world_size": PartialState().num_processes,
+            "device": {
+                "type": "cuda" if cuda else "cpu",
+                "name": device.name if device else "cpu",
+                "total_memory_bytes": device.total_memory if device else None,
+            },
+            "measured": measured,
+            "predicted": PREDICTED,
+            "versions": {name: metadata.version(name) for name in RECEIPT_LIBRARIES},
+        }
+        path = os.path.join(OUTPUT_DIR, "memory_receipt.json")
+        os.makedirs(OUTPUT_DIR, exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            json.dump(receipt, file, indent=2)
+        os.replace(path + ".tmp", path)  # renamed into place: never half a receipt
+        found = "no CUDA device, nothing measured"
+        if cuda:
+            found = (
+                f"on {device.name}: {measured['max_memory_reserved_bytes'] / 2**30:.2f} GiB "
+                f"reserved (plan {PREDICTED['torch_reserved_bytes'] / 2**30:.2f})"
+            )
+        if timed:
+            planned = PREDICTED["step_seconds"]
+            found += f", {measured['step_seconds']:.2f} s per step"
+            found += f" (plan {planned:.2f})" if planned is not None else ""
+        print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Computes W0 + scale * B @ A, scale = lora_alpha / r, for every adapted layer and
 saves a standalone bfloat16 checkpoint (the dtype train.py computed in) that loads
 without peft.
 The base is reloaded unquantized on the CPU: merging into 4-bit or 8-bit weights would
-round the update away, and CPU memory is plentiful where GPU memory is not.
+round the update away. That needs about 15.0 GiB of host memory (the
+weights in bfloat16, once), free CPU RAM rather than GPU memory.
 
 Run after train.py, from any directory:
     uv run merge.py        (or `python merge.py`)
