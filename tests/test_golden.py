@@ -2,7 +2,7 @@
 
 Rendering happens in a scratch copy of the checkout's layout (``specs/`` linked, the tiny
 model of ``specs/tiny-cpu-sft.yaml`` built by the fixture), so relative paths resolve as
-they do for ``python -m peftgen.golden`` and the test never writes into the checkout.
+they do for ``python -m tools.golden`` and the test never writes into the checkout.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from peftgen import golden
 from peftgen.launch import LAUNCH_FILES
+from tools import golden
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = REPO / "generated"

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from peftgen.docs import (
+from peftgen.load import KEY_ALIASES
+from peftgen.spec import SPEC_ADAPTER, GrpoRunSpec, SftSpec, spec_json_schema
+from tools.docs import (
     README_PATH,
     REFERENCE_PATH,
     REGENERATE_COMMAND,
@@ -21,8 +23,6 @@ from peftgen.docs import (
     reference_markdown,
     schema_text,
 )
-from peftgen.load import KEY_ALIASES
-from peftgen.spec import SPEC_ADAPTER, GrpoRunSpec, SftSpec, spec_json_schema
 
 
 def _spec(**overrides: Any) -> dict[str, Any]:

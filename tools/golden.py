@@ -2,7 +2,8 @@
 
 The checked-in files are the product as a reviewer sees it: a template change shows up as
 a diff of real scripts. ``tests/test_golden.py`` renders the same files in memory and fails,
-naming ``python -m peftgen.golden``, when a checked-in file is stale.
+naming ``python -m tools.golden``, when a checked-in file is stale. It lives in
+``tools/``, outside the wheel: only a checkout regenerates ``generated/``.
 
 Paths stay relative to the checkout root (specs name their data and local models that
 way), so rendering happens with the root as the current directory.
@@ -25,7 +26,7 @@ from peftgen.resolve import resolve
 CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
 SPECS_DIR = Path("specs")
 GENERATED_DIR = Path("generated")
-REGENERATE_COMMAND = "python -m peftgen.golden"
+REGENERATE_COMMAND = "python -m tools.golden"
 TINY_MODEL_DIR = SPECS_DIR / "tiny-llama"
 """The local model of ``specs/tiny-cpu-sft.yaml``, built by ``tests/tiny_model.py``."""
 
