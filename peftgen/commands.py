@@ -681,9 +681,9 @@ def calibrate(args: argparse.Namespace) -> int:
     header, *body = table_rows(result)
     table = Table(title="memory receipts: predicted vs measured peak per GPU")
     for index, name in enumerate(header):
-        # Receipt file and spec name stay on one line (what a reader looks for); the rest folds.
+        # The spec name stays on one line (what a reader looks for); the rest may fold.
         table.add_column(
-            name, justify="left" if index < 4 else "right", overflow="fold", no_wrap=index < 2
+            name, justify="left" if index < 4 else "right", overflow="fold", no_wrap=index == 1
         )
     for cells in body:
         # Receipt strings (spec name, device, file name) are data: never rich markup.
