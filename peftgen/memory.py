@@ -436,7 +436,7 @@ def modules_to_save_parameter_count(arch: ModelArch, modules_to_save: tuple[str,
     for module in linear_modules(arch):
         numel_by_name.setdefault(module.name, linear_parameter_count(module))
     leaves = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in modules_to_save))
-    if arch.config.tie_word_embeddings and {"embed_tokens", "lm_head"} <= set(leaves):
+    if stack.shares_tied_copy(arch.config.tie_word_embeddings, leaves):
         leaves.remove("lm_head")
     return sum(numel_by_name.get(leaf, 0) for leaf in leaves)
 

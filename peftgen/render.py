@@ -530,8 +530,7 @@ def build_context(
         "modules_to_save": modules_to_save,
         # peft unties tied embeddings when both are saved in full, unless told to keep them
         # one tensor (a copy each would double the memory and untie the merged model).
-        "ensure_weight_tying": model.tied_embeddings
-        and {"embed_tokens", "lm_head"} <= {name.rsplit(".", 1)[-1] for name in modules_to_save},
+        "ensure_weight_tying": stack.shares_tied_copy(model.tied_embeddings, modules_to_save),
         # fp32 master weights for full copies on a 16-bit base: bf16 / fp16 weights would
         # round small updates away (quantized models: trl casts them to bf16 itself).
         # merge.py holds the whole model in the compute dtype on the CPU.

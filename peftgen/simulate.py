@@ -912,9 +912,7 @@ def _prepare_peft(
     spec = resolved.loaded.spec
     lora = spec.lora
     modules_to_save = trained_modules_to_save(spec)
-    tied_copies = resolved.arch.config.tie_word_embeddings and {"embed_tokens", "lm_head"} <= {
-        name.rsplit(".", 1)[-1] for name in modules_to_save
-    }
+    tied_copies = stack.shares_tied_copy(resolved.arch.config.tie_word_embeddings, modules_to_save)
     target = (
         lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     )

@@ -8,6 +8,7 @@ plan and the script.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -102,3 +103,11 @@ script then needs ``HF_TOKEN`` (or ``hf auth login``) of an account that accepte
 
 def is_gated(model_id: str) -> bool:
     return model_id.startswith(GATED_MODEL_PREFIXES)
+
+
+def shares_tied_copy(tie_word_embeddings: bool, modules_to_save: Iterable[str]) -> bool:
+    """The script sets ``ensure_weight_tying=True``: the model ties its head to the input
+    embeddings and both are trained in full, so peft keeps one trained copy for both (two
+    without it, and the merged model would come out untied)."""
+    leaves = {name.rsplit(".", 1)[-1] for name in modules_to_save}
+    return tie_word_embeddings and {"embed_tokens", "lm_head"} <= leaves
