@@ -61,28 +61,13 @@ class Assumption:
     text: str
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One loading precision the planner considered."""
+@dataclass(frozen=True, kw_only=True)
+class Candidate(Estimate):
+    """One loading precision the planner considered: its ``Estimate``, and how it fits."""
 
     precision: LoadPrecision
     fits: bool
-    peak_allocated_bytes: int
-    peak_reserved_bytes: int
-    breakdown: MemoryBreakdown
-    managed_bytes: int = 0
-    """Paged optimizer state in CUDA managed memory: outside torch's counters and the peak."""
-    vllm_bytes: int = 0
-    """Of ``overhead_bytes``: colocated vLLM's share of the GPU at the peak (GRPO with
-    ``grpo.use_vllm: colocate``)."""
-    torch_reserved_bytes: int = 0
-    """What ``torch.cuda.max_memory_reserved`` would report: reserved minus the CUDA context."""
-    phase: str = "train"
-    """The phase that sets the peak (GRPO: ``generation`` or ``train``)."""
-    communication_bytes: int = 0
-    """Of ``gradient_bytes``: the distributed engine's communication buffers, per GPU."""
-    gathered_weight_bytes: int = 0
-    """Of ``weights_bytes``: parameters FSDP / ZeRO-3 hold unsharded at the peak, per GPU."""
+    """The training peak, the loading peak and the host memory all fit."""
     assumptions: tuple[Assumption, ...] = ()
     peak_reserved_bytes_high: int = 0
     """Upper end of the prediction interval around ``peak_reserved_bytes``: torch's share
@@ -92,10 +77,6 @@ class Candidate:
     """The upper end fits the budget too."""
     tight: bool = False
     """Fits at the estimate but not at the upper end of the interval."""
-    load_peak_bytes: int = 0
-    """The loading phase's peak per GPU (``memory.load_peak_bytes``), process figure."""
-    host_memory_bytes: int = 0
-    """Host RAM per node for loading and CPU offload (``memory.host_memory_bytes``)."""
     load_fits: bool = True
     """The loading peak fits the GPU budget."""
     host_fits: bool = True
@@ -103,6 +84,40 @@ class Candidate:
     time: TimeEstimate | None = None
     """Seconds per optimizer step, tokens/s and hours (``peftgen.throughput``); None for
     a GPU without datasheet figures (``--vram-gib``)."""
+
+    @property
+    def breakdown(self) -> MemoryBreakdown:
+        """The per-component figures alone, as tables and ``plan --json`` list them."""
+        return MemoryBreakdown(**{key: getattr(self, key) for key in BREAKDOWN_KEYS})
+
+    def to_json(self) -> dict[str, Any]:
+        """This candidate in ``plan --json``: the spec-v1 keys first, the breakdown as one
+        object, the estimator's internals (parameter counts: the plan's) left out."""
+        raw = {
+            "precision": self.precision,
+            "fits": self.fits,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "breakdown": asdict(self.breakdown),
+        }
+        for item in fields(self):
+            if item.name not in raw and item.name not in _CANDIDATE_JSON_OMITTED:
+                raw[item.name] = _json_value(getattr(self, item.name))
+        return raw
+
+
+_CANDIDATE_JSON_OMITTED = frozenset(
+    {*BREAKDOWN_KEYS, "trainable_parameters", "total_parameters", "sharded_reserve_bytes"}
+)
+
+
+def _json_value(value: Any) -> Any:
+    """Nested dataclasses (assumptions, step time) as plain dicts and lists."""
+    if isinstance(value, tuple):
+        return [_json_value(item) for item in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -187,8 +202,9 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         """The ``plan --json`` object (spec-v1 contract, plus additions)."""
         data = asdict(self)
-        for candidate, raw in zip(self.candidates, data["candidates"], strict=True):
-            raw["breakdown"] = asdict(candidate.breakdown)
+        data["candidates"] = [candidate.to_json() for candidate in self.candidates]
+        if self.full_finetuning is not None:
+            data["full_finetuning"] = self.full_finetuning.to_json()
         return data
 
 
@@ -389,30 +405,19 @@ def candidate_from_estimate(
     """A candidate fits when the training peak, the loading peak (both per GPU) fit the
     budget and, when the spec gives ``hardware.host_memory_gib``, the host memory per node
     fits the host's RAM."""
-    breakdown = MemoryBreakdown(**{key: getattr(result, key) for key in BREAKDOWN_KEYS})
     load_fits = result.load_peak_bytes <= budget
     host_fits = host_budget is None or result.host_memory_bytes <= host_budget
     fits = result.peak_reserved_bytes <= budget and load_fits and host_fits
     high = high_end_bytes(result.peak_reserved_bytes, result.torch_reserved_bytes)
     return Candidate(
+        **{item.name: getattr(result, item.name) for item in fields(Estimate)},
         precision=precision,
         fits=fits,
         peak_reserved_bytes_high=high,
         fits_high=high <= budget and load_fits and host_fits,
         tight=fits and high > budget,
-        load_peak_bytes=result.load_peak_bytes,
-        host_memory_bytes=result.host_memory_bytes,
         load_fits=load_fits,
         host_fits=host_fits,
-        peak_allocated_bytes=result.peak_allocated_bytes,
-        peak_reserved_bytes=result.peak_reserved_bytes,
-        breakdown=breakdown,
-        managed_bytes=result.managed_bytes,
-        vllm_bytes=result.vllm_bytes,
-        phase=result.phase,
-        torch_reserved_bytes=result.torch_reserved_bytes,
-        communication_bytes=result.communication_bytes,
-        gathered_weight_bytes=result.gathered_weight_bytes,
     )
 
 
@@ -583,7 +588,6 @@ def make_plan(
     candidates = tuple(estimate_candidate(resolved, p, gpu=gpu) for p in order)
     candidates = with_times(resolved, candidates, gpu)
     chosen = choose_precision(spec.precision, candidates)
-    first = estimate(estimate_input(resolved, order[0], gpu=gpu))
     fits = chosen is not None
     chosen_candidate = next((c for c in candidates if c.precision == chosen), None)
     tight = chosen_candidate is not None and chosen_candidate.tight
@@ -607,8 +611,8 @@ def make_plan(
             flash_attention_2=gpu.flash_attention_2,
         ),
         budget_bytes=budget,
-        trainable_parameters=first.trainable_parameters,
-        total_parameters=first.total_parameters,
+        trainable_parameters=candidates[0].trainable_parameters,
+        total_parameters=candidates[0].total_parameters,
         chosen_precision=chosen,
         fits=fits,
         candidates=candidates,

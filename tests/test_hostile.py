@@ -35,7 +35,7 @@ from ruamel.yaml import YAML
 
 from peftgen.load import LoadedSpec
 from peftgen.paths import from_spec_dir, is_local_dataset
-from peftgen.plan import Candidate, Decision, GpuTarget, MemoryBreakdown, Plan
+from peftgen.plan import BREAKDOWN_KEYS, Candidate, Decision, GpuTarget, Plan
 from peftgen.render import ModelSource, render_all
 from peftgen.spec import SPEC_ADAPTER
 
@@ -154,8 +154,18 @@ METHOD_SECTIONS: dict[str, dict[str, Any]] = {
 
 
 def _plan(precision: str, gpu_name: str = "GPU", reason: str = "why") -> Plan:
-    breakdown = MemoryBreakdown(1, 1, 1, 1, 1, 1, 1)
-    candidate = Candidate(precision, True, 6, 7, breakdown)  # type: ignore[arg-type]
+    candidate = Candidate(
+        **dict.fromkeys(BREAKDOWN_KEYS, 1),
+        torch_reserved_bytes=6,
+        managed_bytes=0,
+        phase="train",
+        communication_bytes=0,
+        gathered_weight_bytes=0,
+        trainable_parameters=1,
+        total_parameters=2,
+        precision=precision,  # type: ignore[arg-type]
+        fits=True,
+    )
     return Plan(
         spec="hostile",
         gpu=GpuTarget(gpu_name, 2**34, True, 1, "8.0"),
