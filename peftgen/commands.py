@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from peftgen.load import load_spec
 from peftgen.paths import with_absolute_paths
-from peftgen.plan import BREAKDOWN_KEYS, Plan
+from peftgen.plan import BREAKDOWN_KEYS, Candidate, Plan
 from peftgen.stack import GIB, format_gib
 from peftgen.throughput import format_duration
 
@@ -409,6 +409,11 @@ def _print_plan(
         "upper end",
         *(f"{c.peak_reserved_bytes_high / GIB:.2f}" for c in result.candidates),
     )
+    table.add_row("loading peak", *(f"{c.load_peak_bytes / GIB:.2f}" for c in result.candidates))
+    if any(c.host_memory_bytes for c in result.candidates):
+        table.add_row(
+            "host RAM / node", *(f"{c.host_memory_bytes / GIB:.2f}" for c in result.candidates)
+        )
     if any(c.managed_bytes for c in result.candidates):
         table.add_row(
             "paged (managed, outside)",
@@ -417,7 +422,7 @@ def _print_plan(
     table.add_row(
         "fits",
         *(
-            "yes" if c.fits_high else "[yellow]tight[/]" if c.fits else "[red]no[/]"
+            "yes" if c.fits_high else "[yellow]tight[/]" if c.fits else f"[red]{_no_fit(c)}[/]"
             for c in result.candidates
         ),
     )
@@ -472,6 +477,15 @@ def _print_plan(
             f"  {number}. {escape(suggestion.action)} ({escape(change)}) - "
             f"{escape(suggestion.detail)}"
         )
+
+
+def _no_fit(candidate: Candidate) -> str:
+    """Why a candidate does not fit, when it is not the training peak alone."""
+    if not candidate.load_fits:
+        return "no (loading)"
+    if not candidate.host_fits:
+        return "no (host RAM)"
+    return "no"
 
 
 def time_text(result: Plan) -> str | None:

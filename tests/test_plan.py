@@ -270,3 +270,25 @@ def test_plan_never_imports_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["spec"] == "llama3-8b-sft-auto"
+
+
+def test_cli_table_shows_loading_peak_and_host_memory(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 13: both phases and the host in the table, the numbers of ``plan --json``."""
+    spec = str(REPO / "specs" / "llama3-70b-qlora-fsdp-2x24gb.yaml")
+    assert main(["plan", spec, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert main(["plan", spec]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def cells(label: str) -> list[str]:
+        row = next(line for line in lines if line.strip("│ ").startswith(label))
+        return [cell.strip() for cell in row.strip("│ ").split("│")][1:]
+
+    assert cells("loading peak") == [
+        f"{c['load_peak_bytes'] / 2**30:.2f}" for c in data["candidates"]
+    ]
+    assert cells("host RAM / node") == [
+        f"{c['host_memory_bytes'] / 2**30:.2f}" for c in data["candidates"]
+    ]

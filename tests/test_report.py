@@ -206,6 +206,8 @@ def test_html_numbers_are_plan_json_numbers(
             *(f"breakdown.{k}" for k in BREAKDOWN_KEYS),
             "peak_allocated_bytes",
             "peak_reserved_bytes",
+            "load_peak_bytes",
+            *(["host_memory_bytes"] if candidate["host_memory_bytes"] else []),
             "fits",
         ):
             assert f"candidates.{p}.{field}" in shown_keys
@@ -611,3 +613,31 @@ def test_gpu_count_table_is_plan_json_per_gpu_count_and_engine(
     ]
     chosen = lookup(plan, "chosen.peak_reserved_bytes")
     assert own and all(int(c["data-bytes"]) == chosen for c in own)
+
+
+def test_headline_of_a_full_fine_tune_is_not_a_base_model_load(
+    rendered: Callable[[Path], Rendered],
+) -> None:
+    """Full fine-tuning loads fp32 masters: "load the base model in bf16" would mislead."""
+    result = rendered(Path("specs/qwen2.5-0.5b-instruct-full.yaml"))
+    match = re.search(r'<h2 id="verdict-title">(.*?)</h2>', result.html, re.S)
+    assert match is not None
+    headline = match.group(1)
+    assert "load the base model" not in headline
+    assert "train every weight (fp32 master weights under bf16 autocast)" in headline
+    assert "train every weight (fp32 master weights under bf16 autocast)" in result.markdown
+    lora = rendered(Path("specs/llama3-8b-clinical-qlora.yaml"))
+    assert "load the base model in 4-bit" in lora.markdown
+
+
+def test_sharded_report_shows_loading_peak_and_host_memory(
+    rendered: Callable[[Path], Rendered],
+) -> None:
+    """Both phases are on the page, as plan --json has them, in both formats."""
+    result = rendered(Path("specs/llama3-70b-qlora-fsdp-2x24gb.yaml"))
+    rows = {row[0]: row[1:] for table in markdown_tables(result.markdown) for row in table}
+    candidates = result.plan["candidates"]
+    assert rows["Loading peak (before training)"] == [gib(c["load_peak_bytes"]) for c in candidates]
+    assert rows["Host memory per node (not GPU)"] == [
+        gib(c["host_memory_bytes"]) for c in candidates
+    ]

@@ -99,7 +99,7 @@ def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
         "data": data,
         "charts": charts,
         "version": __version__,
-        "verdict": _verdict(plan, data.source.precision),
+        "verdict": _verdict(plan, data.source.precision, data.source.finetuning),
         "components": COMPONENTS,
         "candidate_status": {
             c.precision: fit_status(c.peak_reserved_bytes, plan.budget_bytes, c.fits)
@@ -108,6 +108,7 @@ def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
         "status_labels": STATUS_LABELS,
         "tight_percent": round(TIGHT_FRACTION * 100),
         "show_managed": any(c.managed_bytes for c in plan.candidates),
+        "show_host": any(c.host_memory_bytes for c in plan.candidates),
         "show_phase": any(c.phase != "train" for c in plan.candidates),
         "matrix_columns": _matrix_columns(data),
         "gpu_count_engines": ENGINES,
@@ -151,9 +152,11 @@ class Verdict:
     alternative: Candidate | None
     """When the spec's fixed precision does not fit: the most faithful one that would."""
     budget_percent: int
+    action: str
+    """What the headline tells the user to do, e.g. "load the base model in 4-bit"."""
 
 
-def _verdict(plan: Plan, requested_precision: str) -> Verdict:
+def _verdict(plan: Plan, requested_precision: str, finetuning: str) -> Verdict:
     fixed = next((c for c in plan.candidates if c.precision == requested_precision), None)
     smallest = min(plan.candidates, key=lambda c: c.peak_reserved_bytes)
     shown = plan.chosen or fixed or smallest
@@ -164,7 +167,18 @@ def _verdict(plan: Plan, requested_precision: str) -> Verdict:
         fixed_precision=plan.chosen is None and fixed is not None,
         alternative=next((c for c in plan.candidates if c.fits), None),
         budget_percent=round(100 * plan.budget_bytes / plan.gpu.vram_bytes),
+        action=_action_text(shown.precision, finetuning),
     )
+
+
+def _action_text(precision: str, finetuning: str) -> str:
+    """Full fine-tuning loads fp32 master weights and computes in the 16-bit dtype: "load
+    the base model in bf16" would tell the user the wrong thing."""
+    if finetuning == "full":
+        return (
+            f"train every weight (fp32 master weights under {precision_label(precision)} autocast)"
+        )
+    return f"load the base model in {precision_label(precision)}"
 
 
 def trainable_parameters_line(trainable: int, total: int) -> str:
