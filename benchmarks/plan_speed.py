@@ -8,7 +8,7 @@ not a test, because timing depends on the machine and its load.
     python benchmarks/plan_speed.py [SPEC] [--runs N] [--record]
 
 ``--record`` writes the medians to ``benchmarks/results/plan_speed.json``, from which
-``python -m peftgen.plan_figures`` generates the README's and docs/plan.md's sentence.
+``python -m tools.plan_figures`` generates the README's and docs/plan.md's sentence.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ from peftgen.catalog import (
     normalise_name,
     parameter_groups,
 )
-from peftgen.catalog.table import DOC_PATH, render_catalogue_markdown
 from peftgen.errors import UserError
+from tools.catalogue import DOC_PATH, render_catalogue_markdown
 
 MODELS = model_catalogue()
 
@@ -359,7 +359,7 @@ def test_unsupported_model_type_is_a_user_error() -> None:
 def test_catalogue_doc_is_current() -> None:
     expected = render_catalogue_markdown()
     current = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.exists() else ""
-    assert current == expected, "docs/catalogue.md is stale: run python -m peftgen.catalog.table"
+    assert current == expected, "docs/catalogue.md is stale: run python -m tools.catalogue"
 
 
 def test_catalogue_does_not_import_torch() -> None:

@@ -1,0 +1,348 @@
+"""The plan's prose: the decisions it made with their reasons, its warnings and notes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from peftgen.catalog import Gpu
+from peftgen.catalog.structure import SDPA_REFUSED_TYPES
+from peftgen.memory import (
+    PAGED_OPTIMIZERS,
+    adapter_dtype,
+    base_parameter_count,
+    grpo_generation_bytes,
+    moe_experts_per_layer,
+    per_gpu_parts,
+    reference_weight_bytes,
+    train_step_peak_parts,
+    vllm_share_bytes,
+)
+from peftgen.plan.candidates import ONE_GPU, estimate_candidate
+from peftgen.plan.inputs import estimate_input, precision_order
+from peftgen.plan.types import Candidate, Decision
+from peftgen.resolve import Resolved
+from peftgen.spec import (
+    PARAMETER_SHARDING_ENGINES,
+    AnySpec,
+    LoadPrecision,
+)
+from peftgen.stack import format_gib
+
+
+def full_decisions(spec: AnySpec, decisions: list[Decision]) -> list[Decision]:
+    """Full fine-tuning has no adapter to choose a dtype for; it says how it trains instead."""
+    if spec.finetuning != "full":
+        return decisions
+    kept = [d for d in decisions if d.knob != "adapter_dtype"]
+    kept.append(
+        Decision(
+            "finetuning",
+            "full",
+            "every weight trained: fp32 master weights, gradients and optimizer state under "
+            "16-bit autocast (16-bit weights would round small AdamW updates away)",
+        )
+    )
+    return kept
+
+
+def full_and_vllm_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
+    """What full fine-tuning and vLLM generation add to the table."""
+    spec = resolved.loaded.spec
+    notes: list[str] = []
+    inputs = estimate_input(resolved, shown.precision, gpu=gpu)
+    if spec.finetuning == "full":
+        reference = (
+            f"; weights include a frozen {inputs.compute_dtype} reference copy "
+            f"({format_gib(reference_weight_bytes(inputs))})"
+            if inputs.reference_model
+            else ""
+        )
+        notes.append(
+            f"finetuning: full trains all {shown_parameters(resolved):,} parameters: fp32 "
+            f"master weights, fp32 gradients and fp32 {spec.training.optim} state, under "
+            f"{inputs.compute_dtype} autocast (each matmul casts its weight; the casts are "
+            f"saved for backward){reference}"
+        )
+    grpo = getattr(spec, "grpo", None)
+    if grpo is not None and grpo.use_vllm == "colocate":
+        share = vllm_share_bytes(inputs)
+        asleep = (
+            "asleep during training (sleep level 2: weights and KV cache released), awake "
+            "for each generation round next to the weights and optimizer state"
+            if grpo.vllm_enable_sleep_mode
+            else "held through training as well (vllm_enable_sleep_mode: false)"
+        )
+        notes.append(
+            f"grpo.use_vllm: colocate: vLLM takes {grpo.vllm_gpu_memory_utilization:g} x "
+            f"{format_gib(gpu.memory_bytes)} = {format_gib(share)} of the GPU for its own "
+            f"weights and KV cache, {asleep}; the table shows the {shown.phase} phase (vLLM "
+            f"{format_gib(shown.vllm_bytes)} in overhead)"
+        )
+    if grpo is not None and grpo.use_vllm == "server":
+        notes.append(
+            "grpo.use_vllm: server: generation runs on a separate `trl vllm-serve` process on "
+            "its own GPU(s), not counted here; start it first, e.g. `CUDA_VISIBLE_DEVICES="
+            f"{spec.hardware.num_gpus} trl vllm-serve --model {resolved.arch.id} "
+            f"--host {grpo.vllm_server_host} --port {grpo.vllm_server_port}`, then train on "
+            f"GPUs 0-{spec.hardware.num_gpus - 1}"
+            if spec.hardware.num_gpus > 1
+            else "grpo.use_vllm: server: generation runs on a separate `trl vllm-serve` "
+            "process on its own GPU(s), not counted here; start it first, e.g. "
+            f"`CUDA_VISIBLE_DEVICES=1 trl vllm-serve --model {resolved.arch.id} --host "
+            f"{grpo.vllm_server_host} --port {grpo.vllm_server_port}`, then train with "
+            "CUDA_VISIBLE_DEVICES=0"
+        )
+    return notes
+
+
+def shown_parameters(resolved: Resolved) -> int:
+    return base_parameter_count(resolved.arch)
+
+
+def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
+    """What the table's numbers assume that the table cannot show: which GRPO phase sets
+    the peak, and how much host memory CPU offload needs."""
+    spec = resolved.loaded.spec
+    notes: list[str] = []
+    inputs = estimate_input(resolved, shown.precision, gpu=gpu)
+    if spec.method == "grpo" and inputs.vllm_mode == "none":
+        generation = grpo_generation_bytes(inputs)
+        activation, logits = train_step_peak_parts(inputs)
+        other = "training" if shown.phase == "generation" else "generation"
+        rows = spec.training.per_device_train_batch_size * spec.training.gradient_accumulation_steps
+        notes.append(
+            f"grpo: the table shows the {shown.phase} phase, the larger of the two for "
+            f"{shown.precision} (generation: KV cache and activations of {rows} rows, "
+            f"{format_gib(generation)}, no gradients; training: activations and logits "
+            f"{format_gib(activation + logits)} plus gradients); the {other} phase peaks lower"
+        )
+    hardware = spec.hardware
+    if hardware.cpu_offload:
+        kept = per_gpu_parts(replace(inputs, cpu_offload=False))
+        moved = per_gpu_parts(inputs)
+        names = ("weights_bytes", "adapter_bytes", "gradient_bytes", "optimizer_bytes")
+        per_gpu = sum(getattr(kept, n) - getattr(moved, n) for n in (*names, "managed_bytes"))
+        what = (
+            "optimizer state"
+            if hardware.distributed == "deepspeed-zero2"
+            else "parameters, gradients and optimizer state"
+        )
+        notes.append(
+            f"hardware.cpu_offload: about {format_gib(per_gpu * hardware.num_gpus)} of host "
+            f"memory per node ({hardware.num_gpus} GPUs x {format_gib(per_gpu)} of offloaded "
+            f"{what}), plus "
+            "the CPU optimizer step's temporaries and the loaded checkpoint"
+        )
+    if hardware.distributed in PARAMETER_SHARDING_ENGINES or shown.host_memory_bytes:
+        host = format_gib(shown.host_memory_bytes)
+        limit = getattr(hardware, "host_memory_gib", None)
+        verdict = (
+            ""
+            if limit is None
+            else f" of the {limit:g} GiB hardware.host_memory_gib"
+            + ("" if shown.host_fits else ": does NOT fit")
+        )
+        notes.append(
+            f"loading: peaks at {format_gib(shown.load_peak_bytes)} per GPU "
+            f"(training {format_gib(shown.peak_reserved_bytes)}); the checkpoint is read into "
+            f"host memory and each unit sharded while it is wrapped; host memory per node "
+            f"about {host}{verdict} (the larger of loading, where a quantized model is read "
+            f"by every process, and the offloaded state)"
+        )
+    return notes
+
+
+def _adapter_dtype_reason(chosen: str, gpu: Gpu) -> str:
+    if chosen not in ("8bit", "4bit"):
+        return "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)"
+    if not gpu.bf16:
+        return (
+            f"trl 1.16 casts the trainable weights of 8/4-bit models to bf16, which {gpu.name} "
+            "lacks (emulated kernels, coarse updates); the script casts them back to fp32"
+        )
+    return "trl casts trainable parameters of 8/4-bit models to bf16"
+
+
+def plan_decisions(
+    resolved: Resolved,
+    gpu: Gpu,
+    budget: int,
+    candidates: tuple[Candidate, ...],
+    chosen: LoadPrecision | None,
+) -> list[Decision]:
+    """Each knob the plan sets, with a reason carrying the plan's numbers."""
+    spec = resolved.loaded.spec
+    by_precision = {c.precision: c for c in candidates}
+    decisions: list[Decision] = []
+    peaks = ", ".join(f"{c.precision} {format_gib(c.peak_reserved_bytes)}" for c in candidates)
+    if chosen is None:
+        reason = f"nothing fits the {format_gib(budget)} budget on {gpu.name} (peaks: {peaks})"
+    elif spec.precision != "auto":
+        reason = (
+            f"precision {chosen} set in the spec; peak "
+            f"{format_gib(by_precision[chosen].peak_reserved_bytes)} fits the "
+            f"{format_gib(budget)} budget on {gpu.name}"
+        )
+    else:
+        better = candidates[: [c.precision for c in candidates].index(chosen)]
+        too_big = "; ".join(
+            f"{c.precision} would peak at {format_gib(c.peak_reserved_bytes)}" for c in better
+        )
+        reason = (
+            f"{chosen} peaks at {format_gib(by_precision[chosen].peak_reserved_bytes)} of the "
+            f"{format_gib(budget)} budget on {gpu.name}"
+            + (
+                f"; {too_big}, over budget"
+                if too_big
+                else "; the most faithful precision that fits"
+            )
+        )
+    decisions.append(Decision("precision", chosen, reason))
+    compute = precision_order(gpu, spec.precision)[0]
+    compute_reason = (
+        "precision fp16 set in the spec"
+        if spec.precision == "fp16" and gpu.bf16
+        else f"{gpu.name} {'supports' if gpu.bf16 else 'lacks'} native bfloat16"
+        f" (compute capability {gpu.compute_capability})"
+    )
+    decisions.append(Decision("compute_dtype", compute, compute_reason))
+    if chosen is not None:
+        chosen_candidate = by_precision[chosen]
+        inputs = estimate_input(resolved, chosen, gpu=gpu)
+        decisions.append(
+            Decision(
+                "adapter_dtype",
+                adapter_dtype(inputs),
+                _adapter_dtype_reason(chosen, gpu),
+            )
+        )
+        if spec.hardware.world_size > 1:
+            decisions.append(distributed_decision(resolved, gpu, chosen_candidate))
+        checkpointing = spec.training.gradient_checkpointing
+        flipped = estimate_candidate(
+            resolved, chosen, {"training.gradient_checkpointing": not checkpointing}, gpu
+        )
+        delta = abs(flipped.peak_reserved_bytes - chosen_candidate.peak_reserved_bytes)
+        decisions.append(
+            Decision(
+                "gradient_checkpointing",
+                checkpointing,
+                f"saves {format_gib(delta)} of activations for ~30% more compute"
+                if checkpointing
+                else f"off: turning it on would save {format_gib(delta)}",
+            )
+        )
+    return decisions
+
+
+def plan_warnings(resolved: Resolved, gpu: Gpu, chosen: LoadPrecision | None) -> list[str]:
+    """Traps the spec walks into on this GPU; each says what to do instead."""
+    spec = resolved.loaded.spec
+    warnings: list[str] = []
+    if spec.precision == "bf16" and not gpu.bf16:
+        warnings.append(
+            f"precision: bf16 is set in the spec but {gpu.name} has no bfloat16; "
+            "use fp16, 8bit or 4bit (or auto)"
+        )
+    if spec.model.attn_implementation == "flash_attention_2" and not gpu.flash_attention_2:
+        warnings.append(
+            f"model.attn_implementation: flash_attention_2 has no kernels for {gpu.name} "
+            f"(compute capability {gpu.compute_capability}); use sdpa"
+        )
+    if spec.training.optim in PAGED_OPTIMIZERS:
+        warnings.append(
+            f"training.optim: {spec.training.optim} keeps its states in CUDA managed memory, "
+            "invisible to torch.cuda.max_memory_allocated/reserved (nvidia-smi shows them); "
+            "the plan lists them as managed_bytes outside the peak"
+        )
+    if (
+        moe_experts_per_layer(resolved.arch)
+        and spec.lora.target_modules == "all-linear"
+        and spec.lora.lora_dropout > 0
+    ):
+        warnings.append(
+            "lora.lora_dropout: peft 0.21 adapts the fused MoE experts of all-linear through "
+            "ParamWrapper, which refuses lora_dropout != 0 (peft/tuners/lora/layer.py:2366); "
+            "set lora_dropout: 0 or list the attention modules"
+        )
+    if moe_experts_per_layer(resolved.arch) and spec.lora.target_modules == "all-linear":
+        warnings.append(
+            "lora.target_modules: all-linear on a fused-MoE model also adapts every expert; "
+            "peft merges B @ A into the experts' weights on each forward, a weight-sized "
+            "tensor per layer kept for backward (DoRA is refused there)"
+        )
+    if (
+        spec.model.attn_implementation == "eager"
+        and resolved.arch.config.model_type not in SDPA_REFUSED_TYPES
+    ):
+        warnings.append(
+            "model.attn_implementation: eager materialises (seq x seq) attention scores per "
+            "head; sdpa computes the same without them"
+        )
+    warnings.extend(distributed_warnings(resolved))
+    if spec.method == "grpo":
+        warnings.append(
+            "grpo: the estimate takes training.max_length as the prompt length, so each row "
+            "is max_length + grpo.max_completion_length tokens"
+        )
+    if not spec.training.packing and spec.method == "sft":
+        warnings.append(
+            "training.packing: off, so batches pad to their longest row; the plan assumes "
+            "rows as long as training.max_length"
+        )
+    return warnings
+
+
+def distributed_decision(resolved: Resolved, gpu: Gpu, chosen: Candidate) -> Decision:
+    """The engine, with the per-GPU numbers it leads to and what one GPU would need."""
+    hardware = resolved.loaded.spec.hardware
+    single = estimate_candidate(resolved, chosen.precision, ONE_GPU, gpu)
+    parts = [f"weights {format_gib(chosen.breakdown.weights_bytes)}"]
+    if chosen.gathered_weight_bytes:
+        parts[0] += f" (of which {format_gib(chosen.gathered_weight_bytes)} gathered unsharded)"
+    parts.append(
+        f"gradients {format_gib(chosen.breakdown.gradient_bytes)}"
+        + (
+            f" (of which {format_gib(chosen.communication_bytes)} communication buffers)"
+            if chosen.communication_bytes
+            else ""
+        )
+    )
+    parts.append(f"optimizer {format_gib(chosen.breakdown.optimizer_bytes)}")
+    offload = "; sharded state offloaded to host memory" if hardware.cpu_offload else ""
+    reason = (
+        f"{hardware.world_size} GPUs, per GPU: {', '.join(parts)}; peak "
+        f"{format_gib(chosen.peak_reserved_bytes)} per GPU against "
+        f"{format_gib(single.peak_reserved_bytes)} on one GPU{offload}"
+    )
+    return Decision("distributed", hardware.distributed, reason)
+
+
+def bitsandbytes_optimizer_allowed(spec: AnySpec) -> bool:
+    """The spec refuses 8-bit / paged optimizers under DeepSpeed and with CPU offload, so
+    no suggestion proposes one there."""
+    hardware = spec.hardware
+    return not hardware.distributed.startswith("deepspeed") and not hardware.cpu_offload
+
+
+def distributed_warnings(resolved: Resolved) -> list[str]:
+    """What the per-GPU figures assume about the engine, in the plan's words."""
+    hardware = resolved.loaded.spec.hardware
+    warnings: list[str] = []
+    if hardware.distributed == "ddp":
+        warnings.append(
+            f"hardware.distributed: ddp replicates the whole run on each of {hardware.world_size} "
+            "GPUs; the per-GPU figures add DDP's bucketed copy of the trainable gradients"
+        )
+    elif hardware.distributed != "none":
+        warnings.append(
+            f"hardware.distributed: {hardware.distributed} over {hardware.world_size} GPUs: the "
+            "figures are per GPU; the overhead includes NCCL's own buffers (outside torch's "
+            "allocator) and the blocks the allocator keeps from loading"
+        )
+    if hardware.cpu_offload:
+        warnings.append(
+            "hardware.cpu_offload: sharded parameters, gradients and optimizer state live in "
+            "host memory (each node needs RAM for its GPUs' shards); steps are slower"
+        )
+    return warnings
