@@ -4,7 +4,7 @@ its numbers, ranked by how little it disrupts the spec."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -83,6 +83,39 @@ def replan(resolved: Resolved, gpu: Gpu, change: Mapping[str, Any]) -> Replanned
     return Replanned(candidate, True, candidate.fits_high)
 
 
+@dataclass
+class _Search:
+    """The suggestions made so far for one spec, GPU and reference candidate: each edit is
+    replanned as the edited spec, so its verdict holds when it is applied alone."""
+
+    resolved: Resolved
+    gpu: Gpu
+    base: Candidate
+    made: list[Suggestion] = field(default_factory=list)
+
+    def add(self, action: str, change: dict[str, Any], what: str) -> None:
+        outcome = replan(self.resolved, self.gpu, change)
+        if outcome is None or any(s.change == change for s in self.made):
+            return
+        if not outcome.loadable:
+            return  # the precision the spec fixes cannot load here: no peak to report
+        self.made.append(_suggestion(action, change, what, self.base.peak_reserved_bytes, outcome))
+
+    def largest(self, key: str, values: list[int]) -> int | None:
+        """The largest of ``values`` (ascending) for ``key`` with which the run fits: at the
+        interval's upper end if any does, else at the estimate."""
+        for safe in (True, False):
+
+            def fits(index: int, safe: bool = safe) -> bool:
+                outcome = replan(self.resolved, self.gpu, {key: values[index]})
+                return outcome is not None and (outcome.fits_high if safe else outcome.fits)
+
+            index = largest_fitting(0, len(values) - 1, fits)
+            if index is not None:
+                return values[index]
+        return None
+
+
 def suggest_changes(
     resolved: Resolved, gpu: Gpu, precision: LoadPrecision, candidates: tuple[Candidate, ...]
 ) -> list[Suggestion]:
@@ -91,57 +124,53 @@ def suggest_changes(
     interval's upper end fits, then edits that fit at the estimate, each in order of how
     little they change (``DISRUPTION``: edits of the spec before other hardware), then the
     rest by peak. Searched lengths are multiples of 64."""
-    spec = resolved.loaded.spec
-    training = spec.training
     base = next(c for c in candidates if c.precision == precision)
-    made: list[Suggestion] = []
+    search = _Search(resolved, gpu, base)
+    _precision_and_memory_edits(search, candidates)
+    batch_change = _micro_batch_edit(search)
+    _length_edits(search)
+    _vllm_edits(search)
+    spec = resolved.loaded.spec
+    ranks = [r for r in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if r < spec.lora.r]
+    if ranks and spec.finetuning != "full":
+        rank = search.largest("lora.r", ranks) or ranks[0]
+        search.add(f"lower the LoRA rank to {rank}", {"lora.r": rank}, "fewer adapter parameters")
+    combined = combined_change(resolved, gpu, batch_change)
+    if combined:
+        search.add("combine these changes", combined, "together")
+    search.made.extend(smallest_fitting_gpu(resolved, gpu, base.peak_reserved_bytes))
+    search.made.extend(smallest_fitting_gpu_count(resolved, gpu, base.peak_reserved_bytes))
+    return sorted(search.made, key=_rank)
 
-    def add(action: str, change: dict[str, Any], what: str) -> None:
-        outcome = replan(resolved, gpu, change)
-        if outcome is None or any(s.change == change for s in made):
-            return
-        if not outcome.loadable:
-            return  # the precision the spec fixes cannot load here: no peak to report
-        made.append(_suggestion(action, change, what, base.peak_reserved_bytes, outcome))
 
-    def largest(key: str, values: list[int], extra: Mapping[str, Any] | None = None) -> int | None:
-        """The largest of ``values`` (ascending) for ``key`` with which the run fits: at the
-        interval's upper end if any does, else at the estimate."""
-        for safe in (True, False):
-
-            def fits(index: int, safe: bool = safe) -> bool:
-                outcome = replan(resolved, gpu, {**(extra or {}), key: values[index]})
-                return outcome is not None and (outcome.fits_high if safe else outcome.fits)
-
-            index = largest_fitting(0, len(values) - 1, fits)
-            if index is not None:
-                return values[index]
-        return None
-
+def _precision_and_memory_edits(search: _Search, candidates: tuple[Candidate, ...]) -> None:
+    """A smaller precision, gradient checkpointing, CPU offload (on or off), a paged 8-bit
+    optimizer: the edits that keep the data as it is."""
+    spec = search.resolved.loaded.spec
+    training, hardware = spec.training, spec.hardware
     if spec.precision not in ("auto", "4bit"):
         for candidate in candidates:
             if candidate.fits and candidate.precision != spec.precision:
-                add(
+                search.add(
                     f"load in {candidate.precision}",
                     {"precision": candidate.precision},
                     "smaller weights",
                 )
                 break
     if not training.gradient_checkpointing:
-        add(
+        search.add(
             "turn on gradient checkpointing",
             {"training.gradient_checkpointing": True},
             "keeps one layer's activations instead of all",
         )
-    hardware = spec.hardware
-    if hardware.cpu_offload and not base.host_fits:
-        add(
+    if hardware.cpu_offload and not search.base.host_fits:
+        search.add(
             "keep sharded state on the GPUs (host RAM too small)",
             {"hardware.cpu_offload": False},
             "the offloaded shards need more host memory than hardware.host_memory_gib",
         )
     if hardware.distributed in STATE_SHARDING_ENGINES and not hardware.cpu_offload:
-        add(
+        search.add(
             "offload sharded state to host memory",
             {"hardware.cpu_offload": True, "training.optim": "adamw_torch"}
             if training.optim != "adamw_torch"
@@ -158,91 +187,95 @@ def suggest_changes(
         "adamw_8bit",
         "adamw_bnb_8bit",
     ):
-        add(
+        search.add(
             "use the paged 8-bit AdamW",
             {"training.optim": "paged_adamw_8bit"},
             "optimizer state in 8 bits, paged to host memory under pressure",
         )
+
+
+def _micro_batch_edit(search: _Search) -> dict[str, Any]:
+    """A smaller micro-batch with more accumulation (the same effective batch); the edit,
+    for ``combined_change``, or {} when there is none."""
+    resolved = search.resolved
+    training = resolved.loaded.spec.training
+    if training.per_device_train_batch_size <= 1:
+        return {}
     effective = training.per_device_train_batch_size * training.gradient_accumulation_steps
-    batch_change: dict[str, Any] = {}
-    if training.per_device_train_batch_size > 1:
-        batches = [
-            b
-            for b in range(1, training.per_device_train_batch_size)
-            if effective % b == 0
-            and accepted_batch(
-                resolved, b, {"training.gradient_accumulation_steps": effective // b}
-            )
-        ]
-        batch = None
-        if batches:
-            batch = largest(
-                "training.per_device_train_batch_size",
-                batches,
-            )
-        batch = batch or (batches[0] if batches else None)
-        if batch is not None:
-            batch_change = {
-                "training.per_device_train_batch_size": batch,
-                "training.gradient_accumulation_steps": effective // batch,
-            }
-            add(
-                f"lower the micro-batch to {batch} and raise accumulation to {effective // batch}",
-                batch_change,
-                f"same effective batch of {effective}",
-            )
-    length = largest("training.max_length", rounded_lengths_below(training.max_length))
+    batches = [
+        b
+        for b in range(1, training.per_device_train_batch_size)
+        if effective % b == 0
+        and accepted_batch(resolved, b, {"training.gradient_accumulation_steps": effective // b})
+    ]
+    if not batches:
+        return {}
+    batch = search.largest("training.per_device_train_batch_size", batches) or batches[0]
+    change = {
+        "training.per_device_train_batch_size": batch,
+        "training.gradient_accumulation_steps": effective // batch,
+    }
+    search.add(
+        f"lower the micro-batch to {batch} and raise accumulation to {effective // batch}",
+        change,
+        f"same effective batch of {effective}",
+    )
+    return change
+
+
+def _length_edits(search: _Search) -> None:
+    """The longest ``max_length`` (and GRPO ``max_completion_length``) that fits."""
+    spec = search.resolved.loaded.spec
+    training = spec.training
+    length = search.largest("training.max_length", rounded_lengths_below(training.max_length))
     if length is not None:
-        add(
+        search.add(
             f"shorten max_length to {length}",
             {"training.max_length": length},
             f"the longest multiple of 64 that fits (was {training.max_length})",
         )
     grpo = getattr(spec, "grpo", None)
-    if grpo is not None:
-        completion = largest(
-            "grpo.max_completion_length", rounded_lengths_below(grpo.max_completion_length, 1)
+    if grpo is None:
+        return
+    completion = search.largest(
+        "grpo.max_completion_length", rounded_lengths_below(grpo.max_completion_length, 1)
+    )
+    if completion is not None:
+        search.add(
+            f"shorten max_completion_length to {completion}",
+            {"grpo.max_completion_length": completion},
+            f"the longest completion that fits (was {grpo.max_completion_length})",
         )
-        if completion is not None:
-            add(
-                f"shorten max_completion_length to {completion}",
-                {"grpo.max_completion_length": completion},
-                f"the longest completion that fits (was {grpo.max_completion_length})",
-            )
-    if grpo is not None and grpo.use_vllm == "colocate":
-        if not grpo.vllm_enable_sleep_mode:
-            add(
-                "let vLLM sleep while the policy trains",
-                {"grpo.vllm_enable_sleep_mode": True},
-                "vLLM releases its weights and KV cache between generation rounds",
-            )
-        shares = [
-            round(0.05 * step, 2)
-            for step in range(1, 20)
-            if round(0.05 * step, 2) < grpo.vllm_gpu_memory_utilization
-        ]
-        share = largest_vllm_share(resolved, gpu, shares)
-        if share is not None:
-            add(
-                f"lower vLLM's share to {share:g}",
-                {"grpo.vllm_gpu_memory_utilization": share},
-                "a smaller KV cache for vLLM (fewer sequences decoded at once)",
-            )
-        add(
-            "run vLLM as a server on another GPU",
-            {"grpo.use_vllm": "server"},
-            "generation moves off the training GPU (one more GPU runs `trl vllm-serve`)",
+
+
+def _vllm_edits(search: _Search) -> None:
+    """GRPO with colocated vLLM: sleep mode, a smaller share of the GPU, server mode."""
+    grpo = getattr(search.resolved.loaded.spec, "grpo", None)
+    if grpo is None or grpo.use_vllm != "colocate":
+        return
+    if not grpo.vllm_enable_sleep_mode:
+        search.add(
+            "let vLLM sleep while the policy trains",
+            {"grpo.vllm_enable_sleep_mode": True},
+            "vLLM releases its weights and KV cache between generation rounds",
         )
-    ranks = [r for r in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if r < spec.lora.r]
-    if ranks and spec.finetuning != "full":
-        rank = largest("lora.r", ranks) or ranks[0]
-        add(f"lower the LoRA rank to {rank}", {"lora.r": rank}, "fewer adapter parameters")
-    combined = combined_change(resolved, gpu, batch_change)
-    if combined:
-        add("combine these changes", combined, "together")
-    made.extend(smallest_fitting_gpu(resolved, gpu, base.peak_reserved_bytes))
-    made.extend(smallest_fitting_gpu_count(resolved, gpu, base.peak_reserved_bytes))
-    return sorted(made, key=_rank)
+    shares = [
+        round(0.05 * step, 2)
+        for step in range(1, 20)
+        if round(0.05 * step, 2) < grpo.vllm_gpu_memory_utilization
+    ]
+    share = largest_vllm_share(search.resolved, search.gpu, shares)
+    if share is not None:
+        search.add(
+            f"lower vLLM's share to {share:g}",
+            {"grpo.vllm_gpu_memory_utilization": share},
+            "a smaller KV cache for vLLM (fewer sequences decoded at once)",
+        )
+    search.add(
+        "run vLLM as a server on another GPU",
+        {"grpo.use_vllm": "server"},
+        "generation moves off the training GPU (one more GPU runs `trl vllm-serve`)",
+    )
 
 
 def largest_vllm_share(resolved: Resolved, gpu: Gpu, shares: list[float]) -> float | None:
