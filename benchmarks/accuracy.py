@@ -74,6 +74,9 @@ HF_2023 = StackProfile(
 HF_FSDP_QLORA_2024 = StackProfile(
     name="HF Mar 2024 (fsdp_qlora: transformers 4.38, bnb 0.43, pure bf16)",
     loss_path="full_logits_fp32_shifted",
+    # train.py's loop: ``output = model(...)``; ``loss.backward()``; ``output = None`` only
+    # after the optimizer step: the fp32 logits stay alive through backward.
+    loss_output_held=True,
     # --precision bf16: the whole model, LoRA included, cast to bf16.
     quantized_adapter_dtype="bf16",
     unquantized_adapter_dtype="bf16",

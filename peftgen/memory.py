@@ -126,8 +126,10 @@ class StackProfile:
     grpo_trainer.py:1068). ``full_logits_fp32``: a plain ``model(labels=...)`` loss in
     transformers 5 (compute-dtype logits, their fp32 upcast, the fp32 log-softmax saved for
     backward: 10 B per token x vocabulary entry), also torchtune 2024's ``.float()`` output.
-    ``full_logits_fp32_shifted``: transformers < 4.45 also made a contiguous fp32 copy of
-    the shifted logits (14 B). ``chunked_logits_fp32``: torchtune >= 0.3's
+    ``full_logits_fp32_shifted``: transformers < 4.46 upcast the logits themselves and made
+    a contiguous fp32 copy of the shifted logits (12 B in forward; the backward's 12 B, 16 B
+    when the loop holds the output: ``loss_backward_bytes_per_entry``).
+    ``chunked_logits_fp32``: torchtune >= 0.3's
     ``CEWithChunkedOutputLoss`` (bf16 output chunks, each upcast to fp32 whose log-softmax
     is saved: 6 B). ``chunked_logits_bf16``: litgpt's chunked cross-entropy on bf16 logit
     chunks (logits + bf16 log-softmax, 4 B)."""
@@ -180,6 +182,12 @@ class StackProfile:
     """NCCL channels per communicator: each channel keeps a receive buffer per protocol
     (``NCCL_BUFFSIZE`` 4 MiB for SIMPLE, about 4.5 MiB for LL128, 256 KiB for LL), outside
     torch's allocator (counted in the process figure, not ``memory_reserved``)."""
+    loss_output_held: bool = False
+    """The training loop keeps the model's output, and the fp32 logits in it, referenced
+    through ``loss.backward()``: AnswerDotAI/fsdp_qlora train.py (``output = model(...)``,
+    ``loss.backward()``, ``output = None`` only after the optimizer step). transformers'
+    ``Trainer.compute_loss`` returns the loss alone, so the Trainer's output is gone before
+    backward (False)."""
     full_master_weights: Literal["fp32", "compute"] = "fp32"
     """Full fine-tuning: ``fp32`` master weights under compute-dtype autocast (what peftgen
     emits); ``compute``: the model loaded and trained in the compute dtype, no autocast
@@ -1106,11 +1114,33 @@ def train_step_peak_parts(inputs: EstimateInput) -> tuple[int, int]:
 
 FULL_LOGITS_BYTES_PER_ENTRY = {
     "full_logits_fp32": 2 + 4 + 4,
-    "full_logits_fp32_shifted": 2 + 4 + 4 + 4,
+    "full_logits_fp32_shifted": 4 + 4 + 4,
     "chunked_logits_fp32": 2 + 4,
     "chunked_logits_bf16": 2 + 2,
 }
-"""Bytes alive per (token x vocabulary entry) at the loss's peak, per full-logits path."""
+"""Bytes alive per (token x vocabulary entry) at the loss forward's peak, per full-logits
+path. ``full_logits_fp32_shifted`` (transformers < 4.46 ``LlamaForCausalLM.forward``:
+``logits = logits.float()``, ``shift_logits = logits[..., :-1, :].contiguous()``,
+``CrossEntropyLoss``): the fp32 logits, their shifted copy and the log-softmax that
+``cross_entropy`` saves; the compute-dtype logits die when ``logits`` is rebound to the
+fp32 copy. The backward's peak is ``loss_backward_bytes_per_entry``."""
+
+
+def loss_backward_bytes_per_entry(stack: StackProfile) -> int:
+    """Bytes per (token x vocabulary entry) when the cross-entropy's backward peaks, for
+    the shifted fp32 path (0 for the others: not modelled here).
+
+    ``cross_entropy`` is ``log_softmax`` + ``nll_loss``. ``NllLossBackward0`` returns a
+    dense fp32 gradient of the log-softmax's shape (``nll_loss_backward``: zeros, then the
+    target entries), and ``LogSoftmaxBackward0`` allocates its own output
+    (``_log_softmax_backward_data(grad_output, output, dim, dtype)``) while its saved
+    result and that incoming gradient are alive: 4 + 4 + 4 B. A loop that still holds the
+    model's output (``StackProfile.loss_output_held``: fsdp_qlora's train.py) keeps the
+    fp32 logits alive too: 4 B more. Measured on torch's own autograd over fake tensors
+    (``tests/test_sharded.py::test_shifted_loss_backward_peak_matches_torch_autograd``)."""
+    if stack.loss_path != "full_logits_fp32_shifted":
+        return 0
+    return 4 + 4 + 4 + (4 if stack.loss_output_held else 0)
 
 
 def logits_bytes(inputs: EstimateInput) -> int:
@@ -1127,7 +1157,9 @@ def logits_bytes(inputs: EstimateInput) -> int:
     tokens = tokens_per_micro_batch(inputs)
     compute = DTYPE_BYTES[inputs.compute_dtype]
     if inputs.stack.loss_path in FULL_LOGITS_BYTES_PER_ENTRY:
-        return FULL_LOGITS_BYTES_PER_ENTRY[inputs.stack.loss_path] * tokens * c.vocab_size
+        forward = FULL_LOGITS_BYTES_PER_ENTRY[inputs.stack.loss_path]
+        per_entry = max(forward, loss_backward_bytes_per_entry(inputs.stack))
+        return per_entry * tokens * c.vocab_size
     tokens = fused_head_scored_tokens(inputs)
     tile = compute * min(tokens, FUSED_HEAD_TOKEN_TILE) * min(c.vocab_size, FUSED_HEAD_VOCAB_TILE)
     fused = compute * tokens * c.hidden_size + tile + 4 * tokens * c.hidden_size + 8 * 4 * tokens

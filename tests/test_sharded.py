@@ -266,3 +266,82 @@ def test_sharded_simulation_agrees_with_the_analytic_figure(tmp_path: Path) -> N
     result = _benchmark("simulate_sharded").run("llama3-8b", "4bit", 2)
     assert result.by_category.get("All Gather", 0) > 0
     assert abs(result.error) <= 0.05, result.to_json()
+
+
+# --------------------------------------------------------------------------- issue 13 rows
+
+
+def _live_peaks(run: Any) -> tuple[int, int, int]:
+    """Run ``run(tracker, mode)`` on fake tensors with the simulation's storage tracker fed
+    by every op's outputs; return the live bytes ``run`` records as its base and the peaks
+    of the two phases it opens (forward, backward)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from peftgen.simulate import _StorageTracker
+
+    tracker = _StorageTracker()
+
+    class Live(TorchDispatchMode):  # type: ignore[misc]
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for leaf in tree_leaves(out):
+                if isinstance(leaf, torch.Tensor):
+                    tracker.track(leaf)
+            return out
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        base = run(tracker, Live)
+    forward, backward = tracker.phases
+    return base, forward.peak_bytes, backward.peak_bytes
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_shifted_loss_backward_peak_matches_torch_autograd(held: bool) -> None:
+    """transformers < 4.46's loss lines (``logits.float()``, the contiguous shifted copy,
+    ``CrossEntropyLoss``) run through torch's own autograd on fake tensors: the forward
+    peaks at FULL_LOGITS_BYTES_PER_ENTRY and the backward at loss_backward_bytes_per_entry
+    bytes per (token x vocabulary entry), 4 B more when the loop holds the output."""
+    import torch
+
+    from peftgen.memory import FULL_LOGITS_BYTES_PER_ENTRY, loss_backward_bytes_per_entry
+
+    rows, seq, hidden, vocab = 2, 256, 16, 2048
+
+    def run(tracker: Any, live: Any) -> int:
+        states = torch.empty(rows, seq, hidden, dtype=torch.bfloat16).requires_grad_(True)
+        head = torch.empty(vocab, hidden, dtype=torch.bfloat16)
+        labels = torch.zeros(rows, seq, dtype=torch.long)
+        for tensor in (states, head, labels):
+            tracker.track(tensor)
+        base = int(tracker.live_bytes)
+        with live():
+            with tracker.phase("forward"):
+                logits = torch.nn.functional.linear(states, head).float()
+                shift_logits = logits[..., :-1, :].contiguous()
+                shift_labels = labels[..., 1:].contiguous()
+                loss = torch.nn.CrossEntropyLoss()(
+                    shift_logits.view(-1, vocab), shift_labels.view(-1)
+                )
+                del shift_logits
+                output = [loss, logits]
+                del logits
+            if not held:
+                output.clear()
+            with tracker.phase("backward"):
+                loss.backward()  # type: ignore[no-untyped-call]
+        return base
+
+    base, forward, backward = _live_peaks(run)
+    entries = rows * seq * vocab
+    stack = StackProfile(loss_path="full_logits_fp32_shifted", loss_output_held=held)
+    measured_forward = (forward - base) / entries
+    measured_backward = (backward - base) / entries
+    assert measured_forward == pytest.approx(
+        FULL_LOGITS_BYTES_PER_ENTRY["full_logits_fp32_shifted"], rel=0.02
+    )
+    assert measured_backward == pytest.approx(loss_backward_bytes_per_entry(stack), rel=0.02)
