@@ -77,11 +77,26 @@ HF_FSDP_QLORA_2024 = StackProfile(
     # train.py's loop: ``output = model(...)``; ``loss.backward()``; ``output = None`` only
     # after the optimizer step: the fp32 logits stay alive through backward.
     loss_output_held=True,
+    # transformers 4.38 LlamaModel._update_causal_mask: a [rows, 1, 4096, 4096] bf16 mask
+    # from the max-positions buffer on every forward (train.py passes attention_mask=None,
+    # attn_implementation "sdpa").
+    causal_mask_max_positions=True,
     # --precision bf16: the whole model, LoRA included, cast to bf16.
     quantized_adapter_dtype="bf16",
     unquantized_adapter_dtype="bf16",
     bnb_4bit_saves_input=True,
 )
+
+
+def fsdp_qlora_stack(stack: StackProfile, precision: str) -> StackProfile:
+    """fsdp_qlora train.py's RoPE cache buffers (transformers 4.38 ``_cos_cached`` /
+    ``_sin_cached``) in the dtype each path leaves them: ``--train_type lora`` loads with
+    ``from_pretrained`` and calls ``model.to(dtype=torch_dtype, ...)`` (bf16 buffers);
+    ``qlora`` builds the model with ``from_config`` under ``init_empty_weights`` (real
+    buffers in the default fp32) and ``load_and_quantize`` casts only checkpoint tensors."""
+    return replace(stack, rope_cache_element_bytes=4 if precision == "4bit" else 2)
+
+
 HF_PEFT_2025 = StackProfile(
     name="HF 2025 (peft method comparison: transformers 4.5x, fp32 adapters)",
     # model(**batch) with labels: transformers >= 4.46 pads labels, no shifted copy.
@@ -508,7 +523,7 @@ def published_rows() -> list[Row]:
             "Llama-2-7B QLoRA r64 all but o, 2048, mbs8, GC",
             lora(
                 LLAMA2_7B,
-                HF_FSDP_QLORA_2024,
+                fsdp_qlora_stack(HF_FSDP_QLORA_2024, "4bit"),
                 precision="4bit",
                 bnb_4bit_use_double_quant=False,
                 lora_r=64,
@@ -527,7 +542,7 @@ def published_rows() -> list[Row]:
             "Llama-2-7B LoRA r64 all but o, 2048, mbs4, GC",
             lora(
                 LLAMA2_7B,
-                HF_FSDP_QLORA_2024,
+                fsdp_qlora_stack(HF_FSDP_QLORA_2024, "bf16"),
                 lora_r=64,
                 lora_dropout=0.1,
                 target_modules=ALL_BUT_O,
@@ -558,7 +573,7 @@ def fsdp_qlora(arch: ModelArch, **kwargs: object) -> EstimateInput:
         "distributed": "fsdp",
     }
     base.update(kwargs)
-    return lora(arch, FSDP_QLORA_2024, **base)
+    return lora(arch, fsdp_qlora_stack(FSDP_QLORA_2024, str(base["precision"])), **base)
 
 
 def peft_docs_70b(distributed: str, **kwargs: object) -> EstimateInput:

@@ -188,6 +188,20 @@ class StackProfile:
     ``loss.backward()``, ``output = None`` only after the optimizer step). transformers'
     ``Trainer.compute_loss`` returns the loss alone, so the Trainer's output is gone before
     backward (False)."""
+    causal_mask_max_positions: bool = False
+    """transformers 4.38 (Llama and the models copying it): ``LlamaModel`` keeps a
+    ``causal_mask`` buffer of ``max_position_embeddings``² bools and ``_update_causal_mask``
+    turns it into a [rows, 1, P, P] compute-dtype mask on every forward
+    (``self.causal_mask[None, None, :, :].repeat(batch_size, 1, 1, 1).to(dtype) * min_dtype``)
+    even without padding; each SDPA layer indexes its [rows, 1, T, T] slice out of it
+    (``causal_mask[:, :, cache_position, : key_states.shape[-2]]``, a copy) and, given a
+    mask, SDPA runs the memory-efficient kernel, which saves that bias. transformers >= 4.39
+    sizes the mask by the sequence and skips it for SDPA without padding (False)."""
+    rope_cache_element_bytes: int = 0
+    """Element size of the per-layer RoPE ``_cos_cached`` / ``_sin_cached`` buffers
+    transformers 4.38's ``LlamaRotaryEmbedding.__init__`` registers ("For BC we register cos
+    and sin cached", [max_position_embeddings, head_dim] each, in the default dtype fp32
+    unless the script casts the model); 0: the stack has none (transformers >= 4.40)."""
     full_master_weights: Literal["fp32", "compute"] = "fp32"
     """Full fine-tuning: ``fp32`` master weights under compute-dtype autocast (what peftgen
     emits); ``compute``: the model loaded and trained in the compute dtype, no autocast
@@ -534,9 +548,23 @@ def weights_bytes(inputs: EstimateInput) -> int:
         return full_weights_bytes(inputs)
     linear = sum(linear_weight_bytes(m, inputs) for m in linear_modules(inputs.arch))
     groups = parameter_groups(inputs.arch)
-    return linear + (groups.non_linear - groups.linear_bias) * unquantized_weight_dtype_bytes(
-        inputs
-    )
+    unquantized = (groups.non_linear - groups.linear_bias) * unquantized_weight_dtype_bytes(inputs)
+    return linear + unquantized + model_buffer_bytes(inputs)
+
+
+def model_buffer_bytes(inputs: EstimateInput) -> int:
+    """Non-parameter buffers the model keeps on the GPU, where a stack has large ones
+    (transformers 4.38 Llama): the ``causal_mask`` buffer of ``max_position_embeddings``²
+    bools (``StackProfile.causal_mask_max_positions``) and, in every attention layer's
+    ``LlamaRotaryEmbedding``, the ``_cos_cached`` / ``_sin_cached`` tables of
+    [max_position_embeddings, head_dim] that 4.38 still registers "For BC"
+    (``StackProfile.rope_cache_element_bytes``: their element size, 0 without them).
+    FSDP moves buffers to the GPU with their unit and never shards them."""
+    c = inputs.arch.config
+    positions = c.max_position_embeddings
+    mask = positions * positions if inputs.stack.causal_mask_max_positions else 0
+    rope = 2 * positions * c.head_dim * inputs.stack.rope_cache_element_bytes
+    return mask + c.num_hidden_layers * rope
 
 
 # --------------------------------------------------------------------------- adapters
@@ -883,6 +911,8 @@ def masked_attention_layer_count(inputs: EstimateInput) -> int:
     if effective_attn_implementation(inputs) != "sdpa":
         return 0
     c = inputs.arch.config
+    if inputs.stack.causal_mask_max_positions:
+        return c.num_hidden_layers  # transformers 4.38: every forward builds a mask
     if inputs.method == "sft" and inputs.packing:
         return c.num_hidden_layers
     window = c.extra.get("sliding_window")
@@ -894,7 +924,9 @@ def masked_attention_layer_count(inputs: EstimateInput) -> int:
 def attention_mask_bytes(inputs: EstimateInput) -> int:
     """One layer's SDPA mask as the kernel saves it: torch converts the bool mask to a
     compute-dtype additive mask ([rows, 1, T, T], ``convert_boolean_attn_mask``) on every
-    call, and the memory-efficient kernel saves that bias for backward."""
+    call, and the memory-efficient kernel saves that bias for backward. transformers 4.38
+    (``StackProfile.causal_mask_max_positions``) hands each layer the same size: its
+    advanced-indexing slice of the model's mask is already a compute-dtype copy."""
     seq = sequence_length(inputs)
     return DTYPE_BYTES[inputs.compute_dtype] * sequences_per_micro_batch(inputs) * seq * seq
 
@@ -902,11 +934,29 @@ def attention_mask_bytes(inputs: EstimateInput) -> int:
 def bool_attention_mask_bytes(inputs: EstimateInput) -> int:
     """The model's bool mask ([rows, 1, T, T], built once per forward and shared by the
     layers). Non-reentrant checkpointing keeps each layer's arguments for the recompute, so
-    with checkpointing it lives until backward ends."""
+    with checkpointing it lives until backward ends. transformers 4.38 builds a
+    max-positions mask instead (``max_positions_causal_mask_bytes``)."""
     if not masked_attention_layer_count(inputs):
         return 0
+    if inputs.stack.causal_mask_max_positions:
+        return max_positions_causal_mask_bytes(inputs)
     seq = sequence_length(inputs)
     return sequences_per_micro_batch(inputs) * seq * seq
+
+
+def max_positions_causal_mask_bytes(inputs: EstimateInput) -> int:
+    """transformers 4.38's SDPA mask (``StackProfile.causal_mask_max_positions``):
+    ``LlamaModel._update_causal_mask`` repeats the [P, P] ``causal_mask`` buffer
+    (P = ``max_position_embeddings``) per row and casts it, [rows, 1, P, P] in the compute
+    dtype, whatever the sequence length; every decoder layer receives it, so checkpointing
+    (reentrant: ``CheckpointFunction`` saves its tensor arguments; non-reentrant: the
+    recompute keeps them) holds it until backward ends. (The bool buffer itself is in
+    ``model_buffer_bytes``.) The cast's temporaries (the repeated bools, the product) die
+    at the forward's start."""
+    positions = inputs.arch.config.max_position_embeddings
+    rows = sequences_per_micro_batch(inputs)
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    return rows * positions * positions * compute
 
 
 def mlp_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
@@ -1612,6 +1662,7 @@ def layer_unit_bytes(inputs: EstimateInput) -> int:
     """One decoder layer's parameters, unsharded (what one all-gather brings in). The layers
     of the catalogued families are identical, so this is the largest layer too."""
     layers = weights_bytes(inputs) - root_unit_bytes(inputs) - replicated_quant_state_bytes(inputs)
+    layers -= model_buffer_bytes(inputs)
     return math.ceil(layers / inputs.arch.config.num_hidden_layers)
 
 
@@ -1932,7 +1983,7 @@ def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
     gathered = 0
     offload = inputs.cpu_offload
     if inputs.distributed in PARAMETER_SHARDING_ENGINES:
-        replicated = replicated_quant_state_bytes(inputs)
+        replicated = replicated_quant_state_bytes(inputs) + model_buffer_bytes(inputs)
         # Every unit keeps its shard while it is gathered (FSDP1's sharded FlatParameter,
         # FSDP2's DTensor shards next to the unsharded tensors): the root too.
         sharded = weights - replicated

@@ -345,3 +345,38 @@ def test_shifted_loss_backward_peak_matches_torch_autograd(held: bool) -> None:
         FULL_LOGITS_BYTES_PER_ENTRY["full_logits_fp32_shifted"], rel=0.02
     )
     assert measured_backward == pytest.approx(loss_backward_bytes_per_entry(stack), rel=0.02)
+
+
+def test_transformers_4_38_mask_is_max_positions_sized_and_checkpointed() -> None:
+    """StackProfile.causal_mask_max_positions: every SDPA layer gets a mask, the model's
+    mask is [rows, 1, P, P] whatever the sequence, kept with checkpointing only, and the
+    bool buffer is replicated (never sharded) per GPU."""
+    from peftgen.memory import (
+        kept_activation_bytes,
+        masked_attention_layer_count,
+        max_positions_causal_mask_bytes,
+        model_buffer_bytes,
+    )
+
+    stack = StackProfile(causal_mask_max_positions=True)
+    inputs = _inputs("llama3-8b", "4bit", stack=stack, micro_batch=2, max_length=512)
+    positions = inputs.arch.config.max_position_embeddings
+    assert masked_attention_layer_count(inputs) == inputs.arch.config.num_hidden_layers
+    assert max_positions_causal_mask_bytes(inputs) == 2 * positions * positions * 2
+    assert max_positions_causal_mask_bytes(replace(inputs, max_length=1024)) == (
+        max_positions_causal_mask_bytes(inputs)
+    )
+    pinned = replace(inputs, stack=StackProfile())
+    assert masked_attention_layer_count(pinned) == 0
+    grown = kept_activation_bytes(inputs) - kept_activation_bytes(pinned)
+    assert grown == max_positions_causal_mask_bytes(inputs)
+    no_gc = replace(inputs, gradient_checkpointing=False)
+    assert (
+        kept_activation_bytes(no_gc) - kept_activation_bytes(replace(no_gc, stack=StackProfile()))
+        == inputs.arch.config.num_hidden_layers * 2 * 512 * 512 * 2
+    )  # the per-layer slices
+    assert model_buffer_bytes(inputs) == positions * positions
+    for world in (2, 8):  # buffers are moved with their unit, never sharded
+        parts = per_gpu_parts(replace(inputs, distributed="fsdp", world_size=world))
+        pinned_parts = per_gpu_parts(replace(pinned, distributed="fsdp", world_size=world))
+        assert parts.weights_bytes - pinned_parts.weights_bytes == model_buffer_bytes(inputs)
