@@ -1889,7 +1889,7 @@ def allocator_sharded_reserve_bytes(inputs: EstimateInput, allocated: int, gathe
     if inputs.stack.fsdp_load_on_cpu:
         compute_stream_load = sharded_resident_bytes(inputs) + sharded_load_transient_bytes(inputs)
     loading = max(0, compute_stream_load - compute_stream_train)
-    return loading + fsdp_pending_free_bytes(inputs)
+    return loading + fsdp_pending_free_bytes(inputs) + fsdp_offload_copy_pool_bytes(inputs)
 
 
 def fsdp_pending_free_bytes(inputs: EstimateInput) -> int:
@@ -1964,6 +1964,48 @@ def deepspeed_master_weight_bytes(inputs: EstimateInput) -> int:
     return 4 * sum(trainable_tensors(inputs).numel_by_bytes.values())
 
 
+def fsdp_no_sync_gradient_bytes(inputs: EstimateInput) -> int:
+    """Unsharded gradients FSDP accumulates between optimizer steps with gradient
+    accumulation.
+
+    transformers' Trainer runs every micro-batch but the last of an accumulation window
+    under ``accelerator.no_sync(model)`` (trainer.py: ``sync_context =
+    functools.partial(self.accelerator.no_sync, model=model)``), which is FSDP1's
+    ``model.no_sync()`` (FSDP2: ``set_requires_gradient_sync(False)``); inside it FSDP1's
+    ``_post_backward_hook`` returns before the reduce-scatter (``if not
+    state._sync_gradients: ... return``, torch/distributed/fsdp/_runtime_utils.py), so each
+    unit keeps its whole unsharded gradient ("FSDP will accumulate the full model gradients
+    (instead of gradient shards) until the eventual sync", ``no_sync``'s docstring), in the
+    unsharded parameters' dtype (the compute dtype under mixed precision), and on the GPU
+    even with CPU offload (same docstring). The window's last micro-batch therefore runs
+    its forward and backward next to them."""
+    if inputs.distributed != "fsdp" or inputs.gradient_accumulation_steps <= 1:
+        return 0
+    numel = sum(trainable_tensors(inputs).numel_by_bytes.values())
+    return numel * DTYPE_BYTES[inputs.compute_dtype]
+
+
+def fsdp_offload_copy_pool_bytes(inputs: EstimateInput) -> int:
+    """The pre-unshard stream's block pool under FSDP1 CPU offload.
+
+    ``FlatParamHandle.pre_unshard`` copies an offloaded unit's CPU shard to the GPU
+    (``elif self._offload_params and self.flat_param.device != self.device:
+    self.flat_param_to(self.device, non_blocking=True)``, torch/distributed/fsdp/
+    _flat_param.py) as the all-gather's input, under ``state._pre_unshard_stream``
+    (_runtime_utils.py ``_unshard``), a stream of its own (``_init_streams``), so the
+    caching allocator serves these copies from a separate pool. Each copy dies once its
+    all-gather has run; with the rate limiter at most two all-gathers are in flight, so the
+    pool holds the larger of the root's shard (unsharded first, at the forward's start) and
+    two layer shards. Reserved, not allocated at the peak."""
+    if inputs.distributed != "fsdp" or inputs.stack.fsdp_version != 1 or not inputs.cpu_offload:
+        return 0
+    if not inputs.stack.collectives_on_own_stream:
+        return 0
+    world = inputs.world_size
+    root = _shard(root_unit_bytes(inputs), world)
+    return max(root, 2 * _shard(layer_unit_bytes(inputs), world))
+
+
 def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
     """Split the single-GPU persistent terms as the engine does.
 
@@ -1997,6 +2039,7 @@ def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
         if offload:
             optimizer = temporary = managed = 0
             gradient = 0 if inputs.distributed != "deepspeed-zero2" else gradient
+    gradient = max(gradient, fsdp_no_sync_gradient_bytes(inputs))
     communication = communication_buffer_bytes(inputs)
     return PerGpuParts(
         weights_bytes=weights,

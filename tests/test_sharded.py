@@ -7,6 +7,7 @@ Properties of the estimator's distributed terms (``peftgen.memory``), the planne
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -380,3 +381,70 @@ def test_transformers_4_38_mask_is_max_positions_sized_and_checkpointed() -> Non
         parts = per_gpu_parts(replace(inputs, distributed="fsdp", world_size=world))
         pinned_parts = per_gpu_parts(replace(pinned, distributed="fsdp", world_size=world))
         assert parts.weights_bytes - pinned_parts.weights_bytes == model_buffer_bytes(inputs)
+
+
+def test_fsdp_no_sync_keeps_unsharded_gradients_as_torchs_fsdp_does() -> None:
+    """torch's FSDP2 (fake process group, rank 0 of 2, FSDPMemTracker) keeps each unit's
+    whole gradient under ``set_requires_gradient_sync(False)`` and only the shard after the
+    syncing micro-batch; the estimate counts the unsharded gradients for gradient
+    accumulation under FSDP, whatever the GPU count, and nothing without accumulation."""
+    import torch
+    from torch import nn
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.fsdp import fully_shard
+
+    from peftgen.memory import fsdp_no_sync_gradient_bytes
+    from peftgen.simulate_sharded import fake_process_group
+
+    with fake_process_group(2) as mesh:
+        model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        full = sum(p.numel() for p in model.parameters()) * 4
+
+        def grads(snapshot: dict[Any, dict[Any, int]]) -> tuple[int, int]:
+            kinds = {str(k): v for per_device in snapshot.values() for k, v in per_device.items()}
+            return kinds["_FSDPRefType.UNSHARDED_GRAD"], kinds["_FSDPRefType.SHARDED_GRAD"]
+
+        with FSDPMemTracker(model) as tracker:
+            model.set_requires_gradient_sync(False)  # type: ignore[operator]
+            model(torch.randn(4, 64)).sum().backward()
+            assert grads(tracker.get_tracker_snapshot("current")) == (full, 0)
+            model.set_requires_gradient_sync(True)  # type: ignore[operator]
+            model(torch.randn(4, 64)).sum().backward()
+            assert grads(tracker.get_tracker_snapshot("current")) == (0, full // 2)
+
+    base = _inputs("llama3-8b", "4bit", distributed="fsdp", gradient_accumulation_steps=4)
+    numel = per_gpu_parts(replace(base, distributed="none")).gradient_bytes // 2  # bf16 LoRA
+    for world in (2, 8):
+        inputs = replace(base, world_size=world)
+        assert fsdp_no_sync_gradient_bytes(inputs) == 2 * numel
+        parts = per_gpu_parts(inputs)
+        assert parts.gradient_bytes - parts.communication_bytes == 2 * numel
+        offloaded = per_gpu_parts(replace(inputs, cpu_offload=True))
+        assert offloaded.gradient_bytes - offloaded.communication_bytes == 2 * numel
+    assert fsdp_no_sync_gradient_bytes(replace(base, gradient_accumulation_steps=1)) == 0
+    assert fsdp_no_sync_gradient_bytes(replace(base, distributed="deepspeed-zero3")) == 0
+
+
+def test_fsdp_offload_copies_take_a_pool_of_their_own() -> None:
+    """FSDP1 CPU offload: the pre-unshard stream's copies of the CPU shards are reserved
+    (the larger of the root's shard and two layer shards), never allocated at the peak."""
+    from peftgen.memory import fsdp_offload_copy_pool_bytes, layer_unit_bytes, root_unit_bytes
+
+    inputs = _inputs("llama3-8b", "4bit", distributed="fsdp", world_size=2)
+    offload = replace(inputs, cpu_offload=True)
+    assert fsdp_offload_copy_pool_bytes(inputs) == 0
+    expected = max(
+        math.ceil(root_unit_bytes(offload) / 2), 2 * math.ceil(layer_unit_bytes(offload) / 2)
+    )
+    assert fsdp_offload_copy_pool_bytes(offload) == expected
+    fsdp2 = replace(offload, stack=StackProfile(fsdp_version=2))
+    assert fsdp_offload_copy_pool_bytes(fsdp2) == 0
+    with_pool, without = (
+        estimate(offload),
+        estimate(replace(offload, stack=StackProfile(collectives_on_own_stream=False))),
+    )
+    assert with_pool.peak_allocated_bytes == without.peak_allocated_bytes
+    assert with_pool.torch_reserved_bytes - without.torch_reserved_bytes >= expected
