@@ -182,6 +182,15 @@ class StackProfile:
     """NCCL channels per communicator: each channel keeps a receive buffer per protocol
     (``NCCL_BUFFSIZE`` 4 MiB for SIMPLE, about 4.5 MiB for LL128, 256 KiB for LL), outside
     torch's allocator (counted in the process figure, not ``memory_reserved``)."""
+    zero_reduce_bucket_elements: int = 50_000_000
+    """DeepSpeed ``reduce_bucket_size`` in the run's ds_config: peftgen writes
+    ``DEEPSPEED_BUCKET_ELEMENTS`` (5e7); a config accelerate builds from its plugin (no
+    ds_config file: accelerate/utils/dataclasses.py ``DeepSpeedPlugin.__post_init__`` writes
+    no bucket keys) runs with DeepSpeed's default 5e8 (deepspeed/runtime/zero/config.py
+    ``reduce_bucket_size: int = Field(pp_int(5e8))``)."""
+    zero3_max_reuse_distance: int = 1_000_000_000
+    """DeepSpeed ``stage3_max_reuse_distance`` (elements): peftgen does not write it, so
+    DeepSpeed's default 1e9 (zero/config.py ``max_reuse_distance``)."""
     loss_output_held: bool = False
     """The training loop keeps the model's output, and the fp32 logits in it, referenced
     through ``loss.backward()``: AnswerDotAI/fsdp_qlora train.py (``output = model(...)``,
@@ -1702,7 +1711,38 @@ def zero3_gathered_parameter_bytes(inputs: EstimateInput) -> int:
     largest = zero3_largest_module_bytes(inputs)
     prefetch = min(ZERO3_PREFETCH_BUCKET_ELEMENTS * element, largest)
     cap = ZERO3_MAX_LIVE_PARAMETERS * element
-    return min(largest + prefetch, max(cap, largest))
+    return min(largest + prefetch, max(cap, largest)) + zero3_reuse_retained_bytes(inputs)
+
+
+def zero3_reuse_retained_bytes(inputs: EstimateInput) -> int:
+    """Decoder layers ZeRO-3 does not release at the forward's end because the trace reuses
+    them within ``stage3_max_reuse_distance`` elements.
+
+    ``PartitionedParameterCoordinator.release_sub_module`` releases a module's parameters
+    only if ``__params_to_release`` finds no reuse in the next ``max_reuse_distance``
+    elements of the recorded module order (partitioned_param_coordinator.py: the loop over
+    ``self.__submodule_order[step_id:]`` that discards every parameter it meets while
+    ``params_traversed < self.__max_reuse_dist_in_numel``). After the last layer's forward
+    the trace runs the final norm and the head, the head again in backward, then (with
+    checkpointing) the last layer's recompute and backward before the layer below: the last
+    layer is met again after about one layer plus twice the head; the layer below only
+    after three more layer passes. That limit caps prefetching only, not retention, so these
+    layers stay gathered next to the head at the loss's peak. Elements are the parameters'
+    own (a 4-bit layer's packed storage counts its storage elements)."""
+    c = inputs.arch.config
+    element = unquantized_weight_dtype_bytes(inputs)
+    layer = layer_unit_bytes(inputs) // element
+    groups = parameter_groups(inputs.arch)
+    head = groups.lm_head or groups.embedding
+    limit = inputs.stack.zero3_max_reuse_distance
+    retained = 0
+    passes = 1 if inputs.gradient_checkpointing else 0
+    while retained < c.num_hidden_layers:
+        distance = (retained * (2 + passes) + 1) * layer + 2 * head
+        if distance >= limit:
+            break
+        retained += 1
+    return retained * layer_unit_bytes(inputs)
 
 
 def zero3_largest_module_bytes(inputs: EstimateInput) -> int:
@@ -1782,15 +1822,26 @@ def fsdp_gradient_buffer_bytes(inputs: EstimateInput) -> int:
 
 
 def zero_bucket_bytes(inputs: EstimateInput) -> int:
-    """DeepSpeed's gradient buckets: with ``contiguous_gradients`` an ``ipg`` buffer of
-    ``reduce_bucket_size`` elements in the gradient dtype receives each gradient as it is
-    produced, and the reduce (ZeRO-2: plus ``allgather_bucket_size`` for the updated
-    parameters; ZeRO-3: the parameters' all-gather goes through the prefetch bucket)
-    uses a second bucket of the same size (deepspeed/runtime/zero/stage3.py
-    ``__reduce_and_partition_ipg_grads``; fewer elements when fewer are trained)."""
+    """DeepSpeed's gradient buckets with ``contiguous_gradients`` (what peftgen writes and
+    DeepSpeed's default), allocated at ``reduce_bucket_size`` elements in the gradient dtype
+    however few parameters are trained.
+
+    ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py ``backward``): ``ipg_buffer`` holds
+    ``buf_0`` and, with ``overlap_comm`` (peftgen writes true), ``buf_1`` ("double buffers
+    to avoid data access conflict"), each ``torch.empty(int(self.reduce_bucket_size))``,
+    for the backward. ZeRO-3 (stage3.py ``_setup_for_real_optimizer``): one
+    ``__ipg_bucket_flat_buffer = torch.empty(self.reduce_bucket_size, ...)`` for the job;
+    its reduce (``__avg_scatter_grads`` -> ``reduce_scatter_coalesced``, which ``torch.cat``s
+    the bucket's gradients) runs during the layers' backward only when the trained
+    elements overflow one bucket, else once after it (``independent_gradient_partition_
+    epilogue``), when the activations are gone: one more bucket-sized copy only then."""
+    bucket = inputs.stack.zero_reduce_bucket_elements
     trainable = sum(trainable_tensors(inputs).numel_by_bytes.values())
-    bucket = min(DEEPSPEED_BUCKET_ELEMENTS, trainable)
-    return 2 * bucket * DTYPE_BYTES[inputs.compute_dtype]
+    element = DTYPE_BYTES[inputs.compute_dtype]
+    if inputs.distributed == "deepspeed-zero3":
+        overflow_copy = min(bucket, trainable) if trainable > bucket else 0
+        return (bucket + overflow_copy) * element
+    return 2 * bucket * element
 
 
 def communication_buffer_bytes(inputs: EstimateInput) -> int:
@@ -1964,6 +2015,17 @@ def deepspeed_master_weight_bytes(inputs: EstimateInput) -> int:
     return 4 * sum(trainable_tensors(inputs).numel_by_bytes.values())
 
 
+def deepspeed_optimizer_state_bytes(inputs: EstimateInput) -> int:
+    """Optimizer state under DeepSpeed ZeRO: the client optimizer's parameter groups are
+    replaced by DeepSpeed's fp32 partitions (stage_1_and_2.py / stage3.py
+    ``_create_fp32_partitions``: ``self.fp32_partitioned_groups_flat``, the tensors
+    ``self.optimizer.param_groups`` steps), so torch AdamW's exp_avg and exp_avg_sq are fp32
+    whatever the model's dtype (bf16 adapters included). Other optimizers keep their rule."""
+    if inputs.optim in ("adamw_torch", "adamw_torch_fused"):
+        return 2 * 4 * sum(trainable_tensors(inputs).numel_by_bytes.values())
+    return optimizer_state_bytes(inputs)
+
+
 def fsdp_no_sync_gradient_bytes(inputs: EstimateInput) -> int:
     """Unsharded gradients FSDP accumulates between optimizer steps with gradient
     accumulation.
@@ -2020,6 +2082,8 @@ def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
     weights, adapter = weights_bytes(inputs), adapter_bytes(inputs)
     gradient = gradient_bytes(inputs)
     optimizer = optimizer_state_bytes(inputs) + deepspeed_master_weight_bytes(inputs)
+    if inputs.distributed.startswith("deepspeed"):
+        optimizer = deepspeed_optimizer_state_bytes(inputs) + deepspeed_master_weight_bytes(inputs)
     temporary = optimizer_step_temporary_bytes(inputs)
     managed = managed_optimizer_bytes(inputs)
     gathered = 0
