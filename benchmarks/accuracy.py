@@ -123,20 +123,28 @@ FSDP_QLORA_2024 = replace(
     fsdp_load_on_cpu=True,
 )
 HF_PEFT_SHARDED_2024 = StackProfile(
-    name="peft docs Sep 2024 (transformers 4.45, trl 0.11, peft 0.13, bnb 0.43.3, accelerate 1.0)",
-    # SFTTrainer without the fused head: model(labels=...) in transformers 4.45 (no shifted
-    # fp32 copy since 4.45's loss_function).
-    loss_path="full_logits_fp32",
-    # trl 0.11 casts no adapter: QLoRA adapters created in the bf16 quant storage dtype
-    # (``dtype=quant_storage_dtype`` in the recipe) -> bf16; peft 0.13 autocast upcasts
-    # only adapters on 16-bit bases.
+    # The docs' requirements: bitsandbytes>=0.43.3, accelerate>=1.0.1, transformers>4.44.2,
+    # trl>0.11.4, peft>0.13.0.
+    name="peft docs (transformers > 4.44.2, trl > 0.11.4, peft > 0.13.0, bnb >= 0.43.3)",
+    # SFTTrainer without the fused head: model(labels=...); transformers 4.45's
+    # LlamaForCausalLM still upcasts the logits and copies the shifted ones (the
+    # ``loss_function`` without the copy arrived in 4.46). The Trainer's compute_loss
+    # returns the loss alone: nothing holds the output through backward.
+    loss_path="full_logits_fp32_shifted",
+    # The docs ask for trl > 0.11.4, whose SFTTrainer calls get_peft_model(...,
+    # autocast_adapter_dtype=False) for sharded QLoRA (Params4bit on cpu/meta) and skips
+    # peft_module_casting_to_bf16: the adapters stay in the bf16 storage dtype they are
+    # created in (peft ``_move_adapter_to_device_of_base_layer``).
     quantized_adapter_dtype="bf16",
     # bitsandbytes 0.43.3 MatMul4Bit no longer saves A for frozen weights.
     bnb_4bit_saves_input=False,
     fsdp_version=1,
     fsdp_load_on_cpu=True,
-    # trl 0.11 had no ZeRO-3 adapter-dtype rule.
+    # The ZeRO-3 16-bit adapter rule does not apply to this 4-bit model.
     zero3_adapters_in_base_dtype=False,
+    # deepspeed_config_z3_qlora.yaml names no ds_config file: accelerate's plugin writes
+    # no bucket keys, so DeepSpeed's default reduce_bucket_size 5e8 applies.
+    zero_reduce_bucket_elements=500_000_000,
 )
 
 # ----------------------------------------------------------------------------- models
@@ -579,6 +587,7 @@ def fsdp_qlora(arch: ModelArch, **kwargs: object) -> EstimateInput:
 def peft_docs_70b(distributed: str, **kwargs: object) -> EstimateInput:
     """peft docs/source/accelerate/{fsdp,deepspeed}.md: Llama-2-70B QLoRA r8 all-linear,
     dropout 0.1, NF4 + double quantization, bf16 storage, packed 2048, micro-batch 2,
+    gradient accumulation 2 (both launch commands: ``--gradient_accumulation_steps 2``),
     reentrant checkpointing, flash-attention 2, 2 GPUs."""
     base: dict[str, object] = {
         "precision": "4bit",
@@ -588,6 +597,7 @@ def peft_docs_70b(distributed: str, **kwargs: object) -> EstimateInput:
         "target_modules": "all-linear",
         "max_length": 2048,
         "micro_batch": 2,
+        "gradient_accumulation_steps": 2,
         "packing": True,
         "attn_implementation": "flash_attention_2",
         "gradient_checkpointing": True,
