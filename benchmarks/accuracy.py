@@ -74,11 +74,29 @@ HF_2023 = StackProfile(
 HF_FSDP_QLORA_2024 = StackProfile(
     name="HF Mar 2024 (fsdp_qlora: transformers 4.38, bnb 0.43, pure bf16)",
     loss_path="full_logits_fp32_shifted",
+    # train.py's loop: ``output = model(...)``; ``loss.backward()``; ``output = None`` only
+    # after the optimizer step: the fp32 logits stay alive through backward.
+    loss_output_held=True,
+    # transformers 4.38 LlamaModel._update_causal_mask: a [rows, 1, 4096, 4096] bf16 mask
+    # from the max-positions buffer on every forward (train.py passes attention_mask=None,
+    # attn_implementation "sdpa").
+    causal_mask_max_positions=True,
     # --precision bf16: the whole model, LoRA included, cast to bf16.
     quantized_adapter_dtype="bf16",
     unquantized_adapter_dtype="bf16",
     bnb_4bit_saves_input=True,
 )
+
+
+def fsdp_qlora_stack(stack: StackProfile, precision: str) -> StackProfile:
+    """fsdp_qlora train.py's RoPE cache buffers (transformers 4.38 ``_cos_cached`` /
+    ``_sin_cached``) in the dtype each path leaves them: ``--train_type lora`` loads with
+    ``from_pretrained`` and calls ``model.to(dtype=torch_dtype, ...)`` (bf16 buffers);
+    ``qlora`` builds the model with ``from_config`` under ``init_empty_weights`` (real
+    buffers in the default fp32) and ``load_and_quantize`` casts only checkpoint tensors."""
+    return replace(stack, rope_cache_element_bytes=4 if precision == "4bit" else 2)
+
+
 HF_PEFT_2025 = StackProfile(
     name="HF 2025 (peft method comparison: transformers 4.5x, fp32 adapters)",
     # model(**batch) with labels: transformers >= 4.46 pads labels, no shifted copy.
@@ -105,20 +123,28 @@ FSDP_QLORA_2024 = replace(
     fsdp_load_on_cpu=True,
 )
 HF_PEFT_SHARDED_2024 = StackProfile(
-    name="peft docs Sep 2024 (transformers 4.45, trl 0.11, peft 0.13, bnb 0.43.3, accelerate 1.0)",
-    # SFTTrainer without the fused head: model(labels=...) in transformers 4.45 (no shifted
-    # fp32 copy since 4.45's loss_function).
-    loss_path="full_logits_fp32",
-    # trl 0.11 casts no adapter: QLoRA adapters created in the bf16 quant storage dtype
-    # (``dtype=quant_storage_dtype`` in the recipe) -> bf16; peft 0.13 autocast upcasts
-    # only adapters on 16-bit bases.
+    # The docs' requirements: bitsandbytes>=0.43.3, accelerate>=1.0.1, transformers>4.44.2,
+    # trl>0.11.4, peft>0.13.0.
+    name="peft docs (transformers > 4.44.2, trl > 0.11.4, peft > 0.13.0, bnb >= 0.43.3)",
+    # SFTTrainer without the fused head: model(labels=...); transformers 4.45's
+    # LlamaForCausalLM still upcasts the logits and copies the shifted ones (the
+    # ``loss_function`` without the copy arrived in 4.46). The Trainer's compute_loss
+    # returns the loss alone: nothing holds the output through backward.
+    loss_path="full_logits_fp32_shifted",
+    # The docs ask for trl > 0.11.4, whose SFTTrainer calls get_peft_model(...,
+    # autocast_adapter_dtype=False) for sharded QLoRA (Params4bit on cpu/meta) and skips
+    # peft_module_casting_to_bf16: the adapters stay in the bf16 storage dtype they are
+    # created in (peft ``_move_adapter_to_device_of_base_layer``).
     quantized_adapter_dtype="bf16",
     # bitsandbytes 0.43.3 MatMul4Bit no longer saves A for frozen weights.
     bnb_4bit_saves_input=False,
     fsdp_version=1,
     fsdp_load_on_cpu=True,
-    # trl 0.11 had no ZeRO-3 adapter-dtype rule.
+    # The ZeRO-3 16-bit adapter rule does not apply to this 4-bit model.
     zero3_adapters_in_base_dtype=False,
+    # deepspeed_config_z3_qlora.yaml names no ds_config file: accelerate's plugin writes
+    # no bucket keys, so DeepSpeed's default reduce_bucket_size 5e8 applies.
+    zero_reduce_bucket_elements=500_000_000,
 )
 
 # ----------------------------------------------------------------------------- models
@@ -505,7 +531,7 @@ def published_rows() -> list[Row]:
             "Llama-2-7B QLoRA r64 all but o, 2048, mbs8, GC",
             lora(
                 LLAMA2_7B,
-                HF_FSDP_QLORA_2024,
+                fsdp_qlora_stack(HF_FSDP_QLORA_2024, "4bit"),
                 precision="4bit",
                 bnb_4bit_use_double_quant=False,
                 lora_r=64,
@@ -524,7 +550,7 @@ def published_rows() -> list[Row]:
             "Llama-2-7B LoRA r64 all but o, 2048, mbs4, GC",
             lora(
                 LLAMA2_7B,
-                HF_FSDP_QLORA_2024,
+                fsdp_qlora_stack(HF_FSDP_QLORA_2024, "bf16"),
                 lora_r=64,
                 lora_dropout=0.1,
                 target_modules=ALL_BUT_O,
@@ -555,12 +581,13 @@ def fsdp_qlora(arch: ModelArch, **kwargs: object) -> EstimateInput:
         "distributed": "fsdp",
     }
     base.update(kwargs)
-    return lora(arch, FSDP_QLORA_2024, **base)
+    return lora(arch, fsdp_qlora_stack(FSDP_QLORA_2024, str(base["precision"])), **base)
 
 
 def peft_docs_70b(distributed: str, **kwargs: object) -> EstimateInput:
     """peft docs/source/accelerate/{fsdp,deepspeed}.md: Llama-2-70B QLoRA r8 all-linear,
     dropout 0.1, NF4 + double quantization, bf16 storage, packed 2048, micro-batch 2,
+    gradient accumulation 2 (both launch commands: ``--gradient_accumulation_steps 2``),
     reentrant checkpointing, flash-attention 2, 2 GPUs."""
     base: dict[str, object] = {
         "precision": "4bit",
@@ -570,6 +597,7 @@ def peft_docs_70b(distributed: str, **kwargs: object) -> EstimateInput:
         "target_modules": "all-linear",
         "max_length": 2048,
         "micro_batch": 2,
+        "gradient_accumulation_steps": 2,
         "packing": True,
         "attn_implementation": "flash_attention_2",
         "gradient_checkpointing": True,

@@ -126,8 +126,10 @@ class StackProfile:
     grpo_trainer.py:1068). ``full_logits_fp32``: a plain ``model(labels=...)`` loss in
     transformers 5 (compute-dtype logits, their fp32 upcast, the fp32 log-softmax saved for
     backward: 10 B per token x vocabulary entry), also torchtune 2024's ``.float()`` output.
-    ``full_logits_fp32_shifted``: transformers < 4.45 also made a contiguous fp32 copy of
-    the shifted logits (14 B). ``chunked_logits_fp32``: torchtune >= 0.3's
+    ``full_logits_fp32_shifted``: transformers < 4.46 upcast the logits themselves and made
+    a contiguous fp32 copy of the shifted logits (12 B in forward; the backward's 12 B, 16 B
+    when the loop holds the output: ``loss_backward_bytes_per_entry``).
+    ``chunked_logits_fp32``: torchtune >= 0.3's
     ``CEWithChunkedOutputLoss`` (bf16 output chunks, each upcast to fp32 whose log-softmax
     is saved: 6 B). ``chunked_logits_bf16``: litgpt's chunked cross-entropy on bf16 logit
     chunks (logits + bf16 log-softmax, 4 B)."""
@@ -180,6 +182,35 @@ class StackProfile:
     """NCCL channels per communicator: each channel keeps a receive buffer per protocol
     (``NCCL_BUFFSIZE`` 4 MiB for SIMPLE, about 4.5 MiB for LL128, 256 KiB for LL), outside
     torch's allocator (counted in the process figure, not ``memory_reserved``)."""
+    zero_reduce_bucket_elements: int = 50_000_000
+    """DeepSpeed ``reduce_bucket_size`` in the run's ds_config: peftgen writes
+    ``DEEPSPEED_BUCKET_ELEMENTS`` (5e7); a config accelerate builds from its plugin (no
+    ds_config file: accelerate/utils/dataclasses.py ``DeepSpeedPlugin.__post_init__`` writes
+    no bucket keys) runs with DeepSpeed's default 5e8 (deepspeed/runtime/zero/config.py
+    ``reduce_bucket_size: int = Field(pp_int(5e8))``)."""
+    zero3_max_reuse_distance: int = 1_000_000_000
+    """DeepSpeed ``stage3_max_reuse_distance`` (elements): peftgen does not write it, so
+    DeepSpeed's default 1e9 (zero/config.py ``max_reuse_distance``)."""
+    loss_output_held: bool = False
+    """The training loop keeps the model's output, and the fp32 logits in it, referenced
+    through ``loss.backward()``: AnswerDotAI/fsdp_qlora train.py (``output = model(...)``,
+    ``loss.backward()``, ``output = None`` only after the optimizer step). transformers'
+    ``Trainer.compute_loss`` returns the loss alone, so the Trainer's output is gone before
+    backward (False)."""
+    causal_mask_max_positions: bool = False
+    """transformers 4.38 (Llama and the models copying it): ``LlamaModel`` keeps a
+    ``causal_mask`` buffer of ``max_position_embeddings``² bools and ``_update_causal_mask``
+    turns it into a [rows, 1, P, P] compute-dtype mask on every forward
+    (``self.causal_mask[None, None, :, :].repeat(batch_size, 1, 1, 1).to(dtype) * min_dtype``)
+    even without padding; each SDPA layer indexes its [rows, 1, T, T] slice out of it
+    (``causal_mask[:, :, cache_position, : key_states.shape[-2]]``, a copy) and, given a
+    mask, SDPA runs the memory-efficient kernel, which saves that bias. transformers >= 4.39
+    sizes the mask by the sequence and skips it for SDPA without padding (False)."""
+    rope_cache_element_bytes: int = 0
+    """Element size of the per-layer RoPE ``_cos_cached`` / ``_sin_cached`` buffers
+    transformers 4.38's ``LlamaRotaryEmbedding.__init__`` registers ("For BC we register cos
+    and sin cached", [max_position_embeddings, head_dim] each, in the default dtype fp32
+    unless the script casts the model); 0: the stack has none (transformers >= 4.40)."""
     full_master_weights: Literal["fp32", "compute"] = "fp32"
     """Full fine-tuning: ``fp32`` master weights under compute-dtype autocast (what peftgen
     emits); ``compute``: the model loaded and trained in the compute dtype, no autocast
@@ -526,9 +557,23 @@ def weights_bytes(inputs: EstimateInput) -> int:
         return full_weights_bytes(inputs)
     linear = sum(linear_weight_bytes(m, inputs) for m in linear_modules(inputs.arch))
     groups = parameter_groups(inputs.arch)
-    return linear + (groups.non_linear - groups.linear_bias) * unquantized_weight_dtype_bytes(
-        inputs
-    )
+    unquantized = (groups.non_linear - groups.linear_bias) * unquantized_weight_dtype_bytes(inputs)
+    return linear + unquantized + model_buffer_bytes(inputs)
+
+
+def model_buffer_bytes(inputs: EstimateInput) -> int:
+    """Non-parameter buffers the model keeps on the GPU, where a stack has large ones
+    (transformers 4.38 Llama): the ``causal_mask`` buffer of ``max_position_embeddings``²
+    bools (``StackProfile.causal_mask_max_positions``) and, in every attention layer's
+    ``LlamaRotaryEmbedding``, the ``_cos_cached`` / ``_sin_cached`` tables of
+    [max_position_embeddings, head_dim] that 4.38 still registers "For BC"
+    (``StackProfile.rope_cache_element_bytes``: their element size, 0 without them).
+    FSDP moves buffers to the GPU with their unit and never shards them."""
+    c = inputs.arch.config
+    positions = c.max_position_embeddings
+    mask = positions * positions if inputs.stack.causal_mask_max_positions else 0
+    rope = 2 * positions * c.head_dim * inputs.stack.rope_cache_element_bytes
+    return mask + c.num_hidden_layers * rope
 
 
 # --------------------------------------------------------------------------- adapters
@@ -875,6 +920,8 @@ def masked_attention_layer_count(inputs: EstimateInput) -> int:
     if effective_attn_implementation(inputs) != "sdpa":
         return 0
     c = inputs.arch.config
+    if inputs.stack.causal_mask_max_positions:
+        return c.num_hidden_layers  # transformers 4.38: every forward builds a mask
     if inputs.method == "sft" and inputs.packing:
         return c.num_hidden_layers
     window = c.extra.get("sliding_window")
@@ -886,7 +933,9 @@ def masked_attention_layer_count(inputs: EstimateInput) -> int:
 def attention_mask_bytes(inputs: EstimateInput) -> int:
     """One layer's SDPA mask as the kernel saves it: torch converts the bool mask to a
     compute-dtype additive mask ([rows, 1, T, T], ``convert_boolean_attn_mask``) on every
-    call, and the memory-efficient kernel saves that bias for backward."""
+    call, and the memory-efficient kernel saves that bias for backward. transformers 4.38
+    (``StackProfile.causal_mask_max_positions``) hands each layer the same size: its
+    advanced-indexing slice of the model's mask is already a compute-dtype copy."""
     seq = sequence_length(inputs)
     return DTYPE_BYTES[inputs.compute_dtype] * sequences_per_micro_batch(inputs) * seq * seq
 
@@ -894,11 +943,29 @@ def attention_mask_bytes(inputs: EstimateInput) -> int:
 def bool_attention_mask_bytes(inputs: EstimateInput) -> int:
     """The model's bool mask ([rows, 1, T, T], built once per forward and shared by the
     layers). Non-reentrant checkpointing keeps each layer's arguments for the recompute, so
-    with checkpointing it lives until backward ends."""
+    with checkpointing it lives until backward ends. transformers 4.38 builds a
+    max-positions mask instead (``max_positions_causal_mask_bytes``)."""
     if not masked_attention_layer_count(inputs):
         return 0
+    if inputs.stack.causal_mask_max_positions:
+        return max_positions_causal_mask_bytes(inputs)
     seq = sequence_length(inputs)
     return sequences_per_micro_batch(inputs) * seq * seq
+
+
+def max_positions_causal_mask_bytes(inputs: EstimateInput) -> int:
+    """transformers 4.38's SDPA mask (``StackProfile.causal_mask_max_positions``):
+    ``LlamaModel._update_causal_mask`` repeats the [P, P] ``causal_mask`` buffer
+    (P = ``max_position_embeddings``) per row and casts it, [rows, 1, P, P] in the compute
+    dtype, whatever the sequence length; every decoder layer receives it, so checkpointing
+    (reentrant: ``CheckpointFunction`` saves its tensor arguments; non-reentrant: the
+    recompute keeps them) holds it until backward ends. (The bool buffer itself is in
+    ``model_buffer_bytes``.) The cast's temporaries (the repeated bools, the product) die
+    at the forward's start."""
+    positions = inputs.arch.config.max_position_embeddings
+    rows = sequences_per_micro_batch(inputs)
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    return rows * positions * positions * compute
 
 
 def mlp_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
@@ -1106,11 +1173,33 @@ def train_step_peak_parts(inputs: EstimateInput) -> tuple[int, int]:
 
 FULL_LOGITS_BYTES_PER_ENTRY = {
     "full_logits_fp32": 2 + 4 + 4,
-    "full_logits_fp32_shifted": 2 + 4 + 4 + 4,
+    "full_logits_fp32_shifted": 4 + 4 + 4,
     "chunked_logits_fp32": 2 + 4,
     "chunked_logits_bf16": 2 + 2,
 }
-"""Bytes alive per (token x vocabulary entry) at the loss's peak, per full-logits path."""
+"""Bytes alive per (token x vocabulary entry) at the loss forward's peak, per full-logits
+path. ``full_logits_fp32_shifted`` (transformers < 4.46 ``LlamaForCausalLM.forward``:
+``logits = logits.float()``, ``shift_logits = logits[..., :-1, :].contiguous()``,
+``CrossEntropyLoss``): the fp32 logits, their shifted copy and the log-softmax that
+``cross_entropy`` saves; the compute-dtype logits die when ``logits`` is rebound to the
+fp32 copy. The backward's peak is ``loss_backward_bytes_per_entry``."""
+
+
+def loss_backward_bytes_per_entry(stack: StackProfile) -> int:
+    """Bytes per (token x vocabulary entry) when the cross-entropy's backward peaks, for
+    the shifted fp32 path (0 for the others: not modelled here).
+
+    ``cross_entropy`` is ``log_softmax`` + ``nll_loss``. ``NllLossBackward0`` returns a
+    dense fp32 gradient of the log-softmax's shape (``nll_loss_backward``: zeros, then the
+    target entries), and ``LogSoftmaxBackward0`` allocates its own output
+    (``_log_softmax_backward_data(grad_output, output, dim, dtype)``) while its saved
+    result and that incoming gradient are alive: 4 + 4 + 4 B. A loop that still holds the
+    model's output (``StackProfile.loss_output_held``: fsdp_qlora's train.py) keeps the
+    fp32 logits alive too: 4 B more. Measured on torch's own autograd over fake tensors
+    (``tests/test_sharded.py::test_shifted_loss_backward_peak_matches_torch_autograd``)."""
+    if stack.loss_path != "full_logits_fp32_shifted":
+        return 0
+    return 4 + 4 + 4 + (4 if stack.loss_output_held else 0)
 
 
 def logits_bytes(inputs: EstimateInput) -> int:
@@ -1127,7 +1216,9 @@ def logits_bytes(inputs: EstimateInput) -> int:
     tokens = tokens_per_micro_batch(inputs)
     compute = DTYPE_BYTES[inputs.compute_dtype]
     if inputs.stack.loss_path in FULL_LOGITS_BYTES_PER_ENTRY:
-        return FULL_LOGITS_BYTES_PER_ENTRY[inputs.stack.loss_path] * tokens * c.vocab_size
+        forward = FULL_LOGITS_BYTES_PER_ENTRY[inputs.stack.loss_path]
+        per_entry = max(forward, loss_backward_bytes_per_entry(inputs.stack))
+        return per_entry * tokens * c.vocab_size
     tokens = fused_head_scored_tokens(inputs)
     tile = compute * min(tokens, FUSED_HEAD_TOKEN_TILE) * min(c.vocab_size, FUSED_HEAD_VOCAB_TILE)
     fused = compute * tokens * c.hidden_size + tile + 4 * tokens * c.hidden_size + 8 * 4 * tokens
@@ -1580,6 +1671,7 @@ def layer_unit_bytes(inputs: EstimateInput) -> int:
     """One decoder layer's parameters, unsharded (what one all-gather brings in). The layers
     of the catalogued families are identical, so this is the largest layer too."""
     layers = weights_bytes(inputs) - root_unit_bytes(inputs) - replicated_quant_state_bytes(inputs)
+    layers -= model_buffer_bytes(inputs)
     return math.ceil(layers / inputs.arch.config.num_hidden_layers)
 
 
@@ -1619,7 +1711,38 @@ def zero3_gathered_parameter_bytes(inputs: EstimateInput) -> int:
     largest = zero3_largest_module_bytes(inputs)
     prefetch = min(ZERO3_PREFETCH_BUCKET_ELEMENTS * element, largest)
     cap = ZERO3_MAX_LIVE_PARAMETERS * element
-    return min(largest + prefetch, max(cap, largest))
+    return min(largest + prefetch, max(cap, largest)) + zero3_reuse_retained_bytes(inputs)
+
+
+def zero3_reuse_retained_bytes(inputs: EstimateInput) -> int:
+    """Decoder layers ZeRO-3 does not release at the forward's end because the trace reuses
+    them within ``stage3_max_reuse_distance`` elements.
+
+    ``PartitionedParameterCoordinator.release_sub_module`` releases a module's parameters
+    only if ``__params_to_release`` finds no reuse in the next ``max_reuse_distance``
+    elements of the recorded module order (partitioned_param_coordinator.py: the loop over
+    ``self.__submodule_order[step_id:]`` that discards every parameter it meets while
+    ``params_traversed < self.__max_reuse_dist_in_numel``). After the last layer's forward
+    the trace runs the final norm and the head, the head again in backward, then (with
+    checkpointing) the last layer's recompute and backward before the layer below: the last
+    layer is met again after about one layer plus twice the head; the layer below only
+    after three more layer passes. That limit caps prefetching only, not retention, so these
+    layers stay gathered next to the head at the loss's peak. Elements are the parameters'
+    own (a 4-bit layer's packed storage counts its storage elements)."""
+    c = inputs.arch.config
+    element = unquantized_weight_dtype_bytes(inputs)
+    layer = layer_unit_bytes(inputs) // element
+    groups = parameter_groups(inputs.arch)
+    head = groups.lm_head or groups.embedding
+    limit = inputs.stack.zero3_max_reuse_distance
+    retained = 0
+    passes = 1 if inputs.gradient_checkpointing else 0
+    while retained < c.num_hidden_layers:
+        distance = (retained * (2 + passes) + 1) * layer + 2 * head
+        if distance >= limit:
+            break
+        retained += 1
+    return retained * layer_unit_bytes(inputs)
 
 
 def zero3_largest_module_bytes(inputs: EstimateInput) -> int:
@@ -1699,15 +1822,26 @@ def fsdp_gradient_buffer_bytes(inputs: EstimateInput) -> int:
 
 
 def zero_bucket_bytes(inputs: EstimateInput) -> int:
-    """DeepSpeed's gradient buckets: with ``contiguous_gradients`` an ``ipg`` buffer of
-    ``reduce_bucket_size`` elements in the gradient dtype receives each gradient as it is
-    produced, and the reduce (ZeRO-2: plus ``allgather_bucket_size`` for the updated
-    parameters; ZeRO-3: the parameters' all-gather goes through the prefetch bucket)
-    uses a second bucket of the same size (deepspeed/runtime/zero/stage3.py
-    ``__reduce_and_partition_ipg_grads``; fewer elements when fewer are trained)."""
+    """DeepSpeed's gradient buckets with ``contiguous_gradients`` (what peftgen writes and
+    DeepSpeed's default), allocated at ``reduce_bucket_size`` elements in the gradient dtype
+    however few parameters are trained.
+
+    ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py ``backward``): ``ipg_buffer`` holds
+    ``buf_0`` and, with ``overlap_comm`` (peftgen writes true), ``buf_1`` ("double buffers
+    to avoid data access conflict"), each ``torch.empty(int(self.reduce_bucket_size))``,
+    for the backward. ZeRO-3 (stage3.py ``_setup_for_real_optimizer``): one
+    ``__ipg_bucket_flat_buffer = torch.empty(self.reduce_bucket_size, ...)`` for the job;
+    its reduce (``__avg_scatter_grads`` -> ``reduce_scatter_coalesced``, which ``torch.cat``s
+    the bucket's gradients) runs during the layers' backward only when the trained
+    elements overflow one bucket, else once after it (``independent_gradient_partition_
+    epilogue``), when the activations are gone: one more bucket-sized copy only then."""
+    bucket = inputs.stack.zero_reduce_bucket_elements
     trainable = sum(trainable_tensors(inputs).numel_by_bytes.values())
-    bucket = min(DEEPSPEED_BUCKET_ELEMENTS, trainable)
-    return 2 * bucket * DTYPE_BYTES[inputs.compute_dtype]
+    element = DTYPE_BYTES[inputs.compute_dtype]
+    if inputs.distributed == "deepspeed-zero3":
+        overflow_copy = min(bucket, trainable) if trainable > bucket else 0
+        return (bucket + overflow_copy) * element
+    return 2 * bucket * element
 
 
 def communication_buffer_bytes(inputs: EstimateInput) -> int:
@@ -1806,7 +1940,7 @@ def allocator_sharded_reserve_bytes(inputs: EstimateInput, allocated: int, gathe
     if inputs.stack.fsdp_load_on_cpu:
         compute_stream_load = sharded_resident_bytes(inputs) + sharded_load_transient_bytes(inputs)
     loading = max(0, compute_stream_load - compute_stream_train)
-    return loading + fsdp_pending_free_bytes(inputs)
+    return loading + fsdp_pending_free_bytes(inputs) + fsdp_offload_copy_pool_bytes(inputs)
 
 
 def fsdp_pending_free_bytes(inputs: EstimateInput) -> int:
@@ -1881,6 +2015,59 @@ def deepspeed_master_weight_bytes(inputs: EstimateInput) -> int:
     return 4 * sum(trainable_tensors(inputs).numel_by_bytes.values())
 
 
+def deepspeed_optimizer_state_bytes(inputs: EstimateInput) -> int:
+    """Optimizer state under DeepSpeed ZeRO: the client optimizer's parameter groups are
+    replaced by DeepSpeed's fp32 partitions (stage_1_and_2.py / stage3.py
+    ``_create_fp32_partitions``: ``self.fp32_partitioned_groups_flat``, the tensors
+    ``self.optimizer.param_groups`` steps), so torch AdamW's exp_avg and exp_avg_sq are fp32
+    whatever the model's dtype (bf16 adapters included). Other optimizers keep their rule."""
+    if inputs.optim in ("adamw_torch", "adamw_torch_fused"):
+        return 2 * 4 * sum(trainable_tensors(inputs).numel_by_bytes.values())
+    return optimizer_state_bytes(inputs)
+
+
+def fsdp_no_sync_gradient_bytes(inputs: EstimateInput) -> int:
+    """Unsharded gradients FSDP accumulates between optimizer steps with gradient
+    accumulation.
+
+    transformers' Trainer runs every micro-batch but the last of an accumulation window
+    under ``accelerator.no_sync(model)`` (trainer.py: ``sync_context =
+    functools.partial(self.accelerator.no_sync, model=model)``), which is FSDP1's
+    ``model.no_sync()`` (FSDP2: ``set_requires_gradient_sync(False)``); inside it FSDP1's
+    ``_post_backward_hook`` returns before the reduce-scatter (``if not
+    state._sync_gradients: ... return``, torch/distributed/fsdp/_runtime_utils.py), so each
+    unit keeps its whole unsharded gradient ("FSDP will accumulate the full model gradients
+    (instead of gradient shards) until the eventual sync", ``no_sync``'s docstring), in the
+    unsharded parameters' dtype (the compute dtype under mixed precision), and on the GPU
+    even with CPU offload (same docstring). The window's last micro-batch therefore runs
+    its forward and backward next to them."""
+    if inputs.distributed != "fsdp" or inputs.gradient_accumulation_steps <= 1:
+        return 0
+    numel = sum(trainable_tensors(inputs).numel_by_bytes.values())
+    return numel * DTYPE_BYTES[inputs.compute_dtype]
+
+
+def fsdp_offload_copy_pool_bytes(inputs: EstimateInput) -> int:
+    """The pre-unshard stream's block pool under FSDP1 CPU offload.
+
+    ``FlatParamHandle.pre_unshard`` copies an offloaded unit's CPU shard to the GPU
+    (``elif self._offload_params and self.flat_param.device != self.device:
+    self.flat_param_to(self.device, non_blocking=True)``, torch/distributed/fsdp/
+    _flat_param.py) as the all-gather's input, under ``state._pre_unshard_stream``
+    (_runtime_utils.py ``_unshard``), a stream of its own (``_init_streams``), so the
+    caching allocator serves these copies from a separate pool. Each copy dies once its
+    all-gather has run; with the rate limiter at most two all-gathers are in flight, so the
+    pool holds the larger of the root's shard (unsharded first, at the forward's start) and
+    two layer shards. Reserved, not allocated at the peak."""
+    if inputs.distributed != "fsdp" or inputs.stack.fsdp_version != 1 or not inputs.cpu_offload:
+        return 0
+    if not inputs.stack.collectives_on_own_stream:
+        return 0
+    world = inputs.world_size
+    root = _shard(root_unit_bytes(inputs), world)
+    return max(root, 2 * _shard(layer_unit_bytes(inputs), world))
+
+
 def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
     """Split the single-GPU persistent terms as the engine does.
 
@@ -1895,12 +2082,14 @@ def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
     weights, adapter = weights_bytes(inputs), adapter_bytes(inputs)
     gradient = gradient_bytes(inputs)
     optimizer = optimizer_state_bytes(inputs) + deepspeed_master_weight_bytes(inputs)
+    if inputs.distributed.startswith("deepspeed"):
+        optimizer = deepspeed_optimizer_state_bytes(inputs) + deepspeed_master_weight_bytes(inputs)
     temporary = optimizer_step_temporary_bytes(inputs)
     managed = managed_optimizer_bytes(inputs)
     gathered = 0
     offload = inputs.cpu_offload
     if inputs.distributed in PARAMETER_SHARDING_ENGINES:
-        replicated = replicated_quant_state_bytes(inputs)
+        replicated = replicated_quant_state_bytes(inputs) + model_buffer_bytes(inputs)
         # Every unit keeps its shard while it is gathered (FSDP1's sharded FlatParameter,
         # FSDP2's DTensor shards next to the unsharded tensors): the root too.
         sharded = weights - replicated
@@ -1914,6 +2103,7 @@ def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
         if offload:
             optimizer = temporary = managed = 0
             gradient = 0 if inputs.distributed != "deepspeed-zero2" else gradient
+    gradient = max(gradient, fsdp_no_sync_gradient_bytes(inputs))
     communication = communication_buffer_bytes(inputs)
     return PerGpuParts(
         weights_bytes=weights,
