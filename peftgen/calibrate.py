@@ -570,7 +570,7 @@ def allocator_lines(calibration: Calibration) -> list[str]:
     mib = 2**20
     context = facts["cuda_context_bytes"]["value"] / mib
     lines = [
-        "allocator constants (peftgen/memory.py) and what the measured receipts imply:",
+        "allocator constants (peftgen/memory/) and what the measured receipts imply:",
         f"  CUDA context {context:.0f} MiB: an assumption; receipts cannot check it (torch's "
         "counters do not see it)",
     ]
