@@ -9,6 +9,7 @@ Every problem is located at the spec line it is about, and all are reported at o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,7 +70,7 @@ class Resolved:
 def resolve(loaded: LoadedSpec) -> Resolved:
     """Find the model and GPU, then check the rules that need them; raise every problem."""
     problems: list[Problem] = list(_dataset_problems(loaded))
-    warnings: list[str] = list(loaded.warnings)
+    warnings: list[str] = [*loaded.warnings, *_scaling_warnings(loaded)]
     arch = _resolve_model(loaded, problems, warnings)
     gpu = _resolve_gpu(loaded, problems)
     if arch is not None:
@@ -358,6 +359,31 @@ def _gpu_problems(loaded: LoadedSpec, gpu: Gpu) -> list[Problem]:
             )
         )
     return problems
+
+
+RSLORA_SCALE_WARNING = 4.0
+"""A judgment, not a measurement: LoRA recipes scale the update by lora_alpha / r of 1-2;
+rsLoRA's lora_alpha / sqrt(r) past 4 usually means an alpha chosen for plain LoRA."""
+
+
+def _scaling_warnings(loaded: LoadedSpec) -> list[str]:
+    """rsLoRA divides by sqrt(r), not r (peft/tuners/lora/layer.py:278, ``update_layer``): an
+    alpha copied from a plain-LoRA recipe (often 2 x r) scales the update sqrt(r) times
+    more than the recipe meant, which shows as a diverging loss, not as an error."""
+    lora = loaded.spec.lora
+    if loaded.spec.finetuning == "full" or not lora.use_rslora:
+        return []
+    scale = lora.lora_alpha / math.sqrt(lora.r)
+    if scale <= RSLORA_SCALE_WARNING:
+        return []
+    return [
+        loaded.warning(
+            "lora.use_rslora",
+            f"the update is scaled by lora_alpha / sqrt(r) = {scale:.3g} (lora_alpha / r "
+            f"would give {lora.lora_alpha / lora.r:.3g}); an alpha chosen for plain LoRA is "
+            f"too large with rsLoRA: lora_alpha {math.sqrt(lora.r) * 2:g} gives a scale of 2",
+        )
+    ]
 
 
 def _length_warnings(loaded: LoadedSpec, arch: ModelArch) -> list[str]:

@@ -127,3 +127,17 @@ def test_local_model_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
     text = SPEC.replace("llama3-8b-instruct", str(tiny_model_dir))
     resolved = _resolve(tmp_path, text + "lora:\n  target_modules: [q_proj, v_proj]\n")
     assert resolved.arch.config.hidden_size > 0
+
+
+def test_rslora_with_a_plain_lora_alpha_warns(tmp_path: Path) -> None:
+    """alpha = 2r, the plain-LoRA habit, scales rsLoRA's update by 2 sqrt(r): 16 at r 64."""
+    risky = _resolve(tmp_path, SPEC + "lora:\n  r: 64\n  lora_alpha: 128\n  use_rslora: true\n")
+    (warning,) = risky.warnings
+    assert "warning: lora.use_rslora: the update is scaled by lora_alpha / sqrt(r) = 16" in warning
+    assert (
+        "lora_alpha / r would give 2" in warning and "lora_alpha 16 gives a scale of 2" in warning
+    )
+    calm = _resolve(tmp_path, SPEC + "lora:\n  r: 64\n  lora_alpha: 16\n  use_rslora: true\n")
+    assert calm.warnings == ()
+    plain = _resolve(tmp_path, SPEC + "lora:\n  r: 64\n  lora_alpha: 128\n")
+    assert plain.warnings == ()
