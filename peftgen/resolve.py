@@ -381,7 +381,7 @@ def _scaling_warnings(loaded: LoadedSpec) -> list[str]:
             "lora.use_rslora",
             f"the update is scaled by lora_alpha / sqrt(r) = {scale:.3g} (lora_alpha / r "
             f"would give {lora.lora_alpha / lora.r:.3g}); an alpha chosen for plain LoRA is "
-            f"too large with rsLoRA: lora_alpha {math.sqrt(lora.r) * 2:g} gives a scale of 2",
+            f"too large with rsLoRA: lora_alpha {math.sqrt(lora.r) * 2:.3g} gives a scale of 2",
         )
     ]
 
