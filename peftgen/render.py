@@ -470,13 +470,17 @@ def build_context(
     # The plan's decisions by knob, flattened for comments: templates quote the reasons.
     reasons = {decision.knob: comment_text(decision.reason) for decision in plan.decisions}
     values = {decision.knob: comment_text(decision.value) for decision in plan.decisions}
-    modules_to_save = trained_modules_to_save(spec)
+    # Full fine-tuning trains every weight: nothing to list for peft.
+    modules_to_save = [] if spec.finetuning == "full" else trained_modules_to_save(spec)
     chat = _chat_format(spec, model)
+    quantized = precision in ("8bit", "4bit")
+    fp32_copies = stack.trained_copy_dtype(precision, spec.finetuning, dtype) == "fp32"
     context: dict[str, Any] = {
         "spec": spec,
         "method": spec.method,
         "spec_name": spec.name,
         "spec_sha256": loaded.sha256,
+        "receipt_version": stack.RECEIPT_VERSION,
         "plan": plan,
         "gpu_name": comment_text(plan.gpu.name),
         "gpu_count": plan.gpu.count,
@@ -486,7 +490,7 @@ def build_context(
         "breakdown_rows": _breakdown_rows(candidate),
         "breakdown_keys": BREAKDOWN_LABELS,
         "precision": precision,
-        "quantized": precision in ("8bit", "4bit"),
+        "quantized": quantized,
         "compute_dtype": compute_dtype,
         # fp16 autocast is CUDA-only: the script falls back to fp32 without a GPU.
         "fp16": dtype == "fp16",
@@ -535,9 +539,10 @@ def build_context(
         # round small updates away (quantized models: trl casts them to bf16 itself).
         # merge.py holds the whole model in the compute dtype on the CPU.
         "merge_host_bytes": plan.total_parameters * 2,
-        "upcast_modules_to_save": bool(modules_to_save) and precision in ("bf16", "fp16"),
+        # (stack.trained_copy_dtype: fp32, or trl's bf16 cast of a k-bit model's trainables)
+        "upcast_modules_to_save": bool(modules_to_save) and not quantized and fp32_copies,
         # trl casts the trainable weights of 8/4-bit models to bf16, which an fp16 GPU lacks.
-        "upcast_quantized_trainables": precision in ("8bit", "4bit") and dtype == "fp16",
+        "upcast_quantized_trainables": quantized and fp32_copies,
         "chat": chat,
         "loss_text": _loss_text(spec.method, chat.loss_on),
         "format_text": _format_text(chat),
@@ -578,10 +583,6 @@ def _full_and_vllm_context(
             f"fp32 (master weights), trained under {context['compute_dtype']} autocast: "
             "full fine-tuning"
         )
-        extra["upcast_modules_to_save"] = False
-        # Every weight trains: nothing to list for peft.
-        extra["modules_to_save"] = []
-        extra["ensure_weight_tying"] = False
         extra["breakdown_rows"] = [
             row for row in context["breakdown_rows"] if row[0] != "LoRA adapter"
         ]
