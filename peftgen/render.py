@@ -691,7 +691,7 @@ VLLM_REQUIREMENT = "vllm>=0.22.0,<=0.31.0"
 
 def _stdlib_imports(spec: AnySpec, script_dir: bool, full: bool) -> list[str]:
     """train.py's standard-library imports, sorted as ruff's isort wants them."""
-    modules = {"argparse", "json", "os"}
+    modules = {"argparse", "json", "os", "time"}
     names = {("importlib", "metadata")}
     if script_dir:
         names.add(("pathlib", "Path"))
@@ -717,7 +717,6 @@ def _library_imports(spec: AnySpec, precision: str, chat: ChatFormat, full: bool
         *(["BitsAndBytesConfig"] if precision in ("8bit", "4bit") else []),
         *(["PreTrainedTokenizerBase"] if chat.training_template_lines else []),
         "TrainerCallback",
-        "TrainerState",
     ]
     return [
         "import torch",

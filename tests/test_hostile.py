@@ -358,26 +358,33 @@ def test_hostile_plan_text_only_reaches_comments(text: str, method: str) -> None
     hostile = render_all(loaded, _plan("4bit", gpu_name=text, reason=text), "", model, OUT_DIR)
     for name in ("train.py", "merge.py"):
         plain_tree, hostile_tree = ast.parse(plain[name]), ast.parse(hostile[name])
-        # The docstring may quote the text, and the memory receipt's PLANNED_GPU holds the
+        # The docstring may quote the text, and the memory receipt's predicted gpu holds the
         # GPU's name as a literal; everything else must be identical.
         assert _code_without_planned_gpu(plain_tree) == _code_without_planned_gpu(hostile_tree)
     assert _planned_gpu(ast.parse(hostile["train.py"])) == text
 
 
-def _is_planned_gpu(statement: ast.stmt) -> bool:
-    return isinstance(statement, ast.Assign) and any(
-        isinstance(target, ast.Name) and target.id == "PLANNED_GPU" for target in statement.targets
-    )
+def _receipt(tree: ast.Module) -> tuple[ast.stmt, dict[str, Any]]:
+    """The memory receipt's fixed part (``RECEIPT = {...}``) and its value."""
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "RECEIPT" for target in statement.targets
+        ):
+            return statement, ast.literal_eval(statement.value)
+    raise AssertionError("no RECEIPT in the script")
 
 
 def _code_without_planned_gpu(tree: ast.Module) -> str:
-    return ast.dump(ast.Module([s for s in tree.body[1:] if not _is_planned_gpu(s)], []))
+    if not any(isinstance(s, ast.ClassDef) and s.name == "MemoryReceipt" for s in tree.body):
+        return ast.dump(ast.Module(tree.body[1:], []))  # merge.py: no receipt
+    statement, receipt = _receipt(tree)
+    receipt["predicted"]["gpu"] = None
+    body = [s for s in tree.body[1:] if s is not statement]
+    return ast.dump(ast.Module(body, [])) + repr(receipt)
 
 
 def _planned_gpu(tree: ast.Module) -> object:
-    statement = next(s for s in tree.body if _is_planned_gpu(s))
-    assert isinstance(statement, ast.Assign)
-    return ast.literal_eval(statement.value)
+    return _receipt(tree)[1]["predicted"]["gpu"]
 
 
 KNOWN_HOSTILE = 'q"\'\\ {{ x }} {% if 1 %} """ \u2028 \x85 \u202e 😀 ); import os #'

@@ -116,7 +116,7 @@ def test_cpu_run_writes_receipt_with_the_plan_embedded(
     run = _run(tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
 
-    # After RECEIPT_AFTER_STEPS (3) optimizer steps, and again at the end.
+    # After 3 optimizer steps, and again at the end.
     lines = [line for line in run.stdout.splitlines() if line.startswith("memory receipt")]
     assert [line.split(":")[0] for line in lines] == [
         "memory receipt (early, step 3)",

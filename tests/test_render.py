@@ -153,7 +153,7 @@ def test_script_templates_read_only_the_script_context(name: str) -> None:
     known = {item.name for item in dataclasses.fields(render.ScriptContext)}
     known |= {"reason", "plan_value"}
     sources = [name, "train_base.py.j2", "_header.py.j2", "_training_args.py.j2"]
-    sources += ["_receipt_constants.py.j2", "_receipt_functions.py.j2"]
+    sources += ["_receipt.py.j2"]
     for source in sources:
         text = env.loader.get_source(env, source)[0]  # type: ignore[union-attr]
         read = jinja2.meta.find_undeclared_variables(env.parse(text))
