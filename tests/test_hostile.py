@@ -232,6 +232,15 @@ def _constants(source: str) -> dict[str, Any]:
     return values
 
 
+def _constant(constants: dict[str, Any], name: str) -> Any:
+    """A constant by name, or a key of a dict constant (``RECEIPT.spec_name``)."""
+    head, *keys = name.split(".")
+    value = constants[head]
+    for key in keys:
+        value = value[key]
+    return value
+
+
 def _load_reward_args(source: str) -> list[tuple[Any, ...]]:
     calls = []
     for node in ast.walk(ast.parse(source)):
@@ -261,7 +270,7 @@ FIELDS = {
     "model.revision": (lambda s: s, "MODEL_REVISION"),
     "dataset.path": (lambda s: s, "DATASET_PATH"),
     "output_dir": (lambda s: s, "OUTPUT_DIR"),
-    "name": (lambda s: s, "SPEC_NAME"),
+    "name": (lambda s: s, "RECEIPT.spec_name"),
     "lora.target_modules": (lambda s: [s], "TARGET_MODULES"),
     "lora.modules_to_save": (lambda s: [s], "MODULES_TO_SAVE"),
     "hardware.gpu": (lambda s: s, None),
@@ -299,7 +308,7 @@ def _renders_as_literal(method: str, field: str, text: str, precision: str) -> b
     train = _constants(files["train.py"])
     merge = _constants(files["merge.py"])
     if constant is not None:
-        assert train[constant] == _expected(field, build(text))
+        assert _constant(train, constant) == _expected(field, build(text))
     if field == "output_dir":
         assert merge["ADAPTER_DIR"] == _spec_path(text)
     if field == "model.revision":
@@ -397,4 +406,4 @@ def test_a_known_hostile_value_renders_as_its_literal(field: str) -> None:
     for method in METHOD_SECTIONS:
         files = _render(_with(BASE | METHOD_SECTIONS[method], field, KNOWN_HOSTILE), "4bit")
         assert files is not None
-        assert _constants(files["train.py"])[constant] == _expected(field, KNOWN_HOSTILE)
+        assert _constant(_constants(files["train.py"]), constant) == _expected(field, KNOWN_HOSTILE)
