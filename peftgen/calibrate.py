@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from peftgen.errors import Problem, UserError
-from peftgen.stack import GIB
+from peftgen.stack import GIB, RECEIPT_VERSION
 
-RECEIPT_VERSION = 2
-"""What generated scripts write now: version 1 plus measured and predicted step seconds."""
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, RECEIPT_VERSION)
+"""Receipt versions this peftgen reads: the one scripts write now (``stack.RECEIPT_VERSION``)
+and version 1, without step times."""
 MAX_SECONDS = 10**7
 """Longest plausible optimizer step (about 4 months): anything above is not a measurement."""
 MAX_BYTES = 2**60

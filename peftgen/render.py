@@ -7,9 +7,11 @@ becomes code (a function to import, a module to adapt) is checked against a patt
 first. So a hostile string in a spec can change what the script *does* only in the way
 the same string in a hand-written literal would.
 
-The template context is built here from the spec and the ``Plan``; templates only lay
-it out, so the choices (which precision, which dtype, what the comments say) are made in
-one place.
+The scripts' context, a frozen ``ScriptContext``, is built here once from the spec and
+the ``Plan``; the train and merge templates only lay it out and never see the spec, so
+the choices (which precision, which dtype, which imports, what the comments say) are made
+in one place. Every spec value is read by its field path (``_SpecValues``): one that
+cannot be written into a script is a ``UserError`` naming the spec file and the field.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import cache
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -302,19 +304,25 @@ def _path_expr(target: Path, anchor_dir: Path | None) -> str:
     return f"str((SCRIPT_DIR / {python_literal(relative_to(target, anchor_dir))}).resolve())"
 
 
-def _reward_funcs(spec: GrpoRunSpec, paths: RunPaths, anchor_dir: Path | None) -> list[RewardFunc]:
+def _reward_funcs(
+    values: _SpecValues, spec: GrpoRunSpec, paths: RunPaths, anchor_dir: Path | None
+) -> list[RewardFunc]:
     rewards: list[RewardFunc] = []
-    for item in spec.grpo.reward_funcs:
+    for index, item in enumerate(spec.grpo.reward_funcs):
+        where = f"grpo.reward_funcs.{index}"
         match = USER_REWARD_PATTERN.match(item)
         if match is None:
-            rewards.append(RewardFunc(name=identifier(f"{item}_reward"), builtin=True))
+            rewards.append(
+                RewardFunc(name=values.identifier(where, f"{item}_reward"), builtin=True)
+            )
         else:
+            function = values.identifier(where, match["func"])
             rewards.append(
                 RewardFunc(
-                    name=identifier(match["func"]),
+                    name=function,
                     builtin=False,
                     path_expr=_path_expr(paths.reward_files[match["path"]], anchor_dir),
-                    function=identifier(match["func"]),
+                    function=function,
                 )
             )
     return rewards
@@ -451,154 +459,517 @@ def _import_line(module: str, names: list[str]) -> str:
     return f"from {module} import (\n" + "".join(f"    {name},\n" for name in names) + ")"
 
 
-def build_context(
+# --- The script context: the typed view the templates lay out ---------------------------
+
+
+class _SpecValues:
+    """Reads the spec values that become part of a script, each by its field path, so a
+    value that cannot be written into the script is a ``UserError`` naming the spec file
+    and the field (as a spec error from ``peftgen.load`` does), never a template error."""
+
+    def __init__(self, loaded: LoadedSpec) -> None:
+        self.loaded = loaded
+
+    def error(self, field_path: str, message: str) -> UserError:
+        return UserError([self.loaded.problem(field_path, message)])
+
+    def literal(self, field_path: str) -> Any:
+        """The value at ``field_path`` (``training.learning_rate``, ``grpo.reward_funcs.0``),
+        checked to be writable as a Python literal."""
+        value: Any = self.loaded.spec
+        for part in field_path.split("."):
+            value = value[int(part)] if part.isdigit() else getattr(value, part)
+        try:
+            python_literal(value)
+        except UserError as error:
+            message = "; ".join(problem.message for problem in error.problems)
+            raise self.error(field_path, f"cannot be written into the script: {message}") from None
+        except TypeError as error:
+            raise self.error(field_path, f"cannot be written into the script: {error}") from None
+        return value
+
+    def identifier(self, field_path: str, name: str | None = None) -> str:
+        """``name`` (default: the value at ``field_path``), which becomes a name in the code."""
+        text = self.literal(field_path) if name is None else name
+        if not isinstance(text, str) or not IDENTIFIER_PATTERN.match(text):
+            raise self.error(
+                field_path, f"{text!r} is not a Python identifier (it becomes code in the script)"
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """How the scripts load the model."""
+
+    id_expr: str
+    """Python source for MODEL_ID (a literal, or a path joined to SCRIPT_DIR)."""
+    id_text: str
+    """The model as the docstring names it."""
+    is_local: bool
+    gated: bool
+    revision: str | None
+    trust_remote_code: bool
+    attn_implementation: str
+
+
+@dataclass(frozen=True)
+class DataView:
+    """Where the rows come from, their format, and the evaluation split."""
+
+    loader: str | None
+    """The ``datasets`` builder of a local file (json, csv, parquet); None: a hub dataset."""
+    path_expr: str
+    split: str
+    format: str
+    evaluate: bool
+    """A share of the rows is held out for evaluation (``dataset.eval_fraction > 0``)."""
+    eval_fraction: float
+    eval_strategy: str
+
+
+@dataclass(frozen=True)
+class LoraView:
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: str | list[str]
+    bias: str
+    use_dora: bool
+    use_rslora: bool
+
+
+@dataclass(frozen=True)
+class QuantizationView:
+    """``BitsAndBytesConfig``'s 4-bit options."""
+
+    quant_type: str
+    use_double_quant: bool
+    quant_storage: str
+    """A ``torch`` dtype name, checked to be an identifier."""
+
+
+@dataclass(frozen=True)
+class TrainingView:
+    """The trainer configuration's constants, as the spec sets them."""
+
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    num_train_epochs: float
+    max_steps: int
+    learning_rate: float
+    lr_scheduler_type: str
+    warmup_ratio: float
+    optim: str
+    seed: int
+    logging_steps: int
+    save_strategy: str
+    save_steps: int | None
+    """Only with ``save_strategy: steps``."""
+    save_total_limit: int | None
+    """Only when checkpoints are saved and a limit is set."""
+    report_to: str | list[str]
+    gradient_checkpointing: bool
+    max_length: int
+    packing: bool
+
+
+@dataclass(frozen=True)
+class DpoView:
+    beta: float
+    loss_types: list[str]
+    precompute_ref_log_probs: bool
+    copies_reference: bool
+    """Full fine-tuning without precomputed log-probs: the script passes a frozen copy."""
+    keeps_lora_dropout: bool
+    """LoRA with dropout: ``disable_dropout=False`` (trl would zero it)."""
+
+
+@dataclass(frozen=True)
+class GrpoView:
+    num_generations: int
+    max_completion_length: int
+    beta: float
+    temperature: float
+    rewards: list[RewardFunc]
+    builtin_rewards: list[str]
+    user_rewards: bool
+    length_target_tokens: int
+    reference_in_compute_dtype: bool
+    """Full fine-tuning with ``beta > 0``: trl's reference loads in the compute dtype."""
+    vllm_kwargs: dict[str, Any]
+    vllm_comment: str
+    vllm_server: bool
+    vllm_serve_command: str
+
+
+@dataclass(frozen=True)
+class ScriptContext:
+    """Everything ``train.py`` and ``merge.py`` are rendered from, decided once here from
+    the spec and the plan. The templates receive its fields (and ``reason`` /
+    ``plan_value``) and only lay them out; they never see the spec."""
+
+    method: str
+    title: str
+    spec_name: str
+    spec_sha256: str
+    receipt_version: int
+    dependencies: list[str]
+    """PEP 723 requirements of train.py (``name==version``)."""
+    merge_dependencies: list[str]
+    receipt_libraries: list[str]
+    """The packages whose installed versions the memory receipt records."""
+    stdlib_imports: list[str]
+    library_imports: list[str]
+    gpu_name: str
+    gpu_count: int
+    planned_gpu: str
+    gpu_memory_bytes: int
+    budget_bytes: int
+    distributed: str
+    fits: bool
+    candidate: Candidate
+    breakdown_rows: list[tuple[str, int]]
+    predicted_breakdown: list[tuple[str, int]]
+    """The chosen candidate's breakdown by ``MemoryBreakdown`` field, for the receipt."""
+    precision: str
+    precision_text: str
+    quantized: bool
+    compute_dtype: str
+    """``torch.<name>`` of the compute dtype."""
+    dtype_expr: str
+    """Python source for the compute dtype (``COMPUTE_DTYPE`` in the fp16 script)."""
+    fp16: bool
+    tf32: bool
+    full: bool
+    script_dir: bool
+    model: ModelView
+    data: DataView
+    output_dir_expr: str
+    merged_dir_expr: str
+    merge_host_bytes: int
+    lora: LoraView | None
+    quantization: QuantizationView | None
+    training: TrainingView
+    modules_to_save: list[str]
+    ensure_weight_tying: bool
+    upcast_modules_to_save: bool
+    upcast_quantized_trainables: bool
+    chat: ChatFormat
+    loss_text: str
+    format_text: str
+    chatml_tokens: list[str]
+    chatml_template_lines: list[str]
+    warnings: list[str]
+    reasons: Mapping[str, str]
+    """The plan's decisions by knob: why (comment text)."""
+    plan_values: Mapping[str, str]
+    """The plan's decisions by knob: what."""
+    dpo: DpoView | None = None
+    grpo: GrpoView | None = None
+
+    def reason(self, knob: str) -> str:
+        return self.reasons.get(knob, "")
+
+    def plan_value(self, knob: str) -> str:
+        return self.plan_values.get(knob, "")
+
+    def template_vars(self) -> dict[str, Any]:
+        """The names a template sees: every field, and the two lookups."""
+        names = {item.name: getattr(self, item.name) for item in fields(self)}
+        return names | {"reason": self.reason, "plan_value": self.plan_value}
+
+
+METHOD_TITLES: dict[str, str] = {
+    "sft": "Supervised fine-tuning (SFT)",
+    "dpo": "Direct preference optimisation (DPO)",
+    "grpo": "Group relative policy optimisation (GRPO)",
+}
+MERGE_LIBRARIES = ("torch", "transformers", "peft", "accelerate")
+VLLM_REQUIREMENT = "vllm>=0.22.0,<=0.31.0"
+
+
+def _stdlib_imports(spec: AnySpec, script_dir: bool, full: bool) -> list[str]:
+    """train.py's standard-library imports, sorted as ruff's isort wants them."""
+    modules = {"argparse", "json", "os", "time"}
+    names = {("importlib", "metadata")}
+    if script_dir:
+        names.add(("pathlib", "Path"))
+    if isinstance(spec, DpoRunSpec) and full and not spec.dpo.precompute_ref_log_probs:
+        modules.add("copy")
+    if isinstance(spec, GrpoRunSpec):
+        if any(USER_REWARD_PATTERN.match(item) for item in spec.grpo.reward_funcs):
+            modules.add("importlib.util")
+            names |= {("collections.abc", "Callable"), ("pathlib", "Path")}
+        if "format" in spec.grpo.reward_funcs:
+            modules.add("re")
+    return [f"import {module}" for module in sorted(modules)] + [
+        f"from {module} import {name}" for module, name in sorted(names)
+    ]
+
+
+def _library_imports(spec: AnySpec, precision: str, chat: ChatFormat, full: bool) -> list[str]:
+    """train.py's imports of the training stack, one statement each."""
+    trainer = spec.method.upper()
+    transformers_names = [
+        "AutoModelForCausalLM",
+        "AutoTokenizer",
+        *(["BitsAndBytesConfig"] if precision in ("8bit", "4bit") else []),
+        *(["PreTrainedTokenizerBase"] if chat.training_template_lines else []),
+        "TrainerCallback",
+    ]
+    return [
+        "import torch",
+        "from accelerate import PartialState",
+        "from datasets import Dataset, load_dataset",
+        *([] if full else ["from peft import LoraConfig"]),
+        _import_line("transformers", transformers_names),
+        "from transformers.trainer_utils import get_last_checkpoint",
+        f"from trl import {trainer}Config, {trainer}Trainer",
+    ]
+
+
+def _model_view(
+    values: _SpecValues, model: ModelSource, paths: RunPaths, anchor_dir: Path | None
+) -> ModelView:
+    if paths.model_dir:
+        shown = (
+            relative_to(paths.model_dir, anchor_dir) if anchor_dir else paths.model_dir.as_posix()
+        )
+        id_expr, id_text = _path_expr(paths.model_dir, anchor_dir), shown + " (a local folder)"
+    else:
+        id_expr, id_text = python_literal(model.id), model.id
+    return ModelView(
+        id_expr=id_expr,
+        id_text=comment_text(id_text),
+        is_local=paths.model_dir is not None,
+        gated=stack.is_gated(model.id),
+        revision=values.literal("model.revision"),
+        trust_remote_code=values.literal("model.trust_remote_code"),
+        attn_implementation=values.literal("model.attn_implementation"),
+    )
+
+
+def _data_view(
+    values: _SpecValues, loaded: LoadedSpec, paths: RunPaths, anchor_dir: Path | None
+) -> DataView:
+    spec = loaded.spec
+    return DataView(
+        loader=_dataset_loader(loaded),
+        path_expr=_path_expr(paths.dataset_file, anchor_dir)
+        if paths.dataset_file
+        else python_literal(values.literal("dataset.path")),
+        split=values.literal("dataset.split"),
+        format=spec.dataset.format,
+        evaluate=spec.dataset.eval_fraction > 0,
+        eval_fraction=values.literal("dataset.eval_fraction"),
+        eval_strategy="steps" if spec.training.save_strategy == "steps" else "epoch",
+    )
+
+
+def _lora_view(values: _SpecValues) -> LoraView:
+    return LoraView(
+        r=values.literal("lora.r"),
+        lora_alpha=values.literal("lora.lora_alpha"),
+        lora_dropout=values.literal("lora.lora_dropout"),
+        target_modules=values.literal("lora.target_modules"),
+        bias=values.literal("lora.bias"),
+        use_dora=values.literal("lora.use_dora"),
+        use_rslora=values.literal("lora.use_rslora"),
+    )
+
+
+def _quantization_view(values: _SpecValues) -> QuantizationView:
+    return QuantizationView(
+        quant_type=values.literal("quantization.bnb_4bit_quant_type"),
+        use_double_quant=values.literal("quantization.bnb_4bit_use_double_quant"),
+        quant_storage=values.identifier("quantization.bnb_4bit_quant_storage"),
+    )
+
+
+def _training_view(values: _SpecValues, spec: AnySpec) -> TrainingView:
+    training = spec.training
+    saves = training.save_strategy != "no"
+    return TrainingView(
+        per_device_train_batch_size=values.literal("training.per_device_train_batch_size"),
+        gradient_accumulation_steps=values.literal("training.gradient_accumulation_steps"),
+        num_train_epochs=values.literal("training.num_train_epochs"),
+        max_steps=values.literal("training.max_steps"),
+        learning_rate=values.literal("training.learning_rate"),
+        lr_scheduler_type=values.literal("training.lr_scheduler_type"),
+        warmup_ratio=values.literal("training.warmup_ratio"),
+        optim=values.literal("training.optim"),
+        seed=values.literal("training.seed"),
+        logging_steps=values.literal("training.logging_steps"),
+        save_strategy=values.literal("training.save_strategy"),
+        save_steps=values.literal("training.save_steps")
+        if training.save_strategy == "steps"
+        else None,
+        save_total_limit=values.literal("training.save_total_limit") if saves else None,
+        report_to=values.literal("training.report_to"),
+        gradient_checkpointing=training.gradient_checkpointing,
+        max_length=values.literal("training.max_length"),
+        packing=values.literal("training.packing"),
+    )
+
+
+def _dpo_view(values: _SpecValues, spec: DpoRunSpec, full: bool) -> DpoView:
+    return DpoView(
+        beta=values.literal("dpo.beta"),
+        loss_types=[values.literal("dpo.loss_type")],
+        precompute_ref_log_probs=spec.dpo.precompute_ref_log_probs,
+        copies_reference=full and not spec.dpo.precompute_ref_log_probs,
+        keeps_lora_dropout=not full and spec.lora.lora_dropout > 0,
+    )
+
+
+def _grpo_view(
+    values: _SpecValues,
+    spec: GrpoRunSpec,
+    model: ModelSource,
+    paths: RunPaths,
+    anchor_dir: Path | None,
+    full: bool,
+) -> GrpoView:
+    grpo = spec.grpo
+    rewards = _reward_funcs(values, spec, paths, anchor_dir)
+    served = model.local_dir.as_posix() if model.local_dir else model.id
+    return GrpoView(
+        num_generations=values.literal("grpo.num_generations"),
+        max_completion_length=values.literal("grpo.max_completion_length"),
+        beta=values.literal("grpo.beta"),
+        temperature=values.literal("grpo.temperature"),
+        rewards=rewards,
+        builtin_rewards=[item for item in grpo.reward_funcs if item in stack.BUILTIN_REWARDS],
+        user_rewards=any(not reward.builtin for reward in rewards),
+        # The length reward peaks halfway to the generation limit: long enough to
+        # reason, short of truncation.
+        length_target_tokens=max(1, grpo.max_completion_length // 2),
+        reference_in_compute_dtype=full and grpo.beta > 0,
+        vllm_kwargs=grpo_vllm_kwargs(spec),
+        vllm_comment={
+            "colocate": "trl's colocate mode: vLLM shares this GPU",
+            "server": "a `trl vllm-serve` process on other GPUs; start it before training",
+        }.get(str(grpo.use_vllm), ""),
+        vllm_server=grpo.use_vllm == "server",
+        vllm_serve_command=comment_text(
+            f"CUDA_VISIBLE_DEVICES={spec.hardware.world_size} trl vllm-serve --model {served} "
+            f"--host {grpo.vllm_server_host} --port {grpo.vllm_server_port} "
+            f"--gpu_memory_utilization {grpo.vllm_gpu_memory_utilization:g}"
+        ),
+    )
+
+
+def script_context(
     loaded: LoadedSpec, plan: Plan, model: ModelSource, anchor_dir: Path | None = None
-) -> dict[str, Any]:
-    """Everything the templates read: spec values, plan numbers and the choices they imply.
+) -> ScriptContext:
+    """The context train.py and merge.py are rendered from: spec values, plan numbers and
+    the choices they imply.
 
     ``anchor_dir`` is the folder the scripts are written to (``emit -o``): local paths are
     then written relative to it; None (stdout) writes them absolute.
     """
     spec = loaded.spec
+    values = _SpecValues(loaded)
     candidate = plan.chosen or _forced_candidate(spec, plan)
     precision = candidate.precision
+    quantized = precision in ("8bit", "4bit")
+    full = spec.finetuning == "full"
     dtype = stack.compute_dtype(precision, plan.gpu.bf16)
     compute_dtype = stack.TORCH_DTYPE_NAMES[dtype]
-    loader = _dataset_loader(loaded)
-    training = spec.training
+    fp16 = dtype == "fp16"
     paths = run_paths(spec, loaded.path.parent, model.local_dir)
-    # The plan's decisions by knob, flattened for comments: templates quote the reasons.
-    reasons = {decision.knob: comment_text(decision.reason) for decision in plan.decisions}
-    values = {decision.knob: comment_text(decision.value) for decision in plan.decisions}
-    modules_to_save = trained_modules_to_save(spec)
     chat = _chat_format(spec, model)
-    context: dict[str, Any] = {
-        "spec": spec,
-        "method": spec.method,
-        "spec_name": spec.name,
-        "spec_sha256": loaded.sha256,
-        "plan": plan,
-        "gpu_name": comment_text(plan.gpu.name),
-        "gpu_count": plan.gpu.count,
-        "distributed": spec.hardware.distributed,
-        "fits": plan.fits,
-        "candidate": candidate,
-        "breakdown_rows": _breakdown_rows(candidate),
-        "breakdown_keys": BREAKDOWN_LABELS,
-        "precision": precision,
-        "quantized": precision in ("8bit", "4bit"),
-        "compute_dtype": compute_dtype,
+    # Full fine-tuning trains every weight: nothing to list for peft.
+    modules_to_save = [] if full else trained_modules_to_save(spec)
+    # fp32 master weights for trained copies (stack.trained_copy_dtype): the script casts
+    # where they start in 16 bits, full copies of a 16-bit base's layers, or trl's bf16 on
+    # an 8/4-bit model whose GPU lacks bf16. Full fine-tuning loads in fp32 already.
+    fp32_copies = stack.trained_copy_dtype(precision, spec.finetuning, dtype) == "fp32"
+    pinned = {
+        name: version
+        for name, version in stack.PINNED_VERSIONS.items()
+        if (name != "bitsandbytes" or stack.uses_bitsandbytes(precision, spec.training.optim))
+        and (name != "peft" or not full)
+    }
+    grpo = (
+        _grpo_view(values, spec, model, paths, anchor_dir, full)
+        if isinstance(spec, GrpoRunSpec)
+        else None
+    )
+    vllm = [VLLM_REQUIREMENT] if grpo is not None and grpo.vllm_kwargs else []
+    script_dir = anchor_dir is not None
+    breakdown_rows = _breakdown_rows(candidate)
+    if full:
+        breakdown_rows = [row for row in breakdown_rows if row[0] != "LoRA adapter"]
+        precision_text = (
+            f"fp32 (master weights), trained under {compute_dtype} autocast: full fine-tuning"
+        )
+    else:
+        precision_text = _precision_text(spec, precision, compute_dtype)
+    return ScriptContext(
+        method=spec.method,
+        title=f"{METHOD_TITLES[spec.method]} {'of every weight' if full else 'with LoRA'}",
+        spec_name=spec.name,
+        spec_sha256=loaded.sha256,
+        receipt_version=stack.RECEIPT_VERSION,
+        dependencies=[f"{name}=={version}" for name, version in pinned.items()] + vllm,
+        merge_dependencies=[f"{name}=={stack.PINNED_VERSIONS[name]}" for name in MERGE_LIBRARIES],
+        receipt_libraries=list(pinned),
+        stdlib_imports=_stdlib_imports(spec, script_dir, full),
+        library_imports=_library_imports(spec, precision, chat, full),
+        gpu_name=comment_text(plan.gpu.name),
+        gpu_count=plan.gpu.count,
+        planned_gpu=plan.gpu.name,
+        gpu_memory_bytes=plan.gpu.vram_bytes,
+        budget_bytes=plan.budget_bytes,
+        distributed=spec.hardware.distributed,
+        fits=plan.fits,
+        candidate=candidate,
+        breakdown_rows=breakdown_rows,
+        predicted_breakdown=[
+            (key, getattr(candidate.breakdown, key)) for key, _ in BREAKDOWN_LABELS
+        ],
+        precision=precision,
+        precision_text=precision_text,
+        quantized=quantized,
+        compute_dtype=compute_dtype,
+        dtype_expr="COMPUTE_DTYPE" if fp16 else f"torch.{compute_dtype}",
         # fp16 autocast is CUDA-only: the script falls back to fp32 without a GPU.
-        "fp16": dtype == "fp16",
-        "tf32": _ampere_or_newer(plan.gpu.compute_capability),
-        "pinned": {
-            name: version
-            for name, version in stack.PINNED_VERSIONS.items()
-            if name != "bitsandbytes" or stack.uses_bitsandbytes(precision, training.optim)
-        },
-        "script_dir": anchor_dir is not None,
-        "model_id_expr": _path_expr(paths.model_dir, anchor_dir)
-        if paths.model_dir
-        else python_literal(model.id),
-        "model_is_local": paths.model_dir is not None,
-        "model_id_text": comment_text(
-            (relative_to(paths.model_dir, anchor_dir) if anchor_dir else paths.model_dir.as_posix())
-            + " (a local folder)"
-            if paths.model_dir
-            else model.id
-        ),
-        "transformers_import": _import_line(
-            "transformers",
-            [
-                "AutoModelForCausalLM",
-                "AutoTokenizer",
-                *(["BitsAndBytesConfig"] if precision in ("8bit", "4bit") else []),
-                *(["PreTrainedTokenizerBase"] if chat.training_template_lines else []),
-                "TrainerCallback",
-                "TrainerState",
-            ],
-        ),
-        "gated": stack.is_gated(model.id),
-        "data_loader": loader,
-        "data_path_expr": _path_expr(paths.dataset_file, anchor_dir)
-        if paths.dataset_file
-        else python_literal(spec.dataset.path),
-        "output_dir_expr": _path_expr(paths.output_dir, anchor_dir),
-        "merged_dir_expr": _path_expr(
+        fp16=fp16,
+        tf32=_ampere_or_newer(plan.gpu.compute_capability),
+        full=full,
+        script_dir=script_dir,
+        model=_model_view(values, model, paths, anchor_dir),
+        data=_data_view(values, loaded, paths, anchor_dir),
+        output_dir_expr=_path_expr(paths.output_dir, anchor_dir),
+        merged_dir_expr=_path_expr(
             paths.output_dir.with_name(paths.output_dir.name + "-merged"), anchor_dir
         ),
-        "modules_to_save": modules_to_save,
+        # merge.py holds the whole model in the compute dtype on the CPU.
+        merge_host_bytes=plan.total_parameters * 2,
+        lora=None if full else _lora_view(values),
+        quantization=_quantization_view(values) if precision == "4bit" else None,
+        training=_training_view(values, spec),
+        modules_to_save=modules_to_save,
         # peft unties tied embeddings when both are saved in full, unless told to keep them
         # one tensor (a copy each would double the memory and untie the merged model).
-        "ensure_weight_tying": stack.shares_tied_copy(model.tied_embeddings, modules_to_save),
-        # fp32 master weights for full copies on a 16-bit base: bf16 / fp16 weights would
-        # round small updates away (quantized models: trl casts them to bf16 itself).
-        # merge.py holds the whole model in the compute dtype on the CPU.
-        "merge_host_bytes": plan.total_parameters * 2,
-        "upcast_modules_to_save": bool(modules_to_save) and precision in ("bf16", "fp16"),
+        ensure_weight_tying=stack.shares_tied_copy(model.tied_embeddings, modules_to_save),
+        upcast_modules_to_save=bool(modules_to_save) and not quantized and fp32_copies,
         # trl casts the trainable weights of 8/4-bit models to bf16, which an fp16 GPU lacks.
-        "upcast_quantized_trainables": precision in ("8bit", "4bit") and dtype == "fp16",
-        "chat": chat,
-        "loss_text": _loss_text(spec.method, chat.loss_on),
-        "format_text": _format_text(chat),
-        "chatml_tokens": list(CHATML_SPECIAL_TOKENS),
-        "chatml_template_lines": _split_template(chat_templates.CHATML.training or ""),
-        "precision_text": _precision_text(spec, precision, compute_dtype),
-        "eval_strategy": "steps" if training.save_strategy == "steps" else "epoch",
-        "reason": lambda knob: reasons.get(knob, ""),
-        "plan_value": lambda knob: values.get(knob, ""),
-        "warnings": [comment_text(text) for text in plan.warnings],
-    }
-    if isinstance(spec, GrpoRunSpec):
-        rewards = _reward_funcs(spec, paths, anchor_dir)
-        context["rewards"] = rewards
-        context["builtin_rewards"] = [
-            item for item in spec.grpo.reward_funcs if item in stack.BUILTIN_REWARDS
-        ]
-        context["user_rewards"] = any(not reward.builtin for reward in rewards)
-        # The length reward peaks halfway to the generation limit: long enough to
-        # reason, short of truncation.
-        context["length_target_tokens"] = max(1, spec.grpo.max_completion_length // 2)
-    if isinstance(spec, DpoRunSpec):
-        context["dpo_loss_types"] = [spec.dpo.loss_type]
-    context.update(_full_and_vllm_context(spec, context, model))
-    return context
-
-
-def _full_and_vllm_context(
-    spec: AnySpec, context: Mapping[str, Any], model: ModelSource
-) -> dict[str, Any]:
-    """``full`` (``finetuning: full``: no peft, fp32 masters, no merge step) and GRPO's
-    vLLM options, written as trl 1.16's own GRPOConfig keys."""
-    full = spec.finetuning == "full"
-    extra: dict[str, Any] = {"full": full, "vllm_kwargs": {}, "vllm_comment": ""}
-    if full:
-        extra["pinned"] = {k: v for k, v in context["pinned"].items() if k != "peft"}
-        extra["precision_text"] = (
-            f"fp32 (master weights), trained under {context['compute_dtype']} autocast: "
-            "full fine-tuning"
-        )
-        extra["upcast_modules_to_save"] = False
-        # Every weight trains: nothing to list for peft.
-        extra["modules_to_save"] = []
-        extra["ensure_weight_tying"] = False
-        extra["breakdown_rows"] = [
-            row for row in context["breakdown_rows"] if row[0] != "LoRA adapter"
-        ]
-    if isinstance(spec, GrpoRunSpec):
-        extra["vllm_kwargs"] = grpo_vllm_kwargs(spec)
-        extra["vllm_comment"] = {
-            "colocate": "trl's colocate mode: vLLM shares this GPU",
-            "server": "a `trl vllm-serve` process on other GPUs; start it before training",
-        }.get(str(spec.grpo.use_vllm), "")
-        grpo = spec.grpo
-        served = model.local_dir.as_posix() if model.local_dir else model.id
-        extra["vllm_serve_command"] = comment_text(
-            f"CUDA_VISIBLE_DEVICES={spec.hardware.world_size} trl vllm-serve --model {served} "
-            f"--host {grpo.vllm_server_host} --port {grpo.vllm_server_port} "
-            f"--gpu_memory_utilization {grpo.vllm_gpu_memory_utilization:g}"
-        )
-    return extra
+        upcast_quantized_trainables=quantized and fp32_copies,
+        chat=chat,
+        loss_text=_loss_text(spec.method, chat.loss_on),
+        format_text=_format_text(chat),
+        chatml_tokens=list(CHATML_SPECIAL_TOKENS),
+        chatml_template_lines=_split_template(chat_templates.CHATML.training or ""),
+        warnings=[comment_text(text) for text in plan.warnings],
+        # The plan's decisions by knob, flattened for comments: templates quote the reasons.
+        reasons={decision.knob: comment_text(decision.reason) for decision in plan.decisions},
+        plan_values={decision.knob: comment_text(decision.value) for decision in plan.decisions},
+        dpo=_dpo_view(values, spec, full) if isinstance(spec, DpoRunSpec) else None,
+        grpo=grpo,
+    )
 
 
 def grpo_vllm_kwargs(spec: GrpoRunSpec) -> dict[str, Any]:
@@ -620,9 +991,19 @@ def grpo_vllm_kwargs(spec: GrpoRunSpec) -> dict[str, Any]:
 # --- Public entry points -------------------------------------------------------------------
 
 
+def _render_script(loaded: LoadedSpec, name: str, context: ScriptContext) -> str:
+    """One script; a user error raised while rendering names the spec file."""
+    try:
+        return render_template(name, context.template_vars())
+    except UserError as error:
+        problems = [replace(p, file=p.file or loaded.path.as_posix()) for p in error.problems]
+        raise UserError(problems) from None
+
+
 def render_train_script(loaded: LoadedSpec, plan: Plan, model: ModelSource) -> str:
     """train.py for stdout: local paths absolute, so it runs wherever it is saved."""
-    return render_template(TRAIN_TEMPLATES[loaded.spec.method], build_context(loaded, plan, model))
+    context = script_context(loaded, plan, model)
+    return _render_script(loaded, TRAIN_TEMPLATES[loaded.spec.method], context)
 
 
 def render_all(
@@ -634,11 +1015,11 @@ def render_all(
     ``plan_markdown`` is the VRAM report's Markdown (``peftgen.report``), rendered by the
     caller, which holds the resolved architecture the report's tables need."""
     anchor = Path(os.path.abspath(output_dir))
-    context = build_context(loaded, plan, model, anchor)
+    context = script_context(loaded, plan, model, anchor)
     # Full fine-tuning saves the model itself: there is no adapter to merge.
-    merge = {} if context["full"] else {"merge.py": render_template("merge.py.j2", context)}
+    merge = {} if context.full else {"merge.py": _render_script(loaded, "merge.py.j2", context)}
     return {
-        "train.py": render_template(TRAIN_TEMPLATES[loaded.spec.method], context),
+        "train.py": _render_script(loaded, TRAIN_TEMPLATES[loaded.spec.method], context),
         **merge,
         # The VRAM report's Markdown, without charts: the same tables `peftgen report` shows.
         "plan.md": plan_markdown,

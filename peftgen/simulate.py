@@ -729,7 +729,7 @@ def build_model(
         resolved,
         quantized=precision in ("8bit", "4bit"),
         gc=spec.training.gradient_checkpointing,
-        compute_dtype=dtype,
+        fp32_copies=stack.trained_copy_dtype(precision, spec.finetuning, compute_dtype) == "fp32",
     )
 
 
@@ -902,9 +902,10 @@ def _forward_8bit(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare_peft(
-    model: Any, resolved: Resolved, quantized: bool, gc: bool, compute_dtype: torch.dtype
+    model: Any, resolved: Resolved, quantized: bool, gc: bool, fp32_copies: bool
 ) -> Any:
-    """peft wrapping and trl 1.16's preparation for PEFT, in the trainer's order."""
+    """peft wrapping and trl 1.16's preparation for PEFT, in the trainer's order;
+    ``fp32_copies``: the script's rule for its trained copies (``stack.trained_copy_dtype``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
@@ -950,7 +951,7 @@ def _prepare_peft(
         "grpo": ("log_probs", "entropy"),
     }[spec.method]
     add_fused_lm_head(base, outputs=outputs)
-    if (not quantized and modules_to_save) or (quantized and compute_dtype == torch.float16):
+    if fp32_copies and (quantized or modules_to_save):
         # the generated script: fp32 master weights for full copies on a 16-bit base, and
         # for every trainable weight of a quantized model on a GPU without bf16
         for param in peft_model.parameters():

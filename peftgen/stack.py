@@ -35,6 +35,10 @@ pyproject's ``train`` extra and every PEP 723 header pin exactly these (a test t
 
 ComputeDtype = Literal["bf16", "fp16"]
 
+RECEIPT_VERSION = 2
+"""The memory receipt's format (``memory_receipt.json``) that generated scripts write and
+``peftgen calibrate`` reads: version 1 plus measured and predicted step seconds."""
+
 
 def compute_dtype(precision: str, gpu_bf16: bool) -> ComputeDtype:
     """The dtype the script computes in: fp16 when the spec loads in fp16 (even on a bf16
@@ -42,6 +46,27 @@ def compute_dtype(precision: str, gpu_bf16: bool) -> ComputeDtype:
     loads compute in the same dtype (``bnb_4bit_compute_dtype``, LLM.int8's fp16/bf16
     matmul)."""
     return "fp16" if precision == "fp16" or not gpu_bf16 else "bf16"
+
+
+TrainedCopyDtype = Literal["bf16", "fp32"]
+
+
+def trained_copy_dtype(precision: str, finetuning: str, compute: str) -> TrainedCopyDtype:
+    """The dtype the generated script trains its full copies in: ``modules_to_save`` and
+    trainable biases, the LoRA adapters of a k-bit model, full fine-tuning's weights.
+
+    fp32 master weights (16-bit ones round small updates away, and fp16 mixed precision
+    refuses fp16 trainable weights), except on a k-bit model computing in bf16: trl 1.16
+    casts every trainable weight of an 8/4-bit model to bf16 (sft_trainer.py:906-911,
+    dpo_trainer.py:726-729, grpo_trainer.py:538-541) and the script leaves them so.
+    ``compute`` is ``compute_dtype(precision, gpu_bf16)``: a k-bit model computes in fp16
+    only on a GPU without bfloat16, where the script casts trl's bf16 copies back to fp32.
+    Where the copies come from decides whether the script casts: full fine-tuning loads in
+    fp32; a 16-bit base's ``modules_to_save`` start as 16-bit copies and are upcast (peft
+    upcasts LoRA adapters itself, ``autocast_adapter_dtype``)."""
+    if finetuning != "full" and precision in ("8bit", "4bit") and compute == "bf16":
+        return "bf16"
+    return "fp32"
 
 
 TORCH_DTYPE_NAMES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -242,6 +242,15 @@ def _constants(source: str) -> dict[str, Any]:
     return values
 
 
+def _constant(constants: dict[str, Any], name: str) -> Any:
+    """A constant by name, or a key of a dict constant (``RECEIPT.spec_name``)."""
+    head, *keys = name.split(".")
+    value = constants[head]
+    for key in keys:
+        value = value[key]
+    return value
+
+
 def _load_reward_args(source: str) -> list[tuple[Any, ...]]:
     calls = []
     for node in ast.walk(ast.parse(source)):
@@ -271,7 +280,7 @@ FIELDS = {
     "model.revision": (lambda s: s, "MODEL_REVISION"),
     "dataset.path": (lambda s: s, "DATASET_PATH"),
     "output_dir": (lambda s: s, "OUTPUT_DIR"),
-    "name": (lambda s: s, "SPEC_NAME"),
+    "name": (lambda s: s, "RECEIPT.spec_name"),
     "lora.target_modules": (lambda s: [s], "TARGET_MODULES"),
     "lora.modules_to_save": (lambda s: [s], "MODULES_TO_SAVE"),
     "hardware.gpu": (lambda s: s, None),
@@ -309,7 +318,7 @@ def _renders_as_literal(method: str, field: str, text: str, precision: str) -> b
     train = _constants(files["train.py"])
     merge = _constants(files["merge.py"])
     if constant is not None:
-        assert train[constant] == _expected(field, build(text))
+        assert _constant(train, constant) == _expected(field, build(text))
     if field == "output_dir":
         assert merge["ADAPTER_DIR"] == _spec_path(text)
     if field == "model.revision":
@@ -368,26 +377,33 @@ def test_hostile_plan_text_only_reaches_comments(text: str, method: str) -> None
     hostile = render_all(loaded, _plan("4bit", gpu_name=text, reason=text), "", model, OUT_DIR)
     for name in ("train.py", "merge.py"):
         plain_tree, hostile_tree = ast.parse(plain[name]), ast.parse(hostile[name])
-        # The docstring may quote the text, and the memory receipt's PLANNED_GPU holds the
+        # The docstring may quote the text, and the memory receipt's predicted gpu holds the
         # GPU's name as a literal; everything else must be identical.
         assert _code_without_planned_gpu(plain_tree) == _code_without_planned_gpu(hostile_tree)
     assert _planned_gpu(ast.parse(hostile["train.py"])) == text
 
 
-def _is_planned_gpu(statement: ast.stmt) -> bool:
-    return isinstance(statement, ast.Assign) and any(
-        isinstance(target, ast.Name) and target.id == "PLANNED_GPU" for target in statement.targets
-    )
+def _receipt(tree: ast.Module) -> tuple[ast.stmt, dict[str, Any]]:
+    """The memory receipt's fixed part (``RECEIPT = {...}``) and its value."""
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "RECEIPT" for target in statement.targets
+        ):
+            return statement, ast.literal_eval(statement.value)
+    raise AssertionError("no RECEIPT in the script")
 
 
 def _code_without_planned_gpu(tree: ast.Module) -> str:
-    return ast.dump(ast.Module([s for s in tree.body[1:] if not _is_planned_gpu(s)], []))
+    if not any(isinstance(s, ast.ClassDef) and s.name == "MemoryReceipt" for s in tree.body):
+        return ast.dump(ast.Module(tree.body[1:], []))  # merge.py: no receipt
+    statement, receipt = _receipt(tree)
+    receipt["predicted"]["gpu"] = None
+    body = [s for s in tree.body[1:] if s is not statement]
+    return ast.dump(ast.Module(body, [])) + repr(receipt)
 
 
 def _planned_gpu(tree: ast.Module) -> object:
-    statement = next(s for s in tree.body if _is_planned_gpu(s))
-    assert isinstance(statement, ast.Assign)
-    return ast.literal_eval(statement.value)
+    return _receipt(tree)[1]["predicted"]["gpu"]
 
 
 KNOWN_HOSTILE = 'q"\'\\ {{ x }} {% if 1 %} """ \u2028 \x85 \u202e 😀 ); import os #'
@@ -400,4 +416,4 @@ def test_a_known_hostile_value_renders_as_its_literal(field: str) -> None:
     for method in METHOD_SECTIONS:
         files = _render(_with(BASE | METHOD_SECTIONS[method], field, KNOWN_HOSTILE), "4bit")
         assert files is not None
-        assert _constants(files["train.py"])[constant] == _expected(field, KNOWN_HOSTILE)
+        assert _constant(_constants(files["train.py"]), constant) == _expected(field, KNOWN_HOSTILE)

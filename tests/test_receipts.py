@@ -22,6 +22,7 @@ from peftgen.cli import main as peftgen_main
 from peftgen.load import load_spec
 from peftgen.plan import make_plan
 from peftgen.resolve import resolve
+from peftgen.stack import RECEIPT_VERSION
 
 MAX_LENGTH = 64
 BATCH = 2
@@ -115,7 +116,7 @@ def test_cpu_run_writes_receipt_with_the_plan_embedded(
     run = _run(tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
 
-    # After RECEIPT_AFTER_STEPS (3) optimizer steps, and again at the end.
+    # After 3 optimizer steps, and again at the end.
     lines = [line for line in run.stdout.splitlines() if line.startswith("memory receipt")]
     assert [line.split(":")[0] for line in lines] == [
         "memory receipt (early, step 3)",
@@ -134,7 +135,7 @@ def test_cpu_run_writes_receipt_with_the_plan_embedded(
     assert receipt["smoke_steps"] == 0
     assert receipt["device"] == {"type": "cpu", "name": "cpu", "total_memory_bytes": None}
     measured = receipt["measured"]
-    assert receipt["receipt_version"] == 2
+    assert receipt["receipt_version"] == RECEIPT_VERSION
     assert (measured["max_memory_allocated_bytes"], measured["max_memory_reserved_bytes"]) == (
         None,
         None,

@@ -7,9 +7,12 @@ produce are trained for real in ``test_emit_e2e.py``.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import textwrap
 from pathlib import Path
 
+import jinja2
+import jinja2.meta
 import pytest
 from test_golden import ruff_problems
 
@@ -137,6 +140,61 @@ def test_templates_are_found_in_the_checkout() -> None:
     names = {"train_sft.py.j2", "train_dpo.py.j2", "train_grpo.py.j2", "merge.py.j2"}
     root = render._template_root()
     assert all((root / name).is_file() for name in names)
+
+
+SCRIPT_TEMPLATES = ("train_sft.py.j2", "train_dpo.py.j2", "train_grpo.py.j2", "merge.py.j2")
+
+
+@pytest.mark.parametrize("name", SCRIPT_TEMPLATES)
+def test_script_templates_read_only_the_script_context(name: str) -> None:
+    """No template sees the spec: every name it reads is a field of ``ScriptContext`` (or
+    set by the template itself), so every choice is made once, in ``render``."""
+    env = render.environment()
+    known = {item.name for item in dataclasses.fields(render.ScriptContext)}
+    known |= {"reason", "plan_value"}
+    sources = [name, "train_base.py.j2", "_header.py.j2", "_training_args.py.j2"]
+    sources += ["_receipt.py.j2"]
+    for source in sources:
+        text = env.loader.get_source(env, source)[0]  # type: ignore[union-attr]
+        read = jinja2.meta.find_undeclared_variables(env.parse(text))
+        assert "spec" not in read, source
+        assert read <= known, (source, read - known)
+
+
+def _loaded_with(spec_path: Path, section: str, **changes: object) -> tuple[object, ...]:
+    """The spec's pieces with ``section`` changed past validation (what a peftgen bug or a
+    future field could let through), for the renderer's own checks."""
+    resolved = resolve(load_spec(spec_path))
+    spec = resolved.loaded.spec
+    changed = getattr(spec, section).model_copy(update=changes)
+    loaded = dataclasses.replace(resolved.loaded, spec=spec.model_copy(update={section: changed}))
+    return loaded, make_plan(resolved), render.model_source(resolved)
+
+
+def test_a_spec_value_that_cannot_become_code_names_the_spec_and_field(tmp_path: Path) -> None:
+    spec_path = _spec(tmp_path, precision="4bit")
+    loaded, plan, model = _loaded_with(
+        spec_path, "quantization", bnb_4bit_quant_storage="uint8; import os"
+    )
+    with pytest.raises(UserError) as caught:
+        render.render_train_script(loaded, plan, model)  # type: ignore[arg-type]
+    [problem] = caught.value.problems
+    assert problem.file == str(spec_path)
+    assert problem.field_path == "quantization.bnb_4bit_quant_storage"
+    assert "not a Python identifier" in problem.message
+    assert str(caught.value).startswith(f"{spec_path}:")
+
+
+def test_a_spec_value_that_cannot_be_a_literal_names_the_spec_and_field(tmp_path: Path) -> None:
+    spec_path = _spec(tmp_path, extra="training:\n  learning_rate: 0.001\n")
+    loaded, plan, model = _loaded_with(spec_path, "training", learning_rate=float("inf"))
+    with pytest.raises(UserError) as caught:
+        render.render_all(loaded, plan, "", model, tmp_path / "out")  # type: ignore[arg-type]
+    [problem] = caught.value.problems
+    assert (problem.file, problem.field_path) == (str(spec_path), "training.learning_rate")
+    assert "not finite" in problem.message
+    # Located at the value's line in the file, quoted as load's errors are.
+    assert problem.line is not None and "learning_rate: 0.001" in str(caught.value)
 
 
 # --- only the chosen path -----------------------------------------------------------------

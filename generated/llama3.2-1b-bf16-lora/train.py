@@ -45,6 +45,7 @@ Run from any directory (local paths are relative to this file's folder):
 import argparse
 import json
 import os
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -52,7 +53,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainerState
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -90,43 +91,6 @@ SAVE_STEPS = 100
 SAVE_TOTAL_LIMIT = 2
 REPORT_TO = "none"
 
-# Memory receipt: the plan's prediction, written next to what this run measures
-# (OUTPUT_DIR/memory_receipt.json, to calibrate the planner with).
-SPEC_NAME = "llama3.2-1b-bf16-lora"
-SPEC_SHA256 = "f3d28c6f3a151dbb03c1d900a27074c4e01bd01f6f251ca199da6f0b69e48f51"
-PLANNED_GPU = "NVIDIA GeForce RTX 4090"
-PREDICTED = {
-    "gpu": PLANNED_GPU,
-    "gpu_memory_bytes": 25757220864,
-    "precision": "bf16",
-    # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
-    # cache); the whole process with the CUDA context (what nvidia-smi shows).
-    "peak_allocated_bytes": 12231905280,
-    "torch_reserved_bytes": 13209753558,
-    "peak_reserved_bytes": 13746624470,
-    "breakdown_bytes": {
-        "weights_bytes": 2471628800,
-        "adapter_bytes": 90177536,
-        "gradient_bytes": 90177536,
-        "optimizer_bytes": 180355072,
-        "activation_bytes": 9080668160,
-        "logits_bytes": 318898176,
-        "overhead_bytes": 1514719190,
-    },
-    # Seconds per optimizer step on NVIDIA GeForce RTX 4090 (the range: the throughput benchmark's
-    # spread).
-    "step_seconds": 0.8389,
-    "step_seconds_low": 0.7359,
-    "step_seconds_high": 0.9754,
-}
-RECEIPT_LIBRARIES = [
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "datasets",
-    "accelerate",
-]
 # Smoke test: PEFTGEN_SMOKE_STEPS=N trains N optimizer steps on the longest rows only, so
 # an out-of-memory error shows in the first minute, not after an hour. Nothing is saved.
 SMOKE_STEPS = int(os.environ.get("PEFTGEN_SMOKE_STEPS", "0"))
@@ -275,33 +239,72 @@ def longest_rows(dataset: Dataset, count: int, characters: int = 0) -> Dataset:
     return dataset.select(order)
 
 
+# The memory receipt's fixed part: the plan's prediction, embedded when the script was emitted.
+RECEIPT = {
+    "receipt_version": 2,
+    "spec_name": "llama3.2-1b-bf16-lora",
+    "spec_sha256": "f3d28c6f3a151dbb03c1d900a27074c4e01bd01f6f251ca199da6f0b69e48f51",
+    "predicted": {
+        "gpu": "NVIDIA GeForce RTX 4090",
+        "gpu_memory_bytes": 25757220864,
+        "precision": "bf16",
+        # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
+        # cache); the whole process with the CUDA context (what nvidia-smi shows).
+        "peak_allocated_bytes": 12231905280,
+        "torch_reserved_bytes": 13209753558,
+        "peak_reserved_bytes": 13746624470,
+        "breakdown_bytes": {
+            "weights_bytes": 2471628800,
+            "adapter_bytes": 90177536,
+            "gradient_bytes": 90177536,
+            "optimizer_bytes": 180355072,
+            "activation_bytes": 9080668160,
+            "logits_bytes": 318898176,
+            "overhead_bytes": 1514719190,
+        },
+        # Seconds per optimizer step on NVIDIA GeForce RTX 4090 (the range: the throughput
+        # benchmark's spread).
+        "step_seconds": 0.8389,
+        "step_seconds_low": 0.7359,
+        "step_seconds_high": 0.9754,
+    },
+}
+# The libraries whose installed versions the receipt records.
+RECEIPT_LIBRARIES = [
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+]
+
+
 class MemoryReceipt(TrainerCallback):
-    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end: the peak
-    memory and the seconds per optimizer step measured, next to the plan's PREDICTED."""
+    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end: RECEIPT
+    with the peak memory and the seconds per optimizer step this run measured."""
 
-    def __init__(self) -> None:
-        from time import perf_counter  # only the receipt needs a clock
+    def __init__(self):
+        self.started, self.step_seconds = 0.0, []
 
-        self.clock, self.started, self.step_seconds = perf_counter, 0.0, []
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
 
-    def on_step_begin(self, args, state: TrainerState, control, **kwargs) -> None:
-        self.started = self.clock()
-
-    def on_step_end(self, args, state: TrainerState, control, **kwargs) -> None:
+    def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's kernels have finished, not just queued
-        self.step_seconds.append(self.clock() - self.started)
+        self.step_seconds.append(time.perf_counter() - self.started)
         if state.global_step == 3:
             self.write(state, "early")
 
-    def on_train_end(self, args, state: TrainerState, control, **kwargs) -> None:
+    def on_train_end(self, args, state, control, **kwargs):
         self.write(state, "end")
 
-    def write(self, state: TrainerState, stage: str) -> None:
+    def write(self, state, stage):
         if not state.is_world_process_zero:
             return
         cuda = torch.cuda.is_available()
-        device = torch.cuda.get_device_properties(torch.cuda.current_device()) if cuda else None
+        device = torch.cuda.get_device_properties() if cuda else None
         timed = self.step_seconds[1:]  # after warm-up: the first step launches every kernel
         measured = {
             "max_memory_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
@@ -310,9 +313,7 @@ class MemoryReceipt(TrainerCallback):
             "timed_steps": len(timed),
         }
         receipt = {
-            "receipt_version": 2,
-            "spec_name": SPEC_NAME,
-            "spec_sha256": SPEC_SHA256,
+            **RECEIPT,
             "stage": stage,
             "optimizer_steps": state.global_step,
             "smoke_steps": SMOKE_STEPS,
@@ -323,7 +324,6 @@ class MemoryReceipt(TrainerCallback):
                 "total_memory_bytes": device.total_memory if device else None,
             },
             "measured": measured,
-            "predicted": PREDICTED,
             "versions": {name: metadata.version(name) for name in RECEIPT_LIBRARIES},
         }
         path = os.path.join(OUTPUT_DIR, "memory_receipt.json")
@@ -331,16 +331,16 @@ class MemoryReceipt(TrainerCallback):
         with open(path + ".tmp", "w", encoding="utf-8") as file:
             json.dump(receipt, file, indent=2)
         os.replace(path + ".tmp", path)  # renamed into place: never half a receipt
-        found = "no CUDA device, nothing measured"
+        planned, found = RECEIPT["predicted"], "no CUDA device, nothing measured"
         if cuda:
             found = (
                 f"on {device.name}: {measured['max_memory_reserved_bytes'] / 2**30:.2f} GiB "
-                f"reserved (plan {PREDICTED['torch_reserved_bytes'] / 2**30:.2f})"
+                f"reserved (plan {planned['torch_reserved_bytes'] / 2**30:.2f})"
             )
         if timed:
-            planned = PREDICTED["step_seconds"]
             found += f", {measured['step_seconds']:.2f} s per step"
-            found += f" (plan {planned:.2f})" if planned is not None else ""
+            if planned["step_seconds"] is not None:
+                found += f" (plan {planned['step_seconds']:.2f})"
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")
 
 

@@ -48,6 +48,7 @@ Run from any directory (local paths are relative to this file's folder):
 import argparse
 import json
 import os
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -61,7 +62,6 @@ from transformers import (
     BitsAndBytesConfig,
     PreTrainedTokenizerBase,
     TrainerCallback,
-    TrainerState,
 )
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
@@ -102,43 +102,6 @@ SAVE_STEPS = 100
 SAVE_TOTAL_LIMIT = 2
 REPORT_TO = "none"
 
-# Memory receipt: the plan's prediction, written next to what this run measures
-# (OUTPUT_DIR/memory_receipt.json, to calibrate the planner with).
-SPEC_NAME = "mistral-7b-8bit-lora"
-SPEC_SHA256 = "810fc5ed0e70e295713f1be8d60561c8dc06af1f92609fb77342be2682047157"
-PLANNED_GPU = "NVIDIA A10G"
-PREDICTED = {
-    "gpu": PLANNED_GPU,
-    "gpu_memory_bytes": 24146608128,
-    "precision": "8bit",
-    # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
-    # cache); the whole process with the CUDA context (what nvidia-smi shows).
-    "peak_allocated_bytes": 12394864640,
-    "torch_reserved_bytes": 12959519292,
-    "peak_reserved_bytes": 13496390204,
-    "breakdown_bytes": {
-        "weights_bytes": 7522230272,
-        "adapter_bytes": 27262976,
-        "gradient_bytes": 27262976,
-        "optimizer_bytes": 27688960,
-        "activation_bytes": 4790419456,
-        "logits_bytes": 0,
-        "overhead_bytes": 1101525564,
-    },
-    # Seconds per optimizer step on NVIDIA A10G (the range: the throughput benchmark's spread).
-    "step_seconds": 8.447,
-    "step_seconds_low": 7.41,
-    "step_seconds_high": 9.822,
-}
-RECEIPT_LIBRARIES = [
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "bitsandbytes",
-    "datasets",
-    "accelerate",
-]
 # Smoke test: PEFTGEN_SMOKE_STEPS=N trains N optimizer steps on the longest rows only, so
 # an out-of-memory error shows in the first minute, not after an hour. Nothing is saved.
 SMOKE_STEPS = int(os.environ.get("PEFTGEN_SMOKE_STEPS", "0"))
@@ -416,33 +379,72 @@ def longest_rows(dataset: Dataset, count: int, characters: int = 0) -> Dataset:
     return dataset.select(order)
 
 
+# The memory receipt's fixed part: the plan's prediction, embedded when the script was emitted.
+RECEIPT = {
+    "receipt_version": 2,
+    "spec_name": "mistral-7b-8bit-lora",
+    "spec_sha256": "810fc5ed0e70e295713f1be8d60561c8dc06af1f92609fb77342be2682047157",
+    "predicted": {
+        "gpu": "NVIDIA A10G",
+        "gpu_memory_bytes": 24146608128,
+        "precision": "8bit",
+        # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
+        # cache); the whole process with the CUDA context (what nvidia-smi shows).
+        "peak_allocated_bytes": 12394864640,
+        "torch_reserved_bytes": 12959519292,
+        "peak_reserved_bytes": 13496390204,
+        "breakdown_bytes": {
+            "weights_bytes": 7522230272,
+            "adapter_bytes": 27262976,
+            "gradient_bytes": 27262976,
+            "optimizer_bytes": 27688960,
+            "activation_bytes": 4790419456,
+            "logits_bytes": 0,
+            "overhead_bytes": 1101525564,
+        },
+        # Seconds per optimizer step on NVIDIA A10G (the range: the throughput benchmark's spread).
+        "step_seconds": 8.447,
+        "step_seconds_low": 7.41,
+        "step_seconds_high": 9.822,
+    },
+}
+# The libraries whose installed versions the receipt records.
+RECEIPT_LIBRARIES = [
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+]
+
+
 class MemoryReceipt(TrainerCallback):
-    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end: the peak
-    memory and the seconds per optimizer step measured, next to the plan's PREDICTED."""
+    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end: RECEIPT
+    with the peak memory and the seconds per optimizer step this run measured."""
 
-    def __init__(self) -> None:
-        from time import perf_counter  # only the receipt needs a clock
+    def __init__(self):
+        self.started, self.step_seconds = 0.0, []
 
-        self.clock, self.started, self.step_seconds = perf_counter, 0.0, []
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
 
-    def on_step_begin(self, args, state: TrainerState, control, **kwargs) -> None:
-        self.started = self.clock()
-
-    def on_step_end(self, args, state: TrainerState, control, **kwargs) -> None:
+    def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's kernels have finished, not just queued
-        self.step_seconds.append(self.clock() - self.started)
+        self.step_seconds.append(time.perf_counter() - self.started)
         if state.global_step == 3:
             self.write(state, "early")
 
-    def on_train_end(self, args, state: TrainerState, control, **kwargs) -> None:
+    def on_train_end(self, args, state, control, **kwargs):
         self.write(state, "end")
 
-    def write(self, state: TrainerState, stage: str) -> None:
+    def write(self, state, stage):
         if not state.is_world_process_zero:
             return
         cuda = torch.cuda.is_available()
-        device = torch.cuda.get_device_properties(torch.cuda.current_device()) if cuda else None
+        device = torch.cuda.get_device_properties() if cuda else None
         timed = self.step_seconds[1:]  # after warm-up: the first step launches every kernel
         measured = {
             "max_memory_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
@@ -451,9 +453,7 @@ class MemoryReceipt(TrainerCallback):
             "timed_steps": len(timed),
         }
         receipt = {
-            "receipt_version": 2,
-            "spec_name": SPEC_NAME,
-            "spec_sha256": SPEC_SHA256,
+            **RECEIPT,
             "stage": stage,
             "optimizer_steps": state.global_step,
             "smoke_steps": SMOKE_STEPS,
@@ -464,7 +464,6 @@ class MemoryReceipt(TrainerCallback):
                 "total_memory_bytes": device.total_memory if device else None,
             },
             "measured": measured,
-            "predicted": PREDICTED,
             "versions": {name: metadata.version(name) for name in RECEIPT_LIBRARIES},
         }
         path = os.path.join(OUTPUT_DIR, "memory_receipt.json")
@@ -472,16 +471,16 @@ class MemoryReceipt(TrainerCallback):
         with open(path + ".tmp", "w", encoding="utf-8") as file:
             json.dump(receipt, file, indent=2)
         os.replace(path + ".tmp", path)  # renamed into place: never half a receipt
-        found = "no CUDA device, nothing measured"
+        planned, found = RECEIPT["predicted"], "no CUDA device, nothing measured"
         if cuda:
             found = (
                 f"on {device.name}: {measured['max_memory_reserved_bytes'] / 2**30:.2f} GiB "
-                f"reserved (plan {PREDICTED['torch_reserved_bytes'] / 2**30:.2f})"
+                f"reserved (plan {planned['torch_reserved_bytes'] / 2**30:.2f})"
             )
         if timed:
-            planned = PREDICTED["step_seconds"]
             found += f", {measured['step_seconds']:.2f} s per step"
-            found += f" (plan {planned:.2f})" if planned is not None else ""
+            if planned["step_seconds"] is not None:
+                found += f" (plan {planned['step_seconds']:.2f})"
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")
 
 

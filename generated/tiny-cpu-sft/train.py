@@ -42,6 +42,7 @@ Run from any directory (local paths are relative to this file's folder):
 import argparse
 import json
 import os
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -54,7 +55,6 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
     TrainerCallback,
-    TrainerState,
 )
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
@@ -90,39 +90,6 @@ LOGGING_STEPS = 1
 SAVE_STRATEGY = "no"
 REPORT_TO = "none"
 
-# Memory receipt: the plan's prediction, written next to what this run measures
-# (OUTPUT_DIR/memory_receipt.json, to calibrate the planner with).
-SPEC_NAME = "tiny-cpu-sft"
-SPEC_SHA256 = "3e4bb35f7765dcd4da247620f1c045aead2b21048c0229474d898e4806abed29"
-PLANNED_GPU = "GPU with 2 GiB"
-PREDICTED = {
-    "gpu": PLANNED_GPU,
-    "gpu_memory_bytes": 2147483648,
-    "precision": "bf16",
-    # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
-    # cache); the whole process with the CUDA context (what nvidia-smi shows).
-    "peak_allocated_bytes": 4883072,
-    "torch_reserved_bytes": 14890917,
-    "peak_reserved_bytes": 551761829,
-    "breakdown_bytes": {
-        "weights_bytes": 279168,
-        "adapter_bytes": 65536,
-        "gradient_bytes": 65536,
-        "optimizer_bytes": 131072,
-        "activation_bytes": 3604480,
-        "logits_bytes": 737280,
-        "overhead_bytes": 546878757,
-    },
-    "step_seconds": None,
-}
-RECEIPT_LIBRARIES = [
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "datasets",
-    "accelerate",
-]
 # Smoke test: PEFTGEN_SMOKE_STEPS=N trains N optimizer steps on the longest rows only, so
 # an out-of-memory error shows in the first minute, not after an hour. Nothing is saved.
 SMOKE_STEPS = int(os.environ.get("PEFTGEN_SMOKE_STEPS", "0"))
@@ -305,33 +272,68 @@ def longest_rows(dataset: Dataset, count: int, characters: int = 0) -> Dataset:
     return dataset.select(order)
 
 
+# The memory receipt's fixed part: the plan's prediction, embedded when the script was emitted.
+RECEIPT = {
+    "receipt_version": 2,
+    "spec_name": "tiny-cpu-sft",
+    "spec_sha256": "3e4bb35f7765dcd4da247620f1c045aead2b21048c0229474d898e4806abed29",
+    "predicted": {
+        "gpu": "GPU with 2 GiB",
+        "gpu_memory_bytes": 2147483648,
+        "precision": "bf16",
+        # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
+        # cache); the whole process with the CUDA context (what nvidia-smi shows).
+        "peak_allocated_bytes": 4883072,
+        "torch_reserved_bytes": 14890917,
+        "peak_reserved_bytes": 551761829,
+        "breakdown_bytes": {
+            "weights_bytes": 279168,
+            "adapter_bytes": 65536,
+            "gradient_bytes": 65536,
+            "optimizer_bytes": 131072,
+            "activation_bytes": 3604480,
+            "logits_bytes": 737280,
+            "overhead_bytes": 546878757,
+        },
+        "step_seconds": None,
+    },
+}
+# The libraries whose installed versions the receipt records.
+RECEIPT_LIBRARIES = [
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+]
+
+
 class MemoryReceipt(TrainerCallback):
-    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end: the peak
-    memory and the seconds per optimizer step measured, next to the plan's PREDICTED."""
+    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end: RECEIPT
+    with the peak memory and the seconds per optimizer step this run measured."""
 
-    def __init__(self) -> None:
-        from time import perf_counter  # only the receipt needs a clock
+    def __init__(self):
+        self.started, self.step_seconds = 0.0, []
 
-        self.clock, self.started, self.step_seconds = perf_counter, 0.0, []
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
 
-    def on_step_begin(self, args, state: TrainerState, control, **kwargs) -> None:
-        self.started = self.clock()
-
-    def on_step_end(self, args, state: TrainerState, control, **kwargs) -> None:
+    def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's kernels have finished, not just queued
-        self.step_seconds.append(self.clock() - self.started)
+        self.step_seconds.append(time.perf_counter() - self.started)
         if state.global_step == 3:
             self.write(state, "early")
 
-    def on_train_end(self, args, state: TrainerState, control, **kwargs) -> None:
+    def on_train_end(self, args, state, control, **kwargs):
         self.write(state, "end")
 
-    def write(self, state: TrainerState, stage: str) -> None:
+    def write(self, state, stage):
         if not state.is_world_process_zero:
             return
         cuda = torch.cuda.is_available()
-        device = torch.cuda.get_device_properties(torch.cuda.current_device()) if cuda else None
+        device = torch.cuda.get_device_properties() if cuda else None
         timed = self.step_seconds[1:]  # after warm-up: the first step launches every kernel
         measured = {
             "max_memory_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
@@ -340,9 +342,7 @@ class MemoryReceipt(TrainerCallback):
             "timed_steps": len(timed),
         }
         receipt = {
-            "receipt_version": 2,
-            "spec_name": SPEC_NAME,
-            "spec_sha256": SPEC_SHA256,
+            **RECEIPT,
             "stage": stage,
             "optimizer_steps": state.global_step,
             "smoke_steps": SMOKE_STEPS,
@@ -353,7 +353,6 @@ class MemoryReceipt(TrainerCallback):
                 "total_memory_bytes": device.total_memory if device else None,
             },
             "measured": measured,
-            "predicted": PREDICTED,
             "versions": {name: metadata.version(name) for name in RECEIPT_LIBRARIES},
         }
         path = os.path.join(OUTPUT_DIR, "memory_receipt.json")
@@ -361,16 +360,16 @@ class MemoryReceipt(TrainerCallback):
         with open(path + ".tmp", "w", encoding="utf-8") as file:
             json.dump(receipt, file, indent=2)
         os.replace(path + ".tmp", path)  # renamed into place: never half a receipt
-        found = "no CUDA device, nothing measured"
+        planned, found = RECEIPT["predicted"], "no CUDA device, nothing measured"
         if cuda:
             found = (
                 f"on {device.name}: {measured['max_memory_reserved_bytes'] / 2**30:.2f} GiB "
-                f"reserved (plan {PREDICTED['torch_reserved_bytes'] / 2**30:.2f})"
+                f"reserved (plan {planned['torch_reserved_bytes'] / 2**30:.2f})"
             )
         if timed:
-            planned = PREDICTED["step_seconds"]
             found += f", {measured['step_seconds']:.2f} s per step"
-            found += f" (plan {planned:.2f})" if planned is not None else ""
+            if planned["step_seconds"] is not None:
+                found += f" (plan {planned['step_seconds']:.2f})"
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")
 
 

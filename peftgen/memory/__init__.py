@@ -109,6 +109,7 @@ from peftgen.memory.weights import (
     int8_linear_bytes,
     linear_weight_bytes,
     model_buffer_bytes,
+    modules_to_save_dtype_bytes,
     nf4_linear_bytes,
     weights_bytes,
 )
@@ -243,6 +244,7 @@ __all__ = [
     "masked_attention_layer_count",
     "max_positions_causal_mask_bytes",
     "model_buffer_bytes",
+    "modules_to_save_dtype_bytes",
     "moe_experts_per_layer",
     "moe_lora_parameter_count",
     "nf4_linear_bytes",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from peftgen import stack
 from peftgen.catalog import LinearModule, linear_modules, parameter_groups
 from peftgen.memory.full import full_trainable_tensors, full_weights_bytes
 from peftgen.memory.parameters import (
@@ -94,7 +95,8 @@ def model_buffer_bytes(inputs: EstimateInput) -> int:
 def adapter_dtype(inputs: EstimateInput) -> AdapterDtype:
     """Dtype of LoRA A/B: bf16 on quantized models (trl's cast), else peft's fp32 upcast."""
     if inputs.precision in ("8bit", "4bit"):
-        if inputs.compute_dtype == "fp16":
+        copies = stack.trained_copy_dtype(inputs.precision, inputs.finetuning, inputs.compute_dtype)
+        if copies == "fp32":
             return "fp32"  # the script casts trl's bf16 adapters back: the GPU has no bf16
         return inputs.stack.quantized_adapter_dtype
     if inputs.distributed == "deepspeed-zero3" and inputs.stack.zero3_adapters_in_base_dtype:
@@ -140,9 +142,9 @@ def modules_to_save_dtype_bytes(inputs: EstimateInput) -> int:
     """Element size of the trained full copies (and trainable biases): bf16 under trl's
     cast of quantized models; fp32 on a 16-bit base, where the script upcasts every
     trainable tensor (16-bit master weights round small updates away, and the fp16
-    gradient scaler refuses fp16 parameters)."""
-    quantized = inputs.precision in ("8bit", "4bit")
-    return 2 if quantized and inputs.compute_dtype != "fp16" else 4
+    gradient scaler refuses fp16 parameters): ``stack.trained_copy_dtype``."""
+    dtype = stack.trained_copy_dtype(inputs.precision, inputs.finetuning, inputs.compute_dtype)
+    return DTYPE_BYTES[dtype]
 
 
 def adapter_bytes(inputs: EstimateInput) -> int:
