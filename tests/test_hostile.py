@@ -214,13 +214,14 @@ def _script_path(node: ast.expr) -> str | None:
                 )
             ],
         ):
-            return os.path.normpath(OUT_DIR / relative)
+            return os.path.realpath(OUT_DIR / relative)
     return None
 
 
 def _spec_path(text: str) -> str:
-    """The absolute path a spec's relative ``text`` names."""
-    return os.path.normpath(from_spec_dir(text, SPEC_FILE.parent))
+    """The absolute path a spec's relative ``text`` names, as the script's ``.resolve()``
+    computes it (``realpath``: POSIX's implementation-defined leading ``//`` becomes ``/``)."""
+    return os.path.realpath(from_spec_dir(text, SPEC_FILE.parent))
 
 
 def _constants(source: str) -> dict[str, Any]:
