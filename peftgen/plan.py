@@ -42,6 +42,7 @@ from peftgen.spec import (
     STATE_SHARDING_ENGINES,
     AnySpec,
     LoadPrecision,
+    full_sharded_refusal,
     trained_modules_to_save,
 )
 from peftgen.stack import GIB, format_gib
@@ -487,20 +488,56 @@ def full_assumptions(inputs: EstimateInput) -> tuple[Assumption, ...]:
     optimizer = f"{inputs.optim} state for every parameter (fp32 masters)"
     if inputs.optim in PAGED_OPTIMIZERS:
         optimizer += " in CUDA managed memory, outside torch's counters (managed_bytes)"
+    weights = f"every weight in fp32 (master weights){reference}"
+    gradient = "an fp32 gradient for every parameter"
+    compute = f"{dtype} autocast"
+    if inputs.distributed in STATE_SHARDING_ENGINES:
+        weights, gradient, optimizer, compute = full_sharded_assumption_texts(inputs)
+        checkpointing = (
+            "gradient checkpointing: each layer keeps its input"
+            if inputs.gradient_checkpointing
+            else "no checkpointing: every layer keeps its saved tensors until its backward"
+        )
     return (
-        Assumption("weights_bytes", f"every weight in fp32 (master weights){reference}"),
+        Assumption("weights_bytes", weights),
         Assumption("adapter_bytes", "no adapter: full fine-tuning trains the weights"),
-        Assumption("gradient_bytes", "an fp32 gradient for every parameter"),
+        Assumption("gradient_bytes", gradient),
         Assumption("optimizer_bytes", optimizer),
         Assumption(
             "activation_bytes",
-            f"{dtype} autocast; {checkpointing}; {inputs.attn_implementation} attention; "
+            f"{compute}; {checkpointing}; {inputs.attn_implementation} attention; "
             f"{inputs.micro_batch} x {inputs.max_length} tokens per micro-batch",
         ),
         Assumption(
             "logits_bytes",
             "trl's fused LM head (4096 x 32768 tiles) plus its fp32 gradient of the whole head",
         ),
+    )
+
+
+def full_sharded_assumption_texts(inputs: EstimateInput) -> tuple[str, str, str, str]:
+    """(weights, gradient, optimizer, compute) for full fine-tuning under FSDP / ZeRO
+    (``peftgen.memory.full_fsdp_parts``, ``full_zero_parts``)."""
+    dtype, world, optim = inputs.compute_dtype, inputs.world_size, inputs.optim
+    if inputs.distributed == "fsdp":
+        return (
+            f"fp32 master shards (1/{world} of every weight) plus the gathered {dtype} root "
+            "unit (embeddings, head, final norm) and two decoder layers",
+            f"fp32 gradient shards (1/{world}) plus the {dtype} unsharded gradients of the "
+            "root and two layers before their reduce-scatter",
+            f"{optim} state of the fp32 shards (1/{world})",
+            f"FSDP mixed precision: layers gathered and computed in {dtype}",
+        )
+    weights = (
+        f"the whole model in {dtype} (DeepSpeed casts it)"
+        if inputs.distributed == "deepspeed-zero2"
+        else f"the {dtype} model 1/{world} per GPU plus the gathered modules"
+    )
+    return (
+        weights,
+        f"{dtype} gradient partition (1/{world}) plus the reduce buckets",
+        f"DeepSpeed's fp32 master partition and its {optim} state (1/{world})",
+        f"no autocast: the {dtype} module computes in {dtype}",
     )
 
 
@@ -649,12 +686,16 @@ def full_decisions(spec: AnySpec, decisions: list[Decision]) -> list[Decision]:
     if spec.finetuning != "full":
         return decisions
     kept = [d for d in decisions if d.knob != "adapter_dtype"]
+    how = (
+        "fp32 master weights, gradients and optimizer state under 16-bit autocast"
+        if spec.hardware.distributed not in STATE_SHARDING_ENGINES
+        else f"fp32 master weights and optimizer state sharded by {spec.hardware.distributed}"
+    )
     kept.append(
         Decision(
             "finetuning",
             "full",
-            "every weight trained: fp32 master weights, gradients and optimizer state under "
-            "16-bit autocast (16-bit weights would round small AdamW updates away)",
+            f"every weight trained: {how} (16-bit weights would round small AdamW updates away)",
         )
     )
     return kept
@@ -663,9 +704,10 @@ def full_decisions(spec: AnySpec, decisions: list[Decision]) -> list[Decision]:
 def full_finetuning_candidate(resolved: Resolved, gpu: Gpu) -> Candidate | None:
     """A LoRA spec's run as ``finetuning: full`` would need it (never chosen): the seed's
     "small model: full fine-tuning or LoRA" answered by numbers. None when the spec is full
-    already or its engine shards (full fine-tuning is planned for one GPU or DDP)."""
+    already or full fine-tuning is not planned for its method under its engine
+    (``peftgen.spec.full_sharded_refusal``)."""
     spec = resolved.loaded.spec
-    if spec.finetuning == "full" or spec.hardware.distributed not in ("none", "ddp"):
+    if spec.finetuning == "full" or full_sharded_refusal(spec) is not None:
         return None
     sixteen: LoadPrecision = "bf16" if gpu.bf16 else "fp16"
     budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
@@ -687,10 +729,8 @@ def full_and_vllm_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[
             else ""
         )
         notes.append(
-            f"finetuning: full trains all {shown_parameters(resolved):,} parameters: fp32 "
-            f"master weights, fp32 gradients and fp32 {spec.training.optim} state, under "
-            f"{inputs.compute_dtype} autocast (each matmul casts its weight; the casts are "
-            f"saved for backward){reference}"
+            f"finetuning: full trains all {shown_parameters(resolved):,} parameters: "
+            f"{full_engine_text(inputs)}{reference}"
         )
     grpo = getattr(spec, "grpo", None)
     if grpo is not None and grpo.use_vllm == "colocate":
@@ -771,14 +811,63 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
             else f" of the {limit:g} GiB hardware.host_memory_gib"
             + ("" if shown.host_fits else ": does NOT fit")
         )
+        how = "the checkpoint is read into host memory and each unit sharded while it is wrapped"
+        read_by = "a quantized model is read by every process"
+        if spec.finetuning == "full":
+            how, read_by = full_sharded_loading_text(hardware.distributed)
         notes.append(
             f"loading: peaks at {format_gib(shown.load_peak_bytes)} per GPU "
-            f"(training {format_gib(shown.peak_reserved_bytes)}); the checkpoint is read into "
-            f"host memory and each unit sharded while it is wrapped; host memory per node "
-            f"about {host}{verdict} (the larger of loading, where a quantized model is read "
-            f"by every process, and the offloaded state)"
+            f"(training {format_gib(shown.peak_reserved_bytes)}); {how}; host memory per node "
+            f"about {host}{verdict} (the larger of loading, where {read_by}, and the "
+            "offloaded state)"
         )
     return notes
+
+
+def full_sharded_loading_text(engine: str) -> tuple[str, str]:
+    """How a fully fine-tuned model is loaded under FSDP / ZeRO-3, and who reads it
+    (``peftgen.memory.full_sharded_load_transient_bytes``, ``full_sharded_host_load_bytes``)."""
+    if engine == "fsdp":
+        return (
+            "rank 0 reads the fp32 checkpoint into host memory (cpu_ram_efficient_loading) "
+            "and each unit is sharded in fp32 while it is wrapped",
+            "the fp32 checkpoint is read by rank 0 only",
+        )
+    return (
+        "every process reads the fp32 checkpoint, and deepspeed.initialize moves the whole "
+        "bf16 model to each GPU before partitioning it (the script loads the model before "
+        "DeepSpeed's config is registered, so there is no zero.Init)",
+        "every process reads the fp32 checkpoint",
+    )
+
+
+def full_engine_text(inputs: EstimateInput) -> str:
+    """What full fine-tuning keeps per GPU under the input's engine, in words."""
+    optim = inputs.optim
+    dtype = inputs.compute_dtype
+    world = inputs.world_size
+    if inputs.distributed == "fsdp":
+        return (
+            f"FSDP shards the fp32 master weights, fp32 gradients and fp32 {optim} state "
+            f"1/{world} per GPU; each unit is gathered in {dtype} (FSDP mixed precision, "
+            f"the layers compute in {dtype}) and its {dtype} gradient reduce-scattered, "
+            "then kept as an fp32 shard"
+        )
+    if inputs.distributed in ("deepspeed-zero2", "deepspeed-zero3"):
+        weights = (
+            f"the {dtype} weights whole on every GPU"
+            if inputs.distributed == "deepspeed-zero2"
+            else f"the {dtype} weights 1/{world} per GPU plus the gathered modules"
+        )
+        return (
+            f"DeepSpeed casts the model to {dtype} ({weights}) and keeps its fp32 master "
+            f"copy, the fp32 {optim} state and the {dtype} gradients 1/{world} per GPU; no "
+            f"autocast: the layers compute in {dtype}"
+        )
+    return (
+        f"fp32 master weights, fp32 gradients and fp32 {optim} state, under {dtype} "
+        "autocast (each matmul casts its weight; the casts are saved for backward)"
+    )
 
 
 def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None) -> Gpu:
