@@ -571,13 +571,16 @@ def _full_and_vllm_context(
     """``full`` (``finetuning: full``: no peft, fp32 masters, no merge step) and GRPO's
     vLLM options, written as trl 1.16's own GRPOConfig keys."""
     full = spec.finetuning == "full"
-    extra: dict[str, Any] = {"full": full, "vllm_kwargs": {}, "vllm_comment": ""}
+    extra: dict[str, Any] = {
+        "full": full,
+        "vllm_kwargs": {},
+        "vllm_comment": "",
+        "full_summary": "",
+        "full_load_comment": "",
+    }
     if full:
         extra["pinned"] = {k: v for k, v in context["pinned"].items() if k != "peft"}
-        extra["precision_text"] = (
-            f"fp32 (master weights), trained under {context['compute_dtype']} autocast: "
-            "full fine-tuning"
-        )
+        extra.update(_full_engine_context(spec, context))
         extra["upcast_modules_to_save"] = False
         # Every weight trains: nothing to list for peft.
         extra["modules_to_save"] = []
@@ -599,6 +602,60 @@ def _full_and_vllm_context(
             f"--gpu_memory_utilization {grpo.vllm_gpu_memory_utilization:g}"
         )
     return extra
+
+
+def _full_engine_context(spec: AnySpec, context: Mapping[str, Any]) -> dict[str, str]:
+    """How full fine-tuning keeps its fp32 masters under the spec's engine, for the
+    docstring (``full_summary``, ``precision_text``) and the load call (``full_load_comment``):
+    autocast over fp32 weights on one GPU and DDP, FSDP's mixed precision over fp32 shards,
+    DeepSpeed's bf16 module with its own fp32 master copy (``peftgen.memory``, section "full
+    fine-tuning, sharded")."""
+    dtype = context["compute_dtype"]
+    engine = spec.hardware.distributed
+    why = context["reason"]("compute_dtype")
+    why = f" ({why})" if why else ""
+    rounding = "16-bit weights would round small updates away."
+    if engine == "fsdp":
+        return {
+            "full_summary": (
+                f"FSDP shards the fp32 master weights, gradients and optimizer state over the "
+                f"GPUs and gathers each layer in {dtype} to compute: {rounding}"
+            ),
+            "precision_text": (
+                f"fp32 (master weights sharded by FSDP), computed in {dtype}: full fine-tuning"
+            ),
+            "full_load_comment": (
+                f"fp32 master weights: FSDP shards them and gathers each layer in {dtype}"
+                f"{why} to compute; gradients and optimizer state are kept as fp32 shards."
+            ),
+        }
+    if engine.startswith("deepspeed"):
+        return {
+            "full_summary": (
+                f"DeepSpeed trains the model in {dtype} and keeps an fp32 master copy and the "
+                f"optimizer state, sharded over the GPUs: {rounding}"
+            ),
+            "precision_text": (
+                f"fp32; DeepSpeed computes in {dtype}, keeps fp32 masters: full fine-tuning"
+            ),
+            "full_load_comment": (
+                f"Loaded in fp32; DeepSpeed casts the model to {dtype}{why} and steps its own "
+                "fp32 master copy of the weights (with the optimizer state, sharded)."
+            ),
+        }
+    return {
+        "full_summary": (
+            f"fp32 master weights, gradients and optimizer state under 16-bit autocast: {rounding}"
+        ),
+        "precision_text": (
+            f"fp32 (master weights), trained under {dtype} autocast: full fine-tuning"
+        ),
+        "full_load_comment": (
+            f"fp32 master weights: the trainer computes under {dtype} autocast "
+            f"({context['reason']('compute_dtype')}), and gradients and optimizer state stay "
+            "fp32."
+        ),
+    }
 
 
 def grpo_vllm_kwargs(spec: GrpoRunSpec) -> dict[str, Any]:
