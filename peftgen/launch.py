@@ -10,7 +10,8 @@ FSDP settings follow the FSDP + (Q)LoRA recipe of the pinned stack: transformers
 Trainer replaces the wrap policy with peft's ``fsdp_auto_wrap_policy`` (LoRA layers in
 their own units, so ``use_orig_params: false`` works) and, for 4-bit loading with a
 floating-point ``bnb_4bit_quant_storage``, sets FSDP's mixed precision to that dtype
-(transformers/distributed/fsdp.py ``update_fsdp_plugin_peft``).
+(transformers/distributed/fsdp.py ``update_fsdp_plugin_peft``). Full fine-tuning keeps
+the recipe with two changes (``full_fsdp_config``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def accelerate_config_dict(spec: AnySpec, plan: Plan) -> dict[str, Any]:
 
 
 def fsdp_config(spec: AnySpec) -> dict[str, Any]:
-    """FSDP1 settings for (Q)LoRA.
+    """FSDP1 settings for (Q)LoRA, and for full fine-tuning with ``full_fsdp_config``.
 
     Why FSDP1 and not FSDP2 (accelerate 1.15 supports both, ``fsdp_version``): FSDP2's
     ``fully_shard`` replaces every parameter with a DTensor, and bitsandbytes 0.50.2 has no
@@ -108,8 +109,10 @@ def fsdp_config(spec: AnySpec) -> dict[str, Any]:
       trainable and frozen tensors in separate units.
     - ``FULL_STATE_DICT``: the final ``save_model`` gathers the full state on rank 0 so
       peft writes a normal adapter (costs host RAM at save time).
+
+    Full fine-tuning changes two settings (``full_fsdp_config``).
     """
-    return {
+    config = {
         "fsdp_activation_checkpointing": False,
         "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
         "fsdp_backward_prefetch": "BACKWARD_PRE",
@@ -122,11 +125,46 @@ def fsdp_config(spec: AnySpec) -> dict[str, Any]:
         "fsdp_use_orig_params": False,
         "fsdp_version": 1,
     }
+    if spec.finetuning == "full":
+        config |= full_fsdp_config()
+    return config
+
+
+def full_fsdp_config() -> dict[str, Any]:
+    """FSDP1 settings for ``finetuning: full`` (the rest as for LoRA).
+
+    - ``use_orig_params: true``: transformers' own default for FSDP
+      (transformers/training_args.py:2876); the optimizer sees the original parameters by
+      name, so the Trainer's weight-decay groups (no decay for biases and norms) apply,
+      where flat parameters would put every weight of a unit in one group. Every parameter
+      trains, so the units need no peft policy.
+    - ``SHARDED_STATE_DICT`` for checkpoints: each rank writes its own shard of the fp32
+      weights and optimizer state; ``FULL_STATE_DICT`` would gather the whole model and
+      optimizer state (16 bytes per parameter with AdamW) in rank 0's host memory at every
+      checkpoint. The script switches to ``FULL_STATE_DICT`` before its final
+      ``save_model``, which then gathers the fp32 model on rank 0 (accelerate's
+      ``get_state_dict``, accelerator.py: ``FullStateDictConfig(offload_to_cpu=True,
+      rank0_only=True)``) and saves a plain transformers model.
+    - Mixed precision comes from accelerate's ``mixed_precision: bf16``:
+      ``MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16)``
+      (accelerate/utils/dataclasses.py:2129-2141); the model is loaded in fp32, so the
+      sharded masters the optimizer steps stay fp32.
+    - Wrapping, loading (rank 0 reads the fp32 checkpoint, ``cpu_ram_efficient_loading``
+      with ``sync_module_states``) and prefetch as for LoRA.
+    """
+    return {"fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_use_orig_params": True}
 
 
 def deepspeed_config_dict(spec: AnySpec) -> dict[str, Any]:
     """ZeRO-2 / ZeRO-3 with the bucket sizes the planner counts; "auto" values are filled in
-    by transformers' DeepSpeed integration from the script's training arguments."""
+    by transformers' DeepSpeed integration from the script's training arguments.
+
+    Full fine-tuning needs nothing else: ``"bf16": {"enabled": "auto"}`` becomes true with
+    the script's ``bf16=True``, so DeepSpeed casts the fp32-loaded model to bf16 and its ZeRO
+    optimizer keeps the fp32 master partition (``peftgen.memory.full_zero_parts``); ZeRO-3's
+    ``stage3_gather_16bit_weights_on_model_save`` lets the final ``save_model`` gather the
+    partitioned bf16 weights (accelerate's ``get_state_dict`` refuses without it), so the
+    saved model is a plain bf16 transformers model."""
     hardware = spec.hardware
     stage = 3 if hardware.distributed == "deepspeed-zero3" else 2
     zero: dict[str, Any] = {

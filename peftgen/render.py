@@ -667,6 +667,10 @@ class ScriptContext:
     """The plan's decisions by knob: what."""
     dpo: DpoView | None = None
     grpo: GrpoView | None = None
+    full_summary: str = ""
+    """Full fine-tuning: how the engine keeps the fp32 masters (the docstring)."""
+    full_load_comment: str = ""
+    """Full fine-tuning: the comment on the load call's fp32 dtype."""
 
     def reason(self, knob: str) -> str:
         return self.reasons.get(knob, "")
@@ -900,11 +904,14 @@ def script_context(
     vllm = [VLLM_REQUIREMENT] if grpo is not None and grpo.vllm_kwargs else []
     script_dir = anchor_dir is not None
     breakdown_rows = _breakdown_rows(candidate)
+    full_texts = {"full_summary": "", "full_load_comment": ""}
     if full:
         breakdown_rows = [row for row in breakdown_rows if row[0] != "LoRA adapter"]
-        precision_text = (
-            f"fp32 (master weights), trained under {compute_dtype} autocast: full fine-tuning"
+        reasons = {decision.knob: decision.reason for decision in plan.decisions}
+        full_texts = _full_engine_context(
+            spec.hardware.distributed, compute_dtype, comment_text(reasons.get("compute_dtype", ""))
         )
+        precision_text = full_texts.pop("precision_text")
     else:
         precision_text = _precision_text(spec, precision, compute_dtype)
     return ScriptContext(
@@ -932,6 +939,7 @@ def script_context(
         ],
         precision=precision,
         precision_text=precision_text,
+        **full_texts,
         quantized=quantized,
         compute_dtype=compute_dtype,
         dtype_expr="COMPUTE_DTYPE" if fp16 else f"torch.{compute_dtype}",
@@ -970,6 +978,58 @@ def script_context(
         dpo=_dpo_view(values, spec, full) if isinstance(spec, DpoRunSpec) else None,
         grpo=grpo,
     )
+
+
+def _full_engine_context(engine: str, dtype: str, why: str) -> dict[str, str]:
+    """How full fine-tuning keeps its fp32 masters under the spec's engine, for the
+    docstring (``full_summary``, ``precision_text``) and the load call (``full_load_comment``):
+    autocast over fp32 weights on one GPU and DDP, FSDP's mixed precision over fp32 shards,
+    DeepSpeed's bf16 module with its own fp32 master copy (``peftgen.memory``, section "full
+    fine-tuning, sharded")."""
+    reason = why
+    why = f" ({why})" if why else ""
+    rounding = "16-bit weights would round small updates away."
+    if engine == "fsdp":
+        return {
+            "full_summary": (
+                f"FSDP shards the fp32 master weights, gradients and optimizer state over the "
+                f"GPUs and gathers each layer in {dtype} to compute: {rounding}"
+            ),
+            "precision_text": (
+                f"fp32 (master weights sharded by FSDP), computed in {dtype}: full fine-tuning"
+            ),
+            "full_load_comment": (
+                f"fp32 master weights: FSDP shards them and gathers each layer in {dtype}"
+                f"{why} to compute; gradients and optimizer state are kept as fp32 shards."
+            ),
+        }
+    if engine.startswith("deepspeed"):
+        return {
+            "full_summary": (
+                f"DeepSpeed trains the model in {dtype} and keeps an fp32 master copy and the "
+                f"optimizer state, sharded over the GPUs: {rounding}"
+            ),
+            "precision_text": (
+                f"fp32; DeepSpeed computes in {dtype}, keeps fp32 masters: full fine-tuning"
+            ),
+            "full_load_comment": (
+                f"Loaded in fp32; DeepSpeed casts the model to {dtype}{why} and steps its own "
+                "fp32 master copy of the weights (with the optimizer state, sharded)."
+            ),
+        }
+    return {
+        "full_summary": (
+            f"fp32 master weights, gradients and optimizer state under 16-bit autocast: {rounding}"
+        ),
+        "precision_text": (
+            f"fp32 (master weights), trained under {dtype} autocast: full fine-tuning"
+        ),
+        "full_load_comment": (
+            f"fp32 master weights: the trainer computes under {dtype} autocast "
+            f"({reason}), and gradients and optimizer state stay "
+            "fp32."
+        ),
+    }
 
 
 def grpo_vllm_kwargs(spec: GrpoRunSpec) -> dict[str, Any]:

@@ -157,8 +157,9 @@ def with_defaults(resolved: Resolved) -> Resolved:
 
 def default_quant_storage(spec: AnySpec, gpu: Gpu) -> str | None:
     """The compute dtype's storage name for 4-bit weights FSDP / ZeRO-3 must shard, when
-    the spec did not write ``bnb_4bit_quant_storage``; None when nothing needs setting."""
-    if spec.hardware.distributed not in PARAMETER_SHARDING_ENGINES:
+    the spec did not write ``bnb_4bit_quant_storage``; None when nothing needs setting
+    (full fine-tuning never loads 4-bit weights)."""
+    if spec.hardware.distributed not in PARAMETER_SHARDING_ENGINES or spec.finetuning == "full":
         return None
     if spec.precision not in ("auto", "4bit"):
         return None

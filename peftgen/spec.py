@@ -542,8 +542,8 @@ def _check_loss_on(spec: _SpecBase, method: str) -> None:
 
 def _check_full_finetuning(spec: _SpecBase) -> None:
     """``finetuning: full`` trains every weight: nothing for the LoRA and quantization
-    sections to configure, no bitsandbytes weights (they cannot be trained), and one GPU or
-    DDP (the sharded engines are not modelled for full fine-tuning yet)."""
+    sections to configure, no bitsandbytes weights (they cannot be trained); the sharded
+    engines as ``_check_full_sharded`` allows."""
     if spec.finetuning != "full":
         return
     # A section that changes anything (spec.yaml files list every default: those pass).
@@ -569,13 +569,43 @@ def _check_full_finetuning(spec: _SpecBase) -> None:
             "reference from model.id, which lacks the tokens the template adds; use a model "
             "with a chat template, grpo.beta: 0, or finetuning: lora"
         )
+    _check_full_sharded(spec)
+
+
+def _check_full_sharded(spec: _SpecBase) -> None:
+    message = full_sharded_refusal(spec)
+    if message is not None:
+        raise ValueError(message)
+
+
+def full_sharded_refusal(spec: _SpecBase) -> str | None:
+    """Why ``finetuning: full`` cannot run the spec's method under its sharded engine (None:
+    it can, or the engine does not shard). Allowed: SFT, and DPO that keeps no reference
+    copy. Refused: GRPO (its generation gathers the whole model on every GPU,
+    trl/trainer/grpo_trainer.py:1794,1871 ``summon_full_params`` under FSDP1, trl/models/utils.py
+    ``unwrap_model_for_generation`` under ZeRO-3, which the sharded estimate does not model)
+    and DPO's frozen reference copy (the script's ``copy.deepcopy`` of the policy would be a
+    second, unsharded model on every GPU)."""
     engine = spec.hardware.distributed
-    if engine in ("fsdp", "deepspeed-zero2", "deepspeed-zero3"):
-        raise ValueError(
-            f"hardware.distributed: {engine} with finetuning: full is not planned yet (the "
-            "sharded estimate models LoRA runs); use distributed: ddp (every GPU holds the "
-            "whole model and optimizer) or finetuning: lora"
+    if engine not in STATE_SHARDING_ENGINES:
+        return None
+    method = getattr(spec, "method", "sft")
+    if method == "grpo":
+        return (
+            f"hardware.distributed: GRPO with finetuning: full under {engine} is not planned: "
+            "the sharded estimate has no generation phase for it (FSDP and ZeRO-3 gather the "
+            "whole model on every GPU to generate, summon_full_params) nor a reference model "
+            "wrapped by the engine; use distributed: ddp, or finetuning: lora"
         )
+    dpo = getattr(spec, "dpo", None)
+    if dpo is not None and not dpo.precompute_ref_log_probs:
+        return (
+            f"dpo.precompute_ref_log_probs: DPO with finetuning: full under {engine} needs "
+            "the reference log-probs precomputed (the frozen reference copy the script keeps "
+            "otherwise would be a second, unsharded model on every GPU); set "
+            "dpo.precompute_ref_log_probs: true, or use distributed: ddp"
+        )
+    return None
 
 
 def _storage_set_to_uint8(spec: _SpecBase) -> bool:

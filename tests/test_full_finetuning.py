@@ -62,8 +62,14 @@ def _full(**changes: Any) -> EstimateInput:
         ({"lora": {"r": 8}}, "lora", "no `lora` section"),
         ({"quantization": {"bnb_4bit_quant_type": "fp4"}}, "quantization", "no `quantization`"),
         (
-            {"hardware": {"gpu": "a100-80gb", "num_gpus": 2, "distributed": "fsdp"}},
-            "hardware.distributed",
+            # Sharded full fine-tuning: SFT, or DPO without a reference copy
+            # (tests/test_full_sharded.py).
+            {
+                "method": "dpo",
+                "dataset": {"path": "p.jsonl", "format": "preference"},
+                "hardware": {"gpu": "a100-80gb", "num_gpus": 2, "distributed": "fsdp"},
+            },
+            "dpo.precompute_ref_log_probs",
             "distributed: ddp",
         ),
     ],

@@ -39,8 +39,9 @@ The plan's warnings:
       (each node needs RAM for its GPUs' shards); steps are slower
 
 Run from any directory (local paths are relative to this file's folder):
-    bash launch.sh   (accelerate launch --config_file accelerate_config.yaml train.py: fsdp, 2 GPUs;
-                      emit -o writes both; launch.sh documents the multi-node variables)
+    bash launch.sh   (accelerate launch --config_file accelerate_config.yaml train.py:
+                      fsdp, 2 GPUs; emit -o writes both; launch.sh
+                      documents the multi-node variables)
     ... --resume               continue from the last checkpoint in OUTPUT_DIR (after a preemption)
     PEFTGEN_SMOKE_STEPS=2 ...  a smoke test: 2 steps on the longest rows, no checkpoint saved
 """

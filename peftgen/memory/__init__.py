@@ -19,7 +19,8 @@ ZeRO-3 and FSDP divide the parameters too and add the gathered working set.
 ``estimate`` (here) adds the terms up at the step's peak; each module holds one part:
 ``profile`` (stack mechanisms and allocator constants), ``types``, ``parameters``,
 ``weights``, ``optimizer``, ``activations``, ``generation`` (GRPO, vLLM), ``full`` (full
-fine-tuning), ``overhead`` and ``sharded`` (DDP, FSDP, ZeRO).
+fine-tuning), ``overhead`` and ``sharded`` (DDP, FSDP, ZeRO,
+full fine-tuning included).
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ from peftgen.memory.sharded import (
     fsdp_gathered_layer_units,
     fsdp_no_sync_gradient_bytes,
     fsdp_offload_copy_pool_bytes,
+    full_fsdp_parts,
+    full_layer_unit_bytes,
+    full_root_parameters,
+    full_sharded_activation_inputs,
+    full_zero_parts,
     gathered_parameter_bytes,
     host_memory_bytes,
     layer_unit_bytes,
@@ -130,7 +136,7 @@ def estimate(inputs: EstimateInput) -> Estimate:
     weights, adapter = parts.weights_bytes, parts.adapter_bytes
     gradient, optimizer = parts.gradient_bytes, parts.optimizer_bytes
     communication = parts.communication_bytes
-    activation, logits = train_step_peak_parts(inputs)
+    activation, logits = train_step_peak_parts(full_sharded_activation_inputs(inputs))
     phase = "train"
     vllm = vllm_training_phase_bytes(inputs)
     if inputs.method == "grpo" and inputs.vllm_mode != "none":
@@ -224,7 +230,11 @@ __all__ = [
     "fsdp_no_sync_gradient_bytes",
     "fsdp_offload_copy_pool_bytes",
     "full_decoder_cast_bytes",
+    "full_fsdp_parts",
+    "full_layer_unit_bytes",
     "full_parameter_shapes",
+    "full_root_parameters",
+    "full_zero_parts",
     "fused_head_scored_tokens",
     "fused_qkv_output_bytes",
     "gathered_parameter_bytes",

@@ -141,9 +141,14 @@ def full_saved_bytes_per_layer(inputs: EstimateInput, tokens: int) -> int:
 def full_gradients_released(inputs: EstimateInput, phase: str) -> bool:
     """No gradients at the forward's end: full fine-tuning with one micro-batch per optimizer
     step (the Trainer's ``zero_grad`` sets them to None after each step; with accumulation
-    they survive into the next micro-batch). LoRA's gradients are small: not split there."""
+    they survive into the next micro-batch). LoRA's gradients are small: not split there.
+    DeepSpeed keeps its gradient partition between steps (ZeRO-3's flat gradient buffer is
+    allocated once, stage3.py ``grad_partitions_flat_buffer``): not released there."""
     return (
-        inputs.finetuning == "full" and inputs.gradient_accumulation_steps == 1 and phase == "train"
+        inputs.finetuning == "full"
+        and inputs.gradient_accumulation_steps == 1
+        and phase == "train"
+        and not inputs.distributed.startswith("deepspeed")
     )
 
 

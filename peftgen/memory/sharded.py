@@ -1,19 +1,22 @@
 """Per-GPU memory under DDP, FSDP and DeepSpeed ZeRO: sharded and replicated terms,
 parameters gathered per wrap unit, gradient and communication buffers, NCCL, the loading
-peak and the host memory for CPU offload."""
+peak and the host memory for CPU offload, for LoRA and for full fine-tuning (fp32 master
+shards, every unit's gradient)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from peftgen.catalog import linear_modules, parameter_groups
+from peftgen.catalog import ModelArch, linear_modules, parameter_groups
 from peftgen.memory.activations import dequantized_weight_transient_bytes
+from peftgen.memory.full import full_master_bytes
 from peftgen.memory.optimizer import (
     managed_optimizer_bytes,
     optimizer_state_bytes,
     optimizer_step_temporary_bytes,
 )
+from peftgen.memory.parameters import base_parameter_count
 from peftgen.memory.profile import DTYPE_BYTES, MIB, StackProfile, cublas_workspace_bytes
 from peftgen.memory.types import EstimateInput
 from peftgen.memory.weights import (
@@ -31,6 +34,238 @@ from peftgen.spec import (
     PARAMETER_SHARDING_ENGINES,
     STATE_SHARDING_ENGINES,
 )
+
+#
+# ``finetuning: full`` under FSDP / ZeRO-2 / ZeRO-3 trains every parameter, so every engine
+# shards the whole model's fp32 masters, gradients and optimizer state (ZeRO-2 replicates
+# the 16-bit weights, FSDP and ZeRO-3 shard them too). What the emitted recipe runs (paths
+# relative to site-packages; DeepSpeed is not pinned, its paths are deepspeed/runtime/...):
+#
+# FSDP1 (accelerate 1.15, ``mixed_precision: bf16``): ``set_mixed_precision`` gives
+# ``MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16)``
+# (accelerate/utils/dataclasses.py:2129-2141). The model is loaded in fp32, so each unit's
+# sharded ``FlatParameter`` is fp32 and is what the optimizer steps (accelerate also upcasts
+# a 16-bit one, accelerator.py:1995-2037). Before the all-gather FSDP casts the shard into
+# a bf16 copy (``_mp_shard``, torch/distributed/fsdp/_flat_param.py:1271-1276,
+# ``_use_low_precision_shard``) and gathers into a bf16 unsharded parameter
+# (``_full_param_padded``, :1286-1292). Autograd's gradient is bf16, reduce-scattered in
+# bf16 into a bf16 shard (_runtime_utils.py ``_post_backward_hook`` :756-766,
+# ``_reduce_grad`` :846-862), which ``_cast_grad_to_param_dtype`` (:1030-1056) casts to the
+# fp32 shard's dtype and keeps as ``_saved_grad_shard`` (:906-928): the fp32 ``.grad`` the
+# optimizer reads. The forward and backward see bf16 weights only (autocast on bf16 weights
+# casts nothing), so the activations are those of pure-bf16 training.
+#
+# DeepSpeed (ZeRO-2 / ZeRO-3, ``"bf16": {"enabled": "auto"}`` filled from ``bf16=True``):
+# ``deepspeed.initialize`` casts the module to bf16 and, unless it was built under
+# ``zero.Init``, moves it whole to the GPU (engine.py ``_configure_distributed_model``:
+# ``self.module.bfloat16()``, ``self.module.to(self.device)``). The emitted script loads the
+# model before its training arguments exist, so transformers' ``is_deepspeed_zero3_enabled``
+# (integrations/deepspeed.py:284, a weak reference that TrainingArguments sets,
+# training_args.py:1716-1721) is still False at ``from_pretrained``: no ``zero.Init``. The
+# ZeRO optimizer keeps its fp32 master partition (``single_partition_of_fp32_groups``,
+# stage_1_and_2.py; ``fp32_partitioned_groups_flat``, stage3.py) and the optimizer states of
+# that partition; gradients are reduced in the bf16 model dtype into bf16 partitions (the
+# gradient accumulation dtype is the model dtype under ZeRO, engine.py ``get_data_types``)
+# and the step makes an fp32 copy of the partition's gradient (``single_grad_partition``).
+# accelerate runs no autocast under DeepSpeed (accelerator.py:585-590: ``native_amp`` only
+# for the other engines), so the activations are pure bf16 here too.
+
+
+def full_sharded(inputs: EstimateInput) -> bool:
+    """Full fine-tuning under an engine that shards its state (FSDP, ZeRO-2, ZeRO-3)."""
+    return inputs.finetuning == "full" and inputs.distributed in STATE_SHARDING_ENGINES
+
+
+def full_sharded_activation_inputs(inputs: EstimateInput) -> EstimateInput:
+    """The inputs the activation and logits terms see: under FSDP the layers compute with
+    their gathered bf16 weights, under DeepSpeed with the bf16 module, so no weight casts,
+    a bf16 residual stream and shared linear inputs, as in pure 16-bit training
+    (``StackProfile.full_master_weights = "compute"``). One GPU and DDP: unchanged."""
+    if not full_sharded(inputs):
+        return inputs
+    from dataclasses import replace
+
+    return replace(inputs, stack=replace(inputs.stack, full_master_weights="compute"))
+
+
+def full_root_parameters(arch: ModelArch) -> int:
+    """Parameters of FSDP's root unit (embeddings, untied head, final norm): those no
+    decoder layer owns under the transformer-layer wrap policy."""
+    groups = parameter_groups(arch)
+    return groups.embedding + groups.lm_head + arch.config.hidden_size
+
+
+def full_layer_unit_bytes(inputs: EstimateInput) -> int:
+    """One decoder layer's parameters as FSDP gathers them under full fine-tuning: in the
+    compute dtype (``_full_param_padded`` is allocated in ``param_dtype``,
+    torch/distributed/fsdp/_flat_param.py:1286), not in the fp32 they are stored in."""
+    arch = inputs.arch
+    layers = base_parameter_count(arch) - full_root_parameters(arch)
+    per_layer = math.ceil(layers / arch.config.num_hidden_layers)
+    return per_layer * DTYPE_BYTES[inputs.compute_dtype]
+
+
+def full_storage_unit_bytes(inputs: EstimateInput) -> int:
+    """The largest FSDP unit in its fp32 storage dtype: what wrapping moves to the GPU and
+    flattens while the model is loaded (the root, or a decoder layer when larger)."""
+    arch = inputs.arch
+    layers = base_parameter_count(arch) - full_root_parameters(arch)
+    per_layer = math.ceil(layers / arch.config.num_hidden_layers)
+    return 4 * max(full_root_parameters(arch), per_layer)
+
+
+def full_fsdp_gradient_buffer_bytes(inputs: EstimateInput) -> int:
+    """FSDP1's gradient buffers when every unit trains.
+
+    - The root unit's unsharded bf16 gradient: its flat parameter's views (head and
+      embeddings) pass their gradients through one ``SplitWithSizesBackward``, which runs
+      only once the embeddings' gradient arrives at the backward's end, so the head's
+      gradient lives through the whole backward and the root's post-backward hook
+      (_runtime_utils.py ``_post_backward_hook``) reduces it last.
+    - ``fsdp_gathered_layer_units`` decoder layers' unsharded bf16 gradients, kept for the
+      post-backward stream (``_no_dispatch_record_stream``, :772), plus one reduce-scatter
+      output shard in ``reduce_dtype`` (``_get_reduce_scatter_tensors``).
+    - The bf16 copies of the shards being all-gathered (``_mp_shard``, freed once the
+      gather is done, ``_free_low_precision_sharded_param``)."""
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    world = inputs.world_size
+    root = compute * full_root_parameters(inputs.arch)
+    layer = full_layer_unit_bytes(inputs)
+    units = fsdp_gathered_layer_units(inputs.stack)
+    low_precision_shards = units * _shard(layer, world)
+    return root + units * layer + _shard(layer, world) + low_precision_shards
+
+
+def full_zero_gradient_partition_bytes(inputs: EstimateInput) -> int:
+    """This rank's gradient partition under ZeRO-2 / ZeRO-3 full fine-tuning: bf16 (the
+    gradient accumulation dtype is the model dtype, engine.py ``get_data_types``), 1/N of
+    every parameter (ZeRO-3's ``grad_partitions_flat_buffer``, ZeRO-2's averaged
+    partition)."""
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    return _shard(compute * base_parameter_count(inputs.arch), inputs.world_size)
+
+
+def full_zero_step_temporary_bytes(inputs: EstimateInput) -> int:
+    """The ZeRO step's temporaries on this rank: the fp32 copy of the partition's gradient
+    the optimizer steps the fp32 master with (stage_1_and_2.py ``single_grad_partition``,
+    stage3.py ``_prepare_fp32_grad_for_sub_group``) plus the torch optimizer's own step
+    temporary for the fp32 partition."""
+    fp32_grad = _shard(4 * base_parameter_count(inputs.arch), inputs.world_size)
+    return fp32_grad + _shard(optimizer_step_temporary_bytes(inputs), inputs.world_size)
+
+
+def full_fsdp_parts(inputs: EstimateInput) -> PerGpuParts:
+    """FSDP1 FULL_SHARD of a fully fine-tuned model, per GPU: fp32 master shards (1/N of
+    every parameter), the gathered bf16 root unit plus ``fsdp_gathered_layer_units`` bf16
+    layers, fp32 gradient shards (``_saved_grad_shard``), the optimizer state of the fp32
+    shards and its step temporary (1/N each), the gradient buffers
+    (``full_fsdp_gradient_buffer_bytes``). CPU offload (``offload_params``) moves the fp32
+    shards, their gradients and the optimizer step to host memory."""
+    world = inputs.world_size
+    offload = inputs.cpu_offload
+    units = max(
+        fsdp_gathered_layer_units(inputs.stack), fsdp_forward_gathered_layer_units(inputs.stack)
+    )
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    gathered = compute * full_root_parameters(inputs.arch) + units * full_layer_unit_bytes(inputs)
+    masters = _shard(full_master_bytes(inputs) * base_parameter_count(inputs.arch), world)
+    communication = full_fsdp_gradient_buffer_bytes(inputs)
+    kept = 0 if offload else 1
+    return PerGpuParts(
+        weights_bytes=kept * masters + gathered,
+        adapter_bytes=0,
+        gradient_bytes=kept * _shard(gradient_bytes(inputs), world) + communication,
+        optimizer_bytes=kept * _shard(optimizer_state_bytes(inputs), world),
+        optimizer_step_temporary_bytes=kept * _shard(optimizer_step_temporary_bytes(inputs), world),
+        managed_bytes=kept * _shard(managed_optimizer_bytes(inputs), world),
+        communication_bytes=communication,
+        gathered_weight_bytes=gathered,
+    )
+
+
+def full_zero_parts(inputs: EstimateInput) -> PerGpuParts:
+    """DeepSpeed ZeRO-2 / ZeRO-3 of a fully fine-tuned model, per GPU.
+
+    Weights: the bf16 module, whole under ZeRO-2, 1/N plus the gathered modules
+    (``zero3_gathered_parameter_bytes``) under ZeRO-3. Gradients: the bf16 partition
+    (``full_zero_gradient_partition_bytes``) plus the reduce buckets (``zero_bucket_bytes``).
+    Optimizer: DeepSpeed's fp32 master partition (``deepspeed_master_weight_bytes`` / N)
+    and the optimizer states of that partition (fp32: torch AdamW keeps them in the master's
+    dtype). Step temporaries: ``full_zero_step_temporary_bytes``. CPU offload
+    (``offload_optimizer``, ZeRO-3 also ``offload_param``) moves the master partition, the
+    optimizer states and the step (ZeRO-3: the parameter partition) to host memory; the
+    gradient partition stays, as for LoRA."""
+    world = inputs.world_size
+    offload = inputs.cpu_offload
+    compute = DTYPE_BYTES[inputs.compute_dtype]
+    module = compute * base_parameter_count(inputs.arch)
+    gathered = 0
+    weights = module
+    if inputs.distributed == "deepspeed-zero3":
+        gathered = zero3_gathered_parameter_bytes(inputs)
+        weights = (0 if offload else _shard(module, world)) + gathered
+    master = _shard(deepspeed_master_weight_bytes(inputs), world)
+    optimizer = 0 if offload else master + _shard(optimizer_state_bytes(inputs), world)
+    temporary = 0 if offload else full_zero_step_temporary_bytes(inputs)
+    communication = zero_bucket_bytes(inputs)
+    return PerGpuParts(
+        weights_bytes=weights,
+        adapter_bytes=0,
+        gradient_bytes=full_zero_gradient_partition_bytes(inputs) + communication,
+        optimizer_bytes=optimizer,
+        optimizer_step_temporary_bytes=temporary,
+        managed_bytes=0 if offload else _shard(managed_optimizer_bytes(inputs), world),
+        communication_bytes=communication,
+        gathered_weight_bytes=gathered,
+    )
+
+
+def full_sharded_parts(inputs: EstimateInput) -> PerGpuParts:
+    """``per_gpu_parts`` for full fine-tuning under FSDP / ZeRO-2 / ZeRO-3."""
+    if inputs.distributed == "fsdp":
+        return full_fsdp_parts(inputs)
+    return full_zero_parts(inputs)
+
+
+def full_sharded_load_transient_bytes(inputs: EstimateInput) -> int:
+    """The loading transient of full fine-tuning under FSDP / ZeRO-3.
+
+    FSDP (``cpu_ram_efficient_loading``: rank 0 reads the fp32 checkpoint, the others build
+    on the meta device): wrapping a unit moves it to the GPU in fp32, flattens it into a
+    new ``FlatParameter`` and clones this rank's shard (``sharded_load_transient_bytes``'s
+    rule, with the fp32 unit of ``full_storage_unit_bytes``). ZeRO-3 without ``zero.Init``
+    (the emitted script, see above): ``deepspeed.initialize`` moves the whole bf16 module to
+    the GPU before partitioning it."""
+    if inputs.distributed == "fsdp":
+        unit = full_storage_unit_bytes(inputs)
+        return 2 * unit + _shard(unit, inputs.world_size)
+    return DTYPE_BYTES[inputs.compute_dtype] * base_parameter_count(inputs.arch)
+
+
+def full_sharded_load_peak_bytes(inputs: EstimateInput) -> int:
+    """The loading peak per GPU (process figure) for full fine-tuning under FSDP / ZeRO:
+    FSDP / ZeRO-3, the shards made so far plus ``full_sharded_load_transient_bytes``;
+    ZeRO-2, the whole bf16 module DeepSpeed moves to the GPU plus the fp32 master partition
+    its optimizer creates (it flattens the bf16 groups after moving them to the CPU,
+    stage_1_and_2.py ``move_to_cpu`` before ``flatten_dense_tensors_aligned``)."""
+    context = inputs.stack.cuda_context_bytes + cublas_workspace_bytes(
+        inputs.gpu_compute_capability
+    )
+    context += nccl_buffer_bytes(inputs)
+    if inputs.distributed == "deepspeed-zero2":
+        module = DTYPE_BYTES[inputs.compute_dtype] * base_parameter_count(inputs.arch)
+        return module + _shard(deepspeed_master_weight_bytes(inputs), inputs.world_size) + context
+    return sharded_resident_bytes(inputs) + full_sharded_load_transient_bytes(inputs) + context
+
+
+def full_sharded_host_load_bytes(inputs: EstimateInput, gpus_per_node: int) -> int:
+    """Host RAM while loading, per node: FSDP reads the fp32 checkpoint on rank 0 only
+    (``cpu_ram_efficient_loading``); ZeRO-3 without ``zero.Init`` reads it in every process
+    (transformers loads the whole fp32 model in host memory, then DeepSpeed casts it to
+    bf16 in place before moving it)."""
+    whole = full_master_bytes(inputs) * base_parameter_count(inputs.arch)
+    return whole * (gpus_per_node if inputs.distributed == "deepspeed-zero3" else 1)
+
 
 DEEPSPEED_BUCKET_ELEMENTS = 50_000_000
 """``reduce_bucket_size`` and ``allgather_bucket_size`` peftgen writes into ds_config.json."""
@@ -88,7 +323,10 @@ def root_unit_bytes(inputs: EstimateInput) -> int:
 
 def layer_unit_bytes(inputs: EstimateInput) -> int:
     """One decoder layer's parameters, unsharded (what one all-gather brings in). The layers
-    of the catalogued families are identical, so this is the largest layer too."""
+    of the catalogued families are identical, so this is the largest layer too. Full
+    fine-tuning: ``full_layer_unit_bytes`` (gathered in the compute dtype)."""
+    if inputs.finetuning == "full":
+        return full_layer_unit_bytes(inputs)
     layers = weights_bytes(inputs) - root_unit_bytes(inputs) - replicated_quant_state_bytes(inputs)
     layers -= model_buffer_bytes(inputs)
     return math.ceil(layers / inputs.arch.config.num_hidden_layers)
@@ -310,7 +548,10 @@ def sharded_load_transient_bytes(inputs: EstimateInput) -> int:
     parameters to the GPU (``_move_module_to_device``), broadcasts them from rank 0
     (``sync_module_states``), flattens them into a new ``FlatParameter`` (``flatten_tensors``
     -> ``torch.cat``) and clones this rank's shard (``_get_shard``): twice the unit plus a
-    shard. ZeRO-3 partitions one parameter at a time (the unit plus its partition)."""
+    shard. ZeRO-3 partitions one parameter at a time (the unit plus its partition). Full
+    fine-tuning: ``full_sharded_load_transient_bytes``."""
+    if inputs.finetuning == "full":
+        return full_sharded_load_transient_bytes(inputs)
     unit = largest_wrap_unit_bytes(inputs)
     if inputs.distributed == "fsdp":
         return 2 * unit + _shard(unit, inputs.world_size)
@@ -325,8 +566,11 @@ def load_peak_bytes(inputs: EstimateInput) -> int:
     GPU holds the shards made so far plus one unit's transient
     (``sharded_load_transient_bytes``). Otherwise (one GPU, DDP, ZeRO-2, or a sharded run
     that loads on every GPU first) the whole model is on the GPU, plus the largest linear
-    in the compute dtype while bitsandbytes quantizes it.
+    in the compute dtype while bitsandbytes quantizes it. Full fine-tuning under FSDP /
+    ZeRO: ``full_sharded_load_peak_bytes``.
     """
+    if full_sharded(inputs) and inputs.stack.fsdp_load_on_cpu:
+        return full_sharded_load_peak_bytes(inputs)
     stack = inputs.stack
     context = stack.cuda_context_bytes + cublas_workspace_bytes(inputs.gpu_compute_capability)
     whole = weights_bytes(inputs) + adapter_bytes(inputs)
@@ -387,6 +631,8 @@ def host_load_bytes(inputs: EstimateInput, gpus_per_node: int) -> int:
     ``cpu_ram_efficient_loading`` / ZeRO-3's ``zero.Init`` is read by one rank per node."""
     if inputs.distributed not in PARAMETER_SHARDING_ENGINES or not inputs.stack.fsdp_load_on_cpu:
         return 0
+    if inputs.finetuning == "full":
+        return full_sharded_host_load_bytes(inputs, gpus_per_node)
     whole = weights_bytes(inputs) + adapter_bytes(inputs)
     quantized = inputs.precision in ("8bit", "4bit")
     return whole * (gpus_per_node if quantized else 1) + (
@@ -495,8 +741,10 @@ def per_gpu_parts(inputs: EstimateInput) -> PerGpuParts:
     bitsandbytes' quant states, and add the gathered working set. CPU offload moves the
     sharded state to host memory: with FSDP the parameters, their gradients and the
     optimizer (the step runs on the CPU); with DeepSpeed the optimizer and master copy
-    (ZeRO-3 the parameters too).
+    (ZeRO-3 the parameters too). Full fine-tuning: ``full_sharded_parts``.
     """
+    if full_sharded(inputs):
+        return full_sharded_parts(inputs)
     world = inputs.world_size
     weights, adapter = weights_bytes(inputs), adapter_bytes(inputs)
     gradient = gradient_bytes(inputs)

@@ -25,9 +25,7 @@ from peftgen.plan.inputs import (
 )
 from peftgen.plan.types import Assumption, Candidate
 from peftgen.resolve import Resolved, valid_with
-from peftgen.spec import (
-    LoadPrecision,
-)
+from peftgen.spec import STATE_SHARDING_ENGINES, LoadPrecision, full_sharded_refusal
 from peftgen.stack import GIB, format_gib
 from peftgen.throughput import estimate_time, spec_run_length
 
@@ -125,20 +123,56 @@ def full_assumptions(inputs: EstimateInput) -> tuple[Assumption, ...]:
     optimizer = f"{inputs.optim} state for every parameter (fp32 masters)"
     if inputs.optim in PAGED_OPTIMIZERS:
         optimizer += " in CUDA managed memory, outside torch's counters (managed_bytes)"
+    weights = f"every weight in fp32 (master weights){reference}"
+    gradient = "an fp32 gradient for every parameter"
+    compute = f"{dtype} autocast"
+    if inputs.distributed in STATE_SHARDING_ENGINES:
+        weights, gradient, optimizer, compute = full_sharded_assumption_texts(inputs)
+        checkpointing = (
+            "gradient checkpointing: each layer keeps its input"
+            if inputs.gradient_checkpointing
+            else "no checkpointing: every layer keeps its saved tensors until its backward"
+        )
     return (
-        Assumption("weights_bytes", f"every weight in fp32 (master weights){reference}"),
+        Assumption("weights_bytes", weights),
         Assumption("adapter_bytes", "no adapter: full fine-tuning trains the weights"),
-        Assumption("gradient_bytes", "an fp32 gradient for every parameter"),
+        Assumption("gradient_bytes", gradient),
         Assumption("optimizer_bytes", optimizer),
         Assumption(
             "activation_bytes",
-            f"{dtype} autocast; {checkpointing}; {inputs.attn_implementation} attention; "
+            f"{compute}; {checkpointing}; {inputs.attn_implementation} attention; "
             f"{inputs.micro_batch} x {inputs.max_length} tokens per micro-batch",
         ),
         Assumption(
             "logits_bytes",
             "trl's fused LM head (4096 x 32768 tiles) plus its fp32 gradient of the whole head",
         ),
+    )
+
+
+def full_sharded_assumption_texts(inputs: EstimateInput) -> tuple[str, str, str, str]:
+    """(weights, gradient, optimizer, compute) for full fine-tuning under FSDP / ZeRO
+    (``peftgen.memory.full_fsdp_parts``, ``full_zero_parts``)."""
+    dtype, world, optim = inputs.compute_dtype, inputs.world_size, inputs.optim
+    if inputs.distributed == "fsdp":
+        return (
+            f"fp32 master shards (1/{world} of every weight) plus the gathered {dtype} root "
+            "unit (embeddings, head, final norm) and two decoder layers",
+            f"fp32 gradient shards (1/{world}) plus the {dtype} unsharded gradients of the "
+            "root and two layers before their reduce-scatter",
+            f"{optim} state of the fp32 shards (1/{world})",
+            f"FSDP mixed precision: layers gathered and computed in {dtype}",
+        )
+    weights = (
+        f"the whole model in {dtype} (DeepSpeed casts it)"
+        if inputs.distributed == "deepspeed-zero2"
+        else f"the {dtype} model 1/{world} per GPU plus the gathered modules"
+    )
+    return (
+        weights,
+        f"{dtype} gradient partition (1/{world}) plus the reduce buckets",
+        f"DeepSpeed's fp32 master partition and its {optim} state (1/{world})",
+        f"no autocast: the {dtype} module computes in {dtype}",
     )
 
 
@@ -229,9 +263,10 @@ def with_times(
 def full_finetuning_candidate(resolved: Resolved, gpu: Gpu) -> Candidate | None:
     """A LoRA spec's run as ``finetuning: full`` would need it (never chosen): the seed's
     "small model: full fine-tuning or LoRA" answered by numbers. None when the spec is full
-    already or its engine shards (full fine-tuning is planned for one GPU or DDP)."""
+    already or full fine-tuning is not planned for its method under its engine
+    (``peftgen.spec.full_sharded_refusal``)."""
     spec = resolved.loaded.spec
-    if spec.finetuning == "full" or spec.hardware.distributed not in ("none", "ddp"):
+    if spec.finetuning == "full" or full_sharded_refusal(spec) is not None:
         return None
     sixteen: LoadPrecision = "bf16" if gpu.bf16 else "fp16"
     budget = budget_bytes(gpu, spec.hardware.headroom_fraction)

@@ -8,6 +8,7 @@ from peftgen.catalog import Gpu
 from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.memory import (
     PAGED_OPTIMIZERS,
+    EstimateInput,
     adapter_dtype,
     base_parameter_count,
     grpo_generation_bytes,
@@ -23,6 +24,7 @@ from peftgen.plan.types import Candidate, Decision
 from peftgen.resolve import Resolved
 from peftgen.spec import (
     PARAMETER_SHARDING_ENGINES,
+    STATE_SHARDING_ENGINES,
     AnySpec,
     LoadPrecision,
 )
@@ -34,12 +36,16 @@ def full_decisions(spec: AnySpec, decisions: list[Decision]) -> list[Decision]:
     if spec.finetuning != "full":
         return decisions
     kept = [d for d in decisions if d.knob != "adapter_dtype"]
+    how = (
+        "fp32 master weights, gradients and optimizer state under 16-bit autocast"
+        if spec.hardware.distributed not in STATE_SHARDING_ENGINES
+        else f"fp32 master weights and optimizer state sharded by {spec.hardware.distributed}"
+    )
     kept.append(
         Decision(
             "finetuning",
             "full",
-            "every weight trained: fp32 master weights, gradients and optimizer state under "
-            "16-bit autocast (16-bit weights would round small AdamW updates away)",
+            f"every weight trained: {how} (16-bit weights would round small AdamW updates away)",
         )
     )
     return kept
@@ -58,10 +64,8 @@ def full_and_vllm_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[
             else ""
         )
         notes.append(
-            f"finetuning: full trains all {shown_parameters(resolved):,} parameters: fp32 "
-            f"master weights, fp32 gradients and fp32 {spec.training.optim} state, under "
-            f"{inputs.compute_dtype} autocast (each matmul casts its weight; the casts are "
-            f"saved for backward){reference}"
+            f"finetuning: full trains all {shown_parameters(resolved):,} parameters: "
+            f"{full_engine_text(inputs)}{reference}"
         )
     grpo = getattr(spec, "grpo", None)
     if grpo is not None and grpo.use_vllm == "colocate":
@@ -142,12 +146,15 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
             else f" of the {limit:g} GiB hardware.host_memory_gib"
             + ("" if shown.host_fits else ": does NOT fit")
         )
+        how = "the checkpoint is read into host memory and each unit sharded while it is wrapped"
+        read_by = "a quantized model is read by every process"
+        if spec.finetuning == "full":
+            how, read_by = full_sharded_loading_text(hardware.distributed)
         notes.append(
             f"loading: peaks at {format_gib(shown.load_peak_bytes)} per GPU "
-            f"(training {format_gib(shown.peak_reserved_bytes)}); the checkpoint is read into "
-            f"host memory and each unit sharded while it is wrapped; host memory per node "
-            f"about {host}{verdict} (the larger of loading, where a quantized model is read "
-            f"by every process, and the offloaded state)"
+            f"(training {format_gib(shown.peak_reserved_bytes)}); {how}; host memory per node "
+            f"about {host}{verdict} (the larger of loading, where {read_by}, and the "
+            "offloaded state)"
         )
     return notes
 
@@ -346,3 +353,49 @@ def distributed_warnings(resolved: Resolved) -> list[str]:
             "host memory (each node needs RAM for its GPUs' shards); steps are slower"
         )
     return warnings
+
+
+def full_sharded_loading_text(engine: str) -> tuple[str, str]:
+    """How a fully fine-tuned model is loaded under FSDP / ZeRO-3, and who reads it
+    (``peftgen.memory.full_sharded_load_transient_bytes``, ``full_sharded_host_load_bytes``)."""
+    if engine == "fsdp":
+        return (
+            "rank 0 reads the fp32 checkpoint into host memory (cpu_ram_efficient_loading) "
+            "and each unit is sharded in fp32 while it is wrapped",
+            "the fp32 checkpoint is read by rank 0 only",
+        )
+    return (
+        "every process reads the fp32 checkpoint, and deepspeed.initialize moves the whole "
+        "bf16 model to each GPU before partitioning it (the script loads the model before "
+        "DeepSpeed's config is registered, so there is no zero.Init)",
+        "every process reads the fp32 checkpoint",
+    )
+
+
+def full_engine_text(inputs: EstimateInput) -> str:
+    """What full fine-tuning keeps per GPU under the input's engine, in words."""
+    optim = inputs.optim
+    dtype = inputs.compute_dtype
+    world = inputs.world_size
+    if inputs.distributed == "fsdp":
+        return (
+            f"FSDP shards the fp32 master weights, fp32 gradients and fp32 {optim} state "
+            f"1/{world} per GPU; each unit is gathered in {dtype} (FSDP mixed precision, "
+            f"the layers compute in {dtype}) and its {dtype} gradient reduce-scattered, "
+            "then kept as an fp32 shard"
+        )
+    if inputs.distributed in ("deepspeed-zero2", "deepspeed-zero3"):
+        weights = (
+            f"the {dtype} weights whole on every GPU"
+            if inputs.distributed == "deepspeed-zero2"
+            else f"the {dtype} weights 1/{world} per GPU plus the gathered modules"
+        )
+        return (
+            f"DeepSpeed casts the model to {dtype} ({weights}) and keeps its fp32 master "
+            f"copy, the fp32 {optim} state and the {dtype} gradients 1/{world} per GPU; no "
+            f"autocast: the layers compute in {dtype}"
+        )
+    return (
+        f"fp32 master weights, fp32 gradients and fp32 {optim} state, under {dtype} "
+        "autocast (each matmul casts its weight; the casts are saved for backward)"
+    )
