@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -357,9 +358,25 @@ def test_emitted_fsdp_full_config_is_what_accelerate_builds(
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.bfloat16)
     script = (emitted / "train.py").read_text(encoding="utf-8")
     assert "from peft" not in script and "dtype=torch.float32," in script
-    assert 'set_state_dict_type("FULL_STATE_DICT")' in script
-    assert "if trainer.is_fsdp_enabled:" in script
     assert ruff_problems(emitted) == ""
+    # The script's switch to a full state dict before save_model, run on accelerate's own
+    # plugin: FSDP.state_dict_type refuses a type whose config is of the other kind
+    # (torch/distributed/fsdp/fully_sharded_data_parallel.py, "Expected state_dict_config").
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
+
+    lines = script.splitlines()
+    start = lines.index("    if trainer.is_fsdp_enabled:")
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("        "))
+    switch = textwrap.dedent("\n".join(lines[start:end]))
+    state = types.SimpleNamespace(fsdp_plugin=plugin)
+    trainer = types.SimpleNamespace(
+        is_fsdp_enabled=True, accelerator=types.SimpleNamespace(state=state)
+    )
+    exec(switch, {"trainer": trainer})
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+    assert type(plugin.state_dict_config) is FullStateDictConfig
+    assert type(plugin.optim_state_dict_config) is FullOptimStateDictConfig
+    assert plugin.state_dict_config.rank0_only and plugin.state_dict_config.offload_to_cpu
 
 
 def test_emitted_zero3_full_config_gathers_16bit_weights_on_save(tmp_path: Path) -> None:
@@ -467,6 +484,7 @@ WORKER = textwrap.dedent(
         json.dump(report, f)
     # What the emitted script does before its final save_model, then accelerate's
     # get_state_dict for FSDP1 (offload_to_cpu is for GPU tensors: off on the CPU).
+    plugin.state_dict_config = plugin.optim_state_dict_config = None
     plugin.set_state_dict_type("FULL_STATE_DICT")
     assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
     config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
