@@ -508,6 +508,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # with test_multigpu's DDP run, never two at once
 def test_fsdp_full_finetuning_on_two_cpu_processes(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

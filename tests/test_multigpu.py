@@ -305,7 +305,10 @@ def test_launch_script_documents_and_passes_multi_node_variables(
 # --------------------------------------------------------------------------- 2-process DDP run
 
 
+# The two-process runs share one xdist worker (``--dist loadgroup``): two of them at once on
+# two cores starve gloo's workers.
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")
 def test_launch_sh_trains_ddp_on_two_cpu_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The emitted launch.sh, unmodified: two processes (gloo on the CPU), one adapter."""
     from safetensors import safe_open
@@ -320,6 +323,8 @@ def test_launch_sh_trains_ddp_on_two_cpu_processes(tiny_model_dir: Path, tmp_pat
         "CUDA_VISIBLE_DEVICES": "",
     }
     env.pop("MAIN_PROCESS_IP", None)
+    # launch.sh's own variable: a free port, not the default another run may hold.
+    env["MAIN_PROCESS_PORT"] = str(_free_port())
     ran = subprocess.run(
         ["bash", str(emitted / "launch.sh")],
         cwd=tmp_path,
@@ -341,3 +346,12 @@ def test_launch_sh_trains_ddp_on_two_cpu_processes(tiny_model_dir: Path, tmp_pat
         lora_b = [tensors.get_tensor(k) for k in keys if "lora_B" in k]
     # LoRA B starts at zero: trained weights moved it.
     assert lora_b and max(float(t.abs().max()) for t in lora_b) > 0
+
+
+def _free_port() -> int:
+    """A TCP port free now, for the rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
