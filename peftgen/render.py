@@ -617,7 +617,7 @@ class ScriptContext:
     dependencies: list[str]
     """PEP 723 requirements of train.py (``name==version``)."""
     merge_dependencies: list[str]
-    receipt_libraries: list[str]
+    receipt_libraries: tuple[str, ...]
     """The packages whose installed versions the memory receipt records."""
     stdlib_imports: list[str]
     library_imports: list[str]
@@ -693,18 +693,16 @@ MERGE_LIBRARIES = ("torch", "transformers", "peft", "accelerate")
 VLLM_REQUIREMENT = "vllm>=0.22.0,<=0.31.0"
 
 
-def _stdlib_imports(spec: AnySpec, script_dir: bool, full: bool) -> list[str]:
+def _stdlib_imports(spec: AnySpec, full: bool) -> list[str]:
     """train.py's standard-library imports, sorted as ruff's isort wants them."""
     modules = {"argparse", "json", "os", "time"}
-    names = {("importlib", "metadata")}
-    if script_dir:
-        names.add(("pathlib", "Path"))
+    names = {("importlib", "metadata"), ("pathlib", "Path")}
     if isinstance(spec, DpoRunSpec) and full and not spec.dpo.precompute_ref_log_probs:
         modules.add("copy")
     if isinstance(spec, GrpoRunSpec):
         if any(USER_REWARD_PATTERN.match(item) for item in spec.grpo.reward_funcs):
             modules.add("importlib.util")
-            names |= {("collections.abc", "Callable"), ("pathlib", "Path")}
+            names.add(("collections.abc", "Callable"))
         if "format" in spec.grpo.reward_funcs:
             modules.add("re")
     return [f"import {module}" for module in sorted(modules)] + [
@@ -922,8 +920,8 @@ def script_context(
         receipt_version=stack.RECEIPT_VERSION,
         dependencies=[f"{name}=={version}" for name, version in pinned.items()] + vllm,
         merge_dependencies=[f"{name}=={stack.PINNED_VERSIONS[name]}" for name in MERGE_LIBRARIES],
-        receipt_libraries=list(pinned),
-        stdlib_imports=_stdlib_imports(spec, script_dir, full),
+        receipt_libraries=tuple(pinned),
+        stdlib_imports=_stdlib_imports(spec, full),
         library_imports=_library_imports(spec, precision, chat, full),
         gpu_name=comment_text(plan.gpu.name),
         gpu_count=plan.gpu.count,

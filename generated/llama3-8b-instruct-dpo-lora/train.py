@@ -242,7 +242,9 @@ def longest_rows(dataset: Dataset, count: int, characters: int = 0) -> Dataset:
     return dataset.select(order)
 
 
-# The memory receipt's fixed part: the plan's prediction, embedded when the script was emitted.
+# The memory receipt: the plan's prediction (embedded at emit time) and what this run measured.
+# Allocated / reserved are torch.cuda.max_memory_allocated / max_memory_reserved; the process
+# peak adds the CUDA context (what nvidia-smi shows).
 RECEIPT = {
     "receipt_version": 2,
     "spec_name": "llama3-8b-instruct-dpo-lora",
@@ -251,8 +253,6 @@ RECEIPT = {
         "gpu": "NVIDIA A100-SXM4-80GB",
         "gpu_memory_bytes": 85097971712,
         "precision": "bf16",
-        # torch.cuda.max_memory_allocated; torch.cuda.max_memory_reserved (the allocator's
-        # cache); the whole process with the CUDA context (what nvidia-smi shows).
         "peak_allocated_bytes": 19509682176,
         "torch_reserved_bytes": 19964373647,
         "peak_reserved_bytes": 20501244559,
@@ -272,20 +272,12 @@ RECEIPT = {
         "step_seconds_high": 5.903,
     },
 }
-# The libraries whose installed versions the receipt records.
-RECEIPT_LIBRARIES = [
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "datasets",
-    "accelerate",
-]
+# The receipt records their installed versions.
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
 
 
 class MemoryReceipt(TrainerCallback):
-    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end: RECEIPT
-    with the peak memory and the seconds per optimizer step this run measured."""
+    """Writes OUTPUT_DIR/memory_receipt.json after 3 optimizer steps and at the end."""
 
     def __init__(self):
         self.started, self.step_seconds = 0.0, []
@@ -298,52 +290,40 @@ class MemoryReceipt(TrainerCallback):
             torch.cuda.synchronize()  # the step's kernels have finished, not just queued
         self.step_seconds.append(time.perf_counter() - self.started)
         if state.global_step == 3:
-            self.write(state, "early")
+            self.on_train_end(args, state, control, stage="early")
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.write(state, "end")
-
-    def write(self, state, stage):
+    def on_train_end(self, args, state, control, stage="end", **kwargs):
         if not state.is_world_process_zero:
             return
-        cuda = torch.cuda.is_available()
+        cuda, timed = torch.cuda.is_available(), self.step_seconds[1:]  # step 1 warms up
         device = torch.cuda.get_device_properties() if cuda else None
-        timed = self.step_seconds[1:]  # after warm-up: the first step launches every kernel
-        measured = {
-            "max_memory_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-            "max_memory_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-            "step_seconds": sum(timed) / len(timed) if timed else None,
-            "timed_steps": len(timed),
-        }
-        receipt = {
-            **RECEIPT,
+        reserved = torch.cuda.max_memory_reserved() if cuda else None
+        seconds = sum(timed) / len(timed) if timed else None
+        receipt = RECEIPT | {
             "stage": stage,
             "optimizer_steps": state.global_step,
             "smoke_steps": SMOKE_STEPS,
-            "world_size": PartialState().num_processes,
+            "world_size": args.world_size,
             "device": {
                 "type": "cuda" if cuda else "cpu",
-                "name": device.name if device else "cpu",
-                "total_memory_bytes": device.total_memory if device else None,
+                "name": device.name if cuda else "cpu",
+                "total_memory_bytes": device.total_memory if cuda else None,
             },
-            "measured": measured,
-            "versions": {name: metadata.version(name) for name in RECEIPT_LIBRARIES},
+            "measured": {
+                "max_memory_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+                "max_memory_reserved_bytes": reserved,
+                "step_seconds": seconds,
+                "timed_steps": len(timed),
+            },
+            "versions": {name: metadata.version(name) for name in LIBRARIES},
         }
-        path = os.path.join(OUTPUT_DIR, "memory_receipt.json")
-        os.makedirs(OUTPUT_DIR, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as file:
-            json.dump(receipt, file, indent=2)
-        os.replace(path + ".tmp", path)  # renamed into place: never half a receipt
-        planned, found = RECEIPT["predicted"], "no CUDA device, nothing measured"
-        if cuda:
-            found = (
-                f"on {device.name}: {measured['max_memory_reserved_bytes'] / 2**30:.2f} GiB "
-                f"reserved (plan {planned['torch_reserved_bytes'] / 2**30:.2f})"
-            )
-        if timed:
-            found += f", {measured['step_seconds']:.2f} s per step"
-            if planned["step_seconds"] is not None:
-                found += f" (plan {planned['step_seconds']:.2f})"
+        path, partial = Path(OUTPUT_DIR, "memory_receipt.json"), Path(OUTPUT_DIR, "receipt.tmp")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(receipt, indent=2), encoding="utf-8")
+        partial.replace(path)  # renamed into place: never half a receipt
+        found = f"{reserved / 2**30:.2f} GiB reserved" if cuda else "no CUDA, memory not measured"
+        found += f" (plan {RECEIPT['predicted']['torch_reserved_bytes'] / 2**30:.2f} GiB)"
+        found += f", {seconds:.2f} s per step" if timed else ""
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")
 
 
