@@ -140,8 +140,6 @@ HF_PEFT_SHARDED_2024 = StackProfile(
     bnb_4bit_saves_input=False,
     fsdp_version=1,
     fsdp_load_on_cpu=True,
-    # The ZeRO-3 16-bit adapter rule does not apply to this 4-bit model.
-    zero3_adapters_in_base_dtype=False,
     # deepspeed_config_z3_qlora.yaml names no ds_config file: accelerate's plugin writes
     # no bucket keys, so DeepSpeed's default reduce_bucket_size 5e8 applies.
     zero_reduce_bucket_elements=500_000_000,

@@ -130,12 +130,54 @@ def test_prefetch_depth_sets_the_gathered_layers() -> None:
     assert gathered_parameter_bytes(unlimited) > pre
 
 
-def test_zero3_keeps_adapters_in_the_base_dtype_for_16_bit_models() -> None:
-    """trl 1.16 passes autocast_adapter_dtype=False under ZeRO-3 for non-quantized models."""
-    assert adapter_dtype(_inputs("llama3-8b", "bf16", distributed="deepspeed-zero3")) == "bf16"
+def test_deepspeed_trains_adapters_in_the_compute_dtype() -> None:
+    """deepspeed.initialize casts the module, adapters included, to bf16 (engine.py
+    ``_configure_distributed_model``: ``self.module.bfloat16()``) under ZeRO-2 and ZeRO-3;
+    FSDP and one GPU keep peft's fp32 upcast."""
+    for engine in ("deepspeed-zero2", "deepspeed-zero3"):
+        assert adapter_dtype(_inputs("llama3-8b", "bf16", distributed=engine)) == "bf16"
+        assert adapter_dtype(_inputs("llama3-8b", "4bit", distributed=engine)) == "bf16"
     assert adapter_dtype(_inputs("llama3-8b", "bf16", distributed="fsdp")) == "fp32"
     assert adapter_dtype(_inputs("llama3-8b", "bf16")) == "fp32"
-    assert adapter_dtype(_inputs("llama3-8b", "4bit", distributed="deepspeed-zero3")) == "bf16"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "4bit"])
+def test_zero3_without_zero_init_loads_the_whole_model_on_every_gpu(precision: str) -> None:
+    """The emitted ZeRO-3 script builds the model before DeepSpeed's config exists (no
+    zero.Init; transformers never uses it for quantized models): deepspeed.initialize moves
+    the whole module to each GPU (engine.py ``self.module.to(self.device)``) and partitions
+    it there, and every process reads it into host memory."""
+    world = 8
+    zero3 = _inputs("llama3-8b", precision, distributed="deepspeed-zero3", world_size=world)
+    one_gpu_weights = estimate(_inputs("llama3-8b", precision)).weights_bytes
+    assert load_peak_bytes(zero3) > one_gpu_weights
+    assert estimate(zero3).host_memory_bytes >= world * one_gpu_weights
+    # The caching allocator keeps the whole model's blocks: reserved stays above it.
+    assert estimate(zero3).torch_reserved_bytes > one_gpu_weights
+    if precision == "bf16":  # rank 0 reads, units sharded while wrapped / under zero.Init
+        assert load_peak_bytes(replace(zero3, distributed="fsdp")) < one_gpu_weights / 2
+        init = replace(zero3, stack=StackProfile(zero3_init=True))
+        assert load_peak_bytes(init) < one_gpu_weights / 2
+
+
+def test_emitted_zero3_script_builds_the_model_before_deepspeeds_config(tmp_path: Path) -> None:
+    """What ``zero3_loads_whole_model`` assumes of the script: ``from_pretrained`` runs
+    before ``SFTConfig`` registers DeepSpeed's config, so transformers sees no ZeRO-3."""
+    spec = tmp_path / "z3.yaml"
+    data = REPO / "specs" / "data" / "clinical_sft.jsonl"
+    spec.write_text(
+        "name: z3\nmethod: sft\nmodel:\n  id: meta-llama/Meta-Llama-3-8B-Instruct\n"
+        f"dataset:\n  path: {json.dumps(str(data))}\n  format: messages\n"
+        "hardware:\n  gpu: a100-80gb\n  num_gpus: 2\n  distributed: deepspeed-zero3\n"
+        "precision: bf16\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    assert peftgen_main(["emit", str(spec), "-o", str(out), "--force"]) == 0
+    script = (out / "train.py").read_text(encoding="utf-8")
+    assert '"zero_optimization"' in (out / "ds_config.json").read_text(encoding="utf-8")
+    model_load = script.index("AutoModelForCausalLM.from_pretrained(")
+    assert model_load < script.index("SFTConfig(")
 
 
 def test_single_gpu_has_no_sharded_reserve_nor_host_memory() -> None:

@@ -134,9 +134,9 @@ def main() -> None:
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_quant_storage=torch.bfloat16,
     )
-    # fsdp shards the model while wrapping it: quantize in host memory, and let
-    # each unit move to this GPU as it is sharded (a whole model per GPU would not fit;
-    # FSDP's cpu_ram_efficient_loading skips quantized models in transformers 5.24).
+    # FSDP shards the model while wrapping it: quantize in host memory, and let each unit
+    # move to this GPU as it is sharded (a whole model per GPU would not fit; FSDP's
+    # cpu_ram_efficient_loading skips quantized models in transformers 5.24).
     device_map = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         MODEL_ID,

@@ -105,12 +105,14 @@ from peftgen.memory.sharded import (
     per_gpu_parts,
     replicated_quant_state_bytes,
     root_unit_bytes,
+    zero3_loads_whole_model,
     zero3_reuse_retained_bytes,
     zero_bucket_bytes,
 )
 from peftgen.memory.types import Estimate, EstimateInput, MemoryBreakdown
 from peftgen.memory.weights import (
     adapter_dtype,
+    deepspeed_casts_adapters,
     gradient_bytes,
     int8_linear_bytes,
     linear_weight_bytes,
@@ -224,6 +226,7 @@ __all__ = [
     "base_parameter_count",
     "communication_buffer_bytes",
     "cublas_workspace_bytes",
+    "deepspeed_casts_adapters",
     "effective_attn_implementation",
     "estimate",
     "fsdp_gathered_layer_units",
@@ -274,6 +277,7 @@ __all__ = [
     "trainable_parameter_count",
     "vllm_share_bytes",
     "weights_bytes",
+    "zero3_loads_whole_model",
     "zero3_reuse_retained_bytes",
     "zero_bucket_bytes",
 ]

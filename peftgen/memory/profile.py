@@ -143,10 +143,22 @@ class StackProfile:
     """FSDP (all-gather and reduce-scatter streams) and ZeRO-3 (its all-gather stream)
     allocate their outputs on side streams; the caching allocator keeps a separate block pool
     per stream, so those blocks never serve the compute stream's activations."""
-    zero3_adapters_in_base_dtype: bool = True
-    """trl 1.16 passes ``autocast_adapter_dtype=False`` to ``get_peft_model`` under ZeRO-3
-    for non-quantized models (trl/trainer/sft_trainer.py:856): LoRA stays in the base
-    model's dtype instead of peft's fp32."""
+    deepspeed_casts_module: bool = True
+    """``deepspeed.initialize`` casts the whole module to the run's 16-bit dtype
+    (engine.py ``_configure_distributed_model``: ``self.module.bfloat16()`` / ``.half()``),
+    so under ZeRO-2 and ZeRO-3 the LoRA adapters train in the compute dtype whatever peft
+    created them in; their fp32 copy is the optimizer's master partition
+    (``deepspeed_master_weight_bytes``). (trl 1.16 also passes ``autocast_adapter_dtype=False``
+    under ZeRO-3, trl/trainer/sft_trainer.py:856.)"""
+    zero3_init: bool = False
+    """``from_pretrained`` builds the model under ``deepspeed.zero.Init`` (each parameter
+    partitioned as it is created). False for the emitted script: it loads the model before
+    its training arguments register DeepSpeed's config (transformers'
+    ``is_deepspeed_zero3_enabled`` is still False), and transformers skips ``zero.Init`` for
+    quantized models anyway (modeling_utils.py:1435 ``not _is_quantized``; since
+    transformers PR #32640, Aug 2024). Without it ``deepspeed.initialize`` moves the whole
+    module to each GPU (engine.py: ``self.module.to(self.device)`` unless
+    ``is_zero_init_model``) and partitions it there."""
     nccl_channels: int = 8
     """NCCL channels per communicator: each channel keeps a receive buffer per protocol
     (``NCCL_BUFFSIZE`` 4 MiB for SIMPLE, about 4.5 MiB for LL128, 256 KiB for LL), outside

@@ -543,15 +543,27 @@ def largest_wrap_unit_bytes(inputs: EstimateInput) -> int:
     return zero3_largest_module_bytes(inputs)
 
 
+def zero3_loads_whole_model(inputs: EstimateInput) -> bool:
+    """ZeRO-3 without ``zero.Init`` (``StackProfile.zero3_init``; never for a quantized
+    model): ``deepspeed.initialize`` moves the whole module to each GPU and only then
+    partitions it, so every GPU holds the whole model while loading."""
+    if inputs.distributed != "deepspeed-zero3":
+        return False
+    return not inputs.stack.zero3_init or inputs.precision in ("8bit", "4bit")
+
+
 def sharded_load_transient_bytes(inputs: EstimateInput) -> int:
     """GPU bytes a unit needs while it is sharded at load: FSDP1 moves the unit's
     parameters to the GPU (``_move_module_to_device``), broadcasts them from rank 0
     (``sync_module_states``), flattens them into a new ``FlatParameter`` (``flatten_tensors``
     -> ``torch.cat``) and clones this rank's shard (``_get_shard``): twice the unit plus a
-    shard. ZeRO-3 partitions one parameter at a time (the unit plus its partition). Full
-    fine-tuning: ``full_sharded_load_transient_bytes``."""
+    shard. ZeRO-3 under ``zero.Init`` partitions one parameter at a time (the unit plus its
+    partition); without it, the whole model (``zero3_loads_whole_model``). Full fine-tuning:
+    ``full_sharded_load_transient_bytes``."""
     if inputs.finetuning == "full":
         return full_sharded_load_transient_bytes(inputs)
+    if zero3_loads_whole_model(inputs):
+        return weights_bytes(inputs) + adapter_bytes(inputs)
     unit = largest_wrap_unit_bytes(inputs)
     if inputs.distributed == "fsdp":
         return 2 * unit + _shard(unit, inputs.world_size)
@@ -566,8 +578,9 @@ def load_peak_bytes(inputs: EstimateInput) -> int:
     GPU holds the shards made so far plus one unit's transient
     (``sharded_load_transient_bytes``). Otherwise (one GPU, DDP, ZeRO-2, or a sharded run
     that loads on every GPU first) the whole model is on the GPU, plus the largest linear
-    in the compute dtype while bitsandbytes quantizes it. Full fine-tuning under FSDP /
-    ZeRO: ``full_sharded_load_peak_bytes``.
+    in the compute dtype while bitsandbytes quantizes it; ZeRO-3 without ``zero.Init``
+    (``zero3_loads_whole_model``) moves the model, already quantized in host memory, whole.
+    Full fine-tuning under FSDP / ZeRO: ``full_sharded_load_peak_bytes``.
     """
     if full_sharded(inputs) and inputs.stack.fsdp_load_on_cpu:
         return full_sharded_load_peak_bytes(inputs)
@@ -575,7 +588,11 @@ def load_peak_bytes(inputs: EstimateInput) -> int:
     context = stack.cuda_context_bytes + cublas_workspace_bytes(inputs.gpu_compute_capability)
     whole = weights_bytes(inputs) + adapter_bytes(inputs)
     whole += dequantized_weight_transient_bytes(inputs)
-    if inputs.distributed in PARAMETER_SHARDING_ENGINES and stack.fsdp_load_on_cpu:
+    if zero3_loads_whole_model(inputs):
+        # Quantized in host memory (the script's device map), then moved whole: no
+        # dequantized transient on the GPU.
+        whole = weights_bytes(inputs) + adapter_bytes(inputs)
+    elif inputs.distributed in PARAMETER_SHARDING_ENGINES and stack.fsdp_load_on_cpu:
         resident = sharded_resident_bytes(inputs)
         return resident + sharded_load_transient_bytes(inputs) + context + nccl_buffer_bytes(inputs)
     return whole + context + nccl_buffer_bytes(inputs)
@@ -600,7 +617,10 @@ def allocator_sharded_reserve_bytes(inputs: EstimateInput, allocated: int, gathe
         return 0
     compute_stream_train = allocated - gathered
     compute_stream_load = 0
-    if inputs.stack.fsdp_load_on_cpu:
+    if zero3_loads_whole_model(inputs):
+        # The whole module's blocks, freed as each parameter is partitioned, stay cached.
+        compute_stream_load = sharded_load_transient_bytes(inputs)
+    elif inputs.stack.fsdp_load_on_cpu:
         compute_stream_load = sharded_resident_bytes(inputs) + sharded_load_transient_bytes(inputs)
     loading = max(0, compute_stream_load - compute_stream_train)
     return loading + fsdp_pending_free_bytes(inputs) + fsdp_offload_copy_pool_bytes(inputs)
@@ -628,14 +648,16 @@ def host_load_bytes(inputs: EstimateInput, gpus_per_node: int) -> int:
     rank (the meta-device path skips quantized models: modeling_utils.py:4862 ``not
     is_quantized``), and bitsandbytes quantizes it on the CPU when the device map is the CPU:
     each process holds the whole quantized model. A 16-bit model under FSDP's
-    ``cpu_ram_efficient_loading`` / ZeRO-3's ``zero.Init`` is read by one rank per node."""
+    ``cpu_ram_efficient_loading`` / ZeRO-3's ``zero.Init`` is read by one rank per node;
+    ZeRO-3 without ``zero.Init`` reads it in every process (``zero3_loads_whole_model``)."""
     if inputs.distributed not in PARAMETER_SHARDING_ENGINES or not inputs.stack.fsdp_load_on_cpu:
         return 0
     if inputs.finetuning == "full":
         return full_sharded_host_load_bytes(inputs, gpus_per_node)
     whole = weights_bytes(inputs) + adapter_bytes(inputs)
     quantized = inputs.precision in ("8bit", "4bit")
-    return whole * (gpus_per_node if quantized else 1) + (
+    every_process = quantized or zero3_loads_whole_model(inputs)
+    return whole * (gpus_per_node if every_process else 1) + (
         dequantized_weight_transient_bytes(inputs) if quantized else 0
     )
 

@@ -93,15 +93,26 @@ def model_buffer_bytes(inputs: EstimateInput) -> int:
 
 
 def adapter_dtype(inputs: EstimateInput) -> AdapterDtype:
-    """Dtype of LoRA A/B: bf16 on quantized models (trl's cast), else peft's fp32 upcast."""
+    """Dtype of LoRA A/B: the compute dtype under DeepSpeed (its module cast), bf16 on
+    quantized models (trl's cast), else peft's fp32 upcast."""
+    if deepspeed_casts_adapters(inputs):
+        return inputs.compute_dtype
     if inputs.precision in ("8bit", "4bit"):
         copies = stack.trained_copy_dtype(inputs.precision, inputs.finetuning, inputs.compute_dtype)
         if copies == "fp32":
             return "fp32"  # the script casts trl's bf16 adapters back: the GPU has no bf16
         return inputs.stack.quantized_adapter_dtype
-    if inputs.distributed == "deepspeed-zero3" and inputs.stack.zero3_adapters_in_base_dtype:
-        return inputs.compute_dtype
     return inputs.stack.unquantized_adapter_dtype
+
+
+def deepspeed_casts_adapters(inputs: EstimateInput) -> bool:
+    """DeepSpeed casts the module, adapters included, to the 16-bit compute dtype
+    (``StackProfile.deepspeed_casts_module``)."""
+    return (
+        inputs.distributed.startswith("deepspeed")
+        and inputs.stack.deepspeed_casts_module
+        and inputs.compute_dtype in ("bf16", "fp16")
+    )
 
 
 def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> TrainableTensors:

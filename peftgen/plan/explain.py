@@ -11,12 +11,14 @@ from peftgen.memory import (
     EstimateInput,
     adapter_dtype,
     base_parameter_count,
+    deepspeed_casts_adapters,
     grpo_generation_bytes,
     moe_experts_per_layer,
     per_gpu_parts,
     reference_weight_bytes,
     train_step_peak_parts,
     vllm_share_bytes,
+    zero3_loads_whole_model,
 )
 from peftgen.plan.candidates import ONE_GPU, estimate_candidate
 from peftgen.plan.inputs import estimate_input, precision_order
@@ -148,6 +150,8 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
         )
         how = "the checkpoint is read into host memory and each unit sharded while it is wrapped"
         read_by = "a quantized model is read by every process"
+        if zero3_loads_whole_model(inputs):
+            how, read_by = ZERO3_WHOLE_LOADING_TEXT
         if spec.finetuning == "full":
             how, read_by = full_sharded_loading_text(hardware.distributed)
         notes.append(
@@ -159,7 +163,12 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
     return notes
 
 
-def _adapter_dtype_reason(chosen: str, gpu: Gpu) -> str:
+def _adapter_dtype_reason(chosen: str, gpu: Gpu, inputs: EstimateInput) -> str:
+    if deepspeed_casts_adapters(inputs):
+        return (
+            f"deepspeed.initialize casts the whole model, adapters included, to "
+            f"{inputs.compute_dtype}; its optimizer keeps their fp32 master copy"
+        )
     if chosen not in ("8bit", "4bit"):
         return "peft upcasts LoRA weights to fp32 (autocast_adapter_dtype=True)"
     if not gpu.bf16:
@@ -220,7 +229,7 @@ def plan_decisions(
             Decision(
                 "adapter_dtype",
                 adapter_dtype(inputs),
-                _adapter_dtype_reason(chosen, gpu),
+                _adapter_dtype_reason(chosen, gpu, inputs),
             )
         )
         if spec.hardware.world_size > 1:
@@ -353,6 +362,16 @@ def distributed_warnings(resolved: Resolved) -> list[str]:
             "host memory (each node needs RAM for its GPUs' shards); steps are slower"
         )
     return warnings
+
+
+ZERO3_WHOLE_LOADING_TEXT = (
+    "deepspeed.initialize moves the whole model to each GPU before partitioning it (no "
+    "zero.Init: the script loads the model before DeepSpeed's config is registered, and "
+    "transformers never uses zero.Init for a quantized model); the allocator keeps those "
+    "blocks for training",
+    "every process reads the model",
+)
+"""How (Q)LoRA loads under ZeRO-3 in the emitted script (``memory.zero3_loads_whole_model``)."""
 
 
 def full_sharded_loading_text(engine: str) -> tuple[str, str]:
