@@ -401,6 +401,55 @@ def test_shifted_loss_backward_peak_matches_torch_autograd(held: bool) -> None:
     assert measured_backward == pytest.approx(loss_backward_bytes_per_entry(stack), rel=0.02)
 
 
+@pytest.mark.parametrize("held", [False, True])
+def test_plain_fp32_loss_backward_peak_matches_torch_autograd(held: bool) -> None:
+    """transformers >= 4.46's ``ForCausalLMLoss`` (loss/loss_utils.py: ``logits.float()``,
+    labels padded and shifted instead of the logits, ``cross_entropy``) on torch's own
+    autograd over fake tensors: the forward peaks at FULL_LOGITS_BYTES_PER_ENTRY (the
+    model's bf16 logits, their fp32 copy, the saved log-softmax) and the backward at
+    loss_backward_bytes_per_entry, 2 B more when the loop still holds the bf16 output."""
+    import torch
+
+    from peftgen.memory import FULL_LOGITS_BYTES_PER_ENTRY, loss_backward_bytes_per_entry
+
+    rows, seq, hidden, vocab = 2, 256, 16, 2048
+
+    def run(tracker: Any, live: Any) -> int:
+        states = torch.empty(rows, seq, hidden, dtype=torch.bfloat16).requires_grad_(True)
+        head = torch.empty(vocab, hidden, dtype=torch.bfloat16)
+        labels = torch.zeros(rows, seq, dtype=torch.long)
+        for tensor in (states, head, labels):
+            tracker.track(tensor)
+        base = int(tracker.live_bytes)
+        with live():
+            with tracker.phase("forward"):
+                logits = torch.nn.functional.linear(states, head)
+                upcast = logits.float()
+                padded = torch.nn.functional.pad(labels, (0, 1), value=-100)
+                shift_labels = padded[..., 1:].contiguous()
+                loss = torch.nn.functional.cross_entropy(
+                    upcast.view(-1, vocab), shift_labels.view(-1), ignore_index=-100
+                )
+                del upcast
+                output = [loss, logits]
+                del logits
+            if not held:
+                output.clear()
+            with tracker.phase("backward"):
+                loss.backward()  # type: ignore[no-untyped-call]
+        return base
+
+    base, forward, backward = _live_peaks(run)
+    entries = rows * seq * vocab
+    stack = StackProfile(loss_path="full_logits_fp32", loss_output_held=held)
+    assert (forward - base) / entries == pytest.approx(
+        FULL_LOGITS_BYTES_PER_ENTRY["full_logits_fp32"], rel=0.02
+    )
+    assert (backward - base) / entries == pytest.approx(
+        loss_backward_bytes_per_entry(stack), rel=0.02
+    )
+
+
 def test_transformers_4_38_mask_is_max_positions_sized_and_checkpointed() -> None:
     """StackProfile.causal_mask_max_positions: every SDPA layer gets a mask, the model's
     mask is [rows, 1, P, P] whatever the sequence, kept with checkpointing only, and the

@@ -443,21 +443,31 @@ path. ``full_logits_fp32_shifted`` (transformers < 4.46 ``LlamaForCausalLM.forwa
 fp32 copy. The backward's peak is ``loss_backward_bytes_per_entry``."""
 
 
+LOSS_OUTPUT_BYTES_PER_ENTRY = {"full_logits_fp32": 2, "full_logits_fp32_shifted": 4}
+"""The logits the model's output holds, per full-logits fp32 path: transformers >= 4.46
+returns the compute-dtype logits (the loss upcasts a copy); < 4.46 rebinds ``logits`` to
+its fp32 upcast before returning it."""
+
+
 def loss_backward_bytes_per_entry(stack: StackProfile) -> int:
-    """Bytes per (token x vocabulary entry) when the cross-entropy's backward peaks, for
-    the shifted fp32 path (0 for the others: not modelled here).
+    """Bytes per (token x vocabulary entry) when the fp32 cross-entropy's backward peaks
+    (0 for the chunked and fused paths: not modelled here).
 
     ``cross_entropy`` is ``log_softmax`` + ``nll_loss``. ``NllLossBackward0`` returns a
     dense fp32 gradient of the log-softmax's shape (``nll_loss_backward``: zeros, then the
     target entries), and ``LogSoftmaxBackward0`` allocates its own output
     (``_log_softmax_backward_data(grad_output, output, dim, dtype)``) while its saved
-    result and that incoming gradient are alive: 4 + 4 + 4 B. A loop that still holds the
-    model's output (``StackProfile.loss_output_held``: fsdp_qlora's train.py) keeps the
-    fp32 logits alive too: 4 B more. Measured on torch's own autograd over fake tensors
-    (``tests/test_sharded.py::test_shifted_loss_backward_peak_matches_torch_autograd``)."""
-    if stack.loss_path != "full_logits_fp32_shifted":
+    result and that incoming gradient are alive: 4 + 4 + 4 B, whether the logits were
+    shifted (transformers < 4.46) or the labels (>= 4.46, loss/loss_utils.py
+    ``ForCausalLMLoss``). A loop that still holds the model's output
+    (``StackProfile.loss_output_held``: fsdp_qlora's train.py) keeps its logits alive too
+    (``LOSS_OUTPUT_BYTES_PER_ENTRY``). Measured on torch's own autograd over fake tensors
+    (``tests/test_sharded.py::test_shifted_loss_backward_peak_matches_torch_autograd``,
+    ``test_plain_fp32_loss_backward_peak_matches_torch_autograd``)."""
+    if stack.loss_path not in LOSS_OUTPUT_BYTES_PER_ENTRY:
         return 0
-    return 4 + 4 + 4 + (4 if stack.loss_output_held else 0)
+    held = LOSS_OUTPUT_BYTES_PER_ENTRY[stack.loss_path] if stack.loss_output_held else 0
+    return 4 + 4 + 4 + held
 
 
 def logits_bytes(inputs: EstimateInput) -> int:
