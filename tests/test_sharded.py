@@ -27,6 +27,7 @@ from peftgen.memory import (
     load_peak_bytes,
     per_gpu_parts,
 )
+from peftgen.memory.weights import trainable_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_70B = REPO / "specs" / "llama3-70b-qlora-fsdp-2x24gb.yaml"
@@ -139,6 +140,16 @@ def test_deepspeed_trains_adapters_in_the_compute_dtype() -> None:
         assert adapter_dtype(_inputs("llama3-8b", "4bit", distributed=engine)) == "bf16"
     assert adapter_dtype(_inputs("llama3-8b", "bf16", distributed="fsdp")) == "fp32"
     assert adapter_dtype(_inputs("llama3-8b", "bf16")) == "fp32"
+    # The cast covers every trained tensor: DoRA magnitudes and full copies too.
+    extras: dict[str, Any] = {"use_dora": True, "modules_to_save": ("lm_head",)}
+    zero2 = _inputs("llama3-8b", "bf16", distributed="deepspeed-zero2", **extras)
+    assert set(trainable_tensors(zero2).numel_by_bytes) == {2}
+    assert (
+        4
+        in trainable_tensors(
+            _inputs("llama3-8b", "bf16", distributed="fsdp", **extras)
+        ).numel_by_bytes
+    )
 
 
 @pytest.mark.parametrize("precision", ["bf16", "4bit"])

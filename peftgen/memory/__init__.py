@@ -112,7 +112,7 @@ from peftgen.memory.sharded import (
 from peftgen.memory.types import Estimate, EstimateInput, MemoryBreakdown
 from peftgen.memory.weights import (
     adapter_dtype,
-    deepspeed_casts_adapters,
+    deepspeed_casts_trainables,
     gradient_bytes,
     int8_linear_bytes,
     linear_weight_bytes,
@@ -226,7 +226,7 @@ __all__ = [
     "base_parameter_count",
     "communication_buffer_bytes",
     "cublas_workspace_bytes",
-    "deepspeed_casts_adapters",
+    "deepspeed_casts_trainables",
     "effective_attn_implementation",
     "estimate",
     "fsdp_gathered_layer_units",

@@ -95,7 +95,7 @@ def model_buffer_bytes(inputs: EstimateInput) -> int:
 def adapter_dtype(inputs: EstimateInput) -> AdapterDtype:
     """Dtype of LoRA A/B: the compute dtype under DeepSpeed (its module cast), bf16 on
     quantized models (trl's cast), else peft's fp32 upcast."""
-    if deepspeed_casts_adapters(inputs):
+    if deepspeed_casts_trainables(inputs):
         return inputs.compute_dtype
     if inputs.precision in ("8bit", "4bit"):
         copies = stack.trained_copy_dtype(inputs.precision, inputs.finetuning, inputs.compute_dtype)
@@ -105,8 +105,9 @@ def adapter_dtype(inputs: EstimateInput) -> AdapterDtype:
     return inputs.stack.unquantized_adapter_dtype
 
 
-def deepspeed_casts_adapters(inputs: EstimateInput) -> bool:
-    """DeepSpeed casts the module, adapters included, to the 16-bit compute dtype
+def deepspeed_casts_trainables(inputs: EstimateInput) -> bool:
+    """DeepSpeed casts the whole module to the 16-bit compute dtype: LoRA adapters, DoRA
+    magnitudes and full copies train in it, whatever peft, trl or the script made them
     (``StackProfile.deepspeed_casts_module``)."""
     return (
         inputs.distributed.startswith("deepspeed")
@@ -116,15 +117,17 @@ def deepspeed_casts_adapters(inputs: EstimateInput) -> bool:
 
 
 def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> TrainableTensors:
-    """Every trainable tensor with its dtype: LoRA A/B, DoRA magnitudes (always fp32:
-    peft's autocast, and trl skips them in its bf16 cast), modules_to_save copies (load
-    dtype; bf16 under trl's quantized cast; fp32 in the fp16 script, which upcasts every
-    trainable tensor) and trainable biases."""
+    """Every trainable tensor with its dtype: LoRA A/B, DoRA magnitudes (fp32: peft's
+    autocast, and trl skips them in its bf16 cast), modules_to_save copies (load dtype;
+    bf16 under trl's quantized cast; fp32 in the fp16 script, which upcasts every
+    trainable tensor) and trainable biases; under DeepSpeed all of them in the compute
+    dtype (``deepspeed_casts_trainables``)."""
     if inputs.finetuning == "full":
         return full_trainable_tensors(inputs)
     arch = inputs.arch
     lora_bytes = DTYPE_BYTES[adapter_dtype(inputs)]
     copy_bytes = modules_to_save_dtype_bytes(inputs)
+    magnitude_bytes = DTYPE_BYTES[inputs.compute_dtype] if deepspeed_casts_trainables(inputs) else 4
     numel_by_bytes: dict[int, int] = {}
     shapes: list[tuple[int, int, int]] = []
 
@@ -136,7 +139,7 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
         add(lora_bytes, inputs.lora_r, module.in_features, module.count)
         add(lora_bytes, module.out_features, inputs.lora_r, module.count)
         if inputs.use_dora:
-            add(4, module.out_features, 1, module.count)
+            add(magnitude_bytes, module.out_features, 1, module.count)
     if inputs.target_modules == "all-linear":
         for rows, cols in moe_lora_shapes(arch, inputs.lora_r):
             add(lora_bytes, rows, cols, arch.config.num_hidden_layers)
@@ -153,7 +156,10 @@ def modules_to_save_dtype_bytes(inputs: EstimateInput) -> int:
     """Element size of the trained full copies (and trainable biases): bf16 under trl's
     cast of quantized models; fp32 on a 16-bit base, where the script upcasts every
     trainable tensor (16-bit master weights round small updates away, and the fp16
-    gradient scaler refuses fp16 parameters): ``stack.trained_copy_dtype``."""
+    gradient scaler refuses fp16 parameters): ``stack.trained_copy_dtype``. DeepSpeed casts
+    them to the compute dtype (``deepspeed_casts_trainables``)."""
+    if deepspeed_casts_trainables(inputs):
+        return DTYPE_BYTES[inputs.compute_dtype]
     dtype = stack.trained_copy_dtype(inputs.precision, inputs.finetuning, inputs.compute_dtype)
     return DTYPE_BYTES[dtype]
 

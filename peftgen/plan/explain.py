@@ -11,7 +11,7 @@ from peftgen.memory import (
     EstimateInput,
     adapter_dtype,
     base_parameter_count,
-    deepspeed_casts_adapters,
+    deepspeed_casts_trainables,
     grpo_generation_bytes,
     moe_experts_per_layer,
     per_gpu_parts,
@@ -164,7 +164,7 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
 
 
 def _adapter_dtype_reason(chosen: str, gpu: Gpu, inputs: EstimateInput) -> str:
-    if deepspeed_casts_adapters(inputs):
+    if deepspeed_casts_trainables(inputs):
         return (
             f"deepspeed.initialize casts the whole model, adapters included, to "
             f"{inputs.compute_dtype}; its optimizer keeps their fp32 master copy"
