@@ -902,12 +902,13 @@ def script_context(
     vllm = [VLLM_REQUIREMENT] if grpo is not None and grpo.vllm_kwargs else []
     script_dir = anchor_dir is not None
     breakdown_rows = _breakdown_rows(candidate)
+    # The plan's decisions by knob, flattened for comments: templates quote the reasons.
+    reasons = {decision.knob: comment_text(decision.reason) for decision in plan.decisions}
     full_texts = {"full_summary": "", "full_load_comment": ""}
     if full:
         breakdown_rows = [row for row in breakdown_rows if row[0] != "LoRA adapter"]
-        reasons = {decision.knob: decision.reason for decision in plan.decisions}
         full_texts = _full_engine_context(
-            spec.hardware.distributed, compute_dtype, comment_text(reasons.get("compute_dtype", ""))
+            spec.hardware.distributed, compute_dtype, reasons.get("compute_dtype", "")
         )
         precision_text = full_texts.pop("precision_text")
     else:
@@ -970,8 +971,7 @@ def script_context(
         chatml_tokens=list(CHATML_SPECIAL_TOKENS),
         chatml_template_lines=_split_template(chat_templates.CHATML.training or ""),
         warnings=[comment_text(text) for text in plan.warnings],
-        # The plan's decisions by knob, flattened for comments: templates quote the reasons.
-        reasons={decision.knob: comment_text(decision.reason) for decision in plan.decisions},
+        reasons=reasons,
         plan_values={decision.knob: comment_text(decision.value) for decision in plan.decisions},
         dpo=_dpo_view(values, spec, full) if isinstance(spec, DpoRunSpec) else None,
         grpo=grpo,
@@ -984,7 +984,6 @@ def _full_engine_context(engine: str, dtype: str, why: str) -> dict[str, str]:
     autocast over fp32 weights on one GPU and DDP, FSDP's mixed precision over fp32 shards,
     DeepSpeed's bf16 module with its own fp32 master copy (``peftgen.memory``, section "full
     fine-tuning, sharded")."""
-    reason = why
     why = f" ({why})" if why else ""
     rounding = "16-bit weights would round small updates away."
     if engine == "fsdp":
@@ -1023,9 +1022,8 @@ def _full_engine_context(engine: str, dtype: str, why: str) -> dict[str, str]:
             f"fp32 (master weights), trained under {dtype} autocast: full fine-tuning"
         ),
         "full_load_comment": (
-            f"fp32 master weights: the trainer computes under {dtype} autocast "
-            f"({reason}), and gradients and optimizer state stay "
-            "fp32."
+            f"fp32 master weights: the trainer computes under {dtype} autocast{why}, and "
+            "gradients and optimizer state stay fp32."
         ),
     }
 
