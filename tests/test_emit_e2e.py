@@ -1,21 +1,21 @@
 """End to end: emit each method x loading, train two steps on the CPU, load what it saved.
 
 Every combination runs the real product: ``peftgen emit -o DIR`` renders the files, then
-``python train.py`` and ``python merge.py`` run as a user would run them (a subprocess,
-hub offline) on a tiny random Llama. The adapter must load back with peft and change the
+``python train.py`` and ``python merge.py`` run as a user would run them (their own process,
+hub offline; see ``warm_python`` for the pre-imported interpreter they fork from) on a tiny
+random Llama. The adapter must load back with peft and change the
 model's outputs (LoRA's B starts at zero, so an adapter that did not train would not), and
 the merged checkpoint must load with plain transformers and agree with base + adapter.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from warm_python import run_python
 
 from peftgen.cli import main as peftgen_main
 
@@ -85,17 +85,8 @@ def _spec_text(method: str, precision: str, model_dir: Path) -> str:
     )
 
 
-def _run(script: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run(
-        [sys.executable, str(script)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+def _run(script: Path, cwd: Path, *, cold: bool = False) -> subprocess.CompletedProcess[str]:
+    return run_python(script, cwd=cwd, timeout_s=TIMEOUT_S, cold=cold)
 
 
 def _logits(model: object, input_ids: object) -> object:
@@ -123,7 +114,9 @@ def test_emitted_scripts_train_save_and_merge(
     train_script = (emitted / "train.py").read_text(encoding="utf-8")
     assert ("bitsandbytes" in train_script) == (precision != "bf16")
 
-    trained = _run(emitted / "train.py", cwd=tmp_path)
+    # One case starts a fresh interpreter as a user would; the others fork a warm one.
+    cold = (method, precision) == ("sft", "bf16")
+    trained = _run(emitted / "train.py", cwd=tmp_path, cold=cold)
     assert trained.returncode == 0, trained.stderr[-4000:]
     assert "effective batch size: 2 sequences per optimizer step" in trained.stdout
     assert "trainable params" in trained.stdout

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from warm_python import run_python
 
 from peftgen.cli import main as peftgen_main
 
@@ -88,20 +87,7 @@ def _spec(
 
 def _train(spec: Path, out: Path) -> tuple[list[float], Path]:
     assert peftgen_main(["emit", str(spec), "-o", str(out)]) == 0
-    result = subprocess.run(
-        [sys.executable, str(out / "train.py")],
-        cwd=out,
-        env={
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TQDM_DISABLE": "1",
-        },
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    result = run_python(out / "train.py", cwd=out, timeout_s=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "trainable params:" in result.stdout and "full fine-tuning" in result.stdout
     losses = [

@@ -7,8 +7,6 @@ is not installed here: GRPOConfig does not import it, GRPOTrainer does)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from dataclasses import replace
@@ -17,6 +15,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from warm_python import run_python
 
 from peftgen.cli import main
 from peftgen.load import load_spec
@@ -283,15 +282,7 @@ def test_emitted_script_builds_its_grpo_config_with_the_pinned_trl(
     shim = tmp_path / "shim.py"
     shim.write_text(STUB_SHIM, encoding="utf-8")
     out = tmp_path / "config.json"
-    result = subprocess.run(
-        [sys.executable, str(shim), str(tmp_path / "out" / "train.py"), str(out)],
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = run_python(shim, tmp_path / "out" / "train.py", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     fields = json.loads(out.read_text(encoding="utf-8"))
     assert fields["config_class"] == "GRPOConfig"

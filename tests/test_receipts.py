@@ -12,11 +12,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from warm_python import SCRIPT_ENV, run_python
 
 from peftgen.cli import main as peftgen_main
 from peftgen.load import load_spec
@@ -91,16 +91,8 @@ def _emit(tmp_path: Path, model_dir: Path, max_steps: int) -> Path:
 def _run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     # A smoke setting in the caller's environment must not leak into a full run.
     environment = {key: value for key, value in os.environ.items() if key != "PEFTGEN_SMOKE_STEPS"}
-    environment.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", **env)
-    return subprocess.run(
-        [sys.executable, str(tmp_path / "emitted" / "train.py")],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    environment.update(SCRIPT_ENV, **env)
+    return run_python(tmp_path / "emitted" / "train.py", cwd=tmp_path, env=environment)
 
 
 def _logged_tokens(stdout: str) -> list[int]:

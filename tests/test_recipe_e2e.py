@@ -16,12 +16,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from warm_python import run_python
 
 from peftgen.cli import main as peftgen_main
 
@@ -150,17 +150,9 @@ def _emit(spec: Path, out: Path) -> Path:
 
 
 def _run_script(
-    script: Path, cwd: Path, *args: str, **env: str
+    script: Path, cwd: Path, *args: str, cold: bool = False, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(script), *args],
-        cwd=cwd,
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    return run_python(script, *args, cwd=cwd, env=_env(**env), timeout_s=TIMEOUT_S, cold=cold)
 
 
 def _first_batch(script: Path, tmp_path: Path, **env: str) -> list[dict[str, Any]]:
@@ -169,14 +161,8 @@ def _first_batch(script: Path, tmp_path: Path, **env: str) -> list[dict[str, Any
     shim = tmp_path / "capture.py"
     shim.write_text(CAPTURE_SHIM, encoding="utf-8")
     out = tmp_path / "batch.json"
-    result = subprocess.run(
-        [sys.executable, str(shim), str(script), str(out)],
-        cwd=tmp_path,
-        env=_env(CAPTURE_ONLY="1", **env),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
+    result = run_python(
+        shim, script, out, cwd=tmp_path, env=_env(CAPTURE_ONLY="1", **env), timeout_s=TIMEOUT_S
     )
     assert result.returncode == 0, result.stderr[-4000:]
     rows: list[dict[str, Any]] = json.loads(out.read_text(encoding="utf-8"))
@@ -372,7 +358,8 @@ def test_runs_from_another_directory_and_smoke_saves_nothing(
     script = _emit(spec, tmp_path / "out")
     elsewhere = tmp_path / "somewhere" / "else"
     elsewhere.mkdir(parents=True)
-    result = _run_script(script, elsewhere, PEFTGEN_SMOKE_STEPS="1")
+    # A fresh interpreter, as a user starts it (the other runs here fork a warm one).
+    result = _run_script(script, elsewhere, cold=True, PEFTGEN_SMOKE_STEPS="1")
     assert result.returncode == 0, result.stderr[-4000:]
     output_dir = tmp_path / "spec" / "outputs" / "recipe"  # relative to the spec's folder
     assert sorted(p.name for p in output_dir.iterdir()) == ["memory_receipt.json"]

@@ -1,4 +1,6 @@
-"""The fake-tensor simulation (``plan --simulate``) on a small catalogue model.
+"""The fake-tensor simulation (``plan --simulate``) on a small catalogue model, cut to a few
+layers (its ``config.json`` in a local folder: the simulation's cost grows with depth, and
+every per-layer byte counted here repeats per layer).
 
 The static part of the simulated peak (frozen weights, LoRA adapters, optimizer state) is
 checked byte for byte against sizes computed here from the model's config and the
@@ -16,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from peftgen.catalog import ModelArch, find_model
+from peftgen.catalog import ModelArch, arch_from_folder, config_dict, find_model
 from peftgen.load import load_spec
 from peftgen.resolve import Resolved, resolve
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M"
+LAYERS = 4
 LORA_R = 8
 MAX_LENGTH = 32
 
@@ -29,7 +32,7 @@ FORMAT_BY_METHOD = {"sft": "messages", "dpo": "preference", "grpo": "prompt"}
 BF16, FP32 = 2, 4
 
 
-def write_spec(directory: Path, method: str, precision: str) -> Path:
+def write_spec(directory: Path, method: str, precision: str, model_id: str = MODEL_ID) -> Path:
     grpo = (
         "grpo:\n  num_generations: 2\n  max_completion_length: 8\n  reward_funcs: [length]\n"
         if method == "grpo"
@@ -38,7 +41,7 @@ def write_spec(directory: Path, method: str, precision: str) -> Path:
     text = (
         f"name: simulate-{method}-{precision}\n"
         f"method: {method}\n"
-        f"model:\n  id: {MODEL_ID}\n"
+        f"model:\n  id: {model_id}\n"
         f"dataset:\n  path: data.jsonl\n  format: {FORMAT_BY_METHOD[method]}\n"
         "hardware:\n  gpu: rtx-4090\n"
         f"precision: {precision}\n"
@@ -111,27 +114,42 @@ def expected_static_bytes(arch: ModelArch, precision: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def arch() -> ModelArch:
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The catalogue model's config with ``LAYERS`` decoder layers, as a local model folder."""
     found = find_model(MODEL_ID)
     assert found is not None, f"{MODEL_ID} left the catalogue; pick another small model"
-    return found
+    config = config_dict(found) | {"num_hidden_layers": LAYERS}
+    folder = tmp_path_factory.mktemp("smollm2-cut")
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
 
 
-def resolved_spec(tmp_path: Path, method: str, precision: str) -> Resolved:
-    return resolve(load_spec(write_spec(tmp_path, method, precision)))
+@pytest.fixture(scope="module")
+def arch(model_dir: Path) -> ModelArch:
+    return arch_from_folder(model_dir)
+
+
+def resolved_spec(tmp_path: Path, model_dir: Path, method: str, precision: str) -> Resolved:
+    return resolve(load_spec(write_spec(tmp_path, method, precision, str(model_dir))))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "8bit", "4bit"])
 @pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
 def test_simulated_static_part_is_exact(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], arch: ModelArch, method: str, precision: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    model_dir: Path,
+    arch: ModelArch,
+    method: str,
+    precision: str,
 ) -> None:
     """``plan --simulate --json``: the simulated candidate's weights, adapters and
     optimizer state equal the hand count, at the peak and in every phase."""
     from peftgen.cli import main
 
-    exit_code = main(["plan", str(write_spec(tmp_path, method, precision)), "--simulate", "--json"])
+    spec = write_spec(tmp_path, method, precision, str(model_dir))
+    exit_code = main(["plan", str(spec), "--simulate", "--json"])
     plan = json.loads(capsys.readouterr().out)
 
     assert exit_code == 0
@@ -163,12 +181,11 @@ def test_simulated_static_part_is_exact(
 
 
 @pytest.mark.slow
-def test_simulation_result_static_bytes(tmp_path: Path, arch: ModelArch) -> None:
-    """The API the planner calls: static bytes reported apart from the peak (about 80 s on
-    a loaded 2-core machine: slow, run in CI)."""
+def test_simulation_result_static_bytes(tmp_path: Path, model_dir: Path, arch: ModelArch) -> None:
+    """The API the planner calls: static bytes reported apart from the peak."""
     from peftgen.simulate import simulate_candidate
 
-    result = simulate_candidate(resolved_spec(tmp_path, "sft", "4bit"), "4bit")
+    result = simulate_candidate(resolved_spec(tmp_path, model_dir, "sft", "4bit"), "4bit")
 
     assert result.static_bytes == expected_static_bytes(arch, "4bit")
     assert result.managed_bytes == 0

@@ -24,8 +24,10 @@ Facts of transformers 5.24 these functions encode (each checked by the test):
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import wraps
+from typing import Any, TypeVar
 
 from peftgen.catalog.types import ArchConfig, LinearModule, ModelArch
 
@@ -56,7 +58,34 @@ LANGUAGE_MODEL = "language_model"
 VISION_TOWER = "vision_tower"
 
 
-def linear_modules(arch: ModelArch) -> list[LinearModule]:
+_Result = TypeVar("_Result")
+
+
+def _once_per_arch(function: Callable[[ModelArch], _Result]) -> Callable[[ModelArch], _Result]:
+    """Computes ``function(arch)`` once per architecture object.
+
+    A plan asks for the same model's structure thousands of times (every candidate, every
+    suggestion's re-plan, every GPU of the report's matrix); ``ModelArch`` is frozen but not
+    hashable (it holds lists and dicts), so the cache is keyed on the object itself and keeps
+    it alive, which keeps its ``id`` from being reused. Results are immutable (tuples and
+    frozen dataclasses), so callers cannot change a cached answer.
+    """
+    cache: dict[int, tuple[ModelArch, _Result]] = {}
+
+    @wraps(function)
+    def cached(arch: ModelArch) -> _Result:
+        hit = cache.get(id(arch))
+        if hit is not None and hit[0] is arch:
+            return hit[1]
+        result = function(arch)
+        cache[id(arch)] = (arch, result)
+        return result
+
+    return cached
+
+
+@_once_per_arch
+def linear_modules(arch: ModelArch) -> tuple[LinearModule, ...]:
     """Every ``nn.Linear`` of the built model except the output head, grouped by leaf name.
 
     This is what peft's ``all-linear`` targets and what bitsandbytes quantizes; the
@@ -66,7 +95,7 @@ def linear_modules(arch: ModelArch) -> list[LinearModule]:
     modules = _language_linears(arch.config)
     if arch.config.model_type == "gemma3":
         modules += _siglip_linears(_vision_config(arch.config))
-    return modules
+    return tuple(modules)
 
 
 def _language_linears(c: ArchConfig) -> list[LinearModule]:
@@ -236,6 +265,7 @@ class ParameterGroups:
         )
 
 
+@_once_per_arch
 def parameter_groups(arch: ModelArch) -> ParameterGroups:
     """How many parameters the model transformers 5.24 builds has, by storage group.
 

@@ -65,7 +65,9 @@ def moe_lora_shapes(arch: ModelArch, r: int) -> list[tuple[int, int]]:
     ]
 
 
-def targeted_modules(arch: ModelArch, target_modules: tuple[str, ...] | str) -> list[LinearModule]:
+def targeted_modules(
+    arch: ModelArch, target_modules: tuple[str, ...] | str
+) -> tuple[LinearModule, ...]:
     """The linear modules peft wraps with LoRA.
 
     ``all-linear`` is every linear but the output layer (peft/tuners/tuners_utils.py,
@@ -76,7 +78,7 @@ def targeted_modules(arch: ModelArch, target_modules: tuple[str, ...] | str) -> 
     if target_modules == "all-linear":
         return modules
     leaves = {name.rsplit(".", 1)[-1] for name in target_modules}
-    return [m for m in modules if m.name in leaves]
+    return tuple(m for m in modules if m.name in leaves)
 
 
 def lora_parameter_count(arch: ModelArch, inputs: EstimateInput) -> int:
