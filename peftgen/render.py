@@ -900,6 +900,8 @@ def script_context(
         else None
     )
     vllm = [VLLM_REQUIREMENT] if grpo is not None and grpo.vllm_kwargs else []
+    if spec.hardware.distributed.startswith("deepspeed"):
+        pinned["deepspeed"] = stack.ENGINE_VERSIONS["deepspeed"]
     script_dir = anchor_dir is not None
     breakdown_rows = _breakdown_rows(candidate)
     # The plan's decisions by knob, flattened for comments: templates quote the reasons.

@@ -33,6 +33,11 @@ PINNED_VERSIONS: dict[str, str] = {
 """The versions the generated scripts are written for and the end-to-end tests run.
 pyproject's ``train`` extra and every PEP 723 header pin exactly these (a test ties them)."""
 
+ENGINE_VERSIONS: dict[str, str] = {"deepspeed": "0.19.8"}
+"""Libraries only some scripts need, pinned like ``PINNED_VERSIONS``: DeepSpeed for the
+ZeRO-2 / ZeRO-3 scripts (their PEP 723 header; pyproject's ``deepspeed`` extra, which the
+test command installs so the emitted ZeRO launch files run on two CPU processes)."""
+
 ComputeDtype = Literal["bf16", "fp16"]
 
 RECEIPT_VERSION = 2

@@ -9,7 +9,7 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 # torch first: the pinned CPU build; a plain `torch` requirement would pull a CUDA build.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[train,report,test]"
+python -m pip install -q -e ".[train,deepspeed,report,test]"
 
 # Headless Chromium for the report's browser test (Debian package; CI installs it here).
 if ! command -v chromium >/dev/null; then

@@ -313,11 +313,16 @@ def test_launch_script_documents_and_passes_multi_node_variables(
 # two cores starve gloo's workers.
 @pytest.mark.slow
 @pytest.mark.xdist_group("two_processes")
-def test_launch_sh_trains_ddp_on_two_cpu_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The emitted launch.sh, unmodified: two processes (gloo on the CPU), one adapter."""
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed-zero2", "deepspeed-zero3"])
+def test_launch_sh_trains_on_two_cpu_processes(
+    engine: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The emitted launch.sh, unmodified: two processes (gloo on the CPU; DeepSpeed's CPU
+    accelerator for ZeRO), one adapter. ZeRO-3 gathers the partitioned adapter to save it
+    (stage3_gather_16bit_weights_on_model_save)."""
     from safetensors import safe_open
 
-    emitted = _emit(_tiny_spec(tiny_model_dir, "ddp"), tmp_path)
+    emitted = _emit(_tiny_spec(tiny_model_dir, engine), tmp_path)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",

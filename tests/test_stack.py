@@ -5,6 +5,7 @@ Fast tests, no torch: the rule's table, and the estimator and the renderer readi
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from peftgen import calibrate, stack
 from peftgen.catalog import find_model
 from peftgen.memory import DTYPE_BYTES, EstimateInput, adapter_dtype, modules_to_save_dtype_bytes
 
+REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = find_model("HuggingFaceTB/SmolLM2-135M")
 
 
@@ -52,3 +54,36 @@ def test_the_receipt_version_is_defined_once() -> None:
     templates = Path(__file__).resolve().parent.parent / "templates"
     for template in templates.glob("*.j2"):
         assert '"receipt_version": 2' not in template.read_text(encoding="utf-8"), template
+
+
+def _header_dependencies(script: Path) -> list[str]:
+    """The requirement strings of a script's PEP 723 ``dependencies`` list."""
+    lines = script.read_text(encoding="utf-8").splitlines()
+    start = lines.index("# dependencies = [") + 1
+    end = lines.index("# ]", start)
+    return [line.removeprefix("#     ").strip('",') for line in lines[start:end]]
+
+
+def test_pinned_versions_are_the_extras_the_headers_and_the_installed_stack() -> None:
+    """One source for the stack's versions: pyproject's extras pin them, every generated
+    script's header pins a subset of them, and the test install runs exactly them (so the
+    end-to-end tests exercise the versions the scripts are written for)."""
+    from importlib import metadata
+
+    from peftgen.render import VLLM_REQUIREMENT
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    assert extras["train"] == [f"{n}=={v}" for n, v in stack.PINNED_VERSIONS.items()]
+    assert extras["deepspeed"] == [f"{n}=={v}" for n, v in stack.ENGINE_VERSIONS.items()]
+    pins = {f"{n}=={v}" for n, v in (stack.PINNED_VERSIONS | stack.ENGINE_VERSIONS).items()}
+    scripts = sorted((REPO / "generated").glob("*/*.py"))
+    assert len(scripts) >= 10
+    for script in scripts:
+        dependencies = _header_dependencies(script)
+        assert "torch==" + stack.PINNED_VERSIONS["torch"] in dependencies, script
+        assert set(dependencies) <= pins | {VLLM_REQUIREMENT}, script
+    for name, version in (stack.PINNED_VERSIONS | stack.ENGINE_VERSIONS).items():
+        # The CPU build of torch reports a local version label: 2.13.0+cpu.
+        assert metadata.version(name).split("+")[0] == version, name
