@@ -654,6 +654,9 @@ class ScriptContext:
     modules_to_save: list[str]
     ensure_weight_tying: bool
     upcast_modules_to_save: bool
+    training_args_before_load: bool
+    """The training arguments come before ``from_pretrained`` (ZeRO-3's zero.Init:
+    ``stack.zero3_partitions_while_loading``)."""
     upcast_quantized_trainables: bool
     chat: ChatFormat
     loss_text: str
@@ -965,6 +968,9 @@ def script_context(
         # one tensor (a copy each would double the memory and untie the merged model).
         ensure_weight_tying=stack.shares_tied_copy(model.tied_embeddings, modules_to_save),
         upcast_modules_to_save=bool(modules_to_save) and not quantized and fp32_copies,
+        training_args_before_load=stack.zero3_partitions_while_loading(
+            spec.hardware.distributed, precision
+        ),
         # trl casts the trainable weights of 8/4-bit models to bf16, which an fp16 GPU lacks.
         upcast_quantized_trainables=quantized and fp32_copies,
         chat=chat,

@@ -121,6 +121,18 @@ def uses_bitsandbytes(precision: str, optim: str) -> bool:
     return precision in ("8bit", "4bit") or OPTIMIZERS[optim].bitsandbytes
 
 
+def zero3_partitions_while_loading(distributed: str, precision: str) -> bool:
+    """The emitted script builds its model under ``deepspeed.zero.Init``: ZeRO-3 and a 16-bit
+    (or full fine-tuning's fp32) load. transformers 5.24 uses zero.Init when DeepSpeed's
+    ZeRO-3 config is registered before ``from_pretrained`` (the training arguments do that
+    under ``accelerate launch``, training_args.py ``set_deepspeed_weakref``) and the model is
+    not quantized (modeling_utils.py:1435 ``not _is_quantized``); a quantized model keeps
+    its CPU device map, which transformers would refuse once ZeRO-3 is registered
+    (integrations/accelerate.py:137), so its script loads first and DeepSpeed moves the
+    whole model to each GPU."""
+    return distributed == "deepspeed-zero3" and precision not in ("8bit", "4bit")
+
+
 BUILTIN_REWARDS: tuple[str, ...] = ("format", "length")
 """GRPO rewards the scripts define themselves: `format` (an <answer> block, optionally after
 <think>) and `length` (peaks at half of max_completion_length)."""

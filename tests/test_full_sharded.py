@@ -46,6 +46,7 @@ from peftgen.cli import main as peftgen_main
 from peftgen.load import load_spec
 from peftgen.memory import (
     EstimateInput,
+    StackProfile,
     estimate,
     full_fsdp_parts,
     full_layer_unit_bytes,
@@ -214,14 +215,18 @@ def test_full_shards_are_the_meta_models_parameters_over_the_world_size(
         assert resident == (2 * total if engine == "deepspeed-zero2" else -(-2 * total // world))
 
 
-def test_full_zero3_loads_the_whole_16bit_model_on_every_gpu() -> None:
-    """The emitted script loads the model before DeepSpeed's config is registered (no
-    zero.Init), so ``deepspeed.initialize`` moves the whole bf16 module to each GPU; FSDP
-    (rank 0 reads, each unit sharded while wrapped) needs far less."""
+def test_full_zero3_loads_partitioned_under_zero_init() -> None:
+    """The emitted script registers DeepSpeed's config before from_pretrained, so the fp32
+    model is created partitioned (zero.Init; each module gathered while rank 0 copies the
+    checkpoint in): the loading peak is well under one bf16 copy of the model, and one host
+    reads the checkpoint. A script that loads first (``zero3_init=False``) has
+    ``deepspeed.initialize`` move the whole bf16 module to each GPU, and every process read
+    the fp32 model."""
     total = memory.base_parameter_count(_arch("llama3-8b"))
-    zero3 = load_peak_bytes(_full("llama3-8b", distributed="deepspeed-zero3", world_size=8))
-    fsdp = load_peak_bytes(_full("llama3-8b", distributed="fsdp", world_size=8))
-    assert zero3 >= 2 * total > fsdp
+    inputs = _full("llama3-8b", distributed="deepspeed-zero3", world_size=8)
+    whole = replace(inputs, stack=StackProfile(zero3_init=False))
+    assert load_peak_bytes(inputs) < total < 2 * total <= load_peak_bytes(whole)
+    assert memory.host_memory_bytes(whole) == 8 * memory.host_memory_bytes(inputs)
 
 
 # --------------------------------------------------------------------------- spec rules

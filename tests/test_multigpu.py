@@ -318,11 +318,32 @@ def test_launch_sh_trains_on_two_cpu_processes(
     engine: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """The emitted launch.sh, unmodified: two processes (gloo on the CPU; DeepSpeed's CPU
-    accelerator for ZeRO), one adapter. ZeRO-3 gathers the partitioned adapter to save it
-    (stage3_gather_16bit_weights_on_model_save)."""
+    accelerator for ZeRO), one adapter. ZeRO-3 builds the model under zero.Init and gathers
+    the partitioned adapter to save it (stage3_gather_16bit_weights_on_model_save)."""
     from safetensors import safe_open
 
     emitted = _emit(_tiny_spec(tiny_model_dir, engine), tmp_path)
+    ran = _launch(emitted, tmp_path)
+    # Each rank prints the effective batch: 2 per device x 1 accumulated x 2 processes.
+    assert ran.stdout.count("= 2 per device x 1 accumulated x 2 processes") == 2, ran.stdout
+    # ZeRO-3 (16-bit): each rank builds its model partitioned, under zero.Init, because the
+    # script registers DeepSpeed's config before from_pretrained (what the plan's loading
+    # peak assumes); the other engines never do.
+    zero_init = ran.stderr.count("Detected DeepSpeed ZeRO-3: activating zero.init()")
+    assert zero_init == (2 if engine == "deepspeed-zero3" else 0), ran.stderr[-4000:]
+    adapter = tmp_path / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    saved = list(adapter.glob("*.safetensors"))
+    assert [p.name for p in saved] == ["adapter_model.safetensors"]
+    with safe_open(str(saved[0]), framework="pt") as tensors:
+        keys = list(tensors.keys())
+        lora_b = [tensors.get_tensor(k) for k in keys if "lora_B" in k]
+    # LoRA B starts at zero: trained weights moved it.
+    assert lora_b and max(float(t.abs().max()) for t in lora_b) > 0
+
+
+def _launch(emitted: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``bash launch.sh`` on this machine's CPU, as a user would start it."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -334,9 +355,10 @@ def test_launch_sh_trains_on_two_cpu_processes(
     env.pop("MAIN_PROCESS_IP", None)
     # launch.sh's own variable: a free port, not the default another run may hold.
     env["MAIN_PROCESS_PORT"] = str(_free_port())
+    env["TRANSFORMERS_VERBOSITY"] = "info"  # transformers says when it uses zero.Init
     ran = subprocess.run(
         ["bash", str(emitted / "launch.sh")],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -344,17 +366,35 @@ def test_launch_sh_trains_on_two_cpu_processes(
         check=False,
     )
     assert ran.returncode == 0, ran.stderr[-4000:]
-    # Each rank prints the effective batch: 2 per device x 1 accumulated x 2 processes.
-    assert ran.stdout.count("= 2 per device x 1 accumulated x 2 processes") == 2, ran.stdout
-    adapter = tmp_path / "adapter"
-    assert (adapter / "adapter_config.json").is_file()
-    saved = list(adapter.glob("*.safetensors"))
-    assert [p.name for p in saved] == ["adapter_model.safetensors"]
-    with safe_open(str(saved[0]), framework="pt") as tensors:
-        keys = list(tensors.keys())
-        lora_b = [tensors.get_tensor(k) for k in keys if "lora_B" in k]
-    # LoRA B starts at zero: trained weights moved it.
-    assert lora_b and max(float(t.abs().max()) for t in lora_b) > 0
+    return ran
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")
+def test_full_finetuning_under_zero3_trains_on_two_cpu_processes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Full fine-tuning's ZeRO-3 launch: the fp32 model is built partitioned (zero.Init),
+    every weight trains, and the gathered 16-bit model loads with plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = _tiny_spec(tiny_model_dir, "deepspeed-zero3").replace(
+        "method: sft\n", "method: sft\nfinetuning: full\n"
+    )
+    text = text.replace("lora:\n  r: 8\n  lora_alpha: 16\n  lora_dropout: 0.0\n", "")
+    text = text.replace("learning_rate: 0.01", "learning_rate: 0.001")
+    ran = _launch(_emit(text, tmp_path), tmp_path)
+    assert ran.stderr.count("Detected DeepSpeed ZeRO-3: activating zero.init()") == 2
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    total = sum(p.numel() for p in base.parameters())
+    # Counted from the partitioned parameters' full sizes (numel() is a rank's part).
+    assert f"trainable params: {total:,} (full fine-tuning: every weight)" in ran.stdout
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32)
+    before, after = base.state_dict(), trained.state_dict()
+    assert before.keys() == after.keys()
+    moved = [key for key in before if not torch.equal(before[key], after[key])]
+    assert "model.embed_tokens.weight" in moved and len(moved) >= len(before) // 2
 
 
 def _free_port() -> int:

@@ -154,12 +154,15 @@ def test_deepspeed_trains_adapters_in_the_compute_dtype() -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", "4bit"])
 def test_zero3_without_zero_init_loads_the_whole_model_on_every_gpu(precision: str) -> None:
-    """The emitted ZeRO-3 script builds the model before DeepSpeed's config exists (no
-    zero.Init; transformers never uses it for quantized models): deepspeed.initialize moves
-    the whole module to each GPU (engine.py ``self.module.to(self.device)``) and partitions
-    it there, and every process reads it into host memory."""
+    """Without zero.Init (a quantized model, whatever the script's order; a script that
+    builds its model first) deepspeed.initialize moves the whole module to each GPU
+    (engine.py ``self.module.to(self.device)``) and partitions it there, and every process
+    reads it into host memory. With it (the emitted 16-bit script) each parameter is
+    partitioned as it is created and rank 0 alone reads the checkpoint."""
     world = 8
     zero3 = _inputs("llama3-8b", precision, distributed="deepspeed-zero3", world_size=world)
+    if precision == "bf16":
+        zero3 = replace(zero3, stack=StackProfile(zero3_init=False))
     one_gpu_weights = estimate(_inputs("llama3-8b", precision)).weights_bytes
     assert load_peak_bytes(zero3) > one_gpu_weights
     assert estimate(zero3).host_memory_bytes >= world * one_gpu_weights
@@ -167,28 +170,39 @@ def test_zero3_without_zero_init_loads_the_whole_model_on_every_gpu(precision: s
     assert estimate(zero3).torch_reserved_bytes > one_gpu_weights
     if precision == "bf16":  # rank 0 reads, units sharded while wrapped / under zero.Init
         assert load_peak_bytes(replace(zero3, distributed="fsdp")) < one_gpu_weights / 2
-        init = replace(zero3, stack=StackProfile(zero3_init=True))
+        init = replace(zero3, stack=StackProfile())
         assert load_peak_bytes(init) < one_gpu_weights / 2
+        assert estimate(init).host_memory_bytes <= one_gpu_weights * 1.1
+    else:  # the default stack changes nothing for a quantized model
+        assert load_peak_bytes(replace(zero3, stack=StackProfile(zero3_init=False))) == (
+            load_peak_bytes(zero3)
+        )
 
 
-def test_emitted_zero3_script_builds_the_model_before_deepspeeds_config(tmp_path: Path) -> None:
-    """What ``zero3_loads_whole_model`` assumes of the script: ``from_pretrained`` runs
-    before ``SFTConfig`` registers DeepSpeed's config, so transformers sees no ZeRO-3."""
+@pytest.mark.parametrize("precision", ["bf16", "4bit"])
+def test_emitted_zero3_script_registers_deepspeeds_config_before_a_16_bit_load(
+    precision: str, tmp_path: Path
+) -> None:
+    """What ``zero3_loads_whole_model`` assumes of the script: a 16-bit model is built after
+    ``SFTConfig`` registers DeepSpeed's config (zero.Init; the 2-process ZeRO-3 run in
+    test_multigpu sees transformers use it), a quantized one before it (its CPU device map
+    would be refused under a registered ZeRO-3 config)."""
     spec = tmp_path / "z3.yaml"
     data = REPO / "specs" / "data" / "clinical_sft.jsonl"
     spec.write_text(
         "name: z3\nmethod: sft\nmodel:\n  id: meta-llama/Meta-Llama-3-8B-Instruct\n"
         f"dataset:\n  path: {json.dumps(str(data))}\n  format: messages\n"
         "hardware:\n  gpu: a100-80gb\n  num_gpus: 2\n  distributed: deepspeed-zero3\n"
-        "precision: bf16\n",
+        f"precision: {precision}\n",
         encoding="utf-8",
     )
     out = tmp_path / "out"
     assert peftgen_main(["emit", str(spec), "-o", str(out), "--force"]) == 0
     script = (out / "train.py").read_text(encoding="utf-8")
     assert '"zero_optimization"' in (out / "ds_config.json").read_text(encoding="utf-8")
+    assert script.count("SFTConfig(") == 1
     model_load = script.index("AutoModelForCausalLM.from_pretrained(")
-    assert model_load < script.index("SFTConfig(")
+    assert (script.index("SFTConfig(") < model_load) is (precision == "bf16")
 
 
 def test_single_gpu_has_no_sharded_reserve_nor_host_memory() -> None:

@@ -195,13 +195,6 @@ def main() -> None:
         train_dataset = longest_rows(train_dataset, sequences)
 
     # --- Trainer ---
-    reward_funcs = [
-        format_reward,
-        load_reward(
-            str((SCRIPT_DIR / "../../specs/rewards/clinical_rewards.py").resolve()),
-            "numeric_answer_reward",
-        ),
-    ]
     training_args = GRPOConfig(
         output_dir=OUTPUT_DIR,
         per_device_train_batch_size=PER_DEVICE_TRAIN_BATCH_SIZE,
@@ -231,6 +224,13 @@ def main() -> None:
         beta=BETA,
         temperature=TEMPERATURE,
     )
+    reward_funcs = [
+        format_reward,
+        load_reward(
+            str((SCRIPT_DIR / "../../specs/rewards/clinical_rewards.py").resolve()),
+            "numeric_answer_reward",
+        ),
+    ]
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,

@@ -150,15 +150,15 @@ class StackProfile:
     created them in; their fp32 copy is the optimizer's master partition
     (``deepspeed_master_weight_bytes``). (trl 1.16 also passes ``autocast_adapter_dtype=False``
     under ZeRO-3, trl/trainer/sft_trainer.py:856.)"""
-    zero3_init: bool = False
-    """``from_pretrained`` builds the model under ``deepspeed.zero.Init`` (each parameter
-    partitioned as it is created). False for the emitted script: it loads the model before
-    its training arguments register DeepSpeed's config (transformers'
-    ``is_deepspeed_zero3_enabled`` is still False), and transformers skips ``zero.Init`` for
-    quantized models anyway (modeling_utils.py:1435 ``not _is_quantized``; since
-    transformers PR #32640, Aug 2024). Without it ``deepspeed.initialize`` moves the whole
-    module to each GPU (engine.py: ``self.module.to(self.device)`` unless
-    ``is_zero_init_model``) and partitions it there."""
+    zero3_init: bool = True
+    """The script registers DeepSpeed's ZeRO-3 config before ``from_pretrained``, so a 16-bit
+    model is built under ``deepspeed.zero.Init`` (each parameter partitioned as it is
+    created; the emitted script: ``stack.zero3_partitions_while_loading``). transformers
+    skips ``zero.Init`` for quantized models whatever the order (modeling_utils.py:1435
+    ``not _is_quantized``; since transformers PR #32640, Aug 2024). False: a script that
+    loads the model first, so ``deepspeed.initialize`` moves the whole module to each GPU
+    (engine.py: ``self.module.to(self.device)`` unless ``is_zero_init_model``) and
+    partitions it there (``zero3_loads_whole_model``)."""
     nccl_channels: int = 8
     """NCCL channels per communicator: each channel keeps a receive buffer per protocol
     (``NCCL_BUFFSIZE`` 4 MiB for SIMPLE, about 4.5 MiB for LL128, 256 KiB for LL), outside

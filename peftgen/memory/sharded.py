@@ -34,6 +34,7 @@ from peftgen.spec import (
     PARAMETER_SHARDING_ENGINES,
     STATE_SHARDING_ENGINES,
 )
+from peftgen.stack import zero3_partitions_while_loading
 
 #
 # ``finetuning: full`` under FSDP / ZeRO-2 / ZeRO-3 trains every parameter, so every engine
@@ -233,12 +234,21 @@ def full_sharded_load_transient_bytes(inputs: EstimateInput) -> int:
     FSDP (``cpu_ram_efficient_loading``: rank 0 reads the fp32 checkpoint, the others build
     on the meta device): wrapping a unit moves it to the GPU in fp32, flattens it into a
     new ``FlatParameter`` and clones this rank's shard (``sharded_load_transient_bytes``'s
-    rule, with the fp32 unit of ``full_storage_unit_bytes``). ZeRO-3 without ``zero.Init``
-    (the emitted script, see above): ``deepspeed.initialize`` moves the whole bf16 module to
+    rule, with the fp32 unit of ``full_storage_unit_bytes``). ZeRO-3 under ``zero.Init`` (the
+    emitted script): the parameters are created partitioned in fp32, and rank 0 copies the
+    checkpoint in one module at a time, each gathered whole meanwhile
+    (``_load_state_dict_into_zero3_model``: ``GatheredParameters`` over the module's own
+    parameters): the largest fp32 module plus its partition. Without ``zero.Init``
+    (``zero3_loads_whole_model``): ``deepspeed.initialize`` moves the whole bf16 module to
     the GPU before partitioning it."""
     if inputs.distributed == "fsdp":
         unit = full_storage_unit_bytes(inputs)
         return 2 * unit + _shard(unit, inputs.world_size)
+    if not zero3_loads_whole_model(inputs):
+        groups = parameter_groups(inputs.arch)
+        largest_linear = max(m.in_features * m.out_features for m in linear_modules(inputs.arch))
+        module = 4 * max(groups.embedding, groups.lm_head, largest_linear)
+        return module + _shard(module, inputs.world_size)
     return DTYPE_BYTES[inputs.compute_dtype] * base_parameter_count(inputs.arch)
 
 
@@ -260,11 +270,12 @@ def full_sharded_load_peak_bytes(inputs: EstimateInput) -> int:
 
 def full_sharded_host_load_bytes(inputs: EstimateInput, gpus_per_node: int) -> int:
     """Host RAM while loading, per node: FSDP reads the fp32 checkpoint on rank 0 only
-    (``cpu_ram_efficient_loading``); ZeRO-3 without ``zero.Init`` reads it in every process
-    (transformers loads the whole fp32 model in host memory, then DeepSpeed casts it to
-    bf16 in place before moving it)."""
+    (``cpu_ram_efficient_loading``) and ZeRO-3 under ``zero.Init`` on rank 0 only (the
+    others map the checkpoint to the meta device, modeling_utils.py ``map_location``);
+    ZeRO-3 without ``zero.Init`` reads it in every process (transformers loads the whole
+    fp32 model in host memory, then DeepSpeed casts it to bf16 in place before moving it)."""
     whole = full_master_bytes(inputs) * base_parameter_count(inputs.arch)
-    return whole * (gpus_per_node if inputs.distributed == "deepspeed-zero3" else 1)
+    return whole * (gpus_per_node if zero3_loads_whole_model(inputs) else 1)
 
 
 DEEPSPEED_BUCKET_ELEMENTS = 50_000_000
@@ -549,7 +560,10 @@ def zero3_loads_whole_model(inputs: EstimateInput) -> bool:
     partitions it, so every GPU holds the whole model while loading."""
     if inputs.distributed != "deepspeed-zero3":
         return False
-    return not inputs.stack.zero3_init or inputs.precision in ("8bit", "4bit")
+    return not (
+        inputs.stack.zero3_init
+        and zero3_partitions_while_loading(inputs.distributed, inputs.precision)
+    )
 
 
 def sharded_load_transient_bytes(inputs: EstimateInput) -> int:

@@ -152,6 +152,8 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
         read_by = "a quantized model is read by every process"
         if zero3_loads_whole_model(inputs):
             how, read_by = ZERO3_WHOLE_LOADING_TEXT
+        elif hardware.distributed == "deepspeed-zero3":
+            how, read_by = ZERO3_INIT_LOADING_TEXT
         if spec.finetuning == "full":
             how, read_by = full_sharded_loading_text(hardware.distributed)
         notes.append(
@@ -365,13 +367,21 @@ def distributed_warnings(resolved: Resolved) -> list[str]:
 
 
 ZERO3_WHOLE_LOADING_TEXT = (
-    "deepspeed.initialize moves the whole model to each GPU before partitioning it (no "
-    "zero.Init: the script loads the model before DeepSpeed's config is registered, and "
-    "transformers never uses zero.Init for a quantized model); the allocator keeps those "
+    "deepspeed.initialize moves the whole model to each GPU before partitioning it "
+    "(transformers never uses zero.Init for a quantized model); the allocator keeps those "
     "blocks for training",
     "every process reads the model",
 )
-"""How (Q)LoRA loads under ZeRO-3 in the emitted script (``memory.zero3_loads_whole_model``)."""
+"""How QLoRA loads under ZeRO-3 in the emitted script (``memory.zero3_loads_whole_model``)."""
+
+ZERO3_INIT_LOADING_TEXT = (
+    "from_pretrained builds the model under zero.Init, each parameter partitioned as it is "
+    "created (the script registers DeepSpeed's config first), and rank 0 copies the "
+    "checkpoint in one module at a time",
+    "rank 0 reads the checkpoint",
+)
+"""How a 16-bit model loads under ZeRO-3 in the emitted script
+(``stack.zero3_partitions_while_loading``)."""
 
 
 def full_sharded_loading_text(engine: str) -> tuple[str, str]:
@@ -384,10 +394,10 @@ def full_sharded_loading_text(engine: str) -> tuple[str, str]:
             "the fp32 checkpoint is read by rank 0 only",
         )
     return (
-        "every process reads the fp32 checkpoint, and deepspeed.initialize moves the whole "
-        "bf16 model to each GPU before partitioning it (the script loads the model before "
-        "DeepSpeed's config is registered, so there is no zero.Init)",
-        "every process reads the fp32 checkpoint",
+        "from_pretrained builds the fp32 model under zero.Init, each parameter partitioned as "
+        "it is created (the script registers DeepSpeed's config first), and rank 0 copies the "
+        "checkpoint in one module at a time",
+        "rank 0 reads the checkpoint",
     )
 
 
