@@ -43,6 +43,13 @@ PROBE = textwrap.dedent(
 
 @pytest.mark.parametrize("mode", ["ok", "exit-3", "exit-text", "raise"])
 def test_a_warm_run_matches_a_fresh_interpreter(tmp_path: Path, mode: str) -> None:
+    # Whatever the other tests in this worker imported first (imports may set variables in
+    # this process's environment, which every script's environment copies): import it all.
+    import deepspeed  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
     scripts, elsewhere = tmp_path / "scripts", tmp_path / "elsewhere"
     scripts.mkdir()
     elsewhere.mkdir()
