@@ -890,7 +890,9 @@ def script_context(
     # fp32 master weights for trained copies (stack.trained_copy_dtype): the script casts
     # where they start in 16 bits, full copies of a 16-bit base's layers, or trl's bf16 on
     # an 8/4-bit model whose GPU lacks bf16. Full fine-tuning loads in fp32 already.
-    fp32_copies = stack.trained_copy_dtype(precision, spec.finetuning, dtype) == "fp32"
+    fp32_copies = stack.trained_copy_dtype(
+        precision, spec.finetuning, dtype
+    ) == "fp32" and stack.script_upcasts_trained_copies(spec.hardware.distributed)
     pinned = {
         name: version
         for name, version in stack.PINNED_VERSIONS.items()

@@ -74,6 +74,16 @@ def trained_copy_dtype(precision: str, finetuning: str, compute: str) -> Trained
     return "fp32"
 
 
+def script_upcasts_trained_copies(distributed: str) -> bool:
+    """Whether the script itself upcasts trained copies (``trained_copy_dtype`` fp32) after
+    building the trainer. Not under DeepSpeed: ``deepspeed.initialize`` casts the whole
+    module to the compute dtype (its optimizer keeps the fp32 master partition), which would
+    undo the upcast, and under ZeRO-3's ``zero.Init`` replacing a partitioned parameter's
+    ``data`` leaves it fp32 while its partition stays bf16, so the forward mixes dtypes
+    (seen on two CPU processes: ``expected m1 and m2 to have the same dtype``)."""
+    return not distributed.startswith("deepspeed")
+
+
 TORCH_DTYPE_NAMES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """peftgen's short dtype names to ``torch.<name>``."""
 

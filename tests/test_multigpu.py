@@ -315,14 +315,20 @@ def test_launch_script_documents_and_passes_multi_node_variables(
 @pytest.mark.xdist_group("two_processes")
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed-zero2", "deepspeed-zero3"])
 def test_launch_sh_trains_on_two_cpu_processes(
-    engine: str, tiny_model_dir: Path, tmp_path: Path
+    engine: str, tiny_model_dir: Path, tiny_base_model_dir: Path, tmp_path: Path
 ) -> None:
     """The emitted launch.sh, unmodified: two processes (gloo on the CPU; DeepSpeed's CPU
     accelerator for ZeRO), one adapter. ZeRO-3 builds the model under zero.Init and gathers
-    the partitioned adapter to save it (stage3_gather_16bit_weights_on_model_save)."""
+    the partitioned adapter to save it (stage3_gather_16bit_weights_on_model_save); its case
+    installs ChatML on a base model, so resized embeddings train as modules_to_save too."""
     from safetensors import safe_open
 
-    emitted = _emit(_tiny_spec(tiny_model_dir, engine), tmp_path)
+    spec = _tiny_spec(tiny_model_dir, engine)
+    if engine == "deepspeed-zero3":
+        spec = _tiny_spec(tiny_base_model_dir, engine).replace(
+            "  format: messages\n", "  format: messages\n  chat_template: chatml\n"
+        )
+    emitted = _emit(spec, tmp_path)
     ran = _launch(emitted, tmp_path)
     # Each rank prints the effective batch: 2 per device x 1 accumulated x 2 processes.
     assert ran.stdout.count("= 2 per device x 1 accumulated x 2 processes") == 2, ran.stdout
@@ -340,6 +346,12 @@ def test_launch_sh_trains_on_two_cpu_processes(
         lora_b = [tensors.get_tensor(k) for k in keys if "lora_B" in k]
     # LoRA B starts at zero: trained weights moved it.
     assert lora_b and max(float(t.abs().max()) for t in lora_b) > 0
+    if engine == "deepspeed-zero3":  # the grown embeddings, gathered whole to be saved
+        from transformers import AutoTokenizer
+
+        with safe_open(str(saved[0]), framework="pt") as tensors:
+            rows = {tensors.get_slice(k).get_shape()[0] for k in keys if "embed_tokens" in k}
+        assert rows == {len(AutoTokenizer.from_pretrained(adapter))}, rows
 
 
 def _launch(emitted: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
