@@ -313,18 +313,29 @@ def test_launch_script_documents_and_passes_multi_node_variables(
 # two cores starve gloo's workers.
 @pytest.mark.slow
 @pytest.mark.xdist_group("two_processes")
-@pytest.mark.parametrize("engine", ["ddp", "deepspeed-zero2", "deepspeed-zero3"])
+@pytest.mark.parametrize(
+    ("engine", "precision"),
+    [
+        ("ddp", "bf16"),
+        ("deepspeed-zero2", "bf16"),
+        ("deepspeed-zero3", "bf16"),
+        ("deepspeed-zero3", "4bit"),
+    ],
+)
 def test_launch_sh_trains_on_two_cpu_processes(
-    engine: str, tiny_model_dir: Path, tiny_base_model_dir: Path, tmp_path: Path
+    engine: str, precision: str, tiny_model_dir: Path, tiny_base_model_dir: Path, tmp_path: Path
 ) -> None:
     """The emitted launch.sh, unmodified: two processes (gloo on the CPU; DeepSpeed's CPU
-    accelerator for ZeRO), one adapter. ZeRO-3 builds the model under zero.Init and gathers
-    the partitioned adapter to save it (stage3_gather_16bit_weights_on_model_save); its case
-    installs ChatML on a base model, so resized embeddings train as modules_to_save too."""
+    accelerator for ZeRO), one adapter. ZeRO-3 builds a 16-bit model under zero.Init and
+    gathers the partitioned adapter to save it (stage3_gather_16bit_weights_on_model_save);
+    its bf16 case installs ChatML on a base model, so resized embeddings train as
+    modules_to_save too. QLoRA under ZeRO-3 runs on bitsandbytes' CPU path: quantized in
+    host memory, no zero.Init."""
     from safetensors import safe_open
 
-    spec = _tiny_spec(tiny_model_dir, engine)
-    if engine == "deepspeed-zero3":
+    spec = _tiny_spec(tiny_model_dir, engine).replace("precision: bf16", f"precision: {precision}")
+    chatml = (engine, precision) == ("deepspeed-zero3", "bf16")
+    if chatml:
         spec = _tiny_spec(tiny_base_model_dir, engine).replace(
             "  format: messages\n", "  format: messages\n  chat_template: chatml\n"
         )
@@ -336,7 +347,9 @@ def test_launch_sh_trains_on_two_cpu_processes(
     # script registers DeepSpeed's config before from_pretrained (what the plan's loading
     # peak assumes); the other engines never do.
     zero_init = ran.stderr.count("Detected DeepSpeed ZeRO-3: activating zero.init()")
-    assert zero_init == (2 if engine == "deepspeed-zero3" else 0), ran.stderr[-4000:]
+    assert zero_init == (2 if engine == "deepspeed-zero3" and precision == "bf16" else 0), (
+        ran.stderr[-4000:]
+    )
     adapter = tmp_path / "adapter"
     assert (adapter / "adapter_config.json").is_file()
     saved = list(adapter.glob("*.safetensors"))
@@ -346,7 +359,7 @@ def test_launch_sh_trains_on_two_cpu_processes(
         lora_b = [tensors.get_tensor(k) for k in keys if "lora_B" in k]
     # LoRA B starts at zero: trained weights moved it.
     assert lora_b and max(float(t.abs().max()) for t in lora_b) > 0
-    if engine == "deepspeed-zero3":  # the grown embeddings, gathered whole to be saved
+    if chatml:  # the grown embeddings, gathered whole to be saved
         from transformers import AutoTokenizer
 
         with safe_open(str(saved[0]), framework="pt") as tensors:
