@@ -315,7 +315,6 @@ def test_a_4bit_model_loaded_on_the_cpu_has_no_device_map_for_accelerate_to_refu
     disk), so the model carries no ``hf_device_map`` and accelerate's check that a 4-bit
     model sits on the process's GPU (accelerator.py ``prepare_model``) does not apply;
     FSDP / ZeRO-3 place the units."""
-    pytest.importorskip("bitsandbytes")
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
