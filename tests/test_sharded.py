@@ -378,6 +378,40 @@ def _live_peaks(run: Any) -> tuple[int, int, int]:
     return base, forward.peak_bytes, backward.peak_bytes
 
 
+LOSS_ROWS, LOSS_SEQ, LOSS_HIDDEN, LOSS_VOCAB = 2, 256, 16, 2048
+
+
+def _loss_peaks_per_entry(loss_lines: Any, held: bool) -> tuple[float, float]:
+    """Forward and backward peaks, in bytes per (token x vocabulary entry) above the inputs,
+    of ``loss_lines(states, head, labels) -> (loss, logits)`` on torch's autograd over fake
+    tensors; ``held``: the loop still holds ``[loss, logits]`` through the backward."""
+    import torch
+
+    def run(tracker: Any, live: Any) -> int:
+        states = torch.empty(LOSS_ROWS, LOSS_SEQ, LOSS_HIDDEN, dtype=torch.bfloat16).requires_grad_(
+            True
+        )
+        head = torch.empty(LOSS_VOCAB, LOSS_HIDDEN, dtype=torch.bfloat16)
+        labels = torch.zeros(LOSS_ROWS, LOSS_SEQ, dtype=torch.long)
+        for tensor in (states, head, labels):
+            tracker.track(tensor)
+        base = int(tracker.live_bytes)
+        with live():
+            with tracker.phase("forward"):
+                loss, logits = loss_lines(states, head, labels)
+                output = [loss, logits]
+                del logits
+            if not held:
+                output.clear()
+            with tracker.phase("backward"):
+                loss.backward()
+        return base
+
+    base, forward, backward = _live_peaks(run)
+    entries = LOSS_ROWS * LOSS_SEQ * LOSS_VOCAB
+    return (forward - base) / entries, (backward - base) / entries
+
+
 @pytest.mark.parametrize("held", [False, True])
 def test_shifted_loss_backward_peak_matches_torch_autograd(held: bool) -> None:
     """transformers < 4.46's loss lines (``logits.float()``, the contiguous shifted copy,
@@ -388,41 +422,19 @@ def test_shifted_loss_backward_peak_matches_torch_autograd(held: bool) -> None:
 
     from peftgen.memory import FULL_LOGITS_BYTES_PER_ENTRY, loss_backward_bytes_per_entry
 
-    rows, seq, hidden, vocab = 2, 256, 16, 2048
+    def shifted(states: Any, head: Any, labels: Any) -> tuple[Any, Any]:
+        logits = torch.nn.functional.linear(states, head).float()
+        shift_logits = logits[..., :-1, :].contiguous()
+        shift_labels = labels[..., 1:].contiguous()
+        loss = torch.nn.CrossEntropyLoss()(shift_logits.view(-1, LOSS_VOCAB), shift_labels.view(-1))
+        return loss, logits
 
-    def run(tracker: Any, live: Any) -> int:
-        states = torch.empty(rows, seq, hidden, dtype=torch.bfloat16).requires_grad_(True)
-        head = torch.empty(vocab, hidden, dtype=torch.bfloat16)
-        labels = torch.zeros(rows, seq, dtype=torch.long)
-        for tensor in (states, head, labels):
-            tracker.track(tensor)
-        base = int(tracker.live_bytes)
-        with live():
-            with tracker.phase("forward"):
-                logits = torch.nn.functional.linear(states, head).float()
-                shift_logits = logits[..., :-1, :].contiguous()
-                shift_labels = labels[..., 1:].contiguous()
-                loss = torch.nn.CrossEntropyLoss()(
-                    shift_logits.view(-1, vocab), shift_labels.view(-1)
-                )
-                del shift_logits
-                output = [loss, logits]
-                del logits
-            if not held:
-                output.clear()
-            with tracker.phase("backward"):
-                loss.backward()  # type: ignore[no-untyped-call]
-        return base
-
-    base, forward, backward = _live_peaks(run)
-    entries = rows * seq * vocab
+    forward, backward = _loss_peaks_per_entry(shifted, held)
     stack = StackProfile(loss_path="full_logits_fp32_shifted", loss_output_held=held)
-    measured_forward = (forward - base) / entries
-    measured_backward = (backward - base) / entries
-    assert measured_forward == pytest.approx(
+    assert forward == pytest.approx(
         FULL_LOGITS_BYTES_PER_ENTRY["full_logits_fp32_shifted"], rel=0.02
     )
-    assert measured_backward == pytest.approx(loss_backward_bytes_per_entry(stack), rel=0.02)
+    assert backward == pytest.approx(loss_backward_bytes_per_entry(stack), rel=0.02)
 
 
 @pytest.mark.parametrize("held", [False, True])
@@ -436,42 +448,19 @@ def test_plain_fp32_loss_backward_peak_matches_torch_autograd(held: bool) -> Non
 
     from peftgen.memory import FULL_LOGITS_BYTES_PER_ENTRY, loss_backward_bytes_per_entry
 
-    rows, seq, hidden, vocab = 2, 256, 16, 2048
+    def plain(states: Any, head: Any, labels: Any) -> tuple[Any, Any]:
+        logits = torch.nn.functional.linear(states, head)
+        padded = torch.nn.functional.pad(labels, (0, 1), value=-100)
+        shift_labels = padded[..., 1:].contiguous()
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().view(-1, LOSS_VOCAB), shift_labels.view(-1), ignore_index=-100
+        )
+        return loss, logits
 
-    def run(tracker: Any, live: Any) -> int:
-        states = torch.empty(rows, seq, hidden, dtype=torch.bfloat16).requires_grad_(True)
-        head = torch.empty(vocab, hidden, dtype=torch.bfloat16)
-        labels = torch.zeros(rows, seq, dtype=torch.long)
-        for tensor in (states, head, labels):
-            tracker.track(tensor)
-        base = int(tracker.live_bytes)
-        with live():
-            with tracker.phase("forward"):
-                logits = torch.nn.functional.linear(states, head)
-                upcast = logits.float()
-                padded = torch.nn.functional.pad(labels, (0, 1), value=-100)
-                shift_labels = padded[..., 1:].contiguous()
-                loss = torch.nn.functional.cross_entropy(
-                    upcast.view(-1, vocab), shift_labels.view(-1), ignore_index=-100
-                )
-                del upcast
-                output = [loss, logits]
-                del logits
-            if not held:
-                output.clear()
-            with tracker.phase("backward"):
-                loss.backward()  # type: ignore[no-untyped-call]
-        return base
-
-    base, forward, backward = _live_peaks(run)
-    entries = rows * seq * vocab
+    forward, backward = _loss_peaks_per_entry(plain, held)
     stack = StackProfile(loss_path="full_logits_fp32", loss_output_held=held)
-    assert (forward - base) / entries == pytest.approx(
-        FULL_LOGITS_BYTES_PER_ENTRY["full_logits_fp32"], rel=0.02
-    )
-    assert (backward - base) / entries == pytest.approx(
-        loss_backward_bytes_per_entry(stack), rel=0.02
-    )
+    assert forward == pytest.approx(FULL_LOGITS_BYTES_PER_ENTRY["full_logits_fp32"], rel=0.02)
+    assert backward == pytest.approx(loss_backward_bytes_per_entry(stack), rel=0.02)
 
 
 def test_transformers_4_38_mask_is_max_positions_sized_and_checkpointed() -> None:
