@@ -779,68 +779,66 @@ class FitRow:
 
 
 def fit_rows() -> list[FitRow]:
-    """Row 17: the HF 4-bit blog's T4 experiments (batch 1, LoRA r8 q,v, fp16 compute)."""
-    t4: dict[str, Any] = {"stack": HF_2023, "compute_dtype": "fp16", "lora_dropout": 0.05}
+    """Row 17: every row of the HF 4-bit blog's table of T4 experiments (batch 1, LoRA r8
+    q,v, 16-bit compute; 1 x T4 rows only, the blog's 2 x T4 row is not a fit / OOM on one
+    card).
+
+    transformers 4.30 (the blog installs transformers from source, May 2023) had only the
+    eager attention for Llama (``LlamaAttention.forward``: ``torch.matmul`` scores, an fp32
+    ``softmax``); SDPA arrived for Llama in 4.36. So the rows run ``eager``: without
+    checkpointing every layer keeps its (seq x seq) scores per head, the term that sends
+    the 1024-token runs out of memory."""
+    t4: dict[str, Any] = {
+        "stack": HF_2023,
+        "compute_dtype": "fp16",
+        "lora_dropout": 0.05,
+        "attn_implementation": "eager",
+    }
+
+    def run(
+        arch: ModelArch, precision: str, max_length: int, checkpointing: bool, **kwargs: Any
+    ) -> EstimateInput:
+        return lora(
+            arch,
+            precision=precision,
+            max_length=max_length,
+            gradient_checkpointing=checkpointing,
+            **t4,
+            **kwargs,
+        )
+
+    nf4 = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False}
+    fp4 = {"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False}
+    nf4_dq = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
     return [
+        FitRow("17a", "LLaMA-7B int8 + GC, 512", run(LLAMA2_7B, "8bit", 512, True), True),
+        FitRow("17b", "LLaMA-7B int8 + GC, 1024", run(LLAMA2_7B, "8bit", 1024, True), False),
         FitRow(
-            "17a",
-            "LLaMA-7B int8 + GC, 512",
-            lora(LLAMA2_7B, precision="8bit", max_length=512, gradient_checkpointing=True, **t4),
-            True,
+            "17c", "LLaMA-7B nf4 no GC, 1024", run(LLAMA2_7B, "4bit", 1024, False, **nf4), False
         ),
+        FitRow("17d", "LLaMA-7B nf4 + GC, 1024", run(LLAMA2_7B, "4bit", 1024, True, **nf4), True),
         FitRow(
-            "17b",
-            "LLaMA-7B int8 + GC, 1024",
-            lora(LLAMA2_7B, precision="8bit", max_length=1024, gradient_checkpointing=True, **t4),
-            False,
-        ),
-        FitRow(
-            "17c",
-            "LLaMA-7B nf4 no GC, 1024",
-            lora(
-                LLAMA2_7B, precision="4bit", bnb_4bit_use_double_quant=False, max_length=1024, **t4
-            ),
-            False,
-        ),
-        FitRow(
-            "17d",
-            "LLaMA-7B nf4 + GC, 1024",
-            lora(
-                LLAMA2_7B,
-                precision="4bit",
-                bnb_4bit_use_double_quant=False,
-                max_length=1024,
-                gradient_checkpointing=True,
-                **t4,
-            ),
-            True,
-        ),
-        FitRow(
-            "17e",
-            "LLaMA-13B nf4 + GC, 1024",
-            lora(
-                LLAMA2_13B,
-                precision="4bit",
-                bnb_4bit_use_double_quant=False,
-                max_length=1024,
-                gradient_checkpointing=True,
-                **t4,
-            ),
-            False,
+            "17e", "LLaMA-13B nf4 + GC, 1024", run(LLAMA2_13B, "4bit", 1024, True, **nf4), False
         ),
         FitRow(
             "17f",
             "LLaMA-13B nf4+DQ + GC, 1024",
-            lora(
-                LLAMA2_13B,
-                precision="4bit",
-                bnb_4bit_use_double_quant=True,
-                max_length=1024,
-                gradient_checkpointing=True,
-                **t4,
-            ),
+            run(LLAMA2_13B, "4bit", 1024, True, **nf4_dq),
             True,
         ),
+        FitRow("17g", "LLaMA-7B nf4 no GC, 512", run(LLAMA2_7B, "4bit", 512, False, **nf4), True),
+        FitRow("17h", "LLaMA-7B fp4 no GC, 512", run(LLAMA2_7B, "4bit", 512, False, **fp4), True),
+        FitRow(
+            "17i", "LLaMA-7B fp4 no GC, 1024", run(LLAMA2_7B, "4bit", 1024, False, **fp4), False
+        ),
+        FitRow("17j", "LLaMA-13B int8 + GC, 512", run(LLAMA2_13B, "8bit", 512, True), False),
+        FitRow(
+            "17k",
+            "LLaMA-13B fp4 no GC, 512 (bf16 or fp16 CD)",
+            run(LLAMA2_13B, "4bit", 512, False, **fp4),
+            False,
+        ),
+        FitRow("17l", "LLaMA-13B nf4 + GC, 512", run(LLAMA2_13B, "4bit", 512, True, **nf4), True),
     ]
 
 
