@@ -70,9 +70,27 @@ def run_paths(spec: AnySpec, spec_dir: Path, local_model_dir: Path | None) -> Ru
     )
 
 
-def relative_to(target: Path, anchor_dir: Path) -> str:
-    """``target`` relative to ``anchor_dir`` with forward slashes (``../data/x.jsonl``)."""
+def relative_to(target: Path, anchor_dir: Path) -> str | None:
+    """``target`` relative to ``anchor_dir`` with forward slashes (``../data/x.jsonl``), or
+    None when the two share no folder below the filesystem root.
+
+    A relative path keeps a run folder and its data movable together; once it would climb
+    to the root (``../../../../work/data``) it is only a longer absolute path that breaks
+    when either moves, and across Windows drives it cannot be written at all."""
+    try:
+        common = Path(os.path.commonpath([target, anchor_dir]))
+    except ValueError:  # different drives, or one path relative and one absolute
+        return None
+    if common == Path(common.anchor):
+        return None
     return Path(os.path.relpath(target, anchor_dir)).as_posix()
+
+
+def placed(target: Path, anchor_dir: Path | None) -> str:
+    """How a file written into ``anchor_dir`` names ``target``: relative where
+    ``relative_to`` can, else absolute (always absolute without an anchor)."""
+    relative = relative_to(target, anchor_dir) if anchor_dir is not None else None
+    return relative if relative is not None else target.as_posix()
 
 
 def relocated_spec(
@@ -83,7 +101,7 @@ def relocated_spec(
     in ``anchor_dir`` names the same files."""
 
     def place(path: Path) -> str:
-        return path.as_posix() if anchor_dir is None else relative_to(path, anchor_dir)
+        return placed(path, anchor_dir)
 
     model = spec.model.model_copy(
         update={"id": place(paths.model_dir) if paths.model_dir else model_id}

@@ -34,7 +34,14 @@ from peftgen.chat_templates import CHATML_SPECIAL_TOKENS
 from peftgen.errors import UserError
 from peftgen.launch import LAUNCH_FILES, launch_files
 from peftgen.load import LoadedSpec
-from peftgen.paths import LOCAL_DATA_LOADERS, RunPaths, relative_to, relocated_spec, run_paths
+from peftgen.paths import (
+    LOCAL_DATA_LOADERS,
+    RunPaths,
+    placed,
+    relative_to,
+    relocated_spec,
+    run_paths,
+)
 from peftgen.plan import Candidate, Plan
 from peftgen.resolve import Resolved
 from peftgen.spec import (
@@ -296,12 +303,18 @@ def _dataset_loader(loaded: LoadedSpec) -> str | None:
     return LOCAL_DATA_LOADERS.get(Path(loaded.spec.dataset.path).suffix.lower())
 
 
+SCRIPT_DIR_NAME = "SCRIPT_DIR"
+"""The scripts' constant for their own folder, defined only where a path is joined to it."""
+
+
 def _path_expr(target: Path, anchor_dir: Path | None) -> str:
     """Python source for ``target``: joined to SCRIPT_DIR when the script's folder is known
-    (it then runs from any directory), else the absolute path."""
-    if anchor_dir is None:
+    and shares a folder with it (the script then runs from any directory and moves with its
+    files), else the absolute path (``paths.relative_to``)."""
+    relative = relative_to(target, anchor_dir) if anchor_dir is not None else None
+    if relative is None:
         return python_literal(target.as_posix())
-    return f"str((SCRIPT_DIR / {python_literal(relative_to(target, anchor_dir))}).resolve())"
+    return f"str(({SCRIPT_DIR_NAME} / {python_literal(relative)}).resolve())"
 
 
 def _reward_funcs(
@@ -643,6 +656,9 @@ class ScriptContext:
     tf32: bool
     full: bool
     script_dir: bool
+    """train.py names a local path relative to its own folder (``SCRIPT_DIR``)."""
+    merge_script_dir: bool
+    """merge.py does (its model folder, adapter or merged folder)."""
     model: ModelView
     data: DataView
     output_dir_expr: str
@@ -738,9 +754,7 @@ def _model_view(
     values: _SpecValues, model: ModelSource, paths: RunPaths, anchor_dir: Path | None
 ) -> ModelView:
     if paths.model_dir:
-        shown = (
-            relative_to(paths.model_dir, anchor_dir) if anchor_dir else paths.model_dir.as_posix()
-        )
+        shown = placed(paths.model_dir, anchor_dir)
         id_expr, id_text = _path_expr(paths.model_dir, anchor_dir), shown + " (a local folder)"
     else:
         id_expr, id_text = python_literal(model.id), model.id
@@ -907,7 +921,15 @@ def script_context(
     vllm = [VLLM_REQUIREMENT] if grpo is not None and grpo.vllm_kwargs else []
     if spec.hardware.distributed.startswith("deepspeed"):
         pinned["deepspeed"] = stack.ENGINE_VERSIONS["deepspeed"]
-    script_dir = anchor_dir is not None
+    model_view = _model_view(values, model, paths, anchor_dir)
+    data_view = _data_view(values, loaded, paths, anchor_dir)
+    output_dir_expr = _path_expr(paths.output_dir, anchor_dir)
+    merged_dir_expr = _path_expr(
+        paths.output_dir.with_name(paths.output_dir.name + "-merged"), anchor_dir
+    )
+    merge_exprs = [model_view.id_expr, output_dir_expr, merged_dir_expr]
+    train_exprs = [model_view.id_expr, data_view.path_expr or "", output_dir_expr]
+    train_exprs += [reward.path_expr or "" for reward in (grpo.rewards if grpo else [])]
     breakdown_rows = _breakdown_rows(candidate)
     # The plan's decisions by knob, flattened for comments: templates quote the reasons.
     reasons = {decision.knob: comment_text(decision.reason) for decision in plan.decisions}
@@ -953,13 +975,12 @@ def script_context(
         fp16=fp16,
         tf32=_ampere_or_newer(plan.gpu.compute_capability),
         full=full,
-        script_dir=script_dir,
-        model=_model_view(values, model, paths, anchor_dir),
-        data=_data_view(values, loaded, paths, anchor_dir),
-        output_dir_expr=_path_expr(paths.output_dir, anchor_dir),
-        merged_dir_expr=_path_expr(
-            paths.output_dir.with_name(paths.output_dir.name + "-merged"), anchor_dir
-        ),
+        script_dir=any(SCRIPT_DIR_NAME in expr for expr in train_exprs),
+        merge_script_dir=any(SCRIPT_DIR_NAME in expr for expr in merge_exprs),
+        model=model_view,
+        data=data_view,
+        output_dir_expr=output_dir_expr,
+        merged_dir_expr=merged_dir_expr,
         # merge.py holds the whole model in the compute dtype on the CPU.
         merge_host_bytes=plan.total_parameters * 2,
         lora=None if full else _lora_view(values),
@@ -1133,7 +1154,7 @@ def resolved_spec_yaml(loaded: LoadedSpec, model: ModelSource, anchor_dir: Path)
     header = (
         f"# The spec {comment_text(loaded.path.as_posix())} (sha256 {loaded.sha256})\n"
         "# with every default filled in: the values train.py was rendered from. Its paths\n"
-        "# are relative to this folder.\n"
+        "# are relative to this folder (absolute where they share no folder with it).\n"
     )
     return header + buffer.getvalue()
 

@@ -19,6 +19,7 @@ from test_render import _render
 from peftgen.cli import main as peftgen_main
 from peftgen.errors import UserError
 from peftgen.load import load_spec
+from peftgen.paths import placed, relative_to
 from peftgen.resolve import resolve
 
 
@@ -265,6 +266,42 @@ def test_paths_are_relative_to_the_spec_and_written_relative_to_the_script(
     written = YAML(typ="safe").load((out / "spec.yaml").read_text())
     assert written["dataset"]["path"] == "../../project/configs/data/train.jsonl"
     assert written["output_dir"] == "../../project/runs/first"
+
+
+def test_paths_sharing_only_the_root_with_the_output_folder_are_written_absolute(
+    tmp_path: Path,
+) -> None:
+    """A relative path that climbs to ``/`` (``../../../tmp/x/data/train.jsonl``) is only a
+    longer absolute one; both scripts then name the files absolutely, define no unused
+    SCRIPT_DIR, and the saved spec says the same. (Rendered, not written: the output folder
+    is a top-level folder nothing shares.)"""
+    spec = _sft(tmp_path)
+    out = Path("/peftgen-elsewhere") / "run"
+    files = _render(spec, out)
+    data, outputs = tmp_path / "data" / "train.jsonl", tmp_path / "outputs" / "recipe"
+    train, merge = _constants(files["train.py"]), _constants(files["merge.py"])
+    assert train["DATASET_PATH"] == data.as_posix()
+    assert train["OUTPUT_DIR"] == merge["ADAPTER_DIR"] == outputs.as_posix()
+    assert "SCRIPT_DIR" not in files["train.py"] and "SCRIPT_DIR" not in files["merge.py"]
+    written = YAML(typ="safe").load(files["spec.yaml"])
+    assert written["dataset"]["path"] == data.as_posix()
+    assert written["output_dir"] == outputs.as_posix()
+
+
+@pytest.mark.parametrize(
+    ("target", "anchor", "expected"),
+    [
+        ("/home/u/data/x.jsonl", "/home/u/runs/first", "../../data/x.jsonl"),
+        ("/home/u/runs/first/data.jsonl", "/home/u/runs/first", "data.jsonl"),
+        ("/srv/data/x.jsonl", "/home/u/runs/first", None),
+        ("relative/x.jsonl", "/home/u/runs", None),
+    ],
+)
+def test_relative_to_stops_at_the_filesystem_root(
+    target: str, anchor: str, expected: str | None
+) -> None:
+    assert relative_to(Path(target), Path(anchor)) == expected
+    assert placed(Path(target), Path(anchor)) == (expected or Path(target).as_posix())
 
 
 def test_plan_md_and_plan_json_name_the_resolved_model(
