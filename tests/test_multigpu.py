@@ -325,12 +325,13 @@ def test_launch_script_documents_and_passes_multi_node_variables(
 def test_launch_sh_trains_on_two_cpu_processes(
     engine: str, precision: str, tiny_model_dir: Path, tiny_base_model_dir: Path, tmp_path: Path
 ) -> None:
-    """The emitted launch.sh, unmodified: two processes (gloo on the CPU; DeepSpeed's CPU
-    accelerator for ZeRO), one adapter. ZeRO-3 builds a 16-bit model under zero.Init and
-    gathers the partitioned adapter to save it (stage3_gather_16bit_weights_on_model_save);
+    """The emitted launch.sh: two processes (gloo on the CPU; DeepSpeed's CPU accelerator for
+    ZeRO), one adapter. ZeRO-3 builds a 16-bit model under zero.Init and gathers the
+    partitioned adapter to save it (stage3_gather_16bit_weights_on_model_save), with every
+    tensor partitioned (``_partition_every_tensor``, the one change to the emitted files);
     its bf16 case installs ChatML on a base model, so resized embeddings train as
-    modules_to_save too. QLoRA under ZeRO-3 runs on bitsandbytes' CPU path: quantized in
-    host memory, no zero.Init."""
+    modules_to_save and are gathered whole to be saved. QLoRA under ZeRO-3 runs on
+    bitsandbytes' CPU path: quantized in host memory, no zero.Init."""
     from safetensors import safe_open
 
     spec = _tiny_spec(tiny_model_dir, engine).replace("precision: bf16", f"precision: {precision}")
@@ -340,6 +341,8 @@ def test_launch_sh_trains_on_two_cpu_processes(
             "  format: messages\n", "  format: messages\n  chat_template: chatml\n"
         )
     emitted = _emit(spec, tmp_path)
+    if engine == "deepspeed-zero3":
+        _partition_every_tensor(emitted)
     ran = _launch(emitted, tmp_path)
     # Each rank prints the effective batch: 2 per device x 1 accumulated x 2 processes.
     assert ran.stdout.count("= 2 per device x 1 accumulated x 2 processes") == 2, ran.stdout
@@ -357,7 +360,9 @@ def test_launch_sh_trains_on_two_cpu_processes(
     with safe_open(str(saved[0]), framework="pt") as tensors:
         keys = list(tensors.keys())
         lora_b = [tensors.get_tensor(k) for k in keys if "lora_B" in k]
-    # LoRA B starts at zero: trained weights moved it.
+        shapes = {k: tensors.get_slice(k).get_shape() for k in keys}
+    # Whole tensors, not a rank's empty part; LoRA B starts at zero: training moved it.
+    assert all(0 not in shape for shape in shapes.values()), shapes
     assert lora_b and max(float(t.abs().max()) for t in lora_b) > 0
     if chatml:  # the grown embeddings, gathered whole to be saved
         from transformers import AutoTokenizer
@@ -365,6 +370,18 @@ def test_launch_sh_trains_on_two_cpu_processes(
         with safe_open(str(saved[0]), framework="pt") as tensors:
             rows = {tensors.get_slice(k).get_shape()[0] for k in keys if "embed_tokens" in k}
         assert rows == {len(AutoTokenizer.from_pretrained(adapter))}, rows
+
+
+def _partition_every_tensor(emitted: Path) -> None:
+    """Set ZeRO-3's persistence threshold to 0 in the emitted ds_config.json. Every tensor
+    of the tiny model is below the emitted threshold (1e5 elements), so ZeRO-3 would keep
+    each one whole on every rank and a save that never gathers would still look right; at 0
+    they are partitioned, as a real model's large tensors are."""
+    path = emitted / "ds_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    assert config["zero_optimization"]["stage3_param_persistence_threshold"] > 0
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path.write_text(json.dumps(config), encoding="utf-8")
 
 
 def _launch(emitted: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -397,29 +414,39 @@ def _launch(emitted: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 @pytest.mark.xdist_group("two_processes")
 def test_full_finetuning_under_zero3_trains_on_two_cpu_processes(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_base_model_dir: Path, tmp_path: Path
 ) -> None:
-    """Full fine-tuning's ZeRO-3 launch: the fp32 model is built partitioned (zero.Init),
-    every weight trains, and the gathered 16-bit model loads with plain transformers."""
+    """Full fine-tuning's ZeRO-3 launch, with ChatML installed on a base model: the fp32
+    model is built partitioned (zero.Init) and its embeddings resized after loading (plain
+    parameters until training starts), every weight trains, every tensor is partitioned
+    (``_partition_every_tensor``), and the gathered 16-bit model loads with plain
+    transformers, grown to the tokenizer's length."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    text = _tiny_spec(tiny_model_dir, "deepspeed-zero3").replace(
+    text = _tiny_spec(tiny_base_model_dir, "deepspeed-zero3").replace(
         "method: sft\n", "method: sft\nfinetuning: full\n"
     )
+    text = text.replace("  format: messages\n", "  format: messages\n  chat_template: chatml\n")
     text = text.replace("lora:\n  r: 8\n  lora_alpha: 16\n  lora_dropout: 0.0\n", "")
     text = text.replace("learning_rate: 0.01", "learning_rate: 0.001")
-    ran = _launch(_emit(text, tmp_path), tmp_path)
+    emitted = _emit(text, tmp_path)
+    _partition_every_tensor(emitted)
+    ran = _launch(emitted, tmp_path)
     assert ran.stderr.count("Detected DeepSpeed ZeRO-3: activating zero.init()") == 2
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    total = sum(p.numel() for p in base.parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_model_dir, dtype=torch.float32)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32)
+    vocabulary = len(AutoTokenizer.from_pretrained(tmp_path / "adapter"))
+    assert trained.get_input_embeddings().weight.shape[0] == vocabulary
+    assert vocabulary > base.get_input_embeddings().weight.shape[0]
+    total = sum(p.numel() for p in trained.parameters())
     # Counted from the partitioned parameters' full sizes (numel() is a rank's part).
     assert f"trainable params: {total:,} (full fine-tuning: every weight)" in ran.stdout
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32)
     before, after = base.state_dict(), trained.state_dict()
     assert before.keys() == after.keys()
-    moved = [key for key in before if not torch.equal(before[key], after[key])]
-    assert "model.embed_tokens.weight" in moved and len(moved) >= len(before) // 2
+    same_shape = [key for key in before if before[key].shape == after[key].shape]
+    moved = [key for key in same_shape if not torch.equal(before[key], after[key])]
+    assert len(moved) >= len(before) // 2, moved
 
 
 def _free_port() -> int:
