@@ -659,6 +659,8 @@ class ScriptContext:
     """train.py names a local path relative to its own folder (``SCRIPT_DIR``)."""
     merge_script_dir: bool
     """merge.py does (its model folder, adapter or merged folder)."""
+    fsdp_adapter_key_fix: bool
+    """``stack.peft_misses_adapter_keys_under_fsdp``: the script patches peft's key prefixes."""
     model: ModelView
     data: DataView
     output_dir_expr: str
@@ -977,6 +979,9 @@ def script_context(
         full=full,
         script_dir=any(SCRIPT_DIR_NAME in expr for expr in train_exprs),
         merge_script_dir=any(SCRIPT_DIR_NAME in expr for expr in merge_exprs),
+        fsdp_adapter_key_fix=stack.peft_misses_adapter_keys_under_fsdp(
+            spec.hardware.distributed, spec.finetuning
+        ),
         model=model_view,
         data=data_view,
         output_dir_expr=output_dir_expr,

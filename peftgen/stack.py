@@ -84,6 +84,23 @@ def script_upcasts_trained_copies(distributed: str) -> bool:
     return not distributed.startswith("deepspeed")
 
 
+def peft_misses_adapter_keys_under_fsdp(distributed: str, finetuning: str) -> bool:
+    """Whether peft 0.21.2 would save, and resume, an FSDP1 LoRA adapter empty.
+
+    Under FSDP1 each decoder layer and each LoRA leaf is a unit of its own (peft's
+    ``fsdp_auto_wrap_policy``, which transformers installs). Saving: peft finds the
+    adapter's state-dict keys from module names and strips only a leading
+    ``_fsdp_wrapped_module.`` (peft/tuners/tuners_utils.py ``_get_tuner_state_dict_key_
+    prefixes``), so ``layers.0._fsdp_wrapped_module.mlp...`` matches no key of FSDP's state
+    dicts and the final adapter and every checkpoint hold no LoRA weight. Resuming: the
+    Trainer loads into the FSDP wrapper (trainer.py ``_load_from_checkpoint(...,
+    self.model_wrapped)``), whose parameter names lack ``base_model.model.``, so
+    ``set_peft_model_state_dict`` strips that prefix from every key and loads nothing.
+    The script patches both (``fix_peft_adapter_io_under_fsdp``; ``tests/test_sharded.py``
+    shows the empty save and the fix on two CPU processes)."""
+    return distributed == "fsdp" and finetuning == "lora"
+
+
 TORCH_DTYPE_NAMES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """peftgen's short dtype names to ``torch.<name>``."""
 

@@ -615,3 +615,156 @@ def test_fsdp_offload_copies_take_a_pool_of_their_own() -> None:
     )
     assert with_pool.peak_allocated_bytes == without.peak_allocated_bytes
     assert with_pool.torch_reserved_bytes - without.torch_reserved_bytes >= expected
+
+
+# ------------------------------------------------- the LoRA adapter saved under FSDP1 (2 CPUs)
+
+ADAPTER_WORKER = '''\
+"""One rank: a LoRA model wrapped as accelerate and transformers wrap it under FSDP1 (the
+emitted plugin settings from the environment, peft's auto-wrap policy), then the adapter
+as the Trainer saves it (final save, checkpoint) and loads it (--resume)."""
+import importlib.util
+import json
+import os
+import sys
+
+import accelerate.utils.dataclasses as accelerate_dataclasses
+import torch
+import torch.distributed as dist
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import _get_model_state_dict, _set_model_state_dict
+from peft import LoraConfig, get_peft_model
+from peft.utils.other import fsdp_auto_wrap_policy
+from safetensors import safe_open
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from transformers import AutoModelForCausalLM
+
+model_dir, script, out_dir, mode = sys.argv[1:5]
+if mode == "patched":  # the emitted script's fix, imported from the script itself
+    spec = importlib.util.spec_from_file_location("emitted_train", script)
+    emitted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emitted)
+    emitted.fix_peft_adapter_io_under_fsdp()
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+accelerate_dataclasses.is_cuda_available = lambda: True
+torch.cuda.current_device = lambda: 0
+plugin = FullyShardedDataParallelPlugin()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+torch.manual_seed(0)
+trained = {}
+for name, param in model.named_parameters():
+    if "lora_B" in name:
+        param.data.normal_(0, 0.02)  # what training does to lora_B (it starts at zero)
+        trained[name] = param.detach().clone()
+wrapped = FSDP(
+    model,
+    sharding_strategy=plugin.sharding_strategy,
+    auto_wrap_policy=fsdp_auto_wrap_policy(model),  # transformers' update_fsdp_plugin_peft
+    use_orig_params=plugin.use_orig_params,
+    limit_all_gathers=plugin.limit_all_gathers,
+    device_id=torch.device("cpu"),
+)
+config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
+    full = wrapped.state_dict()  # accelerate's get_state_dict, what save_model passes on
+    checkpoint = _get_model_state_dict(wrapped, adapter_only=True)  # save_fsdp_model
+report = {"checkpoint_keys": len(checkpoint)}
+adapter_dir = os.path.join(out_dir, mode)
+if rank == 0:
+    wrapped.module.save_pretrained(adapter_dir, state_dict=full)  # Trainer._save
+dist.barrier()
+with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as saved:
+    report["saved_lora_b"] = sum("lora_B" in key for key in saved.keys())
+# --resume: zero the adapter, then load the checkpoint's adapter back (load_fsdp_model).
+with FSDP.summon_full_params(wrapped, writeback=True):
+    for name, param in wrapped.module.named_parameters():
+        if "lora_B" in name:
+            param.data.zero_()
+with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
+    _set_model_state_dict(wrapped, checkpoint, adapter_only=True)
+with FSDP.summon_full_params(wrapped):
+    restored = {
+        name.replace("_fsdp_wrapped_module.", ""): param.detach().clone()
+        for name, param in wrapped.module.named_parameters()
+        if "lora_B" in name
+    }
+report["restored"] = all(torch.equal(restored[name], value) for name, value in trained.items())
+report["lora_b"] = len(trained)
+with open(os.path.join(out_dir, f"{mode}-rank{rank}.json"), "w") as f:
+    json.dump(report, f)
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")
+@pytest.mark.parametrize("mode", ["peft", "patched"])
+def test_lora_adapter_under_fsdp_is_saved_and_resumed_whole(
+    mode: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """peft 0.21.2 alone saves an FSDP1 LoRA adapter empty (the control, ``peft``): module
+    names inside FSDP's nested units keep their ``_fsdp_wrapped_module.`` segment, and no
+    state-dict key matches. With the emitted script's ``fix_peft_adapter_io_under_fsdp``
+    (``patched``) the final save and the checkpoint hold every LoRA weight, and loading the
+    checkpoint into the FSDP wrapper (what --resume does) restores them.
+    Two CPU processes (gloo), the emitted FSDP settings. When peft fixes this, the control
+    fails: drop the patch (``stack.peft_misses_adapter_keys_under_fsdp``)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_full_sharded import _free_port, _fsdp_environment
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        textwrap.dedent(
+            f"""\
+            name: tiny-lora-fsdp
+            method: sft
+            model:
+              id: {tiny_model_dir.as_posix()}
+            dataset:
+              path: {(REPO / "specs" / "data" / "clinical_sft.jsonl").as_posix()}
+              format: messages
+            hardware:
+              vram_gib: 4
+              num_gpus: 2
+              distributed: fsdp
+            precision: bf16
+            training:
+              max_length: 32
+              max_steps: 2
+            """
+        ),
+        encoding="utf-8",
+    )
+    emitted = tmp_path / "emitted"
+    assert peftgen_main(["emit", str(spec), "-o", str(emitted)]) == 0
+    assert "fix_peft_adapter_io_under_fsdp()" in (emitted / "train.py").read_text()
+    worker = tmp_path / "worker.py"
+    worker.write_text(ADAPTER_WORKER, encoding="utf-8")
+    env = {
+        **os.environ,
+        **_fsdp_environment(emitted / "accelerate_config.yaml"),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(_free_port()), str(worker), str(tiny_model_dir)]
+    command += [str(emitted / "train.py"), str(tmp_path), mode]
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"{mode}-rank{rank}.json").read_text())
+        if mode == "peft":
+            assert report["checkpoint_keys"] == report["saved_lora_b"] == 0, report
+        else:
+            assert report["saved_lora_b"] == report["lora_b"] > 0, report
+            assert report["checkpoint_keys"] == 2 * report["lora_b"], report
+            assert report["restored"], report

@@ -112,6 +112,34 @@ def require(path: str, spec_field: str) -> None:
         raise SystemExit(f"{spec_field}: {path} does not exist")
 
 
+def fix_peft_adapter_io_under_fsdp() -> None:
+    """Two gaps of peft 0.21.2 under FSDP, where each decoder layer and LoRA leaf is a unit:
+    - Saving: peft finds the adapter's keys from module names, stripping only a leading
+      "_fsdp_wrapped_module.", so no key matches and the adapter and every checkpoint are
+      saved empty. Drop FSDP's segment from every name (its state-dict keys have none).
+    - --resume: the Trainer loads a checkpoint into the FSDP wrapper, whose parameter names
+      lack "base_model.model.", so peft strips that prefix from every key and loads nothing.
+      Load into the PeftModel inside (FSDP's state-dict mode holds for every unit)."""
+    import peft
+    from peft.tuners import tuners_utils
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    prefixes = tuners_utils._get_tuner_state_dict_key_prefixes
+
+    def without_fsdp_segments(model: torch.nn.Module, adapter_name: str | None = None) -> set[str]:
+        return {p.replace("_fsdp_wrapped_module.", "") for p in prefixes(model, adapter_name)}
+
+    load = peft.set_peft_model_state_dict
+
+    def into_peft_model(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        if isinstance(model, FullyShardedDataParallel):
+            model = model.module
+        return load(model, *args, **kwargs)
+
+    tuners_utils._get_tuner_state_dict_key_prefixes = without_fsdp_segments
+    peft.set_peft_model_state_dict = into_peft_model
+
+
 def main() -> None:
     args = parse_args()
     resume_from = None
@@ -170,6 +198,7 @@ def main() -> None:
         train_dataset = longest_rows(train_dataset, sequences, 8 * MAX_LENGTH * sequences)
 
     # --- Trainer ---
+    fix_peft_adapter_io_under_fsdp()  # or the adapter saves and resumes empty
     training_args = SFTConfig(
         output_dir=OUTPUT_DIR,
         per_device_train_batch_size=PER_DEVICE_TRAIN_BATCH_SIZE,
