@@ -216,6 +216,29 @@ def deepspeed_config_json(spec: AnySpec) -> str:
     return json.dumps(deepspeed_config_dict(spec), indent=2) + "\n"
 
 
+def _cpu_threads_lines(spec: AnySpec) -> str:
+    """launch.sh's share of the machine's cores per process, where the run computes on the
+    CPU: torchrun sets ``OMP_NUM_THREADS=1`` for each process unless it is set
+    (torch/distributed/run.py), and quantizing a 70B model in host memory on one thread
+    takes over an hour (16 s per 8192 x 28672 matrix, measured here), as does a CPU
+    optimizer step on one thread. Empty where the CPU does little."""
+    quantized_on_cpu = spec.hardware.distributed == "fsdp" and spec.precision in ("8bit", "4bit")
+    if not (quantized_on_cpu or spec.hardware.cpu_offload):
+        return ""
+    work = (
+        "the model is quantized in host memory"
+        if quantized_on_cpu
+        else "the offloaded optimizer steps on the CPU"
+    )
+    per_node = max(1, spec.hardware.world_size // spec.hardware.num_nodes)
+    return (
+        "# torchrun gives each process one CPU thread unless OMP_NUM_THREADS is set, and\n"
+        f"# {work}: the {per_node} processes of this machine share its cores instead.\n"
+        f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( $(nproc) / {per_node} > 1 '
+        f'? $(nproc) / {per_node} : 1 ))}}"\n'
+    )
+
+
 def launch_script(spec: AnySpec) -> str:
     """``launch.sh``: ``accelerate launch`` with this folder's config and train.py. The
     multi-node variables are passed through only when set, so one machine needs none."""
@@ -227,16 +250,17 @@ def launch_script(spec: AnySpec) -> str:
         if spec.hardware.distributed.startswith("deepspeed")
         else ""
     )
+    threads = _cpu_threads_lines(spec)
     return f"""#!/usr/bin/env bash
 # train.py through accelerate: {spec.hardware.distributed}, {spec.hardware.world_size} GPU(s).
-# Run from the directory train.py expects (the one its dataset path is relative to):
+# Run from any directory (train.py finds its files from its own folder):
 #   bash path/to/launch.sh [extra train.py arguments]
 # On more than one machine ({nodes} in this spec), run it on every machine with:
 #   MACHINE_RANK       this machine's index: 0 on the main machine, then 1, 2, ...
 #   MAIN_PROCESS_IP    the main machine's address, reachable from all the others
 #   MAIN_PROCESS_PORT  a free TCP port on the main machine (default {DEFAULT_MAIN_PROCESS_PORT})
 set -euo pipefail
-here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+{threads}here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 args=(--config_file "$here/{ACCELERATE_CONFIG_FILE}"{deepspeed_file})
 if [[ -n "${{MAIN_PROCESS_IP:-}}" ]]; then
     args+=(

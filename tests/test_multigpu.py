@@ -306,6 +306,46 @@ def test_launch_script_documents_and_passes_multi_node_variables(
     assert checked.returncode == 0
 
 
+@pytest.mark.parametrize(
+    ("engine", "precision", "extra", "threads"),
+    [
+        ("fsdp", "4bit", "", True),  # quantized in host memory, on the CPU
+        ("deepspeed-zero2", "bf16", "cpu_offload: true", True),  # the optimizer steps there
+        ("ddp", "bf16", "", False),
+        ("fsdp", "bf16", "", False),
+    ],
+)
+def test_launch_script_shares_the_cores_where_the_cpu_computes(
+    engine: str, precision: str, extra: str, threads: bool, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """torchrun runs each process on one CPU thread unless OMP_NUM_THREADS is set; where
+    the run computes on the CPU, launch.sh splits the cores between this machine's
+    processes (a machine of 16 cores: 8 each for 2) and keeps a value the user set."""
+    text = _tiny_spec(tiny_model_dir, engine, f"  {extra}" if extra else "")
+    text = text.replace("precision: bf16", f"precision: {precision}")
+    launch = (_emit(text, tmp_path) / "launch.sh").read_text(encoding="utf-8")
+    exports = [line for line in launch.splitlines() if line.startswith("export OMP_NUM_THREADS")]
+    assert len(exports) == int(threads), launch
+    if not threads:
+        return
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nproc").write_text("#!/bin/sh\necho 16\n", encoding="utf-8")
+    (fake_bin / "nproc").chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    env["PATH"] = f"{fake_bin}:{env['PATH']}"
+    for preset, expected in ((None, "8"), ("3", "3")):
+        run_env = env if preset is None else {**env, "OMP_NUM_THREADS": preset}
+        shown = subprocess.run(
+            ["bash", "-c", f'{exports[0]}; echo "$OMP_NUM_THREADS"'],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert shown.stdout.strip() == expected
+
+
 # --------------------------------------------------------------------------- 2-process DDP run
 
 
