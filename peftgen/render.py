@@ -661,6 +661,8 @@ class ScriptContext:
     """merge.py does (its model folder, adapter or merged folder)."""
     fsdp_adapter_key_fix: bool
     """``stack.peft_misses_adapter_keys_under_fsdp``: the script patches peft's key prefixes."""
+    fsdp_fp32_buffers: bool
+    """``stack.fsdp_rounds_buffers``: the script keeps FSDP's buffers (RoPE) in fp32."""
     model: ModelView
     data: DataView
     output_dir_expr: str
@@ -982,6 +984,7 @@ def script_context(
         fsdp_adapter_key_fix=stack.peft_misses_adapter_keys_under_fsdp(
             spec.hardware.distributed, spec.finetuning
         ),
+        fsdp_fp32_buffers=stack.fsdp_rounds_buffers(spec.hardware.distributed),
         model=model_view,
         data=data_view,
         output_dir_expr=output_dir_expr,

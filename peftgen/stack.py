@@ -101,6 +101,22 @@ def peft_misses_adapter_keys_under_fsdp(distributed: str, finetuning: str) -> bo
     return distributed == "fsdp" and finetuning == "lora"
 
 
+def fsdp_rounds_buffers(distributed: str) -> bool:
+    """Whether the run's engine would cast the model's buffers to the 16-bit compute dtype.
+
+    accelerate's FSDP mixed precision sets ``buffer_dtype`` to the compute dtype unless
+    ``buffer_autocast`` (accelerate/utils/dataclasses.py ``set_mixed_precision``), from the
+    launch's ``mixed_precision`` (accelerate/state.py) and again, for a 4-bit model, from
+    its quant storage (transformers/distributed/fsdp.py ``update_fsdp_plugin_peft``). FSDP
+    then rounds RoPE's ``inv_freq`` to bf16 at its first forward: some angles move by more
+    than 3 radians at position 2048 (Llama-3's base 500000). One GPU and DDP keep the loaded
+    fp32 buffers, and DeepSpeed 0.19.8 keeps them too (engine.py
+    ``_cast_module_mixed_precision`` casts buffers only when ``buffer_dtype`` is set; seen
+    fp32 under ZeRO-3 on two CPU processes). The script keeps them fp32
+    (``keep_fsdp_buffers_fp32``)."""
+    return distributed == "fsdp"
+
+
 TORCH_DTYPE_NAMES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """peftgen's short dtype names to ``torch.<name>``."""
 

@@ -411,6 +411,7 @@ WORKER = textwrap.dedent(
     '''\
     """One rank: the emitted FSDP settings (accelerate's plugin, from the environment
     accelerate launch exports) on the CPU, two steps, the final FULL_STATE_DICT save."""
+    import importlib.util
     import json
     import os
     import sys
@@ -423,7 +424,12 @@ WORKER = textwrap.dedent(
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from transformers import AutoModelForCausalLM
 
-    model_dir, out_dir = sys.argv[1], sys.argv[2]
+    model_dir, out_dir, script = sys.argv[1], sys.argv[2], sys.argv[3]
+    # The emitted script's own fix, before accelerate builds its plugin: fp32 buffers.
+    spec = importlib.util.spec_from_file_location("emitted_train", script)
+    emitted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emitted)
+    emitted.keep_fsdp_buffers_fp32()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -466,6 +472,7 @@ WORKER = textwrap.dedent(
     report = {
         "rank": rank,
         "losses": losses,
+        "inv_freq": str(wrapped.module.model.rotary_emb.inv_freq.dtype),
         "units": [
             {
                 "fqns": list(h.flat_param._fqns),
@@ -565,7 +572,7 @@ def test_fsdp_full_finetuning_on_two_cpu_processes(
             sys.executable,
             *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
             *("--master_port", str(_free_port())),
-            *(str(worker), str(tiny_model_dir), str(out)),
+            *(str(worker), str(tiny_model_dir), str(out), str(emitted / "train.py")),
         ],
         env=env,
         capture_output=True,
@@ -582,6 +589,7 @@ def test_fsdp_full_finetuning_on_two_cpu_processes(
         report = json.loads((out / f"rank{rank}.json").read_text(encoding="utf-8"))
         units = report["units"]
         assert all(math.isfinite(loss) for loss in report["losses"])
+        assert report["inv_freq"] == "torch.float32"  # RoPE not rounded to bf16
         assert {u["shard_dtype"] for u in units} == {"torch.float32"}  # fp32 masters
         assert {u["unsharded_dtype"] for u in units} == {"torch.bfloat16"}  # gathered bf16
         assert {u["grad_dtype"] for u in units} == {"torch.float32"}  # fp32 grad shards

@@ -641,16 +641,18 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import AutoModelForCausalLM
 
 model_dir, script, out_dir, mode = sys.argv[1:5]
-if mode == "patched":  # the emitted script's fix, imported from the script itself
+if mode == "patched":  # the emitted script's fixes, imported from the script itself
     spec = importlib.util.spec_from_file_location("emitted_train", script)
     emitted = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(emitted)
     emitted.fix_peft_adapter_io_under_fsdp()
+    emitted.keep_fsdp_buffers_fp32()
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 accelerate_dataclasses.is_cuda_available = lambda: True
 torch.cuda.current_device = lambda: 0
 plugin = FullyShardedDataParallelPlugin()
+plugin.set_mixed_precision(os.environ["ACCELERATE_MIXED_PRECISION"])  # accelerate/state.py
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
 model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
 torch.manual_seed(0)
@@ -665,13 +667,18 @@ wrapped = FSDP(
     auto_wrap_policy=fsdp_auto_wrap_policy(model),  # transformers' update_fsdp_plugin_peft
     use_orig_params=plugin.use_orig_params,
     limit_all_gathers=plugin.limit_all_gathers,
+    mixed_precision=plugin.mixed_precision_policy,
     device_id=torch.device("cpu"),
 )
+# FSDP casts the buffers at its first forward (under the Trainer's bf16 autocast).
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    wrapped(input_ids=torch.tensor([[1, 2, 3]]))
+report_rope = str(wrapped.module.base_model.model.model.rotary_emb.inv_freq.dtype)
 config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
 with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
     full = wrapped.state_dict()  # accelerate's get_state_dict, what save_model passes on
     checkpoint = _get_model_state_dict(wrapped, adapter_only=True)  # save_fsdp_model
-report = {"checkpoint_keys": len(checkpoint)}
+report = {"checkpoint_keys": len(checkpoint), "inv_freq": report_rope}
 adapter_dir = os.path.join(out_dir, mode)
 if rank == 0:
     wrapped.module.save_pretrained(adapter_dir, state_dict=full)  # Trainer._save
@@ -703,14 +710,16 @@ dist.destroy_process_group()
 @pytest.mark.slow
 @pytest.mark.xdist_group("two_processes")
 @pytest.mark.parametrize("mode", ["peft", "patched"])
-def test_lora_adapter_under_fsdp_is_saved_and_resumed_whole(
+def test_lora_adapter_and_rope_under_fsdp_are_kept_whole(
     mode: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """peft 0.21.2 alone saves an FSDP1 LoRA adapter empty (the control, ``peft``): module
     names inside FSDP's nested units keep their ``_fsdp_wrapped_module.`` segment, and no
     state-dict key matches. With the emitted script's ``fix_peft_adapter_io_under_fsdp``
     (``patched``) the final save and the checkpoint hold every LoRA weight, and loading the
-    checkpoint into the FSDP wrapper (what --resume does) restores them.
+    checkpoint into the FSDP wrapper (what --resume does) restores them. The same control
+    shows accelerate's mixed precision rounding RoPE's inv_freq to bf16; the script's
+    ``keep_fsdp_buffers_fp32`` keeps it fp32.
     Two CPU processes (gloo), the emitted FSDP settings. When peft fixes this, the control
     fails: drop the patch (``stack.peft_misses_adapter_keys_under_fsdp``)."""
     import os
@@ -764,7 +773,9 @@ def test_lora_adapter_under_fsdp_is_saved_and_resumed_whole(
         report = json.loads((tmp_path / f"{mode}-rank{rank}.json").read_text())
         if mode == "peft":
             assert report["checkpoint_keys"] == report["saved_lora_b"] == 0, report
+            assert report["inv_freq"] == "torch.bfloat16", report
         else:
+            assert report["inv_freq"] == "torch.float32", report
             assert report["saved_lora_b"] == report["lora_b"] > 0, report
             assert report["checkpoint_keys"] == 2 * report["lora_b"], report
             assert report["restored"], report

@@ -112,6 +112,25 @@ def require(path: str, spec_field: str) -> None:
         raise SystemExit(f"{spec_field}: {path} does not exist")
 
 
+def keep_fsdp_buffers_fp32() -> None:
+    """accelerate's FSDP mixed precision casts buffers to bf16 too (transformers sets it
+    again for a 4-bit model), which rounds RoPE's inv_freq: at position 2048 some angles
+    move by more than 3 radians. Keep buffers fp32, as on one GPU and under DeepSpeed."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    set_mixed_precision = FullyShardedDataParallelPlugin.set_mixed_precision
+
+    def with_fp32_buffers(
+        plugin: FullyShardedDataParallelPlugin,
+        mixed_precision: object,
+        buffer_autocast: bool = False,
+        override: bool = False,
+    ) -> None:
+        set_mixed_precision(plugin, mixed_precision, buffer_autocast=True, override=override)
+
+    FullyShardedDataParallelPlugin.set_mixed_precision = with_fp32_buffers
+
+
 def fix_peft_adapter_io_under_fsdp() -> None:
     """Two gaps of peft 0.21.2 under FSDP, where each decoder layer and LoRA leaf is a unit:
     - Saving: peft finds the adapter's keys from module names, stripping only a leading
@@ -150,6 +169,7 @@ def main() -> None:
     require(DATASET_PATH, "dataset.path")
     # TF32 matmuls: the NVIDIA GeForce RTX 4090 has tensor cores for them (Ampere or newer).
     torch.set_float32_matmul_precision("high")
+    keep_fsdp_buffers_fp32()  # before the trainer builds accelerate's FSDP plugin
 
     # --- Load ---
     tokenizer = AutoTokenizer.from_pretrained(MODEL_ID)
