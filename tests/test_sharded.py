@@ -152,6 +152,33 @@ def test_deepspeed_trains_adapters_in_the_compute_dtype() -> None:
     )
 
 
+def test_grpo_generation_under_zero3_holds_the_whole_model_on_every_gpu() -> None:
+    """trl gathers every parameter for GRPO's generate under ZeRO-3 (GatheredParameters over
+    model.parameters(), ds3_gather_for_generation True by default, which the script keeps):
+    the generation phase holds the whole model beside the partitions on each GPU, however
+    many GPUs. FSDP1 summons only its root unit (recurse=False) and gathers layers as in
+    training, so its generation phase keeps the sharded weights."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    default = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    assert default["ds3_gather_for_generation"] is True
+    script = (REPO / "templates" / "train_grpo.py.j2").read_text(encoding="utf-8")
+    assert "ds3_gather_for_generation" not in script
+    whole = estimate(_inputs("llama3-8b", "bf16", method="grpo")).weights_bytes
+    for world in (2, 8):
+        zero3 = _inputs(
+            "llama3-8b", "bf16", method="grpo", distributed="deepspeed-zero3", world_size=world
+        )
+        fsdp = replace(zero3, distributed="fsdp")
+        generating = estimate(zero3)
+        assert generating.phase == "generation"
+        assert generating.weights_bytes >= whole + whole // world - 2**20
+        assert generating.gathered_weight_bytes >= whole - 2**20
+        assert estimate(fsdp).weights_bytes < whole
+
+
 @pytest.mark.parametrize("precision", ["bf16", "4bit"])
 def test_zero3_without_zero_init_loads_the_whole_model_on_every_gpu(precision: str) -> None:
     """Without zero.Init (a quantized model, whatever the script's order; a script that

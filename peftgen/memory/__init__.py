@@ -105,6 +105,7 @@ from peftgen.memory.sharded import (
     per_gpu_parts,
     replicated_quant_state_bytes,
     root_unit_bytes,
+    zero3_generation_gather_bytes,
     zero3_loads_whole_model,
     zero3_reuse_retained_bytes,
     zero_bucket_bytes,
@@ -149,11 +150,14 @@ def estimate(inputs: EstimateInput) -> Estimate:
             phase, vllm = "generation", share
             communication = communication if inputs.distributed == "ddp" else 0
             gradient, activation, logits = communication, 0, 0
-    elif inputs.method == "grpo":
+    generation_gather = 0
+    if inputs.method == "grpo" and inputs.vllm_mode == "none":
         generation = grpo_generation_bytes(inputs)
-        if generation > gradient + activation + logits:
+        gather = zero3_generation_gather_bytes(inputs)
+        if generation + gather > gradient + activation + logits:
             phase = "generation"
             gradient, activation, logits = 0, generation, 0
+            weights, generation_gather = weights + gather, gather
             # DDP's buckets live as long as the wrapper; the other engines' buffers are
             # alive only while gradients are reduced.
             communication = communication if inputs.distributed == "ddp" else 0
@@ -169,7 +173,7 @@ def estimate(inputs: EstimateInput) -> Estimate:
         else:
             activation, logits = 0, 0
     optimizer += max(0, parts.optimizer_step_temporary_bytes - (activation + logits))
-    gathered = parts.gathered_weight_bytes
+    gathered = parts.gathered_weight_bytes + generation_gather
     copy_out = fsdp2_all_gather_buffer_bytes(inputs)
     if copy_out > activation + logits:
         # FSDP2 unsharding the largest unit before any activation exists

@@ -382,6 +382,23 @@ def zero3_gathered_parameter_bytes(inputs: EstimateInput) -> int:
     return min(largest + prefetch, max(cap, largest)) + zero3_reuse_retained_bytes(inputs)
 
 
+def zero3_generation_gather_bytes(inputs: EstimateInput) -> int:
+    """What GRPO's generation adds under ZeRO-3: trl gathers every parameter for
+    ``generate`` (trl/models/utils.py ``_unwrap_model_for_generation``:
+    ``deepspeed.zero.GatheredParameters(model.parameters())`` with DeepSpeed's hooks removed,
+    ``ds3_gather_for_generation`` True by default, which the script keeps), so each GPU
+    holds the whole model beside its partitions instead of the per-module working set.
+    0 for the other engines (FSDP1 summons only the root unit, ``recurse=False``, and
+    gathers the layers as in training) and with vLLM (it generates from its own copy)."""
+    if inputs.distributed != "deepspeed-zero3" or inputs.method != "grpo":
+        return 0
+    if inputs.vllm_mode != "none":
+        return 0
+    replicated = replicated_quant_state_bytes(inputs) + model_buffer_bytes(inputs)
+    whole = weights_bytes(inputs) - replicated
+    return max(0, whole - zero3_gathered_parameter_bytes(inputs))
+
+
 def zero3_reuse_retained_bytes(inputs: EstimateInput) -> int:
     """Decoder layers ZeRO-3 does not release at the forward's end because the trace reuses
     them within ``stage3_max_reuse_distance`` elements.
