@@ -649,6 +649,19 @@ def _check_distributed_combination(spec: _SpecBase) -> None:
             "the packed weights stored in the compute dtype; set "
             "quantization.bnb_4bit_quant_storage: bfloat16, or fix precision: bf16"
         )
+    trained = trained_modules_to_save(spec) if spec.finetuning == "lora" else []
+    if engine == "fsdp" and trained:
+        # peft 0.21.2 reads each modules_to_save copy's state_dict() to list its keys
+        # (utils/other.py ModulesToSaveWrapper.adapter_state_dict) while the main process
+        # alone saves; under FSDP that copy is a unit and its state_dict() an all-gather
+        # the other processes never join: the save hangs (seen on two CPU processes).
+        where = "lora.modules_to_save" if spec.lora.modules_to_save else "dataset.chat_template"
+        raise ValueError(
+            f"{where}: training {' and '.join(trained)} in full next to LoRA cannot be saved "
+            "under fsdp (peft 0.21.2 reads those modules on the main process alone, a "
+            "collective under FSDP: the save hangs); use distributed: deepspeed-zero3, "
+            "deepspeed-zero2 or ddp"
+        )
     optim = spec.training.optim
     if engine.startswith("deepspeed") and OPTIMIZERS[optim].bitsandbytes:
         # DeepSpeed's ZeRO optimizer steps an fp32 master partition of its own; a
@@ -741,7 +754,7 @@ SPEC_ADAPTER: TypeAdapter[SftSpec | DpoRunSpec | GrpoRunSpec] = TypeAdapter(Spec
 AnySpec = SftSpec | DpoRunSpec | GrpoRunSpec
 
 
-def trained_modules_to_save(spec: AnySpec) -> list[str]:
+def trained_modules_to_save(spec: _SpecBase) -> list[str]:
     """``lora.modules_to_save`` plus embeddings and head when a named chat template adds
     tokens: their new rows start untrained, so the seed's advice is to train and save
     both. The planner counts and the script trains exactly this list."""

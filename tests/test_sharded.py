@@ -806,3 +806,43 @@ def test_lora_adapter_and_rope_under_fsdp_are_kept_whole(
             assert report["saved_lora_b"] == report["lora_b"] > 0, report
             assert report["checkpoint_keys"] == 2 * report["lora_b"], report
             assert report["restored"], report
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"dataset": {"chat_template": "chatml"}}, "dataset.chat_template"),
+        ({"lora": {"modules_to_save": ["lm_head"]}}, "lora.modules_to_save"),
+    ],
+)
+def test_whole_modules_next_to_lora_are_refused_under_fsdp_only(
+    changes: dict[str, dict[str, object]], field: str
+) -> None:
+    """peft 0.21.2 lists a modules_to_save copy's keys through its state_dict() while the
+    main process alone saves: under FSDP that is an all-gather the other processes never
+    join, and the save hangs (seen on two CPU processes: rank 0 in FSDP's
+    ``_all_gather_flat_param`` from ``ModulesToSaveWrapper.adapter_state_dict``, rank 1 at
+    the barrier). Refused with the engines that can run it; DeepSpeed and DDP are not."""
+    from pydantic import ValidationError
+
+    from peftgen.spec import SPEC_ADAPTER
+
+    def spec(engine: str, **extra: object) -> dict[str, object]:
+        dataset = {"path": "rows.jsonl", "format": "messages", **changes.get("dataset", {})}
+        return {
+            "name": "x",
+            "method": "sft",
+            "model": {"id": "HuggingFaceTB/SmolLM2-360M"},
+            "dataset": dataset,
+            "hardware": {"gpu": "rtx-4090", "num_gpus": 2, "distributed": engine},
+            **({"lora": changes["lora"]} if "lora" in changes else {}),
+            **extra,
+        }
+
+    with pytest.raises(ValidationError, match=f"{field}: .* under fsdp .* deepspeed-zero3"):
+        SPEC_ADAPTER.validate_python(spec("fsdp"))
+    for engine in ("ddp", "deepspeed-zero2", "deepspeed-zero3"):
+        assert SPEC_ADAPTER.validate_python(spec(engine)).hardware.distributed == engine
+    if "lora" not in changes:  # full fine-tuning trains every weight: nothing to list
+        full = SPEC_ADAPTER.validate_python(spec("fsdp", finetuning="full"))
+        assert full.finetuning == "full"
