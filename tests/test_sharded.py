@@ -752,33 +752,12 @@ def test_lora_adapter_and_rope_under_fsdp_are_kept_whole(
     import os
     import subprocess
     import sys
-    import textwrap
 
     from test_full_sharded import _free_port, _fsdp_environment
+    from test_multigpu import _tiny_spec
 
     spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        textwrap.dedent(
-            f"""\
-            name: tiny-lora-fsdp
-            method: sft
-            model:
-              id: {tiny_model_dir.as_posix()}
-            dataset:
-              path: {(REPO / "specs" / "data" / "clinical_sft.jsonl").as_posix()}
-              format: messages
-            hardware:
-              vram_gib: 4
-              num_gpus: 2
-              distributed: fsdp
-            precision: bf16
-            training:
-              max_length: 32
-              max_steps: 2
-            """
-        ),
-        encoding="utf-8",
-    )
+    spec.write_text(_tiny_spec(tiny_model_dir, "fsdp"), encoding="utf-8")
     emitted = tmp_path / "emitted"
     assert peftgen_main(["emit", str(spec), "-o", str(emitted)]) == 0
     assert "fix_peft_adapter_io_under_fsdp()" in (emitted / "train.py").read_text()
