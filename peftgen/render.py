@@ -303,10 +303,6 @@ def _dataset_loader(loaded: LoadedSpec) -> str | None:
     return LOCAL_DATA_LOADERS.get(Path(loaded.spec.dataset.path).suffix.lower())
 
 
-SCRIPT_DIR_NAME = "SCRIPT_DIR"
-"""The scripts' constant for their own folder, defined only where a path is joined to it."""
-
-
 def _path_expr(target: Path, anchor_dir: Path | None) -> str:
     """Python source for ``target``: joined to SCRIPT_DIR when the script's folder is known
     and shares a folder with it (the script then runs from any directory and moves with its
@@ -314,7 +310,15 @@ def _path_expr(target: Path, anchor_dir: Path | None) -> str:
     relative = relative_to(target, anchor_dir) if anchor_dir is not None else None
     if relative is None:
         return python_literal(target.as_posix())
-    return f"str(({SCRIPT_DIR_NAME} / {python_literal(relative)}).resolve())"
+    return f"str((SCRIPT_DIR / {python_literal(relative)}).resolve())"
+
+
+def _joins_script_dir(files: list[Path | None], anchor_dir: Path | None) -> bool:
+    """Whether a script naming these files joins any to SCRIPT_DIR (``_path_expr``), so
+    it needs the constant."""
+    if anchor_dir is None:
+        return False
+    return any(path is not None and relative_to(path, anchor_dir) is not None for path in files)
 
 
 def _reward_funcs(
@@ -927,13 +931,12 @@ def script_context(
         pinned["deepspeed"] = stack.ENGINE_VERSIONS["deepspeed"]
     model_view = _model_view(values, model, paths, anchor_dir)
     data_view = _data_view(values, loaded, paths, anchor_dir)
+    merged_dir = paths.output_dir.with_name(paths.output_dir.name + "-merged")
     output_dir_expr = _path_expr(paths.output_dir, anchor_dir)
-    merged_dir_expr = _path_expr(
-        paths.output_dir.with_name(paths.output_dir.name + "-merged"), anchor_dir
-    )
-    merge_exprs = [model_view.id_expr, output_dir_expr, merged_dir_expr]
-    train_exprs = [model_view.id_expr, data_view.path_expr or "", output_dir_expr]
-    train_exprs += [reward.path_expr or "" for reward in (grpo.rewards if grpo else [])]
+    merged_dir_expr = _path_expr(merged_dir, anchor_dir)
+    train_files = [paths.model_dir, paths.dataset_file, paths.output_dir]
+    train_files += list(paths.reward_files.values())
+    merge_files = [paths.model_dir, paths.output_dir, merged_dir]
     breakdown_rows = _breakdown_rows(candidate)
     # The plan's decisions by knob, flattened for comments: templates quote the reasons.
     reasons = {decision.knob: comment_text(decision.reason) for decision in plan.decisions}
@@ -979,8 +982,8 @@ def script_context(
         fp16=fp16,
         tf32=_ampere_or_newer(plan.gpu.compute_capability),
         full=full,
-        script_dir=any(SCRIPT_DIR_NAME in expr for expr in train_exprs),
-        merge_script_dir=any(SCRIPT_DIR_NAME in expr for expr in merge_exprs),
+        script_dir=_joins_script_dir(train_files, anchor_dir),
+        merge_script_dir=_joins_script_dir(merge_files, anchor_dir),
         fsdp_adapter_key_fix=stack.peft_misses_adapter_keys_under_fsdp(
             spec.hardware.distributed, spec.finetuning
         ),
