@@ -909,12 +909,10 @@ def script_context(
     chat = _chat_format(spec, model)
     # Full fine-tuning trains every weight: nothing to list for peft.
     modules_to_save = [] if full else trained_modules_to_save(spec)
-    # fp32 master weights for trained copies (stack.trained_copy_dtype): the script casts
+    # fp32 master weights for trained copies (stack.TRAINED_COPY_DTYPE): the script casts
     # where they start in 16 bits, full copies of a 16-bit base's layers, or trl's bf16 on
-    # an 8/4-bit model whose GPU lacks bf16. Full fine-tuning loads in fp32 already.
-    fp32_copies = stack.trained_copy_dtype(
-        precision, spec.finetuning, dtype
-    ) == "fp32" and stack.script_upcasts_trained_copies(spec.hardware.distributed)
+    # an 8/4-bit model. Full fine-tuning loads in fp32 already.
+    fp32_copies = stack.script_upcasts_trained_copies(spec.hardware.distributed)
     pinned = {
         name: version
         for name, version in stack.PINNED_VERSIONS.items()

@@ -729,7 +729,7 @@ def build_model(
         resolved,
         quantized=precision in ("8bit", "4bit"),
         gc=spec.training.gradient_checkpointing,
-        fp32_copies=stack.trained_copy_dtype(precision, spec.finetuning, compute_dtype) == "fp32",
+        fp32_copies=stack.TRAINED_COPY_DTYPE == "fp32",
     )
 
 
@@ -905,7 +905,7 @@ def _prepare_peft(
     model: Any, resolved: Resolved, quantized: bool, gc: bool, fp32_copies: bool
 ) -> Any:
     """peft wrapping and trl 1.16's preparation for PEFT, in the trainer's order;
-    ``fp32_copies``: the script's rule for its trained copies (``stack.trained_copy_dtype``)."""
+    ``fp32_copies``: the script's rule for its trained copies (``stack.TRAINED_COPY_DTYPE``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head

@@ -123,6 +123,15 @@ def test_emitted_scripts_train_save_and_merge(
     adapter_dir = tmp_path / "adapter"
     assert (adapter_dir / "adapter_config.json").is_file()
     assert (adapter_dir / "adapter_model.safetensors").is_file()
+    from safetensors import safe_open
+
+    # The adapter trained as fp32 masters: trl casts an 8/4-bit model's trainable weights to
+    # bf16, where small updates round away, and the script casts them back
+    # (stack.TRAINED_COPY_DTYPE); peft keeps a 16-bit base's adapters fp32 itself.
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as saved:
+        keys = [key for key in list(saved.keys()) if "lora_" in key]
+        dtypes = {saved.get_tensor(key).dtype for key in keys}
+    assert dtypes == {torch.float32}, dtypes
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     input_ids = tokenizer("The patient is a 64-year-old man", return_tensors="pt").input_ids

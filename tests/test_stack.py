@@ -18,35 +18,31 @@ REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = find_model("HuggingFaceTB/SmolLM2-135M")
 
 
-@pytest.mark.parametrize(
-    ("precision", "finetuning", "gpu_bf16", "expected"),
-    [
-        ("bf16", "lora", True, "fp32"),  # modules_to_save upcast from bf16
-        ("fp16", "lora", True, "fp32"),
-        ("fp16", "lora", False, "fp32"),
-        ("4bit", "lora", True, "bf16"),  # trl's cast of a k-bit model's trainables
-        ("8bit", "lora", True, "bf16"),
-        ("4bit", "lora", False, "fp32"),  # no bf16 on the GPU: the script casts back
-        ("8bit", "lora", False, "fp32"),
-        ("bf16", "full", True, "fp32"),  # full fine-tuning: fp32 masters
-        ("fp16", "full", False, "fp32"),
-    ],
-)
-def test_one_rule_for_the_dtype_of_trained_copies(
-    precision: str, finetuning: str, gpu_bf16: bool, expected: str
-) -> None:
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "8bit", "4bit"])
+@pytest.mark.parametrize("gpu_bf16", [True, False])
+def test_one_rule_for_the_dtype_of_trained_copies(precision: str, gpu_bf16: bool) -> None:
+    """The estimator counts every trained copy (adapters of a k-bit model, modules_to_save)
+    in ``stack.TRAINED_COPY_DTYPE``, the dtype the script trains them in; under DeepSpeed,
+    which casts the module and keeps its own fp32 master, in the compute dtype."""
     compute = stack.compute_dtype(precision, gpu_bf16)
-    assert stack.trained_copy_dtype(precision, finetuning, compute) == expected
     inputs = EstimateInput(
         arch=SMOLLM2,
         precision=precision,  # type: ignore[arg-type]
         compute_dtype=compute,
-        finetuning=finetuning,  # type: ignore[arg-type]
         modules_to_save=("embed_tokens",),
     )
-    assert modules_to_save_dtype_bytes(inputs) == DTYPE_BYTES[expected]
-    if precision in ("8bit", "4bit"):
-        assert adapter_dtype(inputs) == expected
+    assert stack.TRAINED_COPY_DTYPE == "fp32"
+    assert modules_to_save_dtype_bytes(inputs) == DTYPE_BYTES[stack.TRAINED_COPY_DTYPE]
+    assert adapter_dtype(inputs) == stack.TRAINED_COPY_DTYPE
+    zero3 = EstimateInput(
+        arch=SMOLLM2,
+        precision=precision,  # type: ignore[arg-type]
+        compute_dtype=compute,
+        distributed="deepspeed-zero3",
+        world_size=2,
+    )
+    assert adapter_dtype(zero3) == compute
+    assert not stack.script_upcasts_trained_copies("deepspeed-zero3")
 
 
 def test_the_receipt_version_is_defined_once() -> None:

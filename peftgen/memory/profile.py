@@ -102,9 +102,10 @@ class StackProfile:
     ``CEWithChunkedOutputLoss`` (bf16 output chunks, each upcast to fp32 whose log-softmax
     is saved: 6 B). ``chunked_logits_bf16``: litgpt's chunked cross-entropy on bf16 logit
     chunks (logits + bf16 log-softmax, 4 B)."""
-    quantized_adapter_dtype: AdapterDtype = "bf16"
+    quantized_adapter_dtype: AdapterDtype = "fp32"
     """trl 1.16 casts trainable params (not DoRA magnitudes) of 8/4-bit models to bf16
-    (sft_trainer.py:906-911, dpo_trainer.py:726-729, grpo_trainer.py:538-541)."""
+    (sft_trainer.py:906-911, dpo_trainer.py:726-729, grpo_trainer.py:538-541); the emitted
+    script casts them back to fp32 (``stack.TRAINED_COPY_DTYPE``). Older stacks: bf16."""
     unquantized_adapter_dtype: AdapterDtype = "fp32"
     """peft ``autocast_adapter_dtype=True`` upcasts bf16/fp16 LoRA weights to fp32
     (peft/tuners/tuners_utils.py:628)."""

@@ -93,14 +93,12 @@ def model_buffer_bytes(inputs: EstimateInput) -> int:
 
 
 def adapter_dtype(inputs: EstimateInput) -> AdapterDtype:
-    """Dtype of LoRA A/B: the compute dtype under DeepSpeed (its module cast), bf16 on
-    quantized models (trl's cast), else peft's fp32 upcast."""
+    """Dtype of LoRA A/B: the compute dtype under DeepSpeed (its module cast); on quantized
+    models the stack's (the pinned script casts trl's bf16 back to fp32,
+    ``stack.TRAINED_COPY_DTYPE``), else peft's fp32 upcast."""
     if deepspeed_casts_trainables(inputs):
         return inputs.compute_dtype
     if inputs.precision in ("8bit", "4bit"):
-        copies = stack.trained_copy_dtype(inputs.precision, inputs.finetuning, inputs.compute_dtype)
-        if copies == "fp32":
-            return "fp32"  # the script casts trl's bf16 adapters back: the GPU has no bf16
         return inputs.stack.quantized_adapter_dtype
     return inputs.stack.unquantized_adapter_dtype
 
@@ -153,15 +151,13 @@ def trainable_tensors(inputs: EstimateInput, include_biases: bool = True) -> Tra
 
 
 def modules_to_save_dtype_bytes(inputs: EstimateInput) -> int:
-    """Element size of the trained full copies (and trainable biases): bf16 under trl's
-    cast of quantized models; fp32 on a 16-bit base, where the script upcasts every
-    trainable tensor (16-bit master weights round small updates away, and the fp16
-    gradient scaler refuses fp16 parameters): ``stack.trained_copy_dtype``. DeepSpeed casts
-    them to the compute dtype (``deepspeed_casts_trainables``)."""
+    """Element size of the trained full copies (and trainable biases): fp32, where the
+    script upcasts every trainable tensor (16-bit master weights round small updates away,
+    and the fp16 gradient scaler refuses fp16 parameters): ``stack.TRAINED_COPY_DTYPE``.
+    DeepSpeed casts them to the compute dtype (``deepspeed_casts_trainables``)."""
     if deepspeed_casts_trainables(inputs):
         return DTYPE_BYTES[inputs.compute_dtype]
-    dtype = stack.trained_copy_dtype(inputs.precision, inputs.finetuning, inputs.compute_dtype)
-    return DTYPE_BYTES[dtype]
+    return DTYPE_BYTES[stack.TRAINED_COPY_DTYPE]
 
 
 def adapter_bytes(inputs: EstimateInput) -> int:
