@@ -425,8 +425,8 @@ def test_fp32_embeddings_keep_the_residual_stream_fp32() -> None:
     assert residual_stream_dtype_bytes(fp16) == 4
     assert residual_stream_dtype_bytes(replace(fp16, modules_to_save=())) == 2
     assert residual_stream_dtype_bytes(replace(fp16, precision="bf16", compute_dtype="bf16")) == 4
-    # 4-bit: trl's bf16 cast of the copies, which the script undoes on a GPU without bf16.
-    assert residual_stream_dtype_bytes(replace(fp16, precision="4bit", compute_dtype="bf16")) == 2
+    # 4-bit: trl's bf16 cast of the copies, which the script undoes (fp32 copies).
+    assert residual_stream_dtype_bytes(replace(fp16, precision="4bit", compute_dtype="bf16")) == 4
     assert residual_stream_dtype_bytes(replace(fp16, precision="4bit")) == 4
     upcast = replace(
         fp16,

@@ -558,9 +558,10 @@ def test_fsdp_no_sync_keeps_unsharded_gradients_as_torchs_fsdp_does() -> None:
             assert grads(tracker.get_tracker_snapshot("current")) == (0, full // 2)
 
     base = _inputs("llama3-8b", "4bit", distributed="fsdp", gradient_accumulation_steps=4)
-    numel = per_gpu_parts(replace(base, distributed="none")).gradient_bytes // 2  # bf16 LoRA
+    numel = sum(trainable_tensors(base).numel_by_bytes.values())
     for world in (2, 8):
         inputs = replace(base, world_size=world)
+        # the unsharded gradients in the compute dtype (bf16 under mixed precision)
         assert fsdp_no_sync_gradient_bytes(inputs) == 2 * numel
         parts = per_gpu_parts(inputs)
         assert parts.gradient_bytes - parts.communication_bytes == 2 * numel
@@ -618,7 +619,7 @@ def test_deepspeed_steps_fp32_optimizer_states() -> None:
     """ZeRO's optimizer steps DeepSpeed's fp32 partitions: AdamW states are fp32 (8 B per
     trained element) next to the fp32 master (4 B), sharded, even for bf16 adapters."""
     inputs = _inputs("llama3-8b", "4bit", distributed="deepspeed-zero2", world_size=4)
-    numel = per_gpu_parts(replace(inputs, distributed="none", world_size=1)).gradient_bytes // 2
+    numel = sum(trainable_tensors(inputs).numel_by_bytes.values())
     assert per_gpu_parts(inputs).optimizer_bytes == math.ceil(12 * numel / 4)
 
 

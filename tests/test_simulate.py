@@ -83,8 +83,8 @@ def expected_static_bytes(arch: ModelArch, precision: str) -> dict[str, int]:
     * 4-bit NF4 with double quantization: two weights per byte, a uint8 absmax per 64
       weights, an fp32 absmax per 256 of those, the 256-entry fp32 code of the second
       quantization, an fp32 offset and the 16-entry fp32 NF4 code, per linear;
-    * LoRA A and B (r x in, out x r): fp32 on a bf16 base (peft upcasts), bf16 on a
-      quantized one (trl casts them back);
+    * LoRA A and B (r x in, out x r): fp32, on a bf16 base because peft upcasts them and
+      on a quantized one because the script casts trl's bf16 copies back to fp32;
     * AdamW: exp_avg and exp_avg_sq in the parameter's dtype.
     """
     c = arch.config
@@ -104,7 +104,7 @@ def expected_static_bytes(arch: ModelArch, precision: str) -> dict[str, int]:
             blocks = math.ceil(i * o / 64)
             nested_blocks = math.ceil(blocks / 256)
             quantized += (i * o + 1) // 2 + blocks + FP32 * (nested_blocks + 256 + 1 + 16)
-    adapter_dtype = FP32 if precision == "bf16" else BF16
+    adapter_dtype = FP32
     adapter_numel = sum(LORA_R * (i + o) for i, o in linears)
     return {
         "weights": unquantized + rotary + quantized,
