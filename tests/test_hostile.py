@@ -261,6 +261,9 @@ def _load_reward_args(source: str) -> list[tuple[Any, ...]]:
             and node.func.id == "load_reward"
         ):
             path = _script_path(node.args[0])
+            if path is None and isinstance(node.args[0], ast.Constant):
+                # written absolute: the file shares no folder with the script's below "/"
+                path = os.path.realpath(node.args[0].value)
             calls.append((path, *(ast.literal_eval(arg) for arg in node.args[1:])))
     return calls
 
@@ -319,19 +322,19 @@ def _renders_as_literal(method: str, field: str, text: str, precision: str) -> b
     train = _constants(files["train.py"])
     merge = _constants(files["merge.py"])
     if constant is not None:
-        assert _constant(train, constant) == _expected(field, build(text))
+        assert _as_path(field, _constant(train, constant)) == _expected(field, build(text))
     if field == "output_dir":
-        assert merge["ADAPTER_DIR"] == _spec_path(text)
+        assert os.path.realpath(merge["ADAPTER_DIR"]) == _spec_path(text)
     if field == "model.revision":
         assert "revision=MODEL_REVISION" in files["train.py"]
     written = SPEC_ADAPTER.validate_python(YAML(typ="safe").load(files["spec.yaml"]))
     original = SPEC_ADAPTER.validate_python(raw)
     # The written spec names the same files, relative to its own folder (OUT_DIR).
-    assert _spec_path(original.resolved_output_dir) == os.path.normpath(
+    assert _spec_path(original.resolved_output_dir) == os.path.realpath(
         from_spec_dir(written.resolved_output_dir, OUT_DIR)
     )
     if is_local_dataset(original.dataset.path):
-        assert _spec_path(original.dataset.path) == os.path.normpath(
+        assert _spec_path(original.dataset.path) == os.path.realpath(
             from_spec_dir(written.dataset.path, OUT_DIR)
         )
     else:
@@ -340,6 +343,14 @@ def _renders_as_literal(method: str, field: str, text: str, precision: str) -> b
     assert written.lora == original.lora
     assert written.name == original.name
     return True
+
+
+def _as_path(field: str, value: Any) -> Any:
+    """A local path constant as the file it names (``realpath``): written relative to the
+    script it is already resolved (``_script_path``); written absolute (it shares no folder
+    with the script's below "/") it is the literal."""
+    local = field == "output_dir" or (field == "dataset.path" and is_local_dataset(value))
+    return os.path.realpath(value) if local and isinstance(value, str) else value
 
 
 def _expected(field: str, value: Any) -> Any:
