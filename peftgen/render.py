@@ -313,6 +313,27 @@ def _path_expr(target: Path, anchor_dir: Path | None) -> str:
     return f"str((SCRIPT_DIR / {python_literal(relative)}).resolve())"
 
 
+def _upcast_reason(
+    quantized: bool, modules_to_save: bool, upcasts: bool, compute_dtype: str
+) -> str | None:
+    """The comment over the script's fp32 cast of its trained copies, or None without one:
+    trl's bf16 trainables of an 8/4-bit model, or a 16-bit base's ``modules_to_save``
+    (``compute_dtype``: the torch name)."""
+    if not upcasts or not (quantized or modules_to_save):
+        return None
+    fp16 = compute_dtype == "float16"
+    if quantized:
+        return (
+            "Cast trl's bf16 trainable weights back to fp32: small updates round away in bf16"
+            + (", and fp16 mixed precision needs fp32 masters." if fp16 else ".")
+        )
+    return (
+        "fp32 master weights for the full copies (MODULES_TO_SAVE start as copies of the "
+        f"{compute_dtype} base layers): in 16 bits small updates round away"
+        + (", and fp16 mixed precision refuses fp16 trainable weights." if fp16 else ".")
+    )
+
+
 def _joins_script_dir(files: list[Path | None], anchor_dir: Path | None) -> bool:
     """Whether a script naming these files joins any to SCRIPT_DIR (``_path_expr``), so
     it needs the constant."""
@@ -677,11 +698,12 @@ class ScriptContext:
     training: TrainingView
     modules_to_save: list[str]
     ensure_weight_tying: bool
-    upcast_modules_to_save: bool
+    upcast_reason: str | None
+    """Why the script casts its trained copies to fp32 after building the trainer
+    (``stack.TRAINED_COPY_DTYPE``); None where it does not (DeepSpeed, nothing to cast)."""
     training_args_before_load: bool
     """The training arguments come before ``from_pretrained`` (ZeRO-3's zero.Init:
     ``stack.zero3_partitions_while_loading``)."""
-    upcast_quantized_trainables: bool
     chat: ChatFormat
     loss_text: str
     format_text: str
@@ -999,12 +1021,11 @@ def script_context(
         # peft unties tied embeddings when both are saved in full, unless told to keep them
         # one tensor (a copy each would double the memory and untie the merged model).
         ensure_weight_tying=stack.shares_tied_copy(model.tied_embeddings, modules_to_save),
-        upcast_modules_to_save=bool(modules_to_save) and not quantized and fp32_copies,
+        upcast_reason=_upcast_reason(quantized, bool(modules_to_save), fp32_copies, compute_dtype),
         training_args_before_load=stack.zero3_partitions_while_loading(
             spec.hardware.distributed, precision
         ),
         # trl casts the trainable weights of 8/4-bit models to bf16, which an fp16 GPU lacks.
-        upcast_quantized_trainables=quantized and fp32_copies,
         chat=chat,
         loss_text=_loss_text(spec.method, chat.loss_on),
         format_text=_format_text(chat),

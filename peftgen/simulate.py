@@ -729,7 +729,6 @@ def build_model(
         resolved,
         quantized=precision in ("8bit", "4bit"),
         gc=spec.training.gradient_checkpointing,
-        fp32_copies=stack.TRAINED_COPY_DTYPE == "fp32",
     )
 
 
@@ -901,11 +900,9 @@ def _forward_8bit(self: Any, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _prepare_peft(
-    model: Any, resolved: Resolved, quantized: bool, gc: bool, fp32_copies: bool
-) -> Any:
-    """peft wrapping and trl 1.16's preparation for PEFT, in the trainer's order;
-    ``fp32_copies``: the script's rule for its trained copies (``stack.TRAINED_COPY_DTYPE``)."""
+def _prepare_peft(model: Any, resolved: Resolved, quantized: bool, gc: bool) -> Any:
+    """peft wrapping and trl 1.16's preparation for PEFT, in the trainer's order, then the
+    script's fp32 cast of its trained copies (``stack.TRAINED_COPY_DTYPE``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
@@ -951,12 +948,13 @@ def _prepare_peft(
         "grpo": ("log_probs", "entropy"),
     }[spec.method]
     add_fused_lm_head(base, outputs=outputs)
-    if fp32_copies and (quantized or modules_to_save):
+    if quantized or modules_to_save:
         # the generated script: fp32 master weights for full copies on a 16-bit base, and
-        # for every trainable weight of a quantized model on a GPU without bf16
+        # for every trainable weight of a quantized model (trl cast them to bf16)
+        master = getattr(torch, stack.TORCH_DTYPE_NAMES[stack.TRAINED_COPY_DTYPE])
         for param in peft_model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+            if param.requires_grad and param.dtype != master:
+                param.data = param.data.to(master)
     peft_model.train()
     return peft_model
 
