@@ -346,8 +346,9 @@ def tight_text(result: Plan) -> str | None:
     return (
         f"tight: {chosen.precision} peaks at {format_gib(chosen.peak_reserved_bytes)}, "
         f"{format_gib(margin)} under the {format_gib(result.budget_bytes)} budget, but the upper "
-        f"end of the prediction interval (x{result.interval_factor:g}, the accuracy benchmark's "
-        f"90th percentile) is {format_gib(chosen.peak_reserved_bytes_high)}, {format_gib(over)} "
+        f"end of the prediction interval (x{result.interval_factor:g}, the 90th percentile of "
+        f"{result.interval_evidence}) is {format_gib(chosen.peak_reserved_bytes_high)}, "
+        f"{format_gib(over)} "
         "over: the run may run out of memory"
     )
 
@@ -437,10 +438,11 @@ def _print_plan(
     time_line = time_text(result)
     if time_line is not None:
         console.print(escape(time_line))
+    unscaled = "CUDA context" if result.gpu.count == 1 else "CUDA context, NCCL buffers"
     console.print(
-        f"upper end: the peak x{result.interval_factor:g} (CUDA context unscaled), the 90th "
-        "percentile of measured / predicted in the accuracy benchmark; tight: fits at the "
-        "estimate, not at the upper end"
+        f"upper end: the peak x{result.interval_factor:g} ({unscaled} unscaled), the 90th "
+        f"percentile of measured / predicted over {result.interval_evidence}; tight: fits at "
+        "the estimate, not at the upper end"
     )
     if any(c.breakdown.logits_bytes == 0 for c in result.candidates):
         console.print(

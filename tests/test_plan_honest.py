@@ -19,7 +19,11 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from peftgen.accuracy_interval import UNDER_PREDICTION_FACTOR, factor_from_ratios
+from peftgen.accuracy_interval import (
+    SHARDED_UNDER_PREDICTION_FACTOR,
+    UNDER_PREDICTION_FACTOR,
+    factor_from_ratios,
+)
 from peftgen.catalog import find_gpu, lookup_gpu
 from peftgen.cli import main
 from peftgen.errors import UserError
@@ -296,6 +300,64 @@ def test_interval_factor_is_recomputed_from_the_benchmark() -> None:
     assert factor_from_ratios(ratios) == UNDER_PREDICTION_FACTOR
     # Most errors are under-predictions: the factor is above 1.
     assert sum(r > 1 for r in ratios) > len(ratios) / 2 and UNDER_PREDICTION_FACTOR > 1
+
+
+def test_sharded_interval_factor_is_recomputed_from_the_sharded_rows() -> None:
+    """The same recipe over the benchmark's FSDP / ZeRO-3 rows, each against its own metric;
+    fails when those rows (or the sharded estimator) drift from the constant."""
+    accuracy = _accuracy_module()
+    rows = accuracy.sharded_rows()
+    assert len(rows) == 16
+    ratios = [row.measured_bytes / row.predicted_bytes() for row in rows]
+    assert factor_from_ratios(ratios) == SHARDED_UNDER_PREDICTION_FACTOR
+
+
+def test_the_docs_quote_the_factors_that_are_in_the_code() -> None:
+    """Every interval factor README and the docs write out is one of the two constants (the
+    README once said 1.161 while the code used 1.144), and both are written out."""
+    import re
+
+    factors = {f"{UNDER_PREDICTION_FACTOR:.3f}", f"{SHARDED_UNDER_PREDICTION_FACTOR:.3f}"}
+    quoted: set[str] = set()
+    for path in (REPO / "README.md", REPO / "docs" / "plan.md", REPO / "docs" / "report.md"):
+        text = path.read_text(encoding="utf-8")
+        found = re.findall(r"(?:×|\bx|FACTOR` =) ?(1\.\d{3})\b", text)
+        assert set(found) <= factors, (path.name, found)
+        quoted |= set(found)
+    assert quoted == factors
+
+
+@pytest.mark.parametrize(
+    ("distributed", "factor"),
+    [
+        ("fsdp", SHARDED_UNDER_PREDICTION_FACTOR),
+        ("deepspeed-zero3", SHARDED_UNDER_PREDICTION_FACTOR),
+        ("deepspeed-zero2", UNDER_PREDICTION_FACTOR),
+        ("ddp", UNDER_PREDICTION_FACTOR),
+    ],
+)
+def test_a_plan_takes_the_interval_of_its_engine(
+    distributed: str, factor: float, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FSDP and ZeRO-3 plans scale torch's share by the sharded rows' factor; DDP and ZeRO-2,
+    which replicate the parameters, by the single-GPU one. Checked on ``plan --json`` of a
+    spec file written with that engine."""
+    text = AUTO_SPEC.read_text(encoding="utf-8")
+    assert "hardware:\n" in text and "distributed" not in text
+    text = text.replace(
+        "hardware:\n", f"hardware:\n  num_gpus: 2\n  distributed: {distributed}\n", 1
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert main(["plan", str(path), "--json"]) in (0, 3)
+    data = json.loads(capsys.readouterr().out)
+    assert data["interval_factor"] == factor
+    for candidate in data["candidates"]:
+        # torch's share: the peak less the CUDA context and NCCL's own buffers.
+        torch_share = candidate["torch_reserved_bytes"]
+        assert 0 < torch_share < candidate["peak_reserved_bytes"]
+        expected = candidate["peak_reserved_bytes"] + torch_share * (factor - 1)
+        assert abs(candidate["peak_reserved_bytes_high"] - expected) <= 1
 
 
 def test_every_candidate_carries_the_upper_end() -> None:

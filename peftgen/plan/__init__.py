@@ -7,6 +7,7 @@ choice), ``explain`` (decisions, warnings, notes) and ``suggest`` (what to chang
 
 from __future__ import annotations
 
+from peftgen.accuracy_interval import interval_evidence, interval_factor
 from peftgen.memory import MemoryBreakdown
 from peftgen.plan.candidates import (
     ONE_GPU,
@@ -44,6 +45,7 @@ from peftgen.plan.types import (
     Suggestion,
 )
 from peftgen.resolve import Resolved
+from peftgen.spec import PARAMETER_SHARDING_ENGINES
 
 
 def make_plan(
@@ -60,6 +62,7 @@ def make_plan(
     fits = chosen is not None
     chosen_candidate = next((c for c in candidates if c.precision == chosen), None)
     tight = chosen_candidate is not None and chosen_candidate.tight
+    sharded = spec.hardware.distributed in PARAMETER_SHARDING_ENGINES
     suggestions: tuple[Suggestion, ...] = ()
     if not fits or tight:
         # The precision whose edits are suggested: the fixed one when this GPU can load it
@@ -94,6 +97,8 @@ def make_plan(
         max_length=spec.training.max_length,
         micro_batch=spec.training.per_device_train_batch_size,
         tight=tight,
+        interval_factor=interval_factor(sharded),
+        interval_evidence=interval_evidence(sharded),
         defaults=tuple(Decision(d.field_path, d.value, d.reason) for d in resolved.defaults),
         notes=tuple(plan_notes(resolved, gpu, chosen_candidate or candidates[-1]))
         + tuple(full_and_vllm_notes(resolved, gpu, chosen_candidate or candidates[-1])),

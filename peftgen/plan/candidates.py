@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from typing import Any
 
-from peftgen.accuracy_interval import high_end_bytes
+from peftgen.accuracy_interval import high_end_bytes, interval_factor
 from peftgen.catalog import Gpu
 from peftgen.memory import (
     PAGED_OPTIMIZERS,
@@ -25,21 +25,29 @@ from peftgen.plan.inputs import (
 )
 from peftgen.plan.types import Assumption, Candidate
 from peftgen.resolve import Resolved, valid_with
-from peftgen.spec import STATE_SHARDING_ENGINES, LoadPrecision, full_sharded_refusal
+from peftgen.spec import (
+    PARAMETER_SHARDING_ENGINES,
+    STATE_SHARDING_ENGINES,
+    LoadPrecision,
+    full_sharded_refusal,
+)
 from peftgen.stack import GIB, format_gib
 from peftgen.throughput import estimate_time, spec_run_length
 
 
 def candidate_from_estimate(
-    precision: LoadPrecision, result: Estimate, budget: int, host_budget: int | None = None
+    precision: LoadPrecision, inputs: EstimateInput, budget: int, host_budget: int | None = None
 ) -> Candidate:
-    """A candidate fits when the training peak, the loading peak (both per GPU) fit the
-    budget and, when the spec gives ``hardware.host_memory_gib``, the host memory per node
-    fits the host's RAM."""
+    """The estimate of ``inputs`` and how it fits: a candidate fits when the training peak,
+    the loading peak (both per GPU) fit the budget and, when the spec gives
+    ``hardware.host_memory_gib``, the host memory per node fits the host's RAM. The upper
+    end of its interval takes the factor of its engine (``interval_factor``)."""
+    result = estimate(inputs)
     load_fits = result.load_peak_bytes <= budget
     host_fits = host_budget is None or result.host_memory_bytes <= host_budget
     fits = result.peak_reserved_bytes <= budget and load_fits and host_fits
-    high = high_end_bytes(result.peak_reserved_bytes, result.torch_reserved_bytes)
+    factor = interval_factor(inputs.distributed in PARAMETER_SHARDING_ENGINES)
+    high = high_end_bytes(result.peak_reserved_bytes, result.torch_reserved_bytes, factor)
     return Candidate(
         **{item.name: getattr(result, item.name) for item in fields(Estimate)},
         precision=precision,
@@ -64,7 +72,7 @@ def estimate_candidate(
     inputs = estimate_input(resolved, precision, overrides, target)
     host_gib = getattr(resolved.loaded.spec.hardware, "host_memory_gib", None)
     host_budget = None if host_gib is None else int(host_gib * GIB)
-    candidate = candidate_from_estimate(precision, estimate(inputs), budget, host_budget)
+    candidate = candidate_from_estimate(precision, inputs, budget, host_budget)
     return replace(candidate, assumptions=candidate_assumptions(inputs))
 
 
@@ -271,7 +279,7 @@ def full_finetuning_candidate(resolved: Resolved, gpu: Gpu) -> Candidate | None:
     sixteen: LoadPrecision = "bf16" if gpu.bf16 else "fp16"
     budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
     inputs = full_finetuning_input(resolved, sixteen, gpu=gpu)
-    candidate = candidate_from_estimate(sixteen, estimate(inputs), budget)
+    candidate = candidate_from_estimate(sixteen, inputs, budget)
     return replace(candidate, assumptions=candidate_assumptions(inputs))
 
 

@@ -44,8 +44,9 @@ class Candidate(Estimate):
     assumptions: tuple[Assumption, ...] = ()
     peak_reserved_bytes_high: int = 0
     """Upper end of the prediction interval around ``peak_reserved_bytes``: torch's share
-    scaled by ``accuracy_interval.UNDER_PREDICTION_FACTOR`` (the accuracy benchmark's 90th
-    percentile of measured / predicted), the CUDA context unscaled."""
+    scaled by the engine's factor (``accuracy_interval.interval_factor``: the accuracy
+    benchmark's 90th percentile of measured / predicted, over its sharded rows for FSDP and
+    ZeRO-3), the CUDA context unscaled."""
     fits_high: bool = False
     """The upper end fits the budget too."""
     tight: bool = False
@@ -156,7 +157,10 @@ class Plan:
     tight: bool = False
     """The chosen precision fits at the estimate but not at the interval's upper end."""
     interval_factor: float = UNDER_PREDICTION_FACTOR
-    """The factor behind every ``peak_reserved_bytes_high``."""
+    """The factor behind every candidate's ``peak_reserved_bytes_high`` (the spec's engine:
+    ``accuracy_interval.interval_factor``)."""
+    interval_evidence: str = ""
+    """The rows that factor is the 90th percentile of (``accuracy_interval.interval_evidence``)."""
     defaults: tuple[Decision, ...] = ()
     """Keys the spec left out that were filled in (``resolve.with_defaults``), with why."""
     notes: tuple[str, ...] = ()
