@@ -28,7 +28,6 @@ from peftgen.errors import UserError
 from peftgen.load import load_spec
 from peftgen.plan import Assumption, MemoryBreakdown, make_plan
 from peftgen.report import render_html, render_markdown, render_plan_markdown, report_data
-from peftgen.report.data import TIGHT_FRACTION
 from peftgen.report.document import markdown_code, markdown_fence, markdown_text
 from peftgen.resolve import resolve
 
@@ -140,10 +139,11 @@ def lookup(plan: dict[str, Any], key: str) -> Any:
     return node
 
 
-def expected_status(peak: int, budget: int, fits: bool) -> str:
-    if not fits:
+def expected_status(candidate: dict[str, Any]) -> str:
+    """What ``plan --json`` says of a candidate: the report must say the same."""
+    if not candidate["fits"]:
         return "no"
-    return "tight" if peak > TIGHT_FRACTION * budget else "fits"
+    return "tight" if candidate["tight"] else "fits"
 
 
 def render_to(tmp_path: Path, spec: Path, fmt: str, *extra: str) -> Path:
@@ -229,9 +229,7 @@ def test_fit_matrix_is_plan_json_for_each_gpu(
         for cell in (c for c in cells if c["data-gpu"] == gpu):
             candidate = lookup(gpu_plan, f"candidates.{cell['data-precision']}")
             assert int(cell["data-bytes"]) == candidate["peak_reserved_bytes"], (gpu, cell)
-            assert cell["data-status"] == expected_status(
-                candidate["peak_reserved_bytes"], gpu_plan["budget_bytes"], candidate["fits"]
-            )
+            assert cell["data-status"] == expected_status(candidate)
             assert gib(candidate["peak_reserved_bytes"]) in cell["_text"]
 
 
@@ -429,6 +427,27 @@ def test_nothing_fits_says_so_and_lists_the_suggestions(tmp_path: Path) -> None:
     assert len(re.findall(r"^\d+\. \*\*", markdown, flags=re.MULTILINE)) == len(plan["suggestions"])
 
 
+def test_report_says_tight_exactly_when_the_plan_does(tmp_path: Path) -> None:
+    """On a card where the peak is 89 % of the budget the upper end of the prediction
+    interval is over it: ``plan`` calls that tight, and so must the report's headline and
+    table (a share-of-budget rule of its own once said "fits" there)."""
+    spec = REPO / "specs" / "llama3-8b-clinical-qlora.yaml"
+    peak = lookup(plan_json(spec), "chosen.peak_reserved_bytes")
+    vram = f"{peak / 0.89 / 0.95 / GIB:.3f}"
+    plan = plan_json(spec, "--vram-gib", vram)
+    chosen = lookup(plan, f"candidates.{plan['chosen_precision']}")
+    assert chosen["peak_reserved_bytes"] < 0.9 * plan["budget_bytes"]
+    assert plan["tight"] and chosen["fits"] and not chosen["fits_high"]
+    markdown = render_to(tmp_path, spec, "md", "--vram-gib", vram).read_text(encoding="utf-8")
+    assert "> **Fits, tightly:" in markdown
+    assert (
+        f"| Upper end of the prediction interval | {gib(chosen['peak_reserved_bytes_high'])} GiB |"
+        in markdown
+    )
+    page = render_to(tmp_path, spec, "html", "--vram-gib", vram).read_text(encoding="utf-8")
+    assert 'class="verdict tight"' in page
+
+
 def test_the_spec_is_shown_escaped(tmp_path: Path) -> None:
     source = (REPO / "specs" / "llama3-8b-clinical-qlora.yaml").read_text(encoding="utf-8")
     hostile = "# </code></pre><script>alert('x')</script> ``` | **bold**\n"
@@ -598,6 +617,7 @@ def test_gpu_count_table_is_plan_json_per_gpu_count_and_engine(
         assert edited["gpu"]["count"] == count
         candidate = lookup(edited, f"candidates.{precision}")
         assert int(cell["data-bytes"]) == candidate["peak_reserved_bytes"], (count, engine)
+        assert cell["data-status"] == expected_status(candidate), (count, engine)
         assert gib(candidate["peak_reserved_bytes"]) in cell["_text"]
     for cell in (c for c in cells if "data-bytes" not in c):
         count, engine = int(cell["data-gpu-count"]), cell["data-engine"]

@@ -147,7 +147,7 @@ def _fit_matrix(
             FitCell(
                 c.precision,
                 c.peak_reserved_bytes,
-                fit_status(c.peak_reserved_bytes, plan.budget_bytes, c.fits),
+                fit_status(c),
             )
             for c in plan.candidates
         ),
@@ -173,7 +173,7 @@ def _fit_matrix(
             candidate = estimate_candidate(resolved, precision, gpu=gpu)
             time = estimate_time(estimate_input(resolved, precision, gpu=gpu), gpu, run, beta)
             candidates.append(replace(candidate, time=time))
-            status = fit_status(candidate.peak_reserved_bytes, budget, candidate.fits)
+            status = fit_status(candidate)
             cells.append(FitCell(precision, candidate.peak_reserved_bytes, status))
         chosen = _chosen_time(spec.precision, candidates)
         # GPUs that differ in speed (or in the user's price) get their own rows.
@@ -247,9 +247,7 @@ def _gpu_count_cell(
         return GpuCountCell(engine, None, None, refused)
     overrides = {k: v for k, v in changes.items() if k.startswith("hardware.")}
     candidate = estimate_candidate(resolved, precision, overrides, gpu)
-    budget = budget_bytes(gpu, resolved.loaded.spec.hardware.headroom_fraction)
-    status = fit_status(candidate.peak_reserved_bytes, budget, candidate.fits)
-    return GpuCountCell(engine, candidate.peak_reserved_bytes, status)
+    return GpuCountCell(engine, candidate.peak_reserved_bytes, fit_status(candidate))
 
 
 def _refusal(resolved: Resolved, changes: dict[str, object]) -> str | None:

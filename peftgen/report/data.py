@@ -10,15 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from peftgen.plan import Plan
+from peftgen.plan import Candidate, Plan
 from peftgen.spec import Distributed, LoadPrecision
 from peftgen.throughput import TimeEstimate, format_duration_range
 
 FitStatus = Literal["fits", "tight", "no"]
-
-TIGHT_FRACTION = 0.9
-"""A run that fits but peaks above this share of the budget is "tight": a longer batch in
-the data, another process on the GPU or allocator fragmentation can push it over."""
 
 COMPONENTS: tuple[tuple[str, str], ...] = (
     ("weights_bytes", "Weights"),
@@ -37,13 +33,13 @@ def precision_label(precision: str) -> str:
     return {"8bit": "8-bit", "4bit": "4-bit"}.get(precision, precision)
 
 
-def fit_status(peak_reserved_bytes: int, budget_bytes: int, fits: bool) -> FitStatus:
-    """``fits`` / ``tight`` / ``no``; ``fits`` is the planner's own verdict, never redone."""
-    if not fits:
+def fit_status(candidate: Candidate) -> FitStatus:
+    """``fits`` / ``tight`` / ``no``: the planner's own verdict, never redone. Tight is the
+    plan's ``tight``: fits at the estimate, not at the upper end of its prediction interval
+    (``peftgen.accuracy_interval``), so the plan table and the report always agree."""
+    if not candidate.fits:
         return "no"
-    if peak_reserved_bytes > TIGHT_FRACTION * budget_bytes:
-        return "tight"
-    return "fits"
+    return "tight" if candidate.tight else "fits"
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from jinja2 import Environment
 from markupsafe import Markup
 
 from peftgen import __version__
+from peftgen.accuracy_interval import SHARDED_UNDER_PREDICTION_FACTOR, UNDER_PREDICTION_FACTOR
 from peftgen.plan import Candidate, Plan
 from peftgen.report.data import (
     COMPONENTS,
     ENGINES,
-    TIGHT_FRACTION,
     FitStatus,
     ReportData,
     fit_status,
@@ -101,12 +101,9 @@ def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
         "version": __version__,
         "verdict": _verdict(plan, data.source.precision, data.source.finetuning),
         "components": COMPONENTS,
-        "candidate_status": {
-            c.precision: fit_status(c.peak_reserved_bytes, plan.budget_bytes, c.fits)
-            for c in plan.candidates
-        },
+        "candidate_status": {c.precision: fit_status(c) for c in plan.candidates},
         "status_labels": STATUS_LABELS,
-        "tight_percent": round(TIGHT_FRACTION * 100),
+        "interval_factors": (UNDER_PREDICTION_FACTOR, SHARDED_UNDER_PREDICTION_FACTOR),
         "show_managed": any(c.managed_bytes for c in plan.candidates),
         "show_host": any(c.host_memory_bytes for c in plan.candidates),
         "show_phase": any(c.phase != "train" for c in plan.candidates),
@@ -161,7 +158,7 @@ def _verdict(plan: Plan, requested_precision: str, finetuning: str) -> Verdict:
     smallest = min(plan.candidates, key=lambda c: c.peak_reserved_bytes)
     shown = plan.chosen or fixed or smallest
     return Verdict(
-        status=fit_status(shown.peak_reserved_bytes, plan.budget_bytes, plan.chosen is not None),
+        status=fit_status(shown) if plan.chosen is not None else "no",
         shown=shown,
         headroom_bytes=plan.budget_bytes - shown.peak_reserved_bytes,
         fixed_precision=plan.chosen is None and fixed is not None,
