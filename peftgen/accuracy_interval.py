@@ -13,8 +13,9 @@ are left out. Most ratios are above 1: the estimate under-predicts more often th
 decimals. ``tests/test_plan_honest.py`` recomputes it from the benchmark's rows and fails
 when they drift from this constant; rerun the recipe and update it with the benchmark.
 
-The factor applies to what torch's allocator holds (the quantity the rows measure); the
-CUDA context, outside torch's counters, is a fixed size and is added unscaled.
+The factor applies to what torch's allocator holds (the quantity the rows measure); what
+lies outside torch's counters (the CUDA context, NCCL's buffers, a colocated vLLM's memory:
+``UNSCALED``) is added unscaled.
 
 Runs whose engine shards the parameters (FSDP, DeepSpeed ZeRO-3) take their own factor,
 ``SHARDED_UNDER_PREDICTION_FACTOR``, by the same recipe over the benchmark's 16 sharded
@@ -38,8 +39,9 @@ SHARDED_UNDER_PREDICTION_FACTOR = 1.163
 ``alloc``, ``resv`` and ``process``, each against its own predicted figure), rounded up to
 three decimals."""
 
-INTERVAL_PERCENTILE = 90
-"""The percentile of the measured / predicted ratios the factor is."""
+UNSCALED = "the CUDA context, NCCL buffers and vLLM's memory unscaled"
+"""How the plan and the report say what ``high_end_bytes`` leaves as it is: what lies
+outside torch's allocator."""
 
 
 def factor_from_ratios(ratios: list[float]) -> float:
@@ -67,6 +69,6 @@ def interval_evidence(shards_parameters: bool) -> str:
 
 def high_end_bytes(peak_reserved_bytes: int, torch_reserved_bytes: int, factor: float) -> int:
     """The upper end of the interval around ``peak_reserved_bytes``: torch's share scaled
-    by ``factor`` (``interval_factor``), the CUDA context unscaled."""
+    by ``factor`` (``interval_factor``); the rest of the peak (``UNSCALED``) as it is."""
     extra = math.ceil(torch_reserved_bytes * (factor - 1.0))
     return peak_reserved_bytes + max(0, extra)

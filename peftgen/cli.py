@@ -62,7 +62,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _vram_gib(text: str) -> float:
     """``--vram-gib``: a finite number of GiB a GPU can have (argparse exits 2 otherwise)."""
-    from peftgen.catalog.lookup import vram_gib_problem
+    from peftgen.stack import vram_gib_problem
 
     try:
         value = float(text)

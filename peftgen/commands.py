@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peftgen.accuracy_interval import UNSCALED
 from peftgen.load import load_spec
 from peftgen.paths import with_absolute_paths
 from peftgen.plan import BREAKDOWN_KEYS, Candidate, Plan
@@ -438,13 +439,12 @@ def _print_plan(
     time_line = time_text(result)
     if time_line is not None:
         console.print(escape(time_line))
-    unscaled = "CUDA context" if result.gpu.count == 1 else "CUDA context, NCCL buffers"
     console.print(
-        f"upper end: the peak x{result.interval_factor:g} ({unscaled} unscaled), the 90th "
+        f"upper end: the peak x{result.interval_factor:g} ({UNSCALED}), the 90th "
         f"percentile of measured / predicted over {result.interval_evidence}; tight: fits at "
         "the estimate, not at the upper end"
     )
-    if any(c.breakdown.logits_bytes == 0 for c in result.candidates):
+    if any(c.breakdown.logits_bytes == 0 and c.phase == "train" for c in result.candidates):
         console.print(
             "logits 0: the peak is a decoder layer's backward; the LM head's tensors are "
             "freed by then"

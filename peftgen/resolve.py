@@ -24,7 +24,6 @@ from peftgen.catalog import (
     lookup_model,
     moe_target_parameters,
 )
-from peftgen.catalog.lookup import vram_gib_problem
 from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.errors import Problem, UserError
 from peftgen.load import LoadedSpec, did_you_mean
@@ -226,12 +225,7 @@ def _dataset_problems(loaded: LoadedSpec) -> list[Problem]:
 
 
 def _resolve_gpu(loaded: LoadedSpec, problems: list[Problem]) -> Gpu | None:
-    hardware = loaded.spec.hardware
-    if hardware.vram_gib is not None:
-        problem = vram_gib_problem(hardware.vram_gib)
-        if problem is not None:
-            problems.append(loaded.problem("hardware.vram_gib", problem))
-            return None
+    hardware = loaded.spec.hardware  # the spec bounds vram_gib (stack.vram_gib_problem)
     if hardware.gpu is None:
         assert hardware.vram_gib is not None  # the spec requires one of the two
         # No card named: assume a current (Ampere or newer) one with the given memory.

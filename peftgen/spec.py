@@ -30,7 +30,13 @@ from pydantic import (
     model_validator,
 )
 
-from peftgen.stack import BUILTIN_REWARDS, OPTIMIZERS
+from peftgen.stack import (
+    BUILTIN_REWARDS,
+    MAX_VRAM_GIB,
+    MIN_VRAM_GIB,
+    OPTIMIZERS,
+    vram_gib_problem,
+)
 
 SPEC_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 # A Python identifier-like module name as peft matches it (a suffix of a dotted module path).
@@ -196,7 +202,7 @@ class HardwareSpec(_Frozen):
     gpu: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     """Catalogue GPU name or alias (case, space and dash insensitive), e.g. `rtx-4090`,
     `A100 80GB`."""
-    vram_gib: Annotated[float, Field(gt=0, le=4096)] | None = None
+    vram_gib: Annotated[float, Field(ge=MIN_VRAM_GIB, le=MAX_VRAM_GIB)] | None = None
     """GPU memory in GiB; overrides the catalogue's figure, or replaces `gpu` when the card is not
     catalogued."""
     num_gpus: Annotated[int, Field(ge=1, le=1024)] = 1
@@ -216,6 +222,16 @@ class HardwareSpec(_Frozen):
     headroom_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.05
     """Share of GPU memory the plan keeps free (other processes, allocator spikes): budget = memory
     x (1 - headroom)."""
+
+    @field_validator("vram_gib", mode="before")
+    @classmethod
+    def _plannable_memory(cls, value: object) -> object:
+        # The bounds' own message (why 0.5 GiB) rather than the schema's bare ">= 0.5".
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            problem = vram_gib_problem(float(value))
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @field_validator("gpu", mode="before")
     @classmethod
@@ -327,8 +343,9 @@ class TrainingSpec(_Frozen):
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.03
     """Share of steps spent warming up the learning rate."""
     gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: much less activation memory for ~30% more
-    compute."""
+    """Recompute activations in the backward pass: much less activation memory for one more
+    forward pass per step (about half again the compute of a LoRA step; the plan says how
+    much for the spec)."""
     length_source: Literal["max_length", "p99"] = "max_length"
     """Length the plan sizes activations for: `max_length`, or `p99`, the data's 99th-percentile
     token length as the script tokenizes it (needs the model's tokenizer locally and the

@@ -8,6 +8,7 @@ plan and the script.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -19,6 +20,23 @@ GIB = 2**30
 def format_gib(value_bytes: int | float, digits: int = 1) -> str:
     """The one way peftgen writes a memory figure: ``12.3 GiB``."""
     return f"{value_bytes / GIB:.{digits}f} GiB"
+
+
+MIN_VRAM_GIB = 0.5
+"""Least GPU memory a plan accepts (``hardware.vram_gib``, ``--vram-gib``): the CUDA
+context alone takes about 0.5 GiB."""
+MAX_VRAM_GIB = 4096.0
+"""Most GPU memory a plan accepts."""
+
+
+def vram_gib_problem(vram_gib: float) -> str | None:
+    """Why a GPU memory size in GiB cannot be planned for (NaN, inf, tiny, huge), or None."""
+    if math.isfinite(vram_gib) and MIN_VRAM_GIB <= vram_gib <= MAX_VRAM_GIB:
+        return None
+    return (
+        f"must be a number of GiB from {MIN_VRAM_GIB:g} to {MAX_VRAM_GIB:g} (the CUDA "
+        f"context alone takes about {MIN_VRAM_GIB:g} GiB); got {vram_gib:g}"
+    )
 
 
 PINNED_VERSIONS: dict[str, str] = {

@@ -29,7 +29,7 @@ data loading, evaluation, checkpoint saving. The figures are for the training lo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path as Path_
 from typing import Literal
 
@@ -267,6 +267,16 @@ def training_flops_per_token(inputs: EstimateInput) -> float:
         + recompute_flops_per_token(inputs)
         + attention_training_flops_per_token(inputs)
     )
+
+
+def checkpointing_extra_compute_fraction(inputs: EstimateInput) -> float:
+    """How much more a trained token computes with gradient checkpointing than without:
+    the recomputed forward over the rest. A LoRA step skips the frozen weights' gradients,
+    so its forward is about a third of the step and recomputing it costs about half again;
+    full fine-tuning pays the weight gradients, about a third again."""
+    on = training_flops_per_token(replace(inputs, gradient_checkpointing=True))
+    off = training_flops_per_token(replace(inputs, gradient_checkpointing=False))
+    return on / off - 1.0
 
 
 def reference_forward_flops_per_token(inputs: EstimateInput) -> float:

@@ -32,6 +32,7 @@ from peftgen.plan import (
     DISRUPTION,
     ONE_GPU,
     Plan,
+    changed_resolved,
     estimate_candidate,
     make_plan,
 )
@@ -661,3 +662,108 @@ def test_readme_and_plan_doc_figures_are_generated() -> None:
     from tools.plan_figures import stale
 
     assert stale() == [], "run `python -m tools.plan_figures`"
+
+
+def test_the_engine_for_a_full_fine_tune_is_weighed_in_its_own_precision(tmp_path: Path) -> None:
+    """A 2-GPU full fine-tune without an engine: the one-GPU check behind the recommended
+    engine plans the 16-bit load full fine-tuning takes (``planned_precisions``), never an
+    8/4-bit load it cannot run (it once said "4bit peaks at up to 34.2 GiB")."""
+    text = textwrap.dedent(
+        f"""\
+        name: full-two-gpus
+        method: sft
+        finetuning: full
+        model:
+          id: Qwen/Qwen2.5-1.5B-Instruct
+        dataset:
+          path: {REPO / "specs" / "data" / "clinical_sft.jsonl"}
+          format: messages
+        hardware:
+          gpu: rtx-4090
+          num_gpus: 2
+        precision: auto
+        training:
+          max_length: 1024
+          per_device_train_batch_size: 4
+          gradient_checkpointing: true
+        """
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8")
+    plan = make_plan(resolve(load_spec(path)))
+    engine = next(d for d in plan.defaults if d.knob == "hardware.distributed")
+    assert engine.value == "fsdp"
+    assert "bf16 peaks at up to" in engine.reason
+    assert "4bit" not in engine.reason and "8bit" not in engine.reason
+
+
+def test_the_precision_reason_tells_tight_from_over_and_names_the_spec_s_own() -> None:
+    """8B at 8192 tokens on an RTX 4090: bf16 fits at the estimate only (tight), 8-bit is
+    over, 4-bit fits. ``auto`` loads 4-bit and says bf16 is over only at the upper end; with
+    8-bit fixed the reason names 8-bit as the spec's, not "nothing fits" (bf16 and 4-bit
+    do), and what auto would load."""
+    resolved = resolve(load_spec(AUTO_SPEC))
+    auto = make_plan(changed_resolved(resolved, {"training.max_length": 8192}))
+    by = {c.precision: c for c in auto.candidates}
+    assert by["bf16"].tight and not by["8bit"].fits and by["4bit"].fits_high
+    reason = next(d.reason for d in auto.decisions if d.knob == "precision")
+    high = f"{by['bf16'].peak_reserved_bytes_high / GIB:.1f} GiB"
+    assert (
+        f"bf16 would peak at {by['bf16'].peak_reserved_bytes / GIB:.1f} GiB, up to {high}" in reason
+    )
+    fixed = make_plan(
+        changed_resolved(resolved, {"training.max_length": 8192, "precision": "8bit"})
+    )
+    assert fixed.chosen_precision is None
+    reason = next(d.reason for d in fixed.decisions if d.knob == "precision")
+    assert reason.startswith("8bit (set in the spec) peaks at")
+    assert "precision: auto would load 4bit" in reason and "nothing fits" not in reason
+
+
+def test_the_documented_api_imports() -> None:
+    """docs/plan.md's "API for other commands" block runs as written (it once named
+    functions ``peftgen.plan`` did not export)."""
+    import re
+
+    text = (REPO / "docs" / "plan.md").read_text(encoding="utf-8")
+    section = text.split("## API for other commands", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    exec(compile(block.group(1), "docs/plan.md", "exec"), {})
+
+
+def test_the_logits_note_is_printed_only_for_a_training_step_peak(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """GRPO with vLLM peaks while generating (no logits held): the note that explains a
+    zero logits row by a decoder layer's backward would be false there."""
+    assert main(["plan", str(REPO / "specs" / "qwen2.5-1.5b-grpo-vllm.yaml")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "generation" in out and "the peak is a decoder layer's backward" not in out
+    assert main(["plan", str(REPO / "specs" / "llama3-8b-clinical-qlora.yaml")]) == 0
+    assert "the peak is a decoder layer's backward" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_full_fine_tuning_comparison_keeps_the_spec_s_fp16() -> None:
+    """A LoRA spec that fixes fp16 on a bf16 GPU: the full fine-tuning line beside it is
+    planned in fp16 too (it once took the GPU's bf16 and said "under bf16 autocast")."""
+    resolved = resolve(load_spec(REPO / "specs" / "llama3.2-1b-bf16-lora.yaml"))
+    plan = make_plan(changed_resolved(resolved, {"precision": "fp16"}))
+    assert plan.gpu.bf16 and plan.chosen_precision == "fp16"
+    assert plan.full_finetuning is not None and plan.full_finetuning.precision == "fp16"
+
+
+def test_no_suggestion_leaves_the_run_over_with_its_peak_where_it_was() -> None:
+    """70B QLoRA on 2 x RTX 4090 without CPU offload: every suggestion either fits or moves
+    the peak by what the plan prints (the paged 8-bit AdamW once appeared there as "saves
+    0.0 GiB ... still over": FSDP's LoRA optimizer state is already tiny)."""
+    from peftgen.plan.suggest import MIN_SAVING_BYTES
+
+    resolved = resolve(load_spec(SPECS / "llama3-70b-qlora-fsdp-2x24gb.yaml"))
+    plan = make_plan(changed_resolved(resolved, {"hardware.cpu_offload": False}))
+    assert plan.chosen_precision is None and plan.suggestions
+    base = next(c for c in plan.candidates if c.precision == "4bit").peak_reserved_bytes
+    for s in plan.suggestions:
+        assert s.peak_reserved_bytes is not None
+        assert s.fits or abs(base - s.peak_reserved_bytes) >= MIN_SAVING_BYTES, s.action
+    assert not any("paged 8-bit" in s.action for s in plan.suggestions)

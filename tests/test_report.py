@@ -233,6 +233,24 @@ def test_fit_matrix_is_plan_json_for_each_gpu(
             assert gib(candidate["peak_reserved_bytes"]) in cell["_text"]
 
 
+def test_fit_matrix_plans_the_spec_fixed_fp16_on_every_gpu(tmp_path: Path) -> None:
+    """``precision: fp16`` on a bf16 GPU is the spec's choice: every row of the matrix
+    plans fp16 as ``plan --gpu`` does (it once planned bf16 there, which the spec does not
+    allow, and showed no time)."""
+    spec = with_changes(
+        REPO / "specs" / "llama3.2-1b-bf16-lora.yaml", tmp_path, {"precision": "fp16"}
+    )
+    page = parse_html(render_to(tmp_path, spec, "html").read_text(encoding="utf-8"))
+    plan_gpu = plan_json(spec)["gpu"]["name"]
+    cells = [e for e in page.tagged if "data-gpu" in e]
+    sixteen_bit = {c["data-precision"] for c in cells} - {"8bit", "4bit"}
+    assert cells and sixteen_bit == {"fp16"}
+    shown = next(c for c in cells if c["data-precision"] == "fp16" and c["data-gpu"] != plan_gpu)
+    other = plan_json(spec, "--gpu", shown["data-gpu"])
+    fp16 = lookup(other, "candidates.fp16")
+    assert int(shown["data-bytes"]) == fp16["peak_reserved_bytes"]
+
+
 def with_changes(spec: Path, tmp_path: Path, changes: dict[str, Any]) -> Path:
     """A copy of ``spec`` with dotted keys changed, for asking ``plan --json`` what-ifs."""
     yaml = YAML()
@@ -532,12 +550,34 @@ def test_fixed_precision_that_does_not_fit_names_the_one_that_would(tmp_path: Pa
     text = render_to(tmp_path, spec, "html", "--vram-gib", "8").read_text(encoding="utf-8")
     first_figure = parse_html(text).tagged[0]
     assert "Does not fit on NVIDIA A10G in 8-bit, the spec's precision" in text
-    assert f"4-bit would fit: peak {gib(four_bit['peak_reserved_bytes'])} GiB" in text
+    tightly = ", tightly" if four_bit["tight"] else ""
+    offer = (
+        f"4-bit would fit{tightly}: peak {gib(four_bit['peak_reserved_bytes'])} GiB, "
+        f"up to {gib(four_bit['peak_reserved_bytes_high'])} GiB"
+    )
+    assert offer in text
     assert first_figure["data-plan-key"] == "candidates.8bit.peak_reserved_bytes"
     assert first_figure["_text"] == gib(eight_bit["peak_reserved_bytes"])
     markdown = render_to(tmp_path, spec, "md", "--vram-gib", "8").read_text(encoding="utf-8")
     assert "in 8-bit, the spec's precision.**" in markdown
-    assert f"4-bit would fit: peak {gib(four_bit['peak_reserved_bytes'])} GiB" in markdown
+    assert offer in markdown
+
+
+def test_the_precision_offered_instead_is_what_auto_would_load(tmp_path: Path) -> None:
+    """8-bit fixed and over the budget, bf16 fits at the estimate only (tight), 4-bit at the
+    upper end: ``precision: auto`` loads 4-bit, so the headline offers 4-bit, not bf16."""
+    base = REPO / "tests" / "plan_specs" / "llama3-8b-sft-auto.yaml"
+    spec = with_changes(base, tmp_path, {"precision": "8bit", "training.max_length": 8192})
+    plan = plan_json(spec)
+    by = {c["precision"]: c for c in plan["candidates"]}
+    assert plan["chosen_precision"] is None and not by["8bit"]["fits"]
+    assert by["bf16"]["tight"] and by["4bit"]["fits_high"]
+    auto = plan_json(
+        with_changes(base, tmp_path, {"precision": "auto", "training.max_length": 8192})
+    )
+    assert auto["chosen_precision"] == "4bit"
+    markdown = render_to(tmp_path, spec, "md").read_text(encoding="utf-8")
+    assert "4-bit would fit: peak" in markdown and "bf16 would fit" not in markdown
 
 
 def test_auto_precision_that_nothing_fits_says_any_precision(tmp_path: Path) -> None:

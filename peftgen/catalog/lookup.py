@@ -12,7 +12,6 @@ folder and a catalogue alias resolves to the folder, with a warning; one written
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from functools import cache
@@ -29,22 +28,8 @@ from peftgen.stack import GIB, format_gib
 
 DATA_DIR = Path(__file__).parent / "data"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-MIN_VRAM_GIB = 0.5
-"""Least GPU memory a plan accepts: the CUDA context alone takes about 0.5 GiB."""
-MAX_VRAM_GIB = 4096.0
-"""Most GPU memory a plan accepts (the spec's ``hardware.vram_gib`` bound)."""
 MAX_CONFIG_BYTES = 16 * 2**20
 """A config.json is a few KB; anything over 16 MiB is the wrong file."""
-
-
-def vram_gib_problem(vram_gib: float) -> str | None:
-    """Why a GPU memory size in GiB cannot be planned for (NaN, inf, tiny, huge), or None."""
-    if math.isfinite(vram_gib) and MIN_VRAM_GIB <= vram_gib <= MAX_VRAM_GIB:
-        return None
-    return (
-        f"must be a number of GiB from {MIN_VRAM_GIB:g} to {MAX_VRAM_GIB:g} (the CUDA "
-        f"context alone takes about {MIN_VRAM_GIB:g} GiB); got {vram_gib:g}"
-    )
 
 
 @cache

@@ -27,14 +27,16 @@ from peftgen.plan.explain import (
     plan_warnings,
 )
 from peftgen.plan.inputs import (
+    SPEC_KEY_TO_FIELD,
     budget_bytes,
     estimate_input,
     needs_reference_copy,
+    planned_precisions,
     precision_order,
     spec_precisions,
     target_gpu,
 )
-from peftgen.plan.suggest import DISRUPTION, suggest_changes
+from peftgen.plan.suggest import DISRUPTION, changed_resolved, replan, suggest_changes
 from peftgen.plan.types import (
     BREAKDOWN_KEYS,
     Assumption,
@@ -55,7 +57,7 @@ def make_plan(
     spec = resolved.loaded.spec
     gpu = target_gpu(resolved, gpu_override, vram_gib_override)
     budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
-    order = spec_precisions(precision_order(gpu, spec.precision, spec.hardware.distributed), spec)
+    order = planned_precisions(gpu, spec)
     candidates = tuple(estimate_candidate(resolved, p, gpu=gpu) for p in order)
     candidates = with_times(resolved, candidates, gpu)
     chosen = choose_precision(spec.precision, candidates)
@@ -110,6 +112,7 @@ __all__ = [
     "BREAKDOWN_KEYS",
     "DISRUPTION",
     "ONE_GPU",
+    "SPEC_KEY_TO_FIELD",
     "Assumption",
     "Candidate",
     "Decision",
@@ -118,6 +121,7 @@ __all__ = [
     "Plan",
     "Suggestion",
     "budget_bytes",
+    "changed_resolved",
     "choose_precision",
     "estimate_candidate",
     "estimate_input",
@@ -125,8 +129,10 @@ __all__ = [
     "largest_fitting_max_length",
     "make_plan",
     "needs_reference_copy",
+    "planned_precisions",
     "precision_order",
     "recommended_engine",
+    "replan",
     "spec_precisions",
     "target_gpu",
 ]

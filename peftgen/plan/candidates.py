@@ -21,6 +21,7 @@ from peftgen.plan.inputs import (
     budget_bytes,
     estimate_input,
     full_finetuning_input,
+    planned_precisions,
     precision_order,
 )
 from peftgen.plan.types import Assumption, Candidate
@@ -276,7 +277,7 @@ def full_finetuning_candidate(resolved: Resolved, gpu: Gpu) -> Candidate | None:
     spec = resolved.loaded.spec
     if spec.finetuning == "full" or full_sharded_refusal(spec) is not None:
         return None
-    sixteen: LoadPrecision = "bf16" if gpu.bf16 else "fp16"
+    sixteen = precision_order(gpu, spec.precision)[0]  # the spec's fixed fp16 is kept
     budget = budget_bytes(gpu, spec.hardware.headroom_fraction)
     inputs = full_finetuning_input(resolved, sixteen, gpu=gpu)
     candidate = candidate_from_estimate(sixteen, inputs, budget)
@@ -316,7 +317,7 @@ def recommended_engine(resolved: Resolved) -> tuple[str, str]:
     world = spec.hardware.world_size
     # One GPU's plan, by the estimator directly: the edited spec itself may break a rule
     # that holds for the whole world only (GRPO's generation groups).
-    order = precision_order(gpu, spec.precision, "none")
+    order = planned_precisions(gpu, spec, "none")
     singles = tuple(estimate_candidate(resolved, p, ONE_GPU, gpu) for p in order)
     chosen = choose_precision(spec.precision, singles)
     one = next((c for c in singles if c.precision == chosen), None) or singles[-1]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from peftgen.catalog import Gpu
 from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.memory import (
@@ -13,14 +11,14 @@ from peftgen.memory import (
     base_parameter_count,
     deepspeed_casts_trainables,
     grpo_generation_bytes,
+    host_offload_bytes,
     moe_experts_per_layer,
-    per_gpu_parts,
     reference_weight_bytes,
     train_step_peak_parts,
     vllm_share_bytes,
     zero3_loads_whole_model,
 )
-from peftgen.plan.candidates import ONE_GPU, estimate_candidate
+from peftgen.plan.candidates import ONE_GPU, choose_precision, estimate_candidate
 from peftgen.plan.inputs import estimate_input, precision_order
 from peftgen.plan.types import Candidate, Decision
 from peftgen.resolve import Resolved
@@ -31,6 +29,7 @@ from peftgen.spec import (
     LoadPrecision,
 )
 from peftgen.stack import format_gib
+from peftgen.throughput import checkpointing_extra_compute_fraction
 
 
 def full_decisions(spec: AnySpec, decisions: list[Decision]) -> list[Decision]:
@@ -124,10 +123,7 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
         )
     hardware = spec.hardware
     if hardware.cpu_offload:
-        kept = per_gpu_parts(replace(inputs, cpu_offload=False))
-        moved = per_gpu_parts(inputs)
-        names = ("weights_bytes", "adapter_bytes", "gradient_bytes", "optimizer_bytes")
-        per_gpu = sum(getattr(kept, n) - getattr(moved, n) for n in (*names, "managed_bytes"))
+        per_gpu = host_offload_bytes(inputs)
         what = (
             "optimizer state"
             if hardware.distributed == "deepspeed-zero2"
@@ -136,8 +132,7 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
         notes.append(
             f"hardware.cpu_offload: about {format_gib(per_gpu * hardware.num_gpus)} of host "
             f"memory per node ({hardware.num_gpus} GPUs x {format_gib(per_gpu)} of offloaded "
-            f"{what}), plus "
-            "the CPU optimizer step's temporaries and the loaded checkpoint"
+            f"{what} with the CPU optimizer step's temporaries), plus the loaded checkpoint"
         )
     if hardware.distributed in PARAMETER_SHARDING_ENGINES or shown.host_memory_bytes:
         host = format_gib(shown.host_memory_bytes)
@@ -180,6 +175,16 @@ def _adapter_dtype_reason(chosen: str, inputs: EstimateInput) -> str:
     )
 
 
+def _passed_over_text(candidate: Candidate) -> str:
+    """Why ``precision: auto`` passed a more faithful candidate over: over the budget, or
+    (``tight``) under it only at the estimate."""
+    peak = format_gib(candidate.peak_reserved_bytes)
+    if candidate.fits:
+        high = format_gib(candidate.peak_reserved_bytes_high)
+        return f"{candidate.precision} would peak at {peak}, up to {high}, over budget"
+    return f"{candidate.precision} would peak at {peak}, over budget"
+
+
 def plan_decisions(
     resolved: Resolved,
     gpu: Gpu,
@@ -192,7 +197,17 @@ def plan_decisions(
     by_precision = {c.precision: c for c in candidates}
     decisions: list[Decision] = []
     peaks = ", ".join(f"{c.precision} {format_gib(c.peak_reserved_bytes)}" for c in candidates)
-    if chosen is None:
+    fixed = by_precision.get(spec.precision) if spec.precision != "auto" else None
+    if chosen is None and fixed is not None:
+        auto = choose_precision("auto", candidates)
+        reason = (
+            f"{fixed.precision} (set in the spec) peaks at "
+            f"{format_gib(fixed.peak_reserved_bytes)}, over the {format_gib(budget)} budget on "
+            f"{gpu.name}"
+            + (f"; precision: auto would load {auto}" if auto is not None else "")
+            + f" (peaks: {peaks})"
+        )
+    elif chosen is None:
         reason = f"nothing fits the {format_gib(budget)} budget on {gpu.name} (peaks: {peaks})"
     elif spec.precision != "auto":
         reason = (
@@ -202,17 +217,11 @@ def plan_decisions(
         )
     else:
         better = candidates[: [c.precision for c in candidates].index(chosen)]
-        too_big = "; ".join(
-            f"{c.precision} would peak at {format_gib(c.peak_reserved_bytes)}" for c in better
-        )
+        too_big = "; ".join(_passed_over_text(c) for c in better)
         reason = (
             f"{chosen} peaks at {format_gib(by_precision[chosen].peak_reserved_bytes)} of the "
             f"{format_gib(budget)} budget on {gpu.name}"
-            + (
-                f"; {too_big}, over budget"
-                if too_big
-                else "; the most faithful precision that fits"
-            )
+            + (f"; {too_big}" if too_big else "; the most faithful precision that fits")
         )
     decisions.append(Decision("precision", chosen, reason))
     compute = precision_order(gpu, spec.precision)[0]
@@ -240,13 +249,16 @@ def plan_decisions(
             resolved, chosen, {"training.gradient_checkpointing": not checkpointing}, gpu
         )
         delta = abs(flipped.peak_reserved_bytes - chosen_candidate.peak_reserved_bytes)
+        extra = f"{checkpointing_extra_compute_fraction(inputs):.0%}"
         decisions.append(
             Decision(
                 "gradient_checkpointing",
                 checkpointing,
-                f"saves {format_gib(delta)} of activations for ~30% more compute"
+                f"saves {format_gib(delta)} of activations for ~{extra} more compute per "
+                "trained token (each layer's forward runs again in the backward)"
                 if checkpointing
-                else f"off: turning it on would save {format_gib(delta)}",
+                else f"off: turning it on would save {format_gib(delta)} for ~{extra} more "
+                "compute per trained token",
             )
         )
     return decisions

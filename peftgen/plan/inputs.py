@@ -212,6 +212,17 @@ def spec_precisions(order: tuple[LoadPrecision, ...], spec: AnySpec) -> tuple[Lo
     return order
 
 
+def planned_precisions(
+    gpu: Gpu, spec: AnySpec, distributed: str | None = None
+) -> tuple[LoadPrecision, ...]:
+    """The precisions planned for ``spec`` on ``gpu``, in the order ``precision: auto``
+    tries them: ``precision_order`` (the spec's fixed 16-bit dtype, the engine: the spec's
+    own unless ``distributed`` says otherwise) narrowed by ``spec_precisions``. The plan,
+    its suggestions, the engine it recommends and the report's GPU matrix all ask this."""
+    engine = spec.hardware.distributed if distributed is None else distributed
+    return spec_precisions(precision_order(gpu, spec.precision, engine), spec)
+
+
 def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None) -> Gpu:
     """The spec's GPU, or the one named on the command line, with memory overridden."""
     gpu = resolved.gpu
@@ -223,7 +234,7 @@ def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None)
                 [replace(p, field_path="--gpu", file=None) for p in error.problems]
             ) from None
     if vram_gib is not None:
-        from peftgen.catalog.lookup import vram_gib_problem
+        from peftgen.stack import vram_gib_problem
 
         problem = vram_gib_problem(vram_gib)
         if problem is not None:

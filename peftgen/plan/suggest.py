@@ -21,7 +21,7 @@ from peftgen.plan.candidates import (
     largest_fitting,
 )
 from peftgen.plan.explain import bitsandbytes_optimizer_allowed
-from peftgen.plan.inputs import MIN_MAX_LENGTH, precision_order, spec_precisions
+from peftgen.plan.inputs import MIN_MAX_LENGTH, planned_precisions
 from peftgen.plan.types import Candidate, Suggestion
 from peftgen.resolve import Resolved
 from peftgen.spec import (
@@ -67,9 +67,7 @@ def replan(resolved: Resolved, gpu: Gpu, change: Mapping[str, Any]) -> Replanned
         return None
     target = other.gpu if "hardware.gpu" in change else gpu
     spec = other.loaded.spec
-    order = spec_precisions(
-        precision_order(target, spec.precision, spec.hardware.distributed), spec
-    )
+    order = planned_precisions(target, spec)
     candidates = tuple(estimate_candidate(other, p, gpu=target) for p in order)
     chosen = choose_precision(spec.precision, candidates)
     if chosen is None:
@@ -81,6 +79,13 @@ def replan(resolved: Resolved, gpu: Gpu, change: Mapping[str, Any]) -> Replanned
         return Replanned(closest, False, False, loadable)
     candidate = next(c for c in candidates if c.precision == chosen)
     return Replanned(candidate, True, candidate.fits_high)
+
+
+MIN_SAVING_BYTES = GIB // 20
+"""An edit that leaves the run over the budget is listed only if it moves the peak by at
+least what the plan prints (0.05 GiB rounds to 0.1): "saves 0.0 GiB, still over" is not a
+suggestion. (Moving it up can be the point: keeping offloaded state on the GPUs when the
+host's RAM is what does not fit.)"""
 
 
 @dataclass
@@ -99,6 +104,9 @@ class _Search:
             return
         if not outcome.loadable:
             return  # the precision the spec fixes cannot load here: no peak to report
+        saved = self.base.peak_reserved_bytes - outcome.candidate.peak_reserved_bytes
+        if not outcome.fits and abs(saved) < MIN_SAVING_BYTES:
+            return  # still over, the peak where it was: nothing worth trying
         self.made.append(_suggestion(action, change, what, self.base.peak_reserved_bytes, outcome))
 
     def largest(self, key: str, values: list[int]) -> int | None:

@@ -46,7 +46,7 @@ class Candidate(Estimate):
     """Upper end of the prediction interval around ``peak_reserved_bytes``: torch's share
     scaled by the engine's factor (``accuracy_interval.interval_factor``: the accuracy
     benchmark's 90th percentile of measured / predicted, over its sharded rows for FSDP and
-    ZeRO-3), the CUDA context unscaled."""
+    ZeRO-3); what torch's allocator does not hold unscaled (``accuracy_interval.UNSCALED``)."""
     fits_high: bool = False
     """The upper end fits the budget too."""
     tight: bool = False

@@ -21,8 +21,7 @@ from peftgen.plan import (
     estimate_input,
     largest_fitting_batch,
     largest_fitting_max_length,
-    precision_order,
-    spec_precisions,
+    planned_precisions,
 )
 from peftgen.report.data import (
     ENGINES,
@@ -158,7 +157,6 @@ def _fit_matrix(
         gpu_count=count,
     )
     headroom = resolved.loaded.spec.hardware.headroom_fraction
-    distributed = resolved.loaded.spec.hardware.distributed
     groups: dict[tuple[object, ...], list[str]] = {}
     first: dict[tuple[object, ...], GpuFitRow] = {}
     for gpu in sorted(gpu_catalogue(), key=lambda g: (g.memory_bytes, g.name)):
@@ -167,9 +165,7 @@ def _fit_matrix(
         budget = budget_bytes(gpu, headroom)
         cells = []
         candidates = []
-        for precision in spec_precisions(
-            precision_order(gpu, distributed=distributed), resolved.loaded.spec
-        ):
+        for precision in planned_precisions(gpu, resolved.loaded.spec):
             candidate = estimate_candidate(resolved, precision, gpu=gpu)
             time = estimate_time(estimate_input(resolved, precision, gpu=gpu), gpu, run, beta)
             candidates.append(replace(candidate, time=time))
@@ -222,10 +218,11 @@ def _gpu_count_table(resolved: Resolved, plan: Plan, gpu: Gpu) -> GpuCountTable:
 
 
 def gpu_count_changes(
-    precision: LoadPrecision, count: int, engine: str, offload: bool
+    precision: LoadPrecision, count: int, engine: str, offload: bool, gpu_bf16: bool = True
 ) -> dict[str, object]:
     """The spec edit behind one cell, as dotted keys: one node of ``count`` GPUs; 4-bit
-    under FSDP / ZeRO-3 with the packed weights stored as bfloat16 (their requirement)."""
+    under FSDP / ZeRO-3 with the packed weights stored in the compute dtype (their
+    requirement; ``resolve.default_quant_storage``'s choice)."""
     changes: dict[str, object] = {
         "precision": precision,
         "hardware.num_gpus": count,
@@ -234,14 +231,14 @@ def gpu_count_changes(
         "hardware.cpu_offload": offload,
     }
     if precision == "4bit" and engine in PARAMETER_SHARDING_ENGINES:
-        changes["quantization.bnb_4bit_quant_storage"] = "bfloat16"
+        changes["quantization.bnb_4bit_quant_storage"] = "bfloat16" if gpu_bf16 else "float16"
     return changes
 
 
 def _gpu_count_cell(
     resolved: Resolved, precision: LoadPrecision, gpu: Gpu, count: int, engine: str, offload: bool
 ) -> GpuCountCell:
-    changes = gpu_count_changes(precision, count, engine, offload)
+    changes = gpu_count_changes(precision, count, engine, offload, gpu.bf16)
     refused = _refusal(resolved, changes)
     if refused is not None:
         return GpuCountCell(engine, None, None, refused)

@@ -18,8 +18,12 @@ from jinja2 import Environment
 from markupsafe import Markup
 
 from peftgen import __version__
-from peftgen.accuracy_interval import SHARDED_UNDER_PREDICTION_FACTOR, UNDER_PREDICTION_FACTOR
-from peftgen.plan import Candidate, Plan
+from peftgen.accuracy_interval import (
+    SHARDED_UNDER_PREDICTION_FACTOR,
+    UNDER_PREDICTION_FACTOR,
+    UNSCALED,
+)
+from peftgen.plan import Candidate, Plan, choose_precision
 from peftgen.report.data import (
     COMPONENTS,
     ENGINES,
@@ -104,6 +108,7 @@ def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
         "candidate_status": {c.precision: fit_status(c) for c in plan.candidates},
         "status_labels": STATUS_LABELS,
         "interval_factors": (UNDER_PREDICTION_FACTOR, SHARDED_UNDER_PREDICTION_FACTOR),
+        "interval_unscaled": UNSCALED,
         "show_managed": any(c.managed_bytes for c in plan.candidates),
         "show_host": any(c.host_memory_bytes for c in plan.candidates),
         "show_phase": any(c.phase != "train" for c in plan.candidates),
@@ -147,7 +152,7 @@ class Verdict:
     fixed_precision: bool
     """The spec fixed ``shown``'s precision (and it does not fit)."""
     alternative: Candidate | None
-    """When the spec's fixed precision does not fit: the most faithful one that would."""
+    """When the spec's fixed precision does not fit: the one ``precision: auto`` would load."""
     budget_percent: int
     action: str
     """What the headline tells the user to do, e.g. "load the base model in 4-bit"."""
@@ -162,10 +167,18 @@ def _verdict(plan: Plan, requested_precision: str, finetuning: str) -> Verdict:
         shown=shown,
         headroom_bytes=plan.budget_bytes - shown.peak_reserved_bytes,
         fixed_precision=plan.chosen is None and fixed is not None,
-        alternative=next((c for c in plan.candidates if c.fits), None),
+        alternative=_auto_choice(plan),
         budget_percent=round(100 * plan.budget_bytes / plan.gpu.vram_bytes),
         action=_action_text(shown.precision, finetuning),
     )
+
+
+def _auto_choice(plan: Plan) -> Candidate | None:
+    """What ``precision: auto`` would load (the planner's own ``choose_precision``): the
+    headline of a fixed precision that does not fit offers this one, so its "or auto" is
+    true."""
+    auto = choose_precision("auto", plan.candidates)
+    return next((c for c in plan.candidates if c.precision == auto), None)
 
 
 def _action_text(precision: str, finetuning: str) -> str:
