@@ -7,6 +7,7 @@ to the estimator cannot leave a typed number behind.
 
 - ``plan-example``: what ``peftgen plan specs/llama3-8b-clinical-qlora.yaml`` prints;
 - ``plan-gpu-table``: the 8B auto spec on three GPUs (peak, upper end, chosen);
+- ``fsdp-example``: docs/multi-gpu.md's walk through the 70B FSDP example's figures;
 - ``plan-speed``: the cold-start timings ``python benchmarks/plan_speed.py --record``
   measured (a measurement of a machine, recorded in ``benchmarks/results/plan_speed.json``;
   the text is generated from that record, not typed).
@@ -29,6 +30,8 @@ SPEED_RECORD = REPO_ROOT / "benchmarks" / "results" / "plan_speed.json"
 EXAMPLE_SPEC = "specs/llama3-8b-clinical-qlora.yaml"
 TABLE_SPEC = "tests/plan_specs/llama3-8b-sft-auto.yaml"
 TABLE_GPUS = ("rtx-4090", "t4", "a100-80gb")
+FSDP_SPEC = "specs/llama3-70b-qlora-fsdp-2x24gb.yaml"
+MULTI_GPU_DOC = REPO_ROOT / "docs" / "multi-gpu.md"
 COMMAND = "python -m tools.plan_figures"
 
 
@@ -87,6 +90,66 @@ def plan_gpu_table() -> str:
     return "\n".join(lines)
 
 
+def fsdp_example() -> str:
+    """docs/multi-gpu.md's walk through the 70B FSDP example: every figure from the plan of
+    the spec, of the spec without CPU offload and with 32 GiB of host RAM."""
+    from peftgen.load import load_spec
+    from peftgen.memory import (
+        fsdp_no_sync_gradient_bytes,
+        fsdp_offload_copy_pool_bytes,
+        host_offload_bytes,
+        replicated_quant_state_bytes,
+        root_unit_bytes,
+    )
+    from peftgen.plan import changed_resolved, estimate_input, make_plan
+    from peftgen.resolve import resolve
+
+    resolved = resolve(load_spec(REPO_ROOT / FSDP_SPEC))
+    plan = make_plan(resolved)
+    chosen = plan.chosen
+    assert chosen is not None, FSDP_SPEC
+    inputs = estimate_input(resolved, chosen.precision)
+    b = chosen.breakdown
+    gpus = resolved.loaded.spec.hardware.num_gpus
+    on_gpus = changed_resolved(resolved, {"hardware.cpu_offload": False})
+    small_host = changed_resolved(resolved, {"hardware.host_memory_gib": 32})
+    assert on_gpus is not None and small_host is not None
+    kept = make_plan(on_gpus)
+    kept_4bit = next(c for c in kept.candidates if c.precision == chosen.precision)
+    starved = make_plan(small_host)
+    assert not kept.fits and not starved.fits, "the walk-through's two refusals"
+    fits = "fits" if chosen.fits_high else "tight"
+    tries = "; ".join(f"{s.action} ({s.detail.split(': ', 1)[-1]})" for s in kept.suggestions[:3])
+    host_fix = next(s.action for s in starved.suggestions if "hardware.cpu_offload" in s.change)
+    g = format_gib
+    return (
+        f"{chosen.precision} peaks at {g(chosen.peak_reserved_bytes)} per GPU of the "
+        f"{g(plan.budget_bytes)} budget (upper end {g(chosen.peak_reserved_bytes_high)}, "
+        f"{fits}): allocated {g(chosen.peak_allocated_bytes)} (weights {g(b.weights_bytes)} of "
+        f"which {g(chosen.gathered_weight_bytes)} gathered: the bf16 embeddings and head, "
+        f"{g(root_unit_bytes(inputs))}, kept whole for the step, plus two 4-bit layers; "
+        f"{g(replicated_quant_state_bytes(inputs))} of replicated 4-bit scales; activations "
+        f"{g(b.activation_bytes)}; {g(fsdp_no_sync_gradient_bytes(inputs))} of unsharded LoRA "
+        "gradients, which FSDP's `no_sync` keeps on the GPU through the accumulation window, "
+        f"`fsdp_no_sync_gradient_bytes`) and {g(b.overhead_bytes)} of overhead, most of it the "
+        "blocks the caching allocator keeps from loading: wrapping the root unit moves the "
+        "embeddings and head to the GPU and flattens them into a new `FlatParameter` before "
+        "sharding it, and no `empty_cache` runs before training "
+        "(`allocator_sharded_reserve_bytes`); then the pre-unshard stream's pool for the "
+        "offloaded shards' GPU copies, led by the root's "
+        f"{g(fsdp_offload_copy_pool_bytes(inputs))} shard (`fsdp_offload_copy_pool_bytes`), one "
+        "pending layer block (`fsdp_pending_free_bytes`) and NCCL's buffers. Loading peaks at "
+        f"{g(chosen.load_peak_bytes)} per GPU (`load_peak_bytes`); the host needs about "
+        f"{g(chosen.host_memory_bytes, 0)} (`host_memory_bytes`: each of the {gpus} processes "
+        "quantizes the whole model in host memory, more than the "
+        f"{g(gpus * host_offload_bytes(inputs), 0)} the offloaded state takes later). Without "
+        "`cpu_offload` each GPU also holds its share of the 4-bit model: "
+        f"{g(kept_4bit.peak_reserved_bytes)}; the plan exits 3 and suggests: {tries}. With "
+        "`hardware.host_memory_gib: 32` the offloaded run does not fit either (host memory), "
+        f"and the plan suggests: {host_fix}."
+    )
+
+
 def plan_speed() -> str:
     """The cold-start sentence, from the recorded measurement."""
     if not SPEED_RECORD.is_file():
@@ -105,8 +168,13 @@ FIGURES = {
     "plan-example": plan_example,
     "plan-gpu-table": plan_gpu_table,
     "plan-speed": plan_speed,
+    "fsdp-example": fsdp_example,
 }
-PLACES = {README: ("plan-example", "plan-speed"), PLAN_DOC: ("plan-gpu-table", "plan-speed")}
+PLACES = {
+    README: ("plan-example", "plan-speed"),
+    PLAN_DOC: ("plan-gpu-table", "plan-speed"),
+    MULTI_GPU_DOC: ("fsdp-example",),
+}
 
 
 def _replaced(text: str, name: str, body: str) -> str:
@@ -130,7 +198,11 @@ def stale() -> list[str]:
 
 
 def main() -> None:
-    if "--check" in sys.argv[1:]:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="list stale files, write none")
+    if parser.parse_args().check:
         out_of_date = stale()
         for name in out_of_date:
             print(f"{name}: plan figures out of date; run `{COMMAND}`")

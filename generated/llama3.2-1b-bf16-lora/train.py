@@ -180,7 +180,8 @@ def main() -> None:
         bf16=True,
         # Without CUDA (a smoke test on a laptop or CI) train on the CPU instead of refusing.
         use_cpu=not torch.cuda.is_available(),
-        # Activation checkpointing off: turning it on would save 8.4 GiB
+        # Activation checkpointing off: turning it on would save 8.4 GiB for ~39% more compute per
+        # trained token
         activation_checkpointing=False,
         logging_steps=LOGGING_STEPS,
         # A smoke test writes no checkpoint.
