@@ -303,6 +303,53 @@ def test_dpo_on_a_chat_model_scores_templated_completions(
         assert row["trained"].removesuffix("\n").removesuffix("<|im_end|>") in answers
 
 
+CONVERSATIONAL_PREFERENCE_ROWS = [
+    {
+        "prompt": [
+            {"role": "system", "content": "You answer clinical questions briefly."},
+            {"role": "user", "content": "What is the body mass index?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "The BMI is 26.8."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Summarise the note."}],
+        "chosen": [{"role": "assistant", "content": "Blood pressure 142/88 mmHg."}],
+        "rejected": [{"role": "assistant", "content": "?"}],
+    },
+]
+
+
+@pytest.mark.slow
+def test_dpo_keeps_rows_that_are_conversations_already(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Preference rows whose fields hold turns (a system turn in the prompt) pass
+    check-data; the script keeps them as they are (it once wrapped the list of turns as
+    a user turn's content and died in apply_chat_template) and scores only the answers."""
+    spec = _spec(
+        tmp_path,
+        method="dpo",
+        model_dir=tiny_model_dir,
+        data_format="preference",
+        rows=CONVERSATIONAL_PREFERENCE_ROWS,
+        extra="dpo:\n  beta: 0.1\n",
+    )
+    assert peftgen_main(["check-data", str(spec)]) == 0
+    rows = _first_batch(_emit(spec, tmp_path / "out"), tmp_path)
+    assert len(rows) == 4
+    answers = {
+        turns[0]["content"]
+        for row in CONVERSATIONAL_PREFERENCE_ROWS
+        for turns in (row["chosen"], row["rejected"])
+    }
+    system = CONVERSATIONAL_PREFERENCE_ROWS[0]["prompt"][0]["content"]
+    assert any(row["input"].startswith(f"<|im_start|>system\n{system}") for row in rows)
+    for row in rows:
+        assert row["trained"].removesuffix("\n").removesuffix("<|im_end|>") in answers
+        assert system not in row["trained"]
+
+
 @pytest.mark.slow
 def test_grpo_prompts_on_a_chat_model_are_conversations(
     tiny_model_dir: Path, tmp_path: Path

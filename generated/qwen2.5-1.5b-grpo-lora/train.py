@@ -144,12 +144,18 @@ def require(path: str, spec_field: str) -> None:
         raise SystemExit(f"{spec_field}: {path} does not exist")
 
 
-def as_conversation(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
-    """The row as a user turn and an assistant turn: trl then renders it with the chat
-    template, so training sees the format the model will see at inference."""
-    return {
-        "prompt": [{"role": "user", "content": row["prompt"]}],
+def as_conversation(row: dict) -> dict:
+    """Plain-text fields as turns, the prompt a user turn and each answer an assistant turn:
+    trl then renders them with the chat template, so training sees the format the model
+    will see at inference. Fields that hold turns already are kept as they are."""
+    roles = {
+        "prompt": "user",
     }
+    turns = {field: row[field] for field in roles if field in row}
+    for field, value in turns.items():
+        if isinstance(value, str):
+            turns[field] = [{"role": roles[field], "content": value}]
+    return turns
 
 
 def main() -> None:
