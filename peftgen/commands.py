@@ -157,31 +157,39 @@ def _for_planning(resolved: Resolved) -> Resolved:
 
 
 def _resolve_with_set(path: _Path, arguments: list[str]) -> Resolved:
-    """Load and resolve the spec with ``plan --set KEY=VALUE`` edits applied, validated as
-    the file is; a problem about an edited key names its ``--set`` argument."""
+    """Load and resolve the spec with ``plan --set KEY=VALUE`` edits applied to the file's
+    mapping before it is validated (so an edit can repair what the file gets wrong), every
+    problem about an edited key named by its ``--set`` argument."""
     from dataclasses import replace as replaced
 
     from peftgen.errors import UserError
-    from peftgen.overrides import apply_changes, parse_set_arguments
+    from peftgen.overrides import parse_set_edits
     from peftgen.resolve import resolve
 
-    loaded = load_spec(path)
     if not arguments:
-        return resolve(loaded)
-    changes = parse_set_arguments(loaded.spec, arguments)
-    labels = {arg.partition("=")[0].strip(): f"--set {arg}" for arg in arguments}
-    edited = replaced(loaded, spec=apply_changes(loaded.spec, changes))
+        return resolve(load_spec(path))
+    edits, labels, malformed = parse_set_edits(arguments)
+
+    def label_of(field_path: str | None) -> str | None:
+        if field_path is None:
+            return None
+        return labels.get(field_path) or next(
+            (v for k, v in labels.items() if field_path.startswith(k + ".")), None
+        )
+
     try:
-        return resolve(edited)
+        resolved = resolve(load_spec(path, edits))
     except UserError as error:
-        raise UserError(
-            [
-                replaced(p, file=labels[p.field_path], line=None, column=None, source_line=None)
-                if p.field_path in labels
-                else p
-                for p in error.problems
-            ]
-        ) from None
+        problems = list(malformed)
+        for p in error.problems:
+            label = label_of(p.field_path)
+            if label is not None:
+                p = replaced(p, file=label, line=None, column=None, source_line=None)
+            problems.append(p)
+        raise UserError(problems) from None
+    if malformed:
+        raise UserError(malformed)
+    return resolved
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -424,7 +432,11 @@ def _print_plan(
     table.add_row(
         "fits",
         *(
-            "yes" if c.fits_high else "[yellow]tight[/]" if c.fits else f"[red]{_no_fit(c)}[/]"
+            "yes"
+            if c.fits_high
+            else "[yellow]tight[/]"
+            if c.fits
+            else f"[red]{_no_fit(c, result.budget_bytes)}[/]"
             for c in result.candidates
         ),
     )
@@ -481,13 +493,19 @@ def _print_plan(
         )
 
 
-def _no_fit(candidate: Candidate) -> str:
-    """Why a candidate does not fit, when it is not the training peak alone."""
-    if not candidate.load_fits:
-        return "no (loading)"
-    if not candidate.host_fits:
-        return "no (host RAM)"
-    return "no"
+def _no_fit(candidate: Candidate, budget_bytes: int) -> str:
+    """Why a candidate does not fit: plain "no" for the training peak alone, else every
+    phase that is over (``no (loading)``, ``no (training, loading)``, ``no (host RAM)``)."""
+    over = [
+        phase
+        for phase, is_over in (
+            ("training", candidate.peak_reserved_bytes > budget_bytes),
+            ("loading", not candidate.load_fits),
+            ("host RAM", not candidate.host_fits),
+        )
+        if is_over
+    ]
+    return "no" if over in ([], ["training"]) else f"no ({', '.join(over)})"
 
 
 def time_text(result: Plan) -> str | None:

@@ -14,29 +14,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftgen.spec import USER_REWARD_PATTERN, AnySpec, GrpoRunSpec
-
-LOCAL_DATA_LOADERS: dict[str, str] = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-}
-"""``datasets`` builders for a local data file, by suffix; any other path is a hub dataset."""
-
-
-def from_spec_dir(path: str, spec_dir: Path) -> Path:
-    """``path`` as the spec means it: absolute, or relative to the spec's folder (``~`` is
-    the home folder; ``~name`` of an unknown user stays a plain name)."""
-    try:
-        expanded = Path(path).expanduser()
-    except RuntimeError:
-        expanded = Path(path)
-    return Path(os.path.abspath(expanded if expanded.is_absolute() else spec_dir / expanded))
-
-
-def is_local_dataset(dataset_path: str) -> bool:
-    return Path(dataset_path).suffix.lower() in LOCAL_DATA_LOADERS
+from peftgen.spec import (
+    USER_REWARD_PATTERN,
+    AnySpec,
+    GrpoRunSpec,
+    from_spec_dir,
+    is_local_dataset,
+)
 
 
 @dataclass(frozen=True)

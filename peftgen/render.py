@@ -35,7 +35,6 @@ from peftgen.errors import UserError
 from peftgen.launch import LAUNCH_FILES, launch_files
 from peftgen.load import LoadedSpec
 from peftgen.paths import (
-    LOCAL_DATA_LOADERS,
     RunPaths,
     placed,
     relative_to,
@@ -300,7 +299,7 @@ class ChatFormat:
 def _dataset_loader(loaded: LoadedSpec) -> str | None:
     """The ``datasets`` builder for a local file (json, csv, parquet), or None for a hub id.
     (A local file has one split, ``train``: resolve refuses any other.)"""
-    return LOCAL_DATA_LOADERS.get(Path(loaded.spec.dataset.path).suffix.lower())
+    return stack.LOCAL_DATA_LOADERS.get(Path(loaded.spec.dataset.path).suffix.lower())
 
 
 def _path_expr(target: Path, anchor_dir: Path | None) -> str:
@@ -436,6 +435,16 @@ BREAKDOWN_LABELS: tuple[tuple[str, str], ...] = (
 
 def _breakdown_rows(candidate: Candidate) -> list[tuple[str, int]]:
     return [(label, getattr(candidate.breakdown, key)) for key, label in BREAKDOWN_LABELS]
+
+
+def _tf32_reason(plan: Plan) -> str:
+    """The TF32 line's comment: a fact about the named GPU, or what is assumed without one."""
+    if plan.gpu.architecture_assumed:
+        return (
+            "no hardware.gpu named, so an Ampere-or-newer card with tensor cores for them is "
+            "assumed; remove this line on an older card"
+        )
+    return f"the {comment_text(plan.gpu.name)} has tensor cores for them (Ampere or newer)"
 
 
 def _ampere_or_newer(compute_capability: str | None) -> bool:
@@ -679,6 +688,8 @@ class ScriptContext:
     """Python source for the compute dtype (``COMPUTE_DTYPE`` in the fp16 script)."""
     fp16: bool
     tf32: bool
+    tf32_reason: str
+    """Why TF32 is on: the named card's tensor cores, or an assumed one's."""
     full: bool
     script_dir: bool
     """train.py names a local path relative to its own folder (``SCRIPT_DIR``)."""
@@ -1001,6 +1012,7 @@ def script_context(
         # fp16 autocast is CUDA-only: the script falls back to fp32 without a GPU.
         fp16=fp16,
         tf32=_ampere_or_newer(plan.gpu.compute_capability),
+        tf32_reason=_tf32_reason(plan),
         full=full,
         script_dir=_joins_script_dir(train_files, anchor_dir),
         merge_script_dir=_joins_script_dir(merge_files, anchor_dir),

@@ -28,7 +28,13 @@ from peftgen.catalog.structure import SDPA_REFUSED_TYPES
 from peftgen.errors import Problem, UserError
 from peftgen.load import LoadedSpec, did_you_mean
 from peftgen.overrides import apply_changes
-from peftgen.spec import PARAMETER_SHARDING_ENGINES, AnySpec, GrpoRunSpec
+from peftgen.spec import (
+    PARAMETER_SHARDING_ENGINES,
+    AnySpec,
+    GrpoRunSpec,
+    from_spec_dir,
+    is_local_dataset,
+)
 from peftgen.stack import GIB, format_gib
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
@@ -69,7 +75,11 @@ class Resolved:
 def resolve(loaded: LoadedSpec) -> Resolved:
     """Find the model and GPU, then check the rules that need them; raise every problem."""
     problems: list[Problem] = list(_dataset_problems(loaded))
-    warnings: list[str] = [*loaded.warnings, *_scaling_warnings(loaded)]
+    warnings: list[str] = [
+        *loaded.warnings,
+        *_scaling_warnings(loaded),
+        *_missing_data_warnings(loaded),
+    ]
     arch = _resolve_model(loaded, problems, warnings)
     gpu = _resolve_gpu(loaded, problems)
     if arch is not None:
@@ -94,7 +104,8 @@ def _written(model: object, name: str) -> bool:
 
 def with_defaults(resolved: Resolved) -> Resolved:
     """Fill in what the spec left out and the tool knows: eager attention for Gemma-2,
-    ``lora_dropout: 0`` on fused MoE experts, the multi-GPU engine the planner recommends,
+    ``lora_dropout: 0`` on fused MoE experts, ``max_length`` no longer than the model's
+    positions, the multi-GPU engine the planner recommends,
     and 4-bit storage in the compute dtype under FSDP / ZeRO-3. Only keys the user did not
     write are set; a written value that cannot run is refused by the rules above."""
     loaded, arch, gpu = resolved.loaded, resolved.arch, resolved.gpu
@@ -125,6 +136,17 @@ def with_defaults(resolved: Resolved) -> Resolved:
                 0.0,
                 f"peft 0.21 adapts {arch.display_name}'s fused experts as parameters and "
                 "refuses any other dropout there",
+            )
+        )
+    positions = arch.config.max_position_embeddings
+    if not _written(spec.training, "max_length") and spec.training.max_length > positions:
+        changes["training.max_length"] = positions
+        applied.append(
+            AppliedDefault(
+                "training.max_length",
+                positions,
+                f"{arch.display_name} has {positions} positions (max_position_embeddings); "
+                f"the default {spec.training.max_length} is past them",
             )
         )
     if changes:
@@ -206,20 +228,34 @@ def _resolve_model(
     return arch
 
 
-LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-"""A ``dataset.path`` with one of these suffixes is a local file, loaded as one split."""
-
-
 def _dataset_problems(loaded: LoadedSpec) -> list[Problem]:
     """A local file loads as one split named ``train``; another split fails at run time."""
     dataset = loaded.spec.dataset
-    if not dataset.path.lower().endswith(LOCAL_DATA_SUFFIXES) or dataset.split == "train":
+    if not is_local_dataset(dataset.path) or dataset.split == "train":
         return []
     return [
         loaded.problem(
             "dataset.split",
             f"a local file has one split, `train`; got {dataset.split!r}",
             "remove dataset.split (hold out evaluation rows with dataset.eval_fraction)",
+        )
+    ]
+
+
+def _missing_data_warnings(loaded: LoadedSpec) -> list[str]:
+    """A local data file that is not there yet: planning does not need it, but the script
+    reads it at that path (a warning, not a refusal: it may be written before the run)."""
+    dataset = loaded.spec.dataset.path
+    if not is_local_dataset(dataset):
+        return []
+    file = from_spec_dir(dataset, loaded.path.parent)
+    if file.is_file():
+        return []
+    return [
+        loaded.warning(
+            "dataset.path",
+            f"no file at {str(file)!r} (a relative path is read from the spec's folder); the "
+            "script reads it there, and `peftgen check-data` checks it",
         )
     ]
 
@@ -235,6 +271,7 @@ def _resolve_gpu(loaded: LoadedSpec, problems: list[Problem]) -> Gpu | None:
             compute_capability="8.0",
             bf16=True,
             flash_attention_2=True,
+            architecture_assumed=True,
         )
     try:
         return lookup_gpu(hardware.gpu)
@@ -385,7 +422,8 @@ def _length_warnings(loaded: LoadedSpec, arch: ModelArch) -> list[str]:
     spec = loaded.spec
     limit = arch.config.max_position_embeddings
     warnings: list[str] = []
-    if spec.training.max_length > limit:
+    # An unwritten max_length is capped at the positions (``with_defaults``).
+    if spec.training.max_length > limit and _written(spec.training, "max_length"):
         warnings.append(
             loaded.warning(
                 "training.max_length",

@@ -17,8 +17,10 @@ loader can point at that field's line instead of the section's.
 from __future__ import annotations
 
 import json
+import os
 import re
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -32,11 +34,43 @@ from pydantic import (
 
 from peftgen.stack import (
     BUILTIN_REWARDS,
+    LOCAL_DATA_LOADERS,
     MAX_VRAM_GIB,
     MIN_VRAM_GIB,
     OPTIMIZERS,
     vram_gib_problem,
 )
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted spec key ``key`` (``training.max_length``) in a spec's raw mapping,
+    making the sections it passes through (a section that is not a mapping is replaced)."""
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def from_spec_dir(path: str, spec_dir: Path) -> Path:
+    """``path`` as the spec means it: absolute, or relative to the spec's folder (``~`` is
+    the home folder; ``~name`` of an unknown user stays a plain name), never the working
+    directory."""
+    try:
+        expanded = Path(path).expanduser()
+    except RuntimeError:
+        expanded = Path(path)
+    return Path(os.path.abspath(expanded if expanded.is_absolute() else spec_dir / expanded))
+
+
+def is_local_dataset(dataset_path: str) -> bool:
+    """A ``dataset.path`` naming a local file (``stack.LOCAL_DATA_LOADERS``), not a hub id."""
+    return Path(dataset_path).suffix.lower() in LOCAL_DATA_LOADERS
+
 
 SPEC_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 # A Python identifier-like module name as peft matches it (a suffix of a dotted module path).
@@ -334,8 +368,18 @@ class TrainingSpec(_Frozen):
     """Micro-batches per optimizer step; effective batch = micro-batch x this x GPUs."""
     num_train_epochs: Annotated[float, Field(gt=0, le=1000)] = 1
     """Passes over the training data (ignored when max_steps > 0)."""
-    max_steps: Annotated[int, Field(ge=-1)] = -1
-    """Optimizer steps to run; -1 trains for num_train_epochs."""
+    max_steps: Annotated[int, Field(ge=-1, le=100_000_000)] = -1
+    """Optimizer steps to run (1 or more); -1 trains for num_train_epochs."""
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        # transformers 5.24 trains by epochs only for max_steps < 0; 0 would stop after the
+        # first step (``global_step >= max_steps``) while the plan counted epochs.
+        if value == 0:
+            raise ValueError("must be 1 or more, or -1 to train for num_train_epochs; got 0")
+        return value
+
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2.0e-4
     """Peak learning rate."""
     lr_scheduler_type: SchedulerName = "cosine"
@@ -413,7 +457,8 @@ class GrpoSpec(_Frozen):
     use_vllm: VllmMode = False
     """Generate with vLLM (trl's `use_vllm`): `colocate` runs vLLM inside the training process on
     the same GPU (trl's `vllm_mode="colocate"`), `server` asks a `trl vllm-serve` process on other
-    GPUs; `false` generates with `model.generate`. Needs `pip install vllm` and a CUDA GPU."""
+    GPUs; `false` generates with `model.generate`; `true` (trl's spelling) is trl's default mode,
+    `colocate`. Needs `pip install vllm` and a CUDA GPU."""
     vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1)] = 0.3
     """The share of each GPU's memory vLLM takes for its weights and KV cache: colocate, on the
     training GPU (trl's default 0.3); server, on the server's GPU (`trl vllm-serve
@@ -432,6 +477,12 @@ class GrpoSpec(_Frozen):
         if len(set(value)) != len(value):
             raise ValueError("lists a reward twice")
         return value
+
+    @field_validator("use_vllm", mode="before")
+    @classmethod
+    def _true_is_trl_s_default_mode(cls, value: object) -> object:
+        # trl's own spelling, use_vllm=True, runs its default vllm_mode: colocate.
+        return "colocate" if value is True else value
 
     @field_validator("vllm_server_host")
     @classmethod

@@ -39,6 +39,16 @@ def vram_gib_problem(vram_gib: float) -> str | None:
     )
 
 
+LOCAL_DATA_LOADERS: dict[str, str] = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+"""``datasets`` builders for a local data file, by suffix; any other ``dataset.path`` is a
+hub dataset. A local file loads as one split, ``train``."""
+
+
 PINNED_VERSIONS: dict[str, str] = {
     "torch": "2.13.0",
     "transformers": "5.24.0",

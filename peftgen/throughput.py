@@ -49,8 +49,7 @@ from peftgen.memory import (
     trainable_parameter_count,
     weights_bytes,
 )
-from peftgen.paths import from_spec_dir, is_local_dataset
-from peftgen.spec import AnySpec
+from peftgen.spec import AnySpec, from_spec_dir, is_local_dataset
 
 Path = Literal["16bit", "8bit", "4bit"]
 

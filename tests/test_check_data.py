@@ -696,3 +696,67 @@ def test_plan_sizes_for_the_measured_p99_when_the_spec_asks(
     full_plan = json.loads(capsys.readouterr().out)
     full_activation = full_plan["candidates"][0]["breakdown"]["activation_bytes"]
     assert measured_plan["candidates"][0]["breakdown"]["activation_bytes"] < full_activation
+
+
+SYSTEM_FIRST = [
+    {
+        "messages": [
+            {"role": "system", "content": SENTENCES[0]},
+            {"role": "user", "content": SENTENCES[1]},
+            {"role": "assistant", "content": SENTENCES[2]},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": SENTENCES[3]},
+            {"role": "assistant", "content": SENTENCES[4]},
+        ]
+    },
+]
+
+
+def test_a_system_turn_the_chat_template_refuses_is_a_bad_row(tmp_path: Path) -> None:
+    """Gemma 2's template raises "System role not supported": such rows would stop the
+    script at its first batch, so check-data reports them (from the catalogue's record of
+    the model's template when no tokenizer is at hand); Llama 3's template takes them."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in SYSTEM_FIRST), encoding="utf-8")
+    gemma = load_spec(
+        write_spec(tmp_path, data, "sft", "messages", model_id="google/gemma-2-9b-it")
+    ).spec
+    report = check_dataset(gemma)
+    assert report.bad_rows == 1
+    (problem,) = report.problems
+    assert problem.line == 1 and problem.field_path == "messages[0]"
+    assert "System role not supported" in problem.message
+    llama = load_spec(
+        write_spec(
+            tmp_path, data, "sft", "messages", model_id="meta-llama/Meta-Llama-3-8B-Instruct"
+        )
+    ).spec
+    assert check_dataset(llama).bad_rows == 0
+
+
+def test_a_tokenizer_with_gemma_s_template_refuses_the_system_turn_too(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The tokenizer's own template decides when it is at hand (identified by its text)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from peftgen.chat_templates import read_template
+
+    folder = tmp_path / "gemma-tokenizer"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = read_template("gemma")
+    tokenizer.save_pretrained(folder)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in SYSTEM_FIRST), encoding="utf-8")
+    spec = load_spec(write_spec(tmp_path, data, "sft", "messages", model_id=folder)).spec
+    report = check_dataset(spec)
+    assert (
+        report.bad_rows == 1
+        and "the tokenizer's chat template (gemma)" in report.problems[0].message
+    )

@@ -302,10 +302,18 @@ def test_a_bare_name_that_is_a_folder_and_an_alias_takes_the_folder_and_warns(
 
 
 def test_a_missing_folder_written_as_a_path(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The folder exists in the working directory, not beside the spec: refused, and the
+    message says the spec's folder is the one read (it once claimed to have looked in the
+    current directory too)."""
     spec = write(tmp_path, spec_text(model="./tiny-llama"))
-    refused(run(capsys, "validate", str(spec)), "model folder './tiny-llama' does not exist")
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "tiny-llama").mkdir(parents=True)
+    (elsewhere / "tiny-llama" / "config.json").write_text("{}", encoding="utf-8")
+    monkeypatch.chdir(elsewhere)
+    err = refused(run(capsys, "validate", str(spec)), "model folder './tiny-llama' does not exist")
+    assert "never the current directory" in " ".join(err.split())
 
 
 # --- check-data ----------------------------------------------------------------------------------
@@ -816,3 +824,39 @@ def test_report_onto_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         run(capsys, "report", str(spec), "-o", str(tmp_path / "report.html")),
         "cannot write the report: it is a folder",
     )
+
+
+def test_use_vllm_true_is_trl_s_default_mode_and_the_choices_say_false(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """trl's own ``use_vllm: true`` means its default ``vllm_mode``, colocate; a wrong value
+    lists every choice as a spec writes it, ``false`` included."""
+    from peftgen.load import load_spec
+
+    source = (REPO / "specs" / "qwen2.5-1.5b-grpo-vllm.yaml").read_text(encoding="utf-8")
+    assert "  use_vllm: colocate\n" in source
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(source.replace("  use_vllm: colocate\n", "  use_vllm: true\n"), "utf-8")
+    assert load_spec(spec).spec.grpo.use_vllm == "colocate"  # type: ignore[union-attr]
+    spec.write_text(source.replace("  use_vllm: colocate\n", "  use_vllm: fast\n"), "utf-8")
+    refused(run(capsys, "validate", str(spec)), "must be one of: false, colocate, server")
+
+
+def test_a_local_data_file_that_is_not_there_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """validate, plan and emit do not need the data, but the script reads it at that path:
+    a missing local file is a warning naming where it is looked for (the spec's folder),
+    not silence until check-data or the run."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: no-data\nmethod: sft\nmodel:\n  id: meta-llama/Meta-Llama-3-8B-Instruct\n"
+        "dataset:\n  path: rows.jsonl\n  format: messages\nhardware:\n  gpu: rtx-4090\n",
+        encoding="utf-8",
+    )
+    code, _, err = run(capsys, "validate", str(spec))
+    assert code == 0
+    assert f"warning: dataset.path: no file at {str(tmp_path / 'rows.jsonl')!r}" in err
+    (tmp_path / "rows.jsonl").write_text("", encoding="utf-8")
+    code, _, err = run(capsys, "validate", str(spec))
+    assert code == 0 and "no file at" not in err

@@ -64,7 +64,7 @@ def _resolved(**grpo: Any) -> Any:
         ({"use_vllm": "server", "vllm_enable_sleep_mode": True}, "colocate only"),
         ({"use_vllm": "colocate", "vllm_server_port": 9000}, "use_vllm: server only"),
         ({"vllm_gpu_memory_utilization": 0.5}, "use_vllm is false"),
-        ({"use_vllm": True}, "'colocate' or 'server'"),
+        ({"use_vllm": "fast"}, "'colocate' or 'server'"),
         ({"use_vllm": "colocate", "vllm_gpu_memory_utilization": 1.0}, "less than 1"),
     ],
 )

@@ -34,10 +34,9 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 
 from peftgen.load import LoadedSpec
-from peftgen.paths import from_spec_dir, is_local_dataset
 from peftgen.plan import BREAKDOWN_KEYS, Candidate, Decision, GpuTarget, Plan
 from peftgen.render import ModelSource, render_all
-from peftgen.spec import SPEC_ADAPTER
+from peftgen.spec import SPEC_ADAPTER, from_spec_dir, is_local_dataset
 
 SPEC_FILE = Path("specs/hostile.yaml").absolute()
 OUT_DIR = Path("generated/hostile").absolute()

@@ -522,6 +522,8 @@ def _edited_file(tmp_path: Path, source: Path, change: dict[str, Any], index: in
     """The spec file as the user would edit it for one suggestion (the oracle)."""
     yaml = YAML(typ="safe", pure=True)
     data = yaml.load(source.read_text(encoding="utf-8"))
+    # The copy lives elsewhere: its data file named absolute, as the source resolves it.
+    data["dataset"]["path"] = str((source.parent / data["dataset"]["path"]).resolve())
     for key, value in change.items():
         node = data
         *parents, leaf = key.split(".")
@@ -637,11 +639,46 @@ def test_set_errors_name_the_argument(capsys: pytest.CaptureFixture[str]) -> Non
     ]
     assert main(["plan", str(AUTO_SPEC), *args]) == 2
     err = capsys.readouterr().err
-    assert "--set training.max_lenght=4096: training.max_lenght: section training has no key" in err
-    assert "did you mean 'training.max_length'?" in err
-    assert "--set lora.r=abc: lora.r:" in err
+    # Worded as validate words a file's mistakes (the edits are validated with the file).
+    assert "--set training.max_lenght=4096: training.max_lenght: unknown key `max_lenght`" in err
+    assert "did you mean 'max_length'?" in err
+    assert "--set lora.r=abc: lora.r: must be a whole number; got 'abc'" in err
     assert "--set oops: expected KEY=VALUE" in err
-    assert "--set training.max_length=8: training.max_length: Input should be greater than" in err
+    assert "--set training.max_length=8: training.max_length: must be >= 16; got 8" in err
+
+
+def test_set_can_repair_what_the_file_gets_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The edits are applied before the file is validated: the fix the GRPO batch rule
+    itself proposes (per_device_train_batch_size: 9) can be tried with --set, and the plan
+    equals the plan of the file edited by hand."""
+    source = (SPECS / "qwen2.5-1.5b-grpo-lora.yaml").read_text(encoding="utf-8")
+    yaml = YAML(typ="safe", pure=True)
+    data = yaml.load(source)
+    data["grpo"]["num_generations"] = 6
+    data["training"]["per_device_train_batch_size"] = 8
+    for key in ("path",):
+        data["dataset"][key] = str((SPECS / data["dataset"][key]).resolve())
+    data["grpo"]["reward_funcs"] = [
+        f if ":" not in f else str((SPECS / f.split(":")[0]).resolve()) + ":" + f.split(":")[1]
+        for f in data["grpo"]["reward_funcs"]
+    ]
+    broken = tmp_path / "grpo6.yaml"
+    with broken.open("w", encoding="utf-8") as handle:
+        yaml.dump(data, handle)
+    assert main(["plan", str(broken)]) == 2
+    assert "num_generations" in capsys.readouterr().err
+    fix = "training.per_device_train_batch_size=9"
+    assert main(["plan", str(broken), "--json", "--set", fix]) in (0, 3)
+    with_set = json.loads(capsys.readouterr().out)
+    data["training"]["per_device_train_batch_size"] = 9
+    fixed = tmp_path / "grpo9.yaml"
+    with fixed.open("w", encoding="utf-8") as handle:
+        yaml.dump(data, handle)
+    assert main(["plan", str(fixed), "--json"]) in (0, 3)
+    by_hand = json.loads(capsys.readouterr().out)
+    assert with_set["candidates"] == by_hand["candidates"]
 
 
 def test_set_problems_found_by_resolve_name_the_argument(
@@ -767,3 +804,129 @@ def test_no_suggestion_leaves_the_run_over_with_its_peak_where_it_was() -> None:
         assert s.peak_reserved_bytes is not None
         assert s.fits or abs(base - s.peak_reserved_bytes) >= MIN_SAVING_BYTES, s.action
     assert not any("paged 8-bit" in s.action for s in plan.suggestions)
+
+
+def test_a_fixed_4bit_spec_is_offered_the_16_bit_load_that_fits() -> None:
+    """70B QLoRA under ZeRO-3 on 8 x RTX 4090: the 4-bit model loads whole on every GPU
+    (no zero.Init for quantized models) and does not fit, while bf16 is partitioned as it
+    loads and does. The plan offers bf16 first (a fixed 4-bit spec once got only "use a
+    bigger GPU"), and the offer holds when applied."""
+    resolved = resolve(load_spec(SPECS / "llama3-70b-qlora-fsdp-2x24gb.yaml"))
+    change = {"hardware.num_gpus": 8, "hardware.distributed": "deepspeed-zero3"}
+    plan = make_plan(changed_resolved(resolved, change))
+    assert plan.chosen_precision is None
+    first = plan.suggestions[0]
+    assert first.change == {"precision": "bf16"} and first.fits_high
+    applied = make_plan(changed_resolved(resolved, {**change, "precision": "bf16"}))
+    assert applied.chosen_precision == "bf16"
+    assert (
+        applied.chosen is not None
+        and applied.chosen.peak_reserved_bytes == first.peak_reserved_bytes
+    )
+
+
+def test_an_unwritten_max_length_stops_at_the_model_s_positions(tmp_path: Path) -> None:
+    """The tiny Llama has 512 positions: a spec without max_length plans 512 (a default
+    line says why) instead of warning about the 2048 default the tool chose; a written
+    2048 is kept and warned about."""
+    text = textwrap.dedent(
+        f"""\
+        name: short-model
+        method: sft
+        model:
+          id: {REPO / "specs" / "tiny-llama"}
+        dataset:
+          path: {REPO / "specs" / "data" / "clinical_sft.jsonl"}
+          format: messages
+        hardware:
+          gpu: rtx-4090
+        """
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8")
+    resolved = resolve(load_spec(path))
+    assert resolved.loaded.spec.training.max_length == 512
+    assert any(d.field_path == "training.max_length" for d in resolved.defaults)
+    assert not any("positions (max_position_embeddings)" in w for w in resolved.warnings)
+    path.write_text(text + "training:\n  max_length: 2048\n", encoding="utf-8")
+    written = resolve(load_spec(path))
+    assert written.loaded.spec.training.max_length == 2048
+    assert any("2048 is past" in w for w in written.warnings)
+
+
+def test_p99_without_a_tokenizer_names_remedies_plan_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """length_source: p99 for a catalogue model with the hub offline: plan's message names
+    what plan can do (a local model folder, the hub, length_source: max_length), not
+    check-data's --tokenizer flag, which plan does not have; check-data still names it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = AUTO_SPEC.read_text(encoding="utf-8")
+    text = text.replace(
+        "path: ../../specs/data/clinical_sft.jsonl",
+        f"path: {REPO / 'specs' / 'data' / 'clinical_sft.jsonl'}",
+    )
+    text = text.replace("  packing: true\n", "  packing: true\n  length_source: p99\n")
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "hub is offline" in err and "length_source: max_length" in err
+    assert "--tokenizer" not in err
+    assert main(["check-data", str(path)]) == 0
+    assert "pass --tokenizer DIR" in capsys.readouterr().out
+
+
+def test_a_card_given_only_by_its_memory_is_said_to_be_assumed(tmp_path: Path) -> None:
+    """hardware.vram_gib without hardware.gpu: the plan assumes an Ampere-or-newer card and
+    says so (it once stated "GPU with 4 GiB supports native bfloat16 (compute capability
+    8.0)" as a fact), and the script's TF32 line says it rests on that assumption."""
+    spec = SPECS / "tiny-cpu-sft.yaml"
+    plan = make_plan(resolve(load_spec(spec)))
+    assert plan.gpu.architecture_assumed
+    reason = next(d.reason for d in plan.decisions if d.knob == "compute_dtype")
+    assert "is assumed" in reason and "compute capability" not in reason
+    assert main(["emit", str(spec), "-o", str(tmp_path / "out")]) == 0
+    script = " ".join((tmp_path / "out" / "train.py").read_text(encoding="utf-8").split())
+    assert "Ampere-or-newer card with tensor cores for them is # assumed" in script
+
+
+def test_among_fitting_edits_the_one_keeping_more_of_the_sequence_comes_first() -> None:
+    """8B in bf16 at 8192 tokens, micro-batch 4, no checkpointing, on an RTX 4090: a lone
+    cut to the longest length that fits (64 tokens) and the combination (checkpointing,
+    micro-batch 1, paged optimizer, a shorter length) ask the same kind of change; the one
+    that keeps more of the 8192 tokens is listed first (the report's headline shows it)."""
+    resolved = resolve(load_spec(AUTO_SPEC))
+    change = {
+        "precision": "bf16",
+        "training.max_length": 8192,
+        "training.per_device_train_batch_size": 4,
+        "training.gradient_checkpointing": False,
+    }
+    plan = make_plan(changed_resolved(resolved, change))
+    shorter = [s for s in plan.suggestions if s.fits_high and "training.max_length" in s.change]
+    lengths = [s.change["training.max_length"] for s in shorter]
+    assert len(shorter) >= 2 and min(lengths) < 8192 // 4
+    assert lengths[0] == max(lengths) and "training.gradient_checkpointing" in shorter[0].change
+    assert plan.suggestions.index(shorter[0]) < plan.suggestions.index(shorter[1])
+
+
+def test_the_fits_row_names_every_phase_that_is_over(capsys: pytest.CaptureFixture[str]) -> None:
+    """70B QLoRA without offload on 2 x RTX 4090: 4-bit is over in training, and bf16 over
+    in training and loading alike; the fits row says so (it once said only "no (loading)"
+    where training was over too)."""
+    spec = SPECS / "llama3-70b-qlora-fsdp-2x24gb.yaml"
+    assert main(["plan", str(spec), "--set", "hardware.cpu_offload=false"]) == 3
+    fits_row = next(line for line in capsys.readouterr().out.splitlines() if "│ fits" in line)
+    resolved = resolve(load_spec(spec))
+    plan = make_plan(changed_resolved(resolved, {"hardware.cpu_offload": False}))
+    for c in plan.candidates:
+        training = c.peak_reserved_bytes > plan.budget_bytes
+        expected = (
+            "no (training, loading)"
+            if training and not c.load_fits
+            else "no (loading)"
+            if not c.load_fits
+            else "no"
+        )
+        assert expected in fits_row, (c.precision, fits_row)

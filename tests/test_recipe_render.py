@@ -197,7 +197,7 @@ def test_loss_on_that_the_format_cannot_honour_is_refused(
 def test_chat_models_get_conversational_rows_base_models_plain_text(tmp_path: Path) -> None:
     chat = _render(_sft(tmp_path, fmt="prompt_completion"))["train.py"]
     assert "dataset = dataset.map(as_conversation)" in chat
-    assert '"completion": [{"role": "assistant", "content": row["completion"]}]' in chat
+    assert '"completion": "assistant",' in chat  # as_conversation's roles
     base = _render(_sft(tmp_path, model="meta-llama/Llama-3.2-1B", fmt="prompt_completion"))
     assert "as_conversation" not in base["train.py"]
     assert "plain text" in base["train.py"]
@@ -211,7 +211,7 @@ def test_dpo_keeps_the_lora_dropout_the_spec_asks_for(tmp_path: Path) -> None:
     ).replace("method: sft", "method: dpo")
     with_dropout = _render(_spec(tmp_path, body + "lora:\n  lora_dropout: 0.1\n"))["train.py"]
     assert "disable_dropout=False" in with_dropout
-    assert '"chosen": [{"role": "assistant", "content": row["chosen"]}]' in with_dropout
+    assert '"chosen": "assistant",' in with_dropout  # as_conversation's roles
     without = _render(_spec(tmp_path, body + "lora:\n  lora_dropout: 0.0\n", "b.yaml"))
     assert "disable_dropout" not in without["train.py"]
 

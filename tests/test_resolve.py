@@ -11,13 +11,14 @@ from peftgen.load import load_spec
 from peftgen.resolve import Resolved, resolve
 from peftgen.stack import GIB
 
-SPEC = """\
+REPO = Path(__file__).resolve().parents[1]
+SPEC = f"""\
 name: clinical-lora
 method: sft
 model:
   id: llama3-8b-instruct
 dataset:
-  path: specs/data/clinical_sft.jsonl
+  path: {REPO / "specs" / "data" / "clinical_sft.jsonl"}
   format: messages
 hardware:
   gpu: rtx-4090

@@ -9,6 +9,7 @@ Regenerate both with ``python -m tools.docs`` (a checkout tool, outside the whee
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,9 @@ def _type_text(prop: dict[str, Any]) -> str:
     if "anyOf" in prop:
         return " or ".join(_type_text(member) for member in prop["anyOf"])
     if "const" in prop:
-        return f"`{prop['const']}`"
+        return f"`{_yaml_value(prop['const'])}`"
     if "enum" in prop:
-        return "one of " + ", ".join(f"`{value}`" for value in prop["enum"])
+        return "one of " + ", ".join(f"`{_yaml_value(value)}`" for value in prop["enum"])
     kind = prop.get("type")
     if kind == "array":
         text = f"list of {_type_text(prop.get('items', {}))}"
@@ -137,6 +138,11 @@ def _type_text(prop: dict[str, Any]) -> str:
     text = names.get(str(kind), "text")
     constraints = _constraints(prop)
     return f"{text} ({constraints})" if constraints else text
+
+
+def _yaml_value(value: object) -> str:
+    """A schema value as a spec writes it: ``false``, not Python's ``False``."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _constraints(prop: dict[str, Any]) -> str:

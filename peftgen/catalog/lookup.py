@@ -226,9 +226,11 @@ def lookup_model(
             raise UserError(
                 [
                     Problem(
-                        f"model folder {model_id!r} does not exist (looked in the current "
-                        f"directory and in the spec's folder {str(base_dir)!r})",
-                        hint="point model.id at the folder that holds the model's config.json",
+                        f"model folder {model_id!r} does not exist (a relative model.id is "
+                        f"read from the spec's folder {str(base_dir)!r}, never the current "
+                        "directory)",
+                        hint="point model.id at the folder that holds the model's config.json, "
+                        "relative to the spec's folder or absolute",
                     )
                 ]
             )

@@ -113,6 +113,9 @@ class Gpu(_Frozen):
     source: str = ""
     throughput: GpuThroughput | None = None
     """Peak dense tensor FLOP/s and memory bandwidth; None for a ``--vram-gib`` card."""
+    architecture_assumed: bool = False
+    """No card named (``hardware.vram_gib`` alone): an Ampere-or-newer one is assumed, and
+    whatever depends on that (bf16, TF32, FlashAttention-2) says so."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from peftgen.catalog import find_model
+from peftgen.chat_templates import FAMILIES, identify
 from peftgen.check_data.rows import KEYS_BY_FORMAT, RowFault, check_row
 from peftgen.check_data.sources import (
     CsvSource,
@@ -184,6 +186,9 @@ def _check_rows(
     progress: ProgressCallback | None,
 ) -> None:
     first_shape_location: str | None = None
+    system_refused_by = system_turn_refused_by(
+        spec, pass_state.loaded if pass_state is not None else None
+    )
     rows = _limited(source.rows(), limit, report)
     for row in rows:
         if progress is not None:
@@ -191,7 +196,7 @@ def _check_rows(
         report.rows_checked += 1
         if _header_problem(source, spec, report):
             break
-        faults, shape = _row_faults(row, spec)
+        faults, shape = _row_faults(row, spec, system_refused_by)
         if not faults and shape is not None:
             if report.shape is None:
                 report.shape, first_shape_location = shape, _location(row)
@@ -231,11 +236,56 @@ def _tokenizer_or_reason(
     return loaded, None
 
 
-def _row_faults(row: Row, spec: AnySpec) -> tuple[list[RowFault], str | None]:
+SYSTEM_TURN_REFUSED = "System role not supported"
+"""What a chat template that takes no system turn raises (Gemma 2's, as trl stores it)."""
+
+
+def system_turn_refused_by(spec: AnySpec, tokenizer: LoadedTokenizer | None) -> str | None:
+    """The chat template the script renders with, when it raises on a system turn: the
+    tokenizer's own (identified by its exact text) or, with no tokenizer at hand, the one
+    the catalogue records for the model; None when it takes one (or ``dataset.chat_template``
+    replaces it)."""
+    if spec.dataset.chat_template is not None:
+        return None
+    if tokenizer is not None:
+        family = identify(getattr(tokenizer.tokenizer, "chat_template", None))
+        label = f"the tokenizer's chat template ({family.name})" if family else ""
+    else:
+        arch = find_model(spec.model.id)
+        name = arch.chat_template_family if arch is not None else None
+        family = FAMILIES.get(name) if name is not None else None
+        label = f"{arch.display_name}'s chat template" if arch is not None else ""
+    if family is None or SYSTEM_TURN_REFUSED not in family.original:
+        return None
+    return label
+
+
+def _system_turn_faults(record: dict[str, Any], refused_by: str | None) -> list[RowFault]:
+    """A leading system turn the chat template would refuse at the first batch."""
+    if refused_by is None:
+        return []
+    for key in ("messages", "prompt"):
+        turns = record.get(key)
+        first = turns[0] if isinstance(turns, list) and turns else None
+        if isinstance(first, dict) and first.get("role") == "system":
+            return [
+                RowFault(
+                    f"{key}[0]",
+                    f"a system turn, which {refused_by} refuses ({SYSTEM_TURN_REFUSED!r}): "
+                    "put its text at the start of the first user turn",
+                )
+            ]
+    return []
+
+
+def _row_faults(
+    row: Row, spec: AnySpec, system_refused_by: str | None = None
+) -> tuple[list[RowFault], str | None]:
     if row.record is None:
         return [RowFault(None, row.error or "unreadable row")], None
     verdict = check_row(row.record, spec.method, spec.dataset.format)
-    return verdict.faults, verdict.shape
+    faults = verdict.faults or _system_turn_faults(row.record, system_refused_by)
+    return faults, verdict.shape
 
 
 def _header_problem(source: RowSource, spec: AnySpec, report: DataReport) -> bool:

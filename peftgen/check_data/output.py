@@ -52,9 +52,22 @@ def _summary_line(report: DataReport) -> str:
     )
 
 
+NO_TOKENIZER_HINT = (
+    "pass --tokenizer DIR (a folder with the tokenizer files), or set HF_HUB_OFFLINE=1 to "
+    "skip the hub"
+)
+"""What check-data's user can do when no tokenizer loaded (its own flag: the reason itself
+is shared with plan's length_source p99, which has other remedies)."""
+
+
+def _skipped_text(tokens: TokenReport) -> str:
+    reason = tokens.skipped_reason or "token statistics skipped"
+    return f"{reason}; {NO_TOKENIZER_HINT}" if tokens.tokenizer_source is None else reason
+
+
 def _token_lines(tokens: TokenReport) -> list[str]:
     if tokens.stats is None:
-        return [tokens.skipped_reason or "token statistics skipped"]
+        return [_skipped_text(tokens)]
     lines = [f"tokens (tokenizer {tokens.tokenizer_source})", f"  trained on: {tokens.trains_on}"]
     lines.append(
         f"  example ({tokens.example_location}) as the script tokenizes it; "
@@ -126,7 +139,7 @@ def report_json(report: DataReport) -> dict[str, Any]:
 def _tokens_json(tokens: TokenReport, stats: LengthStats | None) -> dict[str, Any]:
     return {
         "tokenizer": tokens.tokenizer_source,
-        "skipped_reason": tokens.skipped_reason,
+        "skipped_reason": None if tokens.stats is not None else _skipped_text(tokens),
         "trained_on": tokens.trains_on,
         "example_location": tokens.example_location,
         "example": [{"text": span.text, "trained": span.trained} for span in tokens.example],

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from peftgen.errors import UserError
+from peftgen.stack import LOCAL_DATA_LOADERS
 
-LOCAL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet")
 UTF8_BOM = codecs.BOM_UTF8
 # Bytes read at a time when a JSON array is parsed incrementally.
 JSON_ARRAY_CHUNK_BYTES = 1 << 20
@@ -70,7 +70,7 @@ class RowSource(ABC):
 
 
 class FileSource(RowSource):
-    """A local file of one of ``LOCAL_SUFFIXES``."""
+    """A local file of one of ``stack.LOCAL_DATA_LOADERS``'s suffixes."""
 
     def __init__(self, path: Path, size_bytes: int) -> None:
         super().__init__(str(path), size_bytes)
@@ -95,7 +95,7 @@ def open_source(dataset_path: str, split: str) -> RowSource:
             f"{dataset_path!r} is a folder; give one .jsonl/.json/.csv/.parquet file",
             field_path="dataset.path",
         )
-    if suffix in LOCAL_SUFFIXES:
+    if suffix in LOCAL_DATA_LOADERS:
         if not is_file:
             raise UserError.single(
                 f"dataset file {dataset_path!r} does not exist "

@@ -82,8 +82,7 @@ def load_tokenizer(
         is_local = False
     if not is_local and _hub_offline():
         raise TokenizerUnavailable(
-            f"model.id {model_id!r} is not a local folder and the hub is offline; "
-            "pass --tokenizer DIR (a folder with the tokenizer files)"
+            f"model.id {model_id!r} is not a local folder and the hub is offline"
         )
     source = str(folder) if is_local else _hub_id(model_id)
     if not is_local:
@@ -93,8 +92,7 @@ def load_tokenizer(
         if unreachable is not None:
             raise TokenizerUnavailable(
                 f"model.id {model_id!r} is not a local folder and the hub cannot be reached "
-                f"({unreachable}); pass --tokenizer DIR (a folder with the tokenizer files), "
-                "or set HF_HUB_OFFLINE=1 to skip the hub"
+                f"({unreachable})"
             )
     try:
         from transformers import AutoTokenizer

@@ -21,8 +21,10 @@ with a warning naming the canonical key; never silently.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from peftgen.errors import Problem, UserError
 from peftgen.load.aliases import KEY_ALIASES, KeyAlias, apply_key_aliases
@@ -39,7 +41,7 @@ from peftgen.load.locate import (
 from peftgen.load.source import MAX_SPEC_BYTES, decode, read_bytes
 from peftgen.load.tree import MAX_ALIASES, MAX_DEPTH, MAX_EXPANDED_NODES, parse, top_level_problem
 from peftgen.load.validation import validate
-from peftgen.spec import AnySpec
+from peftgen.spec import AnySpec, set_dotted
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,19 @@ __all__ = [
 ]
 
 
-def load_spec(path: Path) -> LoadedSpec:
-    """Load and validate one spec file; every problem found is raised at once."""
+def load_spec(path: Path, edits: Mapping[str, Any] | None = None) -> LoadedSpec:
+    """Load and validate one spec file; every problem found is raised at once.
+
+    ``edits`` (dotted keys: ``plan --set``) are applied to the file's mapping before it is
+    validated, so an edit can also repair a value the file gets wrong."""
     raw_bytes = read_bytes(path)
     text = decode(path, raw_bytes)
     document = parse(path, text)
     data = document.data
     spec_warnings = apply_key_aliases(path, text, document)
+    if edits and isinstance(data, dict):
+        for key, value in edits.items():
+            set_dotted(data, key, value)
     problems = list(document.problems)
     spec: AnySpec | None = None
     if not isinstance(data, dict):

@@ -381,9 +381,16 @@ def _expected(error: ErrorDetails) -> str:
 
 
 def _literal_choices(error: ErrorDetails) -> list[str]:
+    """The allowed values as a spec writes them (``false`` for the ``False`` of a mixed
+    literal such as ``use_vllm``'s)."""
     if error["type"] != "literal_error":
         return []
-    return re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
+    expected = str(error.get("ctx", {}).get("expected", ""))
+    spelled = {"True": "true", "False": "false", "None": "null"}
+    return [
+        quoted or spelled[bare]
+        for quoted, bare in re.findall(r"'([^']*)'|\b(True|False|None)\b", expected)
+    ]
 
 
 def _range_text(info: Any, name: str) -> str | None:

@@ -83,6 +83,7 @@ def make_plan(
             count=spec.hardware.world_size,
             compute_capability=gpu.compute_capability,
             flash_attention_2=gpu.flash_attention_2,
+            architecture_assumed=gpu.architecture_assumed,
         ),
         budget_bytes=budget,
         trainable_parameters=candidates[0].trainable_parameters,

@@ -228,6 +228,8 @@ def plan_decisions(
     compute_reason = (
         "precision fp16 set in the spec"
         if spec.precision == "fp16" and gpu.bf16
+        else "no hardware.gpu named: an Ampere-or-newer card (native bfloat16) is assumed"
+        if gpu.architecture_assumed
         else f"{gpu.name} {'supports' if gpu.bf16 else 'lacks'} native bfloat16"
         f" (compute capability {gpu.compute_capability})"
     )

@@ -27,6 +27,7 @@ from peftgen.resolve import Resolved
 from peftgen.spec import (
     PARAMETER_SHARDING_ENGINES,
     STATE_SHARDING_ENGINES,
+    AnySpec,
     LoadPrecision,
 )
 from peftgen.stack import GIB, format_gib
@@ -148,21 +149,27 @@ def suggest_changes(
         search.add("combine these changes", combined, "together")
     search.made.extend(smallest_fitting_gpu(resolved, gpu, base.peak_reserved_bytes))
     search.made.extend(smallest_fitting_gpu_count(resolved, gpu, base.peak_reserved_bytes))
-    return sorted(search.made, key=_rank)
+    return sorted(search.made, key=lambda s: _rank(s, spec))
 
 
 def _precision_and_memory_edits(search: _Search, candidates: tuple[Candidate, ...]) -> None:
-    """A smaller precision, gradient checkpointing, CPU offload (on or off), a paged 8-bit
+    """Another precision that fits, gradient checkpointing, CPU offload (on or off), a paged 8-bit
     optimizer: the edits that keep the data as it is."""
     spec = search.resolved.loaded.spec
     training, hardware = spec.training, spec.hardware
-    if spec.precision not in ("auto", "4bit"):
+    if spec.precision != "auto":
+        # Any other precision that fits, 16-bit included: a 4-bit model is loaded whole on
+        # every GPU under ZeRO-3, where a bf16 one is partitioned as it loads.
+        order = [c.precision for c in candidates]
         for candidate in candidates:
             if candidate.fits and candidate.precision != spec.precision:
+                smaller = spec.precision not in order or order.index(
+                    candidate.precision
+                ) > order.index(spec.precision)
                 search.add(
                     f"load in {candidate.precision}",
                     {"precision": candidate.precision},
-                    "smaller weights",
+                    "smaller weights" if smaller else "a lower peak (weights sharded as they load)",
                 )
                 break
     if not training.gradient_checkpointing:
@@ -300,12 +307,26 @@ def largest_vllm_share(resolved: Resolved, gpu: Gpu, shares: list[float]) -> flo
     return None
 
 
-def _rank(suggestion: Suggestion) -> tuple[int, int]:
+def _rank(suggestion: Suggestion, spec: AnySpec) -> tuple[int, int, float]:
+    """Upper end fits, then fits at the estimate, each by how much the edit asks and then
+    by how much of the spec's sequence lengths it keeps (a combination keeping 5760 of 8192
+    tokens before a lone cut to 64: both are "shorter sequences"); then the rest by peak."""
+    kept = -_length_kept(suggestion.change, spec)
     if suggestion.fits_high:
-        return (0, _disruption(suggestion.change))
+        return (0, _disruption(suggestion.change), kept)
     if suggestion.fits:
-        return (1, _disruption(suggestion.change))
-    return (2, suggestion.peak_reserved_bytes or 0)
+        return (1, _disruption(suggestion.change), kept)
+    return (2, suggestion.peak_reserved_bytes or 0, 0.0)
+
+
+def _length_kept(change: Mapping[str, Any], spec: AnySpec) -> float:
+    """The smallest share of a sequence length the spec asks for that ``change`` keeps."""
+    asked = {"training.max_length": spec.training.max_length}
+    grpo = getattr(spec, "grpo", None)
+    if grpo is not None:
+        asked["grpo.max_completion_length"] = grpo.max_completion_length
+    shares = [change[key] / length for key, length in asked.items() if key in change]
+    return min(shares, default=1.0)
 
 
 def _suggestion(

@@ -133,6 +133,8 @@ class GpuTarget:
     count: int
     compute_capability: str | None = None
     flash_attention_2: bool = False
+    architecture_assumed: bool = False
+    """No ``hardware.gpu`` named: an Ampere-or-newer card of ``vram_bytes`` is assumed."""
 
 
 @dataclass(frozen=True)
