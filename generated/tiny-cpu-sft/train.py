@@ -161,7 +161,8 @@ def main() -> None:
             raise SystemExit(f"--resume: no checkpoint-* folder in {OUTPUT_DIR} to resume from")
     require(MODEL_ID, "model.id")
     require(DATASET_PATH, "dataset.path")
-    # TF32 matmuls: the GPU with 2 GiB has tensor cores for them (Ampere or newer).
+    # TF32 matmuls: no hardware.gpu named, so an Ampere-or-newer card with tensor cores for them is
+    # assumed; remove this line on an older card.
     torch.set_float32_matmul_precision("high")
 
     # --- Load ---
@@ -173,7 +174,7 @@ def main() -> None:
     # GiB
     model = AutoModelForCausalLM.from_pretrained(
         MODEL_ID,
-        # bfloat16: GPU with 2 GiB supports native bfloat16 (compute capability 8.0)
+        # bfloat16: no hardware.gpu named: an Ampere-or-newer card (native bfloat16) is assumed
         dtype=torch.bfloat16,
         attn_implementation="sdpa",
     )
