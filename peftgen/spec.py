@@ -34,6 +34,7 @@ from pydantic import (
 
 from peftgen.stack import (
     BUILTIN_REWARDS,
+    INT8_SHARDING_REFUSED,
     LOCAL_DATA_LOADERS,
     MAX_VRAM_GIB,
     MIN_VRAM_GIB,
@@ -691,12 +692,10 @@ def _check_distributed_combination(spec: _SpecBase) -> None:
     5.24) cannot run; each message says what to use instead."""
     engine = spec.hardware.distributed
     if engine in PARAMETER_SHARDING_ENGINES and spec.precision == "8bit":
-        # LLM.int8 keeps int8 weights plus per-row scales in Int8Params; neither FSDP nor
-        # ZeRO-3 can flatten and shard them (bitsandbytes supports FSDP for 4-bit only).
         raise ValueError(
-            f"precision: 8-bit loading cannot be sharded by {engine} (bitsandbytes shards "
-            "4-bit weights only); use precision: 4bit with "
-            "quantization.bnb_4bit_quant_storage: bfloat16, or distributed: ddp"
+            f"precision: 8-bit loading cannot be sharded by {engine}: {INT8_SHARDING_REFUSED}; "
+            "use precision: 4bit with quantization.bnb_4bit_quant_storage: bfloat16, or "
+            "distributed: ddp"
         )
     if engine == "deepspeed-zero3" and spec.precision == "4bit" and _storage_set_to_uint8(spec):
         where = "quantization.bnb_4bit_quant_storage"

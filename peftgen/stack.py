@@ -200,6 +200,13 @@ def zero3_partitions_while_loading(distributed: str, precision: str) -> bool:
     return distributed == "deepspeed-zero3" and precision not in ("8bit", "4bit")
 
 
+INT8_SHARDING_REFUSED = (
+    "bitsandbytes shards 4-bit weights only, not LLM.int8's int8 weights with their per-row scales"
+)
+"""Why 8-bit loading has no place under FSDP / ZeRO-3: the spec's refusal and the plan's
+note on its missing 8-bit column say it in these words."""
+
+
 BUILTIN_REWARDS: tuple[str, ...] = ("format", "length")
 """GRPO rewards the scripts define themselves: `format` (an <answer> block, optionally after
 <think>) and `length` (peaks at half of max_completion_length)."""

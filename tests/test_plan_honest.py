@@ -471,6 +471,21 @@ def test_cpu_offload_says_how_much_host_memory(tmp_path: Path) -> None:
     assert "per node (2 GPUs x" in note
 
 
+def test_a_sharded_plan_says_why_it_has_no_8bit_column_and_the_engine_that_has_one() -> None:
+    path = SPECS / "llama3-70b-qlora-fsdp-2x24gb.yaml"
+    plan = make_plan(resolve(load_spec(path)))
+    assert "8bit" not in [c.precision for c in plan.candidates]
+    (note,) = [n for n in plan.notes if n.startswith("8bit:")]
+    assert "not planned under fsdp" in note
+    # The note's advice holds: the engine it names (the spec offloads, so not DDP) plans
+    # an 8-bit load of the same spec.
+    engine = note.split("distributed: ")[1].split(" can train it")[0]
+    assert engine == "deepspeed-zero2"
+    zero2 = make_plan(resolve(load_spec(path, {"hardware.distributed": engine})))
+    assert "8bit" in [c.precision for c in zero2.candidates]
+    assert not [n for n in zero2.notes if n.startswith("8bit:")]
+
+
 def test_grpo_says_which_phase_the_table_shows() -> None:
     resolved = resolve(load_spec(SPECS / "qwen2.5-1.5b-grpo-lora.yaml"))
     plan = make_plan(resolved)

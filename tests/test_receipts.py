@@ -114,7 +114,7 @@ def test_cpu_run_writes_receipt_with_the_plan_embedded(
         "memory receipt (early, step 3)",
         "memory receipt (end, step 4)",
     ]
-    assert "no CUDA, memory not measured (plan " in lines[-1]
+    assert "no CUDA, not measured (plan " in lines[-1]
     receipt_path = tmp_path / "adapter" / "memory_receipt.json"
     assert lines[-1].endswith(f"-> {receipt_path.as_posix()}")
     assert not receipt_path.with_name("receipt.tmp").exists()

@@ -23,7 +23,8 @@ Target: NVIDIA GeForce RTX 4090 x 1, memory budget 22.8 GiB per GPU.
 Base model loaded in 4-bit (NF4, double quantization, bfloat16 compute) + LoRA (QLoRA).
 Loss on: the assistant turns only (system and user text are context, not targets).
 Format: conversations rendered with the model's own chat template, as at inference.
-Predicted peak per GPU: 8.0 GiB reserved (7.3 GiB allocated):
+Predicted peak per GPU: 8.0 GiB as nvidia-smi shows it (torch reserves
+7.5 GiB, allocates 7.3 GiB):
     weights                   5.3 GiB
     LoRA adapter              0.2 GiB
     gradients                 0.2 GiB
@@ -326,7 +327,7 @@ class MemoryReceipt(TrainerCallback):
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(receipt, indent=2), encoding="utf-8")
         partial.replace(path)  # renamed into place: never half a receipt
-        found = f"{reserved / 2**30:.2f} GiB reserved" if cuda else "no CUDA, memory not measured"
+        found = f"{reserved / 2**30:.2f} GiB reserved by torch" if cuda else "no CUDA, not measured"
         found += f" (plan {RECEIPT['predicted']['torch_reserved_bytes'] / 2**30:.2f} GiB)"
         found += f", {seconds:.2f} s per step" if timed else ""
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")

@@ -23,7 +23,8 @@ Base model loaded in bfloat16 + LoRA.
 Loss on: the completions only (prompts are context, not targets).
 Format: conversations rendered with the model's own chat template, prompts as user turns and answers
 as assistant turns, as at inference.
-Predicted peak per GPU: 12.8 GiB reserved (11.4 GiB allocated):
+Predicted peak per GPU: 12.8 GiB as nvidia-smi shows it (torch reserves
+12.3 GiB, allocates 11.4 GiB):
     weights                   2.3 GiB
     LoRA adapter              0.1 GiB
     gradients                 0.1 GiB
@@ -325,7 +326,7 @@ class MemoryReceipt(TrainerCallback):
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(receipt, indent=2), encoding="utf-8")
         partial.replace(path)  # renamed into place: never half a receipt
-        found = f"{reserved / 2**30:.2f} GiB reserved" if cuda else "no CUDA, memory not measured"
+        found = f"{reserved / 2**30:.2f} GiB reserved by torch" if cuda else "no CUDA, not measured"
         found += f" (plan {RECEIPT['predicted']['torch_reserved_bytes'] / 2**30:.2f} GiB)"
         found += f", {seconds:.2f} s per step" if timed else ""
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")

@@ -23,7 +23,8 @@ Target: NVIDIA A10G x 1, memory budget 21.4 GiB per GPU.
 Base model loaded in 8-bit (LLM.int8, bfloat16 compute) + LoRA.
 Loss on: the assistant turns only (system and user text are context, not targets).
 Format: conversations rendered with the model's own chat template, as at inference.
-Predicted peak per GPU: 12.7 GiB reserved (11.7 GiB allocated):
+Predicted peak per GPU: 12.7 GiB as nvidia-smi shows it (torch reserves
+12.2 GiB, allocates 11.7 GiB):
     weights                   7.0 GiB
     LoRA adapter              0.1 GiB
     gradients                 0.1 GiB
@@ -464,7 +465,7 @@ class MemoryReceipt(TrainerCallback):
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(receipt, indent=2), encoding="utf-8")
         partial.replace(path)  # renamed into place: never half a receipt
-        found = f"{reserved / 2**30:.2f} GiB reserved" if cuda else "no CUDA, memory not measured"
+        found = f"{reserved / 2**30:.2f} GiB reserved by torch" if cuda else "no CUDA, not measured"
         found += f" (plan {RECEIPT['predicted']['torch_reserved_bytes'] / 2**30:.2f} GiB)"
         found += f", {seconds:.2f} s per step" if timed else ""
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")

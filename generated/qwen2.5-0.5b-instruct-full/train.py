@@ -22,7 +22,8 @@ model itself, loadable with plain transformers. fp32 master weights, gradients a
 under 16-bit autocast: 16-bit weights would round small updates away.
 Loss on: the assistant turns only (system and user text are context, not targets).
 Format: conversations rendered with the model's own chat template, as at inference.
-Predicted peak per GPU: 9.9 GiB reserved (9.2 GiB allocated):
+Predicted peak per GPU: 9.9 GiB as nvidia-smi shows it (torch reserves
+9.4 GiB, allocates 9.2 GiB):
     weights                   1.8 GiB
     gradients                 1.8 GiB
     optimizer state           3.7 GiB
@@ -294,7 +295,7 @@ class MemoryReceipt(TrainerCallback):
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(receipt, indent=2), encoding="utf-8")
         partial.replace(path)  # renamed into place: never half a receipt
-        found = f"{reserved / 2**30:.2f} GiB reserved" if cuda else "no CUDA, memory not measured"
+        found = f"{reserved / 2**30:.2f} GiB reserved by torch" if cuda else "no CUDA, not measured"
         found += f" (plan {RECEIPT['predicted']['torch_reserved_bytes'] / 2**30:.2f} GiB)"
         found += f", {seconds:.2f} s per step" if timed else ""
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")

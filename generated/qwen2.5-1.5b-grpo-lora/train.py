@@ -21,7 +21,8 @@ Base model loaded in bfloat16 + LoRA.
 Loss on: the sampled completions, weighted by their group-relative rewards.
 Format: conversations rendered with the model's own chat template, prompts as user turns and answers
 as assistant turns, as at inference.
-Predicted peak per GPU: 5.4 GiB reserved (4.7 GiB allocated):
+Predicted peak per GPU: 5.4 GiB as nvidia-smi shows it (torch reserves
+4.9 GiB, allocates 4.7 GiB):
     weights                   2.9 GiB
     LoRA adapter              0.1 GiB
     gradients                 0.1 GiB
@@ -366,7 +367,7 @@ class MemoryReceipt(TrainerCallback):
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(receipt, indent=2), encoding="utf-8")
         partial.replace(path)  # renamed into place: never half a receipt
-        found = f"{reserved / 2**30:.2f} GiB reserved" if cuda else "no CUDA, memory not measured"
+        found = f"{reserved / 2**30:.2f} GiB reserved by torch" if cuda else "no CUDA, not measured"
         found += f" (plan {RECEIPT['predicted']['torch_reserved_bytes'] / 2**30:.2f} GiB)"
         found += f", {seconds:.2f} s per step" if timed else ""
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")

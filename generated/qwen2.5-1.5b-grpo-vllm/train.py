@@ -24,7 +24,8 @@ vllm` (trl 1.16 supports 0.22 to 0.31) and a CUDA GPU; it cannot run on the CPU.
 Loss on: the sampled completions, weighted by their group-relative rewards.
 Format: conversations rendered with the model's own chat template, prompts as user turns and answers
 as assistant turns, as at inference.
-Predicted peak per GPU: 15.7 GiB reserved (3.2 GiB allocated):
+Predicted peak per GPU: 15.7 GiB as nvidia-smi shows it (torch reserves
+3.2 GiB, allocates 3.2 GiB):
     weights                   2.9 GiB
     LoRA adapter              0.1 GiB
     gradients                 0.0 GiB
@@ -377,7 +378,7 @@ class MemoryReceipt(TrainerCallback):
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(receipt, indent=2), encoding="utf-8")
         partial.replace(path)  # renamed into place: never half a receipt
-        found = f"{reserved / 2**30:.2f} GiB reserved" if cuda else "no CUDA, memory not measured"
+        found = f"{reserved / 2**30:.2f} GiB reserved by torch" if cuda else "no CUDA, not measured"
         found += f" (plan {RECEIPT['predicted']['torch_reserved_bytes'] / 2**30:.2f} GiB)"
         found += f", {seconds:.2f} s per step" if timed else ""
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")

@@ -20,7 +20,8 @@ Target: Tesla T4 x 1, memory budget 14.0 GiB per GPU.
 Base model loaded in float16 + LoRA.
 Loss on: the assistant turns only (system and user text are context, not targets).
 Format: conversations rendered with the ChatML template this script installs, as at inference.
-Predicted peak per GPU: 3.2 GiB reserved (2.5 GiB allocated):
+Predicted peak per GPU: 3.2 GiB as nvidia-smi shows it (torch reserves
+2.7 GiB, allocates 2.5 GiB):
     weights                   0.7 GiB
     LoRA adapter              0.2 GiB
     gradients                 0.2 GiB
@@ -356,7 +357,7 @@ class MemoryReceipt(TrainerCallback):
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(receipt, indent=2), encoding="utf-8")
         partial.replace(path)  # renamed into place: never half a receipt
-        found = f"{reserved / 2**30:.2f} GiB reserved" if cuda else "no CUDA, memory not measured"
+        found = f"{reserved / 2**30:.2f} GiB reserved by torch" if cuda else "no CUDA, not measured"
         found += f" (plan {RECEIPT['predicted']['torch_reserved_bytes'] / 2**30:.2f} GiB)"
         found += f", {seconds:.2f} s per step" if timed else ""
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")

@@ -20,7 +20,8 @@ Target: GPU with 2 GiB x 1, memory budget 1.9 GiB per GPU.
 Base model loaded in bfloat16 + LoRA.
 Loss on: the assistant turns only (system and user text are context, not targets).
 Format: conversations rendered with the model's own chat template, as at inference.
-Predicted peak per GPU: 0.5 GiB reserved (0.0 GiB allocated):
+Predicted peak per GPU: 0.5 GiB as nvidia-smi shows it (torch reserves
+0.0 GiB, allocates 0.0 GiB):
     weights                   0.0 GiB
     LoRA adapter              0.0 GiB
     gradients                 0.0 GiB
@@ -349,7 +350,7 @@ class MemoryReceipt(TrainerCallback):
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(receipt, indent=2), encoding="utf-8")
         partial.replace(path)  # renamed into place: never half a receipt
-        found = f"{reserved / 2**30:.2f} GiB reserved" if cuda else "no CUDA, memory not measured"
+        found = f"{reserved / 2**30:.2f} GiB reserved by torch" if cuda else "no CUDA, not measured"
         found += f" (plan {RECEIPT['predicted']['torch_reserved_bytes'] / 2**30:.2f} GiB)"
         found += f", {seconds:.2f} s per step" if timed else ""
         print(f"memory receipt ({stage}, step {state.global_step}): {found} -> {path}")

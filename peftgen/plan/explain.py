@@ -19,7 +19,7 @@ from peftgen.memory import (
     zero3_loads_whole_model,
 )
 from peftgen.plan.candidates import ONE_GPU, choose_precision, estimate_candidate
-from peftgen.plan.inputs import estimate_input, precision_order
+from peftgen.plan.inputs import estimate_input, precision_order, spec_precisions
 from peftgen.plan.types import Candidate, Decision
 from peftgen.resolve import Resolved
 from peftgen.spec import (
@@ -28,7 +28,7 @@ from peftgen.spec import (
     AnySpec,
     LoadPrecision,
 )
-from peftgen.stack import format_gib
+from peftgen.stack import INT8_SHARDING_REFUSED, format_gib
 from peftgen.throughput import checkpointing_extra_compute_fraction
 
 
@@ -122,6 +122,15 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
             f"{format_gib(activation + logits)} plus gradients); the {other} phase peaks lower"
         )
     hardware = spec.hardware
+    if hardware.distributed in PARAMETER_SHARDING_ENGINES and "8bit" in spec_precisions(
+        ("bf16", "8bit"), spec
+    ):
+        # DDP cannot offload; ZeRO-2 offloads the optimizer state.
+        engines = "deepspeed-zero2" if hardware.cpu_offload else "ddp or deepspeed-zero2"
+        notes.append(
+            f"8bit: not planned under {hardware.distributed}: {INT8_SHARDING_REFUSED}; "
+            f"distributed: {engines} can train it"
+        )
     if hardware.cpu_offload:
         per_gpu = host_offload_bytes(inputs)
         what = (
