@@ -18,13 +18,55 @@ def normalise_name(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name.strip().lower())
 
 
+CHOICE_SYNONYMS: dict[str, str] = {
+    # dataset.format: the names other tools and trl's docs give these row shapes.
+    "chat": "messages",
+    "conversation": "messages",
+    "conversations": "messages",
+    "conversational": "messages",
+    "sharegpt": "messages",
+    "completion": "prompt_completion",
+    "instruction": "prompt_completion",
+    "alpaca": "prompt_completion",
+    "dpo": "preference",
+    "pairwise": "preference",
+    "chosenrejected": "preference",
+    "raw": "text",
+    "plaintext": "text",
+    # precision: the quantization or dtype a user names instead of the load.
+    "nf4": "4bit",
+    "fp4": "4bit",
+    "int4": "4bit",
+    "qlora": "4bit",
+    "int8": "8bit",
+    "llmint8": "8bit",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    # hardware.distributed
+    "single": "none",
+    "singlegpu": "none",
+}
+"""Words people write for a spec choice, normalised (``normalise_name``): offered only when
+the word they stand for is among the field's choices."""
+
+
 def close_matches(name: str, choices: Iterable[str], limit: int = 3) -> list[str]:
-    """The choices a typo most likely meant: the same name spelt another way first, then
-    close matches, compared by ``normalise_name``. Every did-you-mean uses this one."""
+    """The choices a typo most likely meant, compared by ``normalise_name``: the same name
+    spelt another way; a common synonym (``CHOICE_SYNONYMS``); choices that contain the
+    name or that it contains (``zero3`` for ``deepspeed-zero3``), shortest first; then
+    close spellings. Every did-you-mean uses this one."""
     keyed = {normalise_name(choice): choice for choice in choices}
     wanted = normalise_name(name)
     if wanted in keyed:
         return [keyed[wanted]]
+    synonym = CHOICE_SYNONYMS.get(wanted)
+    if synonym in keyed:
+        return [keyed[synonym]]
+    if len(wanted) >= 3:
+        nested = [key for key in keyed if len(key) >= 3 and (wanted in key or key in wanted)]
+        if nested:
+            return [keyed[key] for key in sorted(nested, key=len)[:limit]]
     hits = difflib.get_close_matches(wanted, list(keyed), n=limit, cutoff=0.6)
     return [keyed[hit] for hit in hits]
 

@@ -113,6 +113,45 @@ def _matches(wanted: str, line: str) -> bool:
     return line == wanted
 
 
+SYNONYM_SPEC = """\
+name: s
+method: sft
+model:
+  id: meta-llama/Meta-Llama-3-8B-Instruct
+dataset:
+  path: specs/data/clinical_sft.jsonl
+  format: {format}
+hardware:
+  gpu: rtx-4090
+  distributed: {distributed}
+precision: {precision}
+"""
+
+
+@pytest.mark.parametrize(
+    ("field", "written", "meant"),
+    [
+        ("distributed", "zero3", "'deepspeed-zero3'"),
+        ("distributed", "zero", "'deepspeed-zero2' or 'deepspeed-zero3'"),
+        ("distributed", "fsdp2", "'fsdp'"),
+        ("format", "chat", "'messages'"),
+        ("format", "sharegpt", "'messages'"),
+        ("format", "dpo", "'preference'"),
+        ("precision", "nf4", "'4bit'"),
+        ("precision", "bfloat16", "'bf16'"),
+    ],
+)
+def test_words_other_tools_use_for_a_choice_get_a_did_you_mean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, written: str, meant: str
+) -> None:
+    values = {"format": "messages", "distributed": "none", "precision": "4bit", field: written}
+    path = _write(tmp_path, SYNONYM_SPEC.format(**values))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"got '{written}'" in err
+    assert f"hint: did you mean {meant}?" in err
+
+
 def test_validate_in_a_real_process_reports_every_file() -> None:
     """The installed entry point, several files at once: all problems, exit 2, no traceback."""
     names = ["lora_r_zero.yaml", "unknown_method.yaml", "non_utf8.yaml"]
