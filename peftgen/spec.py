@@ -271,7 +271,10 @@ class HardwareSpec(_Frozen):
     @field_validator("gpu", mode="before")
     @classmethod
     def _number_as_name(cls, value: object) -> object:
-        # `gpu: 3090` unquoted is a YAML integer; it names the card all the same.
+        # `gpu: 3090` unquoted is a YAML integer (`4090.0` a float); it names the card all the
+        # same. A fraction names none: "must be text" asks for the name.
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return str(value)
         return value

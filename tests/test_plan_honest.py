@@ -261,10 +261,16 @@ def test_a_memory_size_the_card_lacks_is_refused() -> None:
     assert "has 48 GB" in str(caught.value) and "hardware.vram_gib: 48" in str(caught.value)
 
 
-def test_unquoted_number_names_the_card(tmp_path: Path) -> None:
-    resolved = _resolve(tmp_path, _spec("llama3-8b", hardware="  gpu: 3090"))
+@pytest.mark.parametrize("written", ["3090", "3090.0"])
+def test_unquoted_number_names_the_card(tmp_path: Path, written: str) -> None:
+    resolved = _resolve(tmp_path, _spec("llama3-8b", hardware=f"  gpu: {written}"))
     assert resolved.gpu.name == "NVIDIA GeForce RTX 3090"
     assert resolved.spec.hardware.gpu == "3090"
+
+
+def test_a_fractional_number_is_not_a_card(tmp_path: Path) -> None:
+    (message,) = _problems(tmp_path, _spec("llama3-8b", hardware="  gpu: 3090.5"))
+    assert "hardware.gpu: must be text; got 3090.5" in message
 
 
 def test_ambiguous_gpu_in_the_spec_is_located(tmp_path: Path) -> None:
