@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except UserError as error:
-        print(error.render(), file=sys.stderr)
+        print(error.render(unlocated=f"peftgen {args.command}"), file=sys.stderr)
         return error.exit_code
     except NothingFitsError as error:
         print(str(error), file=sys.stderr)

@@ -654,7 +654,7 @@ def parse_prices(arguments: list[str], target_gpu: str) -> dict[str, float]:
             prices[target_gpu] = price
             continue
         try:
-            prices[lookup_gpu(name.strip()).name] = price
+            prices[lookup_gpu(name.strip(), instead=None).name] = price
         except UserError as error:
             raise UserError(
                 [replace(p, field_path="--price-per-hour", file=None) for p in error.problems]
@@ -669,9 +669,7 @@ def check_data(args: argparse.Namespace) -> int:
     from peftgen.errors import UserError
 
     if args.limit is not None and args.limit < 1:
-        raise UserError.single(
-            f"--limit must be at least 1; got {args.limit}", file="peftgen check-data"
-        )
+        raise UserError.single(f"must be at least 1; got {args.limit}", field_path="--limit")
     loaded = load_spec(args.spec)
     try:
         with progress_bar(f"checking {loaded.spec.dataset.path}") as progress:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 def normalise_name(name: str) -> str:
@@ -127,8 +127,13 @@ class UserError(Exception):
     def single(cls, message: str, **where: str | int | None) -> UserError:
         return cls([Problem(message, **where)])  # type: ignore[arg-type]
 
-    def render(self) -> str:
-        return "\n".join(problem.render() for problem in self.problems)
+    def render(self, unlocated: str | None = None) -> str:
+        """Every problem; those that no file locates (a command-line option's) are said to
+        be ``unlocated``'s (``peftgen plan``), not the spec's."""
+        problems = self.problems
+        if unlocated is not None:
+            problems = [p if p.file else replace(p, file=unlocated) for p in problems]
+        return "\n".join(problem.render() for problem in problems)
 
     def __str__(self) -> str:
         return self.render()

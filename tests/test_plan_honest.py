@@ -284,6 +284,39 @@ def test_ambiguous_gpu_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--gpu: GPU 'h100' is more than one card" in err and "h100-nvl" in err
 
 
+CLEAN_SPEC = str(SPECS / "llama3-8b-clinical-qlora.yaml")
+"""A spec without warnings: stderr holds the option's error alone."""
+
+
+@pytest.mark.parametrize(
+    ("argv", "head", "alternative"),
+    [
+        (
+            ["plan", CLEAN_SPEC, "--gpu", "zz-9"],
+            "peftgen plan: --gpu: unknown GPU",
+            "--vram-gib",
+        ),
+        (
+            ["report", CLEAN_SPEC, "--format", "md", "--price-per-hour", "zz-9=1.5"],
+            "peftgen report: --price-per-hour: unknown GPU",
+            None,
+        ),
+        (["check-data", CLEAN_SPEC, "--limit", "0"], "peftgen check-data: --limit:", None),
+    ],
+)
+def test_an_option_error_names_the_command_and_the_option_not_the_spec(
+    capsys: pytest.CaptureFixture[str], argv: list[str], head: str, alternative: str | None
+) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(head), captured.err
+    assert "<spec>" not in captured.err and captured.out == ""
+    # The hint offers what the command line allows, not a spec edit.
+    assert "hardware." not in captured.err
+    if alternative is not None:
+        assert alternative in captured.err
+
+
 # ------------------------------------------------------------------ the prediction interval
 
 

@@ -192,16 +192,19 @@ def _did_you_mean(name: str, choices: list[str]) -> str | None:
     return f"did you mean {' or '.join(repr(m) for m in matches)}?" if matches else None
 
 
-def lookup_gpu(name: str) -> Gpu:
-    """The catalogue GPU for ``name``, or a ``UserError`` with a did-you-mean."""
+def lookup_gpu(
+    name: str, instead: str | None = "omit hardware.gpu and give hardware.vram_gib"
+) -> Gpu:
+    """The catalogue GPU for ``name``, or a ``UserError`` with a did-you-mean; without one,
+    the hint names the catalogue and ``instead``, what the place that named the GPU allows
+    for a card the catalogue lacks (the spec's ``hardware.vram_gib``)."""
     found = _match_gpu(name)
     if isinstance(found, Gpu):
         return found
     if found.hint is not None:
         raise UserError([found])
-    hint = _did_you_mean(name, gpu_names()) or (
-        "see docs/catalogue.md for the catalogue, or omit hardware.gpu and give hardware.vram_gib"
-    )
+    otherwise = f", or {instead}" if instead else ""
+    hint = _did_you_mean(name, gpu_names()) or f"see docs/catalogue.md for the catalogue{otherwise}"
     raise UserError([Problem(found.message, hint=hint)])
 
 
