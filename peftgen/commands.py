@@ -65,6 +65,15 @@ def schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_folder(path: Path) -> bool:
+    """``path.is_dir()``, False where the name cannot even be looked up (too long):
+    ``write_atomically`` then names the reason."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def write_atomically(path: Path, text: str, what: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and
     ``os.replace``: a full disk or an interruption leaves the old file (or none), never a
@@ -82,6 +91,13 @@ def write_atomically(path: Path, text: str, what: str) -> None:
     try:
         if path.is_dir():
             raise refuse("it is a folder; give a file name")
+        if path.is_symlink():  # write the file it names; the link stays
+            path = path.resolve()
+        if path.exists() and not path.is_file():
+            # /dev/null, /dev/stdout, a FIFO: written through, never replaced by a file.
+            with path.open("w", encoding="utf-8") as stream:
+                stream.write(text)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         umask = os.umask(0)
         os.umask(umask)
@@ -623,6 +639,8 @@ def report(args: argparse.Namespace) -> int:
     if output is None:
         sys.stdout.write(text)
         return 0
+    if _is_folder(output):  # refused before any chart is written
+        write_atomically(output, text, "the report")
     for name, svg in charts.items():  # the charts first: the report names them
         write_atomically(output.parent / name, svg, "a chart of the report")
     write_atomically(output, text, "the report")

@@ -52,12 +52,35 @@ def parse_set_edits(
             continue
         try:
             value = YAML(typ="safe", pure=True).load(text) if text.strip() else None
-        except YAMLError as error:
+        except (YAMLError, ValueError) as error:
             problem = str(getattr(error, "problem", None) or error).splitlines()[0]
+            if not isinstance(error, YAMLError):  # Python reads no int of over 4300 digits
+                problem = "a number too long to read"
             problems.append(
                 Problem(f"the value is not YAML: {problem}", file=label, field_path=key)
+            )
+            continue
+        if _repeats_a_node(value, set()):
+            problems.append(
+                Problem(
+                    "the value repeats a node through a YAML alias (*name); write it out",
+                    file=label,
+                    field_path=key,
+                )
             )
             continue
         changes[key] = value
         labels[key] = label
     return changes, labels, problems
+
+
+def _repeats_a_node(value: Any, seen: set[int]) -> bool:
+    """A list or mapping reached twice: an alias, possibly of itself (``&a [*a]``), which the
+    spec's own loader refuses and which would make every later walk of the value recurse."""
+    if not isinstance(value, (list, dict)):
+        return False
+    if id(value) in seen:
+        return True
+    seen.add(id(value))
+    children = value.values() if isinstance(value, dict) else value
+    return any(_repeats_a_node(child, seen) for child in children)

@@ -962,6 +962,8 @@ def script_context(
         pinned["deepspeed"] = stack.ENGINE_VERSIONS["deepspeed"]
     model_view = _model_view(values, model, paths, anchor_dir)
     data_view = _data_view(values, loaded, paths, anchor_dir)
+    if not paths.output_dir.name:  # `/`, `../../..` up to it: no name to merge beside
+        raise values.error("output_dir", "is the filesystem root; name a folder for the run")
     merged_dir = paths.output_dir.with_name(paths.output_dir.name + "-merged")
     output_dir_expr = _path_expr(paths.output_dir, anchor_dir)
     merged_dir_expr = _path_expr(merged_dir, anchor_dir)

@@ -817,13 +817,50 @@ def test_emit_to_a_name_too_long(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert tree(tmp_path) == before
 
 
-def test_report_onto_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("form", ["html", "md"])
+def test_report_onto_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
     spec = write(tmp_path, spec_text())
     (tmp_path / "report.html").mkdir()
+    before = tree(tmp_path)
     refused(
-        run(capsys, "report", str(spec), "-o", str(tmp_path / "report.html")),
+        run(capsys, "report", str(spec), "--format", form, "-o", str(tmp_path / "report.html")),
         "cannot write the report: it is a folder",
     )
+    assert tree(tmp_path) == before  # no chart of the markdown report either
+
+
+@pytest.mark.parametrize("root", ["/", "/tmp/.."])
+def test_an_output_dir_at_the_filesystem_root_is_refused_at_emit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], root: str
+) -> None:
+    spec = write(tmp_path, spec_text(extra=f"output_dir: {json.dumps(root)}\n"))
+    before = tree(tmp_path)
+    refused(
+        run(capsys, "emit", str(spec), "-o", str(tmp_path / "out")),
+        "output_dir: is the filesystem root",
+    )
+    assert tree(tmp_path) == before
+
+
+def test_output_through_a_link_writes_the_file_it_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("old", encoding="utf-8")
+    link.symlink_to(real)
+    assert run(capsys, "schema", "-o", str(link))[0] == 0
+    assert link.is_symlink() and json.loads(real.read_text(encoding="utf-8"))["title"]
+
+
+def test_output_to_a_device_is_written_through_not_replaced(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``-o /dev/null`` must leave the device a device (as root, replacing it is possible)."""
+    null = Path(os.devnull)
+    assert run(capsys, "schema", "-o", str(null))[0] == 0
+    assert stat.S_ISCHR(null.stat().st_mode)
 
 
 def test_use_vllm_true_is_trl_s_default_mode_and_the_choices_say_false(

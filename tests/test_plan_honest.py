@@ -701,6 +701,21 @@ def test_set_errors_name_the_argument(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--set training.max_length=8: training.max_length: must be >= 16; got 8" in err
 
 
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("&a [q_proj, *a]", "repeats a node through a YAML alias"),
+        ("9" * 4400, "a number too long to read"),
+    ],
+)
+def test_set_values_yaml_cannot_hold_are_refused_like_a_file_s(
+    capsys: pytest.CaptureFixture[str], value: str, said: str
+) -> None:
+    assert main(["plan", CLEAN_SPEC, "--set", f"lora.target_modules={value}"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+
+
 def test_set_can_repair_what_the_file_gets_wrong(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
