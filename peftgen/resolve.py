@@ -35,9 +35,11 @@ from peftgen.spec import (
     from_spec_dir,
     is_local_dataset,
 )
-from peftgen.stack import GIB, format_gib
+from peftgen.stack import GIB, LOCAL_DATA_LOADERS, format_gib
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+"""Compressed data files: the hint says to decompress, not to convert."""
 """Non-linear (or output) modules peft can train in full through ``modules_to_save``."""
 
 
@@ -231,13 +233,41 @@ def _resolve_model(
 def _dataset_problems(loaded: LoadedSpec) -> list[Problem]:
     """A local file loads as one split named ``train``; another split fails at run time."""
     dataset = loaded.spec.dataset
-    if not is_local_dataset(dataset.path) or dataset.split == "train":
+    if not is_local_dataset(dataset.path):
+        return _unloadable_file_problems(loaded)
+    if dataset.split == "train":
         return []
     return [
         loaded.problem(
             "dataset.split",
             f"a local file has one split, `train`; got {dataset.split!r}",
             "remove dataset.split (hold out evaluation rows with dataset.eval_fraction)",
+        )
+    ]
+
+
+def _unloadable_file_problems(loaded: LoadedSpec) -> list[Problem]:
+    """A ``dataset.path`` without a data suffix is a hub id, so the script would ask the hub
+    for it; when it names a file (it exists, or is spelled as a path), the user meant that
+    file, and the script could not load it: refused here rather than a hub error at run time."""
+    path = loaded.spec.dataset.path
+    file = from_spec_dir(path, loaded.path.parent)
+    spelled_as_path = path.startswith(("/", "./", "../", "~")) or "\\" in path
+    if not (file.is_file() or spelled_as_path):
+        return []
+    suffixes = ", ".join(LOCAL_DATA_LOADERS)
+    if file.is_dir():
+        hint = f"name one data file in that folder ({suffixes})"
+    elif file.suffix.lower() in COMPRESSED_SUFFIXES:
+        hint = f"decompress it to a {suffixes} file"
+    else:
+        hint = f"convert it to a {suffixes} file"
+    return [
+        loaded.problem(
+            "dataset.path",
+            f"{path!r} is a local path, and the script loads a local data file by its "
+            f"suffix ({suffixes}); any other path is read as a hub dataset id",
+            hint,
         )
     ]
 

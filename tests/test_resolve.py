@@ -142,3 +142,35 @@ def test_rslora_with_a_plain_lora_alpha_warns(tmp_path: Path) -> None:
     assert calm.warnings == ()
     plain = _resolve(tmp_path, SPEC + "lora:\n  r: 64\n  lora_alpha: 128\n")
     assert plain.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "hint"),
+    [
+        ("notes.txt", "file", "convert it to a .jsonl"),
+        ("rows.jsonl.gz", "file", "decompress it to a .jsonl"),
+        ("./corpus", "folder", "name one data file in that folder"),
+        ("./missing.tsv", None, "convert it to a .jsonl"),
+    ],
+)
+def test_a_local_path_the_script_cannot_load_is_refused_not_sent_to_the_hub(
+    tmp_path: Path, name: str, make: str | None, hint: str
+) -> None:
+    target = tmp_path / name
+    if make == "file":
+        target.write_text("a line\n", encoding="utf-8")
+    elif make == "folder":
+        target.mkdir()
+    text = SPEC.replace(str(REPO / "specs" / "data" / "clinical_sft.jsonl"), name)
+    with pytest.raises(UserError) as caught:
+        _resolve(tmp_path, text)
+    (problem,) = caught.value.problems
+    assert (problem.line, problem.field_path) == (6, "dataset.path")
+    assert "any other path is read as a hub dataset id" in problem.message
+    assert problem.hint is not None and problem.hint.startswith(hint)
+
+
+def test_a_hub_id_that_is_no_local_file_stays_a_hub_id(tmp_path: Path) -> None:
+    (tmp_path / "bigbio").mkdir()  # a folder of that owner's name does not make it local
+    text = SPEC.replace(str(REPO / "specs" / "data" / "clinical_sft.jsonl"), "bigbio/med_qa")
+    assert _resolve(tmp_path, text).spec.dataset.path == "bigbio/med_qa"
