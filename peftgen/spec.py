@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -169,6 +170,18 @@ FORMATS_BY_METHOD: dict[str, tuple[str, ...]] = {
 }
 
 
+def _refuse_bool(value: Any) -> Any:
+    """``r: true`` would pass as 1: pydantic's lax mode reads a bool as a number, never
+    the number a user meant."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+NOT_A_BOOL = BeforeValidator(_refuse_bool)
+"""In every number field's ``Annotated``: true/false is refused, not read as 1/0."""
+
+
 class _Frozen(BaseModel):
     """Base of every spec model: immutable, unknown keys are errors, docs become schema."""
 
@@ -217,7 +230,7 @@ class DatasetSpec(_Frozen):
     format: DatasetFormat
     """Row shape: `messages` (chat turns), `prompt_completion`, `text`, `preference`
     (prompt/chosen/rejected), `prompt` (GRPO)."""
-    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0), NOT_A_BOOL] = 0.0
     """Share of rows held out for evaluation (0 <= x < 1); 0 disables evaluation."""
     chat_template: ChatTemplateName | None = None
     """A named chat template to install when the model's tokenizer has none (adds special tokens, so
@@ -237,12 +250,12 @@ class HardwareSpec(_Frozen):
     gpu: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     """Catalogue GPU name or alias (case, space and dash insensitive), e.g. `rtx-4090`,
     `A100 80GB`."""
-    vram_gib: Annotated[float, Field(ge=MIN_VRAM_GIB, le=MAX_VRAM_GIB)] | None = None
+    vram_gib: Annotated[float, Field(ge=MIN_VRAM_GIB, le=MAX_VRAM_GIB), NOT_A_BOOL] | None = None
     """GPU memory in GiB; overrides the catalogue's figure, or replaces `gpu` when the card is not
     catalogued."""
-    num_gpus: Annotated[int, Field(ge=1, le=1024)] = 1
+    num_gpus: Annotated[int, Field(ge=1, le=1024), NOT_A_BOOL] = 1
     """GPUs per node."""
-    num_nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+    num_nodes: Annotated[int, Field(ge=1, le=1024), NOT_A_BOOL] = 1
     """Machines taking part; each has `num_gpus` GPUs."""
     distributed: Distributed = "none"
     """Multi-GPU engine through accelerate: `none`, `ddp`, `fsdp`, `deepspeed-zero2`,
@@ -251,10 +264,10 @@ class HardwareSpec(_Frozen):
     """Keep sharded state in host memory: FSDP `offload_params` (parameters, gradients,
     optimizer), DeepSpeed `offload_optimizer` (ZeRO-3: `offload_param` too). Needs fsdp or
     deepspeed; slower, much less GPU memory."""
-    host_memory_gib: Annotated[float, Field(gt=0, le=1048576)] | None = None
+    host_memory_gib: Annotated[float, Field(gt=0, le=1048576), NOT_A_BOOL] | None = None
     """Host RAM per machine in GiB. When given, the plan checks the host memory that loading
     and `cpu_offload` need against it (a run that needs more does not fit)."""
-    headroom_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.05
+    headroom_fraction: Annotated[float, Field(ge=0.0, lt=0.5), NOT_A_BOOL] = 0.05
     """Share of GPU memory the plan keeps free (other processes, allocator spikes): budget = memory
     x (1 - headroom)."""
 
@@ -329,11 +342,11 @@ class QuantizationSpec(_Frozen):
 class LoraSpec(_Frozen):
     """peft.LoraConfig keys, passed through 1:1."""
 
-    r: Annotated[int, Field(gt=0, le=4096)] = 16
+    r: Annotated[int, Field(gt=0, le=4096), NOT_A_BOOL] = 16
     """Adapter rank: capacity of the update (8-64 typical)."""
-    lora_alpha: Annotated[float, Field(gt=0)] = 16
+    lora_alpha: Annotated[float, Field(gt=0), NOT_A_BOOL] = 16
     """Scaling numerator: the update is scaled by lora_alpha / r (or / sqrt(r) with rsLoRA)."""
-    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0), NOT_A_BOOL] = 0.05
     """Dropout on the adapter input, 0 <= x < 1."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train."""
@@ -364,15 +377,15 @@ class LoraSpec(_Frozen):
 class TrainingSpec(_Frozen):
     """Trainer arguments (trl SFTConfig / DPOConfig / GRPOConfig names)."""
 
-    max_length: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    max_length: Annotated[int, Field(ge=16, le=1_048_576), NOT_A_BOOL] = 2048
     """Tokens per sequence (longer rows are truncated)."""
-    per_device_train_batch_size: Annotated[int, Field(ge=1, le=4096)] = 1
+    per_device_train_batch_size: Annotated[int, Field(ge=1, le=4096), NOT_A_BOOL] = 1
     """Sequences per GPU per forward pass (the micro-batch)."""
-    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=65536)] = 8
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=65536), NOT_A_BOOL] = 8
     """Micro-batches per optimizer step; effective batch = micro-batch x this x GPUs."""
-    num_train_epochs: Annotated[float, Field(gt=0, le=1000)] = 1
+    num_train_epochs: Annotated[float, Field(gt=0, le=1000), NOT_A_BOOL] = 1
     """Passes over the training data (ignored when max_steps > 0)."""
-    max_steps: Annotated[int, Field(ge=-1, le=100_000_000)] = -1
+    max_steps: Annotated[int, Field(ge=-1, le=100_000_000), NOT_A_BOOL] = -1
     """Optimizer steps to run (1 or more); -1 trains for num_train_epochs."""
 
     @field_validator("max_steps")
@@ -384,11 +397,11 @@ class TrainingSpec(_Frozen):
             raise ValueError("must be 1 or more, or -1 to train for num_train_epochs; got 0")
         return value
 
-    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2.0e-4
+    learning_rate: Annotated[float, Field(gt=0, le=1), NOT_A_BOOL] = 2.0e-4
     """Peak learning rate."""
     lr_scheduler_type: SchedulerName = "cosine"
     """Learning-rate schedule."""
-    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.03
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0), NOT_A_BOOL] = 0.03
     """Share of steps spent warming up the learning rate."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: much less activation memory for one more
@@ -406,16 +419,16 @@ class TrainingSpec(_Frozen):
     (every token; the only choice for `text`). DPO and GRPO score their completions by design."""
     optim: Optim = "adamw_torch"
     """Optimizer (transformers OptimizerNames); 8-bit and paged variants use bitsandbytes."""
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1), NOT_A_BOOL] = 42
     """Random seed for data order and adapter initialisation."""
-    logging_steps: Annotated[int, Field(ge=1)] = 10
+    logging_steps: Annotated[int, Field(ge=1), NOT_A_BOOL] = 10
     """Log every this many optimizer steps."""
     save_strategy: SaveStrategy = "steps"
     """When to write checkpoints: every `save_steps` optimizer steps (so `--resume` has one to
     continue from after a preemption), each `epoch`, or `no`."""
-    save_steps: Annotated[int, Field(ge=1)] = 100
+    save_steps: Annotated[int, Field(ge=1), NOT_A_BOOL] = 100
     """Checkpoint interval when save_strategy is `steps`."""
-    save_total_limit: Annotated[int, Field(ge=1)] | None = 2
+    save_total_limit: Annotated[int, Field(ge=1), NOT_A_BOOL] | None = 2
     """Checkpoints kept in output_dir (the oldest are deleted); `null` keeps all."""
     report_to: ReportTo = "none"
     """Experiment tracker to log to."""
@@ -424,7 +437,7 @@ class TrainingSpec(_Frozen):
 class DpoSpec(_Frozen):
     """DPO settings (trl DPOConfig names); only with `method: dpo`."""
 
-    beta: Annotated[float, Field(gt=0, le=100)] = 0.1
+    beta: Annotated[float, Field(gt=0, le=100), NOT_A_BOOL] = 0.1
     """Strength of the pull towards the reference model."""
     loss_type: DpoLossType = "sigmoid"
     """Preference loss."""
@@ -446,24 +459,24 @@ def _known_reward(item: str) -> str:
 class GrpoSpec(_Frozen):
     """GRPO settings (trl GRPOConfig names); only with `method: grpo`."""
 
-    num_generations: Annotated[int, Field(ge=2, le=1024)] = 8
+    num_generations: Annotated[int, Field(ge=2, le=1024), NOT_A_BOOL] = 8
     """Completions sampled per prompt (the group whose rewards are compared)."""
-    max_completion_length: Annotated[int, Field(ge=1, le=1_048_576)] = 256
+    max_completion_length: Annotated[int, Field(ge=1, le=1_048_576), NOT_A_BOOL] = 256
     """Tokens generated per completion."""
     reward_funcs: Annotated[
         list[Annotated[str, AfterValidator(_known_reward)]], Field(min_length=1)
     ]
     """Built-in rewards (`format`, `length`) or user functions as `path/to/file.py:function`."""
-    beta: Annotated[float, Field(ge=0, le=100)] = 0.0
+    beta: Annotated[float, Field(ge=0, le=100), NOT_A_BOOL] = 0.0
     """KL penalty towards the reference model; 0 (trl's default) keeps no reference pass."""
-    temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
+    temperature: Annotated[float, Field(gt=0, le=10), NOT_A_BOOL] = 1.0
     """Sampling temperature for the generations."""
     use_vllm: VllmMode = False
     """Generate with vLLM (trl's `use_vllm`): `colocate` runs vLLM inside the training process on
     the same GPU (trl's `vllm_mode="colocate"`), `server` asks a `trl vllm-serve` process on other
     GPUs; `false` generates with `model.generate`; `true` (trl's spelling) is trl's default mode,
     `colocate`. Needs `pip install vllm` and a CUDA GPU."""
-    vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1), NOT_A_BOOL] = 0.3
     """The share of each GPU's memory vLLM takes for its weights and KV cache: colocate, on the
     training GPU (trl's default 0.3); server, on the server's GPU (`trl vllm-serve
     --gpu_memory_utilization`)."""
@@ -472,7 +485,7 @@ class GrpoSpec(_Frozen):
     level 2) and takes them back for each generation round."""
     vllm_server_host: Annotated[str, Field(min_length=1, max_length=253)] = "0.0.0.0"
     """Server only: host of the `trl vllm-serve` process."""
-    vllm_server_port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    vllm_server_port: Annotated[int, Field(ge=1, le=65535), NOT_A_BOOL] = 8000
     """Server only: port of the `trl vllm-serve` process."""
 
     @field_validator("reward_funcs")
