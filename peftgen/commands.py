@@ -512,16 +512,8 @@ def _print_plan(
 def _no_fit(candidate: Candidate, budget_bytes: int) -> str:
     """Why a candidate does not fit: plain "no" for the training peak alone, else every
     phase that is over (``no (loading)``, ``no (training, loading)``, ``no (host RAM)``)."""
-    over = [
-        phase
-        for phase, is_over in (
-            ("training", candidate.peak_reserved_bytes > budget_bytes),
-            ("loading", not candidate.load_fits),
-            ("host RAM", not candidate.host_fits),
-        )
-        if is_over
-    ]
-    return "no" if over in ([], ["training"]) else f"no ({', '.join(over)})"
+    over = candidate.phases_over(budget_bytes)
+    return "no" if over in ((), ("training",)) else f"no ({', '.join(over)})"
 
 
 def time_text(result: Plan) -> str | None:

@@ -445,6 +445,25 @@ def test_nothing_fits_says_so_and_lists_the_suggestions(tmp_path: Path) -> None:
     assert len(re.findall(r"^\d+\. \*\*", markdown, flags=re.MULTILINE)) == len(plan["suggestions"])
 
 
+def test_a_host_ram_misfit_is_not_headlined_as_negative_gpu_overrun(tmp_path: Path) -> None:
+    """The 70B FSDP QLoRA example with 16 GiB of host RAM: its GPU peak fits the budget and
+    the host does not. The headline once read "19.01 GiB, -3.78 GiB over the budget"."""
+    text = (REPO / "specs" / "llama3-70b-qlora-fsdp-2x24gb.yaml").read_text(encoding="utf-8")
+    spec = tmp_path / "small-host.yaml"
+    spec.write_text(
+        text.replace("cpu_offload: true", "cpu_offload: true\n  host_memory_gib: 16"),
+        encoding="utf-8",
+    )
+    plan = plan_json(spec)
+    (shown,) = (c for c in plan["candidates"] if c["precision"] == "4bit")
+    assert not shown["host_fits"] and shown["peak_reserved_bytes"] <= plan["budget_bytes"]
+    for kind in ("md", "html"):
+        report = render_to(tmp_path, spec, kind).read_text(encoding="utf-8")
+        assert "GiB over the" not in report.split("Or:")[0]
+        host = f"{shown['host_memory_bytes'] / 2**30:.2f} GiB of host memory per node"
+        assert f"GiB budget, but it needs {host}, over the 16 GiB" in report
+
+
 def test_report_says_tight_exactly_when_the_plan_does(tmp_path: Path) -> None:
     """On a card where the peak is 89 % of the budget the upper end of the prediction
     interval is over it: ``plan`` calls that tight, and so must the report's headline and

@@ -293,6 +293,11 @@ def test_host_memory_too_small_does_not_fit_and_says_so(
     assert data["fits"] is False
     assert all(not c["host_fits"] for c in data["candidates"])
     assert any(s["change"] == {"hardware.cpu_offload": False} for s in data["suggestions"])
+    # The GPU peaks fit: the reason names host memory as what is over, not the GPU budget.
+    assert all(c["peak_reserved_bytes"] <= data["budget_bytes"] for c in data["candidates"])
+    (reason,) = (d["reason"] for d in data["decisions"] if d["knob"] == "precision")
+    assert "of host memory per node, over the 32 GiB hardware.host_memory_gib" in reason
+    assert "budget" not in reason.split("(peaks:")[0]
     roomy = tmp_path / "roomy-host.yaml"
     roomy.write_text(
         text.replace("cpu_offload: true", "cpu_offload: true\n  host_memory_gib: 256"),

@@ -184,14 +184,34 @@ def _adapter_dtype_reason(chosen: str, inputs: EstimateInput) -> str:
     )
 
 
-def _passed_over_text(candidate: Candidate) -> str:
-    """Why ``precision: auto`` passed a more faithful candidate over: over the budget, or
-    (``tight``) under it only at the estimate."""
-    peak = format_gib(candidate.peak_reserved_bytes)
-    if candidate.fits:
-        high = format_gib(candidate.peak_reserved_bytes_high)
-        return f"{candidate.precision} would peak at {peak}, up to {high}, over budget"
-    return f"{candidate.precision} would peak at {peak}, over budget"
+def _misfit_text(
+    candidate: Candidate,
+    budget: int,
+    budget_text: str,
+    host_limit_gib: float | None,
+    would: bool = False,
+) -> str:
+    """What is over for a candidate that does not fit (or fits only at the estimate): each
+    phase with its figure and the limit it passes (``budget_text``: "over the 22.8 GiB
+    budget on ..."), so a host-RAM misfit is not worded as a GPU-memory one. ``would``:
+    for a candidate ``auto`` passed over, which is not loaded."""
+    peaks, loads, needs = (
+        ("would peak", "would load", "would need") if would else ("peaks", "loads", "needs")
+    )
+    peak = f"{peaks} at {format_gib(candidate.peak_reserved_bytes)}"
+    over = candidate.phases_over(budget)
+    if not over:  # fits at the estimate, not at the upper end
+        return f"{peak}, up to {format_gib(candidate.peak_reserved_bytes_high)}, {budget_text}"
+    on_gpu = [peak] if "training" in over else []
+    if "loading" in over:
+        on_gpu.append(f"{loads} at {format_gib(candidate.load_peak_bytes)}")
+    text = f"{' and '.join(on_gpu)}, {budget_text}" if on_gpu else f"{peak}, but"
+    if "host RAM" in over:
+        text += (
+            f"{';' if on_gpu else ''} {needs} {format_gib(candidate.host_memory_bytes)} of "
+            f"host memory per node, over the {host_limit_gib:g} GiB hardware.host_memory_gib"
+        )
+    return text
 
 
 def plan_decisions(
@@ -205,19 +225,23 @@ def plan_decisions(
     spec = resolved.loaded.spec
     by_precision = {c.precision: c for c in candidates}
     decisions: list[Decision] = []
+    host_limit = getattr(spec.hardware, "host_memory_gib", None)
+    over_budget = f"over the {format_gib(budget)} budget on {gpu.name}"
     peaks = ", ".join(f"{c.precision} {format_gib(c.peak_reserved_bytes)}" for c in candidates)
     fixed = by_precision.get(spec.precision) if spec.precision != "auto" else None
     if chosen is None and fixed is not None:
         auto = choose_precision("auto", candidates)
         reason = (
-            f"{fixed.precision} (set in the spec) peaks at "
-            f"{format_gib(fixed.peak_reserved_bytes)}, over the {format_gib(budget)} budget on "
-            f"{gpu.name}"
+            f"{fixed.precision} (set in the spec) "
+            f"{_misfit_text(fixed, budget, over_budget, host_limit)}"
             + (f"; precision: auto would load {auto}" if auto is not None else "")
             + f" (peaks: {peaks})"
         )
     elif chosen is None:
-        reason = f"nothing fits the {format_gib(budget)} budget on {gpu.name} (peaks: {peaks})"
+        reason = f"{gpu.name}, {format_gib(budget)} budget: " + "; ".join(
+            f"{c.precision} {_misfit_text(c, budget, 'over budget', host_limit)}"
+            for c in candidates
+        )
     elif spec.precision != "auto":
         reason = (
             f"precision {chosen} set in the spec; peak "
@@ -226,7 +250,10 @@ def plan_decisions(
         )
     else:
         better = candidates[: [c.precision for c in candidates].index(chosen)]
-        too_big = "; ".join(_passed_over_text(c) for c in better)
+        too_big = "; ".join(
+            f"{c.precision} {_misfit_text(c, budget, 'over budget', host_limit, would=True)}"
+            for c in better
+        )
         reason = (
             f"{chosen} peaks at {format_gib(by_precision[chosen].peak_reserved_bytes)} of the "
             f"{format_gib(budget)} budget on {gpu.name}"

@@ -59,6 +59,20 @@ class Candidate(Estimate):
     """Seconds per optimizer step, tokens/s and hours (``peftgen.throughput``); None for
     a GPU without datasheet figures (``--vram-gib``)."""
 
+    def phases_over(self, budget_bytes: int) -> tuple[str, ...]:
+        """What keeps this candidate from fitting: ``training`` (its peak over the GPU
+        budget), ``loading`` (the loading peak over it), ``host RAM`` (the host memory over
+        ``hardware.host_memory_gib``); empty when it fits."""
+        return tuple(
+            phase
+            for phase, is_over in (
+                ("training", self.peak_reserved_bytes > budget_bytes),
+                ("loading", not self.load_fits),
+                ("host RAM", not self.host_fits),
+            )
+            if is_over
+        )
+
     @property
     def breakdown(self) -> MemoryBreakdown:
         """The per-component figures alone, as tables and ``plan --json`` list them."""

@@ -74,6 +74,7 @@ def report_data(
             per_device_train_batch_size=spec.training.per_device_train_batch_size,
             model_max_positions=resolved.arch.config.max_position_embeddings,
             finetuning=spec.finetuning,
+            host_memory_gib=spec.hardware.host_memory_gib,
         ),
         fit_matrix=_fit_matrix(resolved, plan, prices or {}),
         length_curves=tuple(

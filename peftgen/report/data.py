@@ -172,6 +172,8 @@ class SpecSource:
     """The model's ``max_position_embeddings``: longer sequences are past what it was built for."""
     finetuning: str = "lora"
     """``lora`` or ``full`` (every weight trained)."""
+    host_memory_gib: float | None = None
+    """``hardware.host_memory_gib``: the host RAM the plan checked host memory against."""
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,9 @@ def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
         "data": data,
         "charts": charts,
         "version": __version__,
-        "verdict": _verdict(plan, data.source.precision, data.source.finetuning),
+        "verdict": _verdict(
+            plan, data.source.precision, data.source.finetuning, data.source.host_memory_gib
+        ),
         "components": COMPONENTS,
         "candidate_status": {c.precision: fit_status(c) for c in plan.candidates},
         "status_labels": STATUS_LABELS,
@@ -156,9 +158,14 @@ class Verdict:
     budget_percent: int
     action: str
     """What the headline tells the user to do, e.g. "load the base model in 4-bit"."""
+    within_budget_but: str | None = None
+    """When ``shown``'s training peak fits the budget but it does not fit: what does not
+    (its loading peak, the host memory), so the headline is not "-3.78 GiB over"."""
 
 
-def _verdict(plan: Plan, requested_precision: str, finetuning: str) -> Verdict:
+def _verdict(
+    plan: Plan, requested_precision: str, finetuning: str, host_memory_gib: float | None
+) -> Verdict:
     fixed = next((c for c in plan.candidates if c.precision == requested_precision), None)
     smallest = min(plan.candidates, key=lambda c: c.peak_reserved_bytes)
     shown = plan.chosen or fixed or smallest
@@ -170,7 +177,25 @@ def _verdict(plan: Plan, requested_precision: str, finetuning: str) -> Verdict:
         alternative=_auto_choice(plan),
         budget_percent=round(100 * plan.budget_bytes / plan.gpu.vram_bytes),
         action=_action_text(shown.precision, finetuning),
+        within_budget_but=_within_budget_but(shown, plan.budget_bytes, host_memory_gib),
     )
+
+
+def _within_budget_but(
+    candidate: Candidate, budget_bytes: int, host_memory_gib: float | None
+) -> str | None:
+    over = candidate.phases_over(budget_bytes)
+    if not over or "training" in over:
+        return None
+    parts = []
+    if "loading" in over:
+        parts.append(f"loading peaks at {candidate.load_peak_bytes / GIB:.2f} GiB, over it")
+    if "host RAM" in over:
+        parts.append(
+            f"it needs {candidate.host_memory_bytes / GIB:.2f} GiB of host memory per node, "
+            f"over the {host_memory_gib:g} GiB hardware.host_memory_gib"
+        )
+    return " and ".join(parts)
 
 
 def _auto_choice(plan: Plan) -> Candidate | None:
