@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peftgen.accuracy_interval import UNSCALED
 from peftgen.load import load_spec
@@ -187,10 +187,21 @@ def _resolve_with_set(path: _Path, arguments: list[str]) -> Resolved:
     edits, labels, malformed = parse_set_edits(arguments)
 
     def label_of(field_path: str | None) -> str | None:
+        """The edit a problem is about: at its key or below it, or at a key above it that
+        the edit created or turned into a mapping (``--set foo.bar=1``, ``lora.r.x=3``)."""
         if field_path is None:
             return None
-        return labels.get(field_path) or next(
-            (v for k, v in labels.items() if field_path.startswith(k + ".")), None
+        return (
+            labels.get(field_path)
+            or next((v for k, v in labels.items() if field_path.startswith(k + ".")), None)
+            or next(
+                (
+                    v
+                    for k, v in labels.items()
+                    if k.startswith(field_path + ".") and not _file_has_mapping(path, field_path)
+                ),
+                None,
+            )
         )
 
     try:
@@ -206,6 +217,22 @@ def _resolve_with_set(path: _Path, arguments: list[str]) -> Resolved:
     if malformed:
         raise UserError(malformed)
     return resolved
+
+
+def _file_has_mapping(path: _Path, field_path: str) -> bool:
+    """The spec file itself holds a mapping at ``field_path`` (a dotted key)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        node: Any = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, YAMLError, ValueError):
+        return False  # the file's own problems are load_spec's to report
+    for part in field_path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, dict)
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -702,6 +702,24 @@ def test_set_errors_name_the_argument(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 @pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ("foo.bar=1", "--set foo.bar=1: foo: unknown key `foo`"),
+        ("lora.r.x=3", "--set lora.r.x=3: lora.r: must be a whole number; got a mapping"),
+    ],
+)
+def test_set_problems_above_the_edited_key_are_the_edit_s_not_the_file_s(
+    capsys: pytest.CaptureFixture[str], edit: str, said: str
+) -> None:
+    """The edit created ``foo`` (or turned ``lora.r`` into a mapping): its problem is put on
+    the argument, not on a line of the file that never held it."""
+    assert main(["plan", str(AUTO_SPEC), "--set", edit]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(said), err
+    assert f"{AUTO_SPEC.name}:" not in err
+
+
+@pytest.mark.parametrize(
     ("value", "said"),
     [
         ("&a [q_proj, *a]", "repeats a node through a YAML alias"),
