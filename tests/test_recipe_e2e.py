@@ -621,3 +621,44 @@ def test_a_packed_smoke_test_fills_its_sequences(tiny_model_dir: Path, tmp_path:
     setup = json.loads((tmp_path / "batch.json.setup").read_text(encoding="utf-8"))
     # Two sequences of up to 64 tokens per micro-batch; two rows alone would fill one.
     assert setup["batch_tokens"] >= 0.75 * 2 * 64
+
+
+IMPORT_ORDER_SHIM = """
+import os, runpy, sys
+import torch
+
+seen = []
+real = torch.cuda.is_available
+
+
+def recording():
+    seen.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return real()
+
+
+torch.cuda.is_available = recording
+runpy.run_path(sys.argv[1], run_name="imported")  # module level only: main() does not run
+print("first CUDA query saw CUDA_VISIBLE_DEVICES =", seen[0] if seen else "no query")
+"""
+
+
+@pytest.mark.slow
+def test_the_one_gpu_pin_is_set_before_bitsandbytes_initialises_cuda(tmp_path: Path) -> None:
+    """The QLoRA script pins one GPU (trl refuses nn.DataParallel). bitsandbytes, imported by
+    peft, asks CUDA for its devices on import, and CUDA reads CUDA_VISIBLE_DEVICES then: the
+    pin must be in place by bitsandbytes' first query, not set after the imports."""
+    script = Path(__file__).resolve().parents[1] / "generated" / "llama3-8b-clinical-qlora"
+    shim = tmp_path / "shim.py"
+    shim.write_text(IMPORT_ORDER_SHIM, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [shutil.which("python") or "python", str(shim), str(script / "train.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "first CUDA query saw CUDA_VISIBLE_DEVICES = 0" in result.stdout, result.stdout

@@ -50,6 +50,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+# Planned for one GPU: on several visible GPUs, transformers would count them all and trl
+# refuses nn.DataParallel. Set before the libraries are imported: bitsandbytes (imported
+# by peft) initialises CUDA on import, and CUDA reads this variable only then.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+
 import torch
 from accelerate import PartialState
 from datasets import Dataset, load_dataset
@@ -58,9 +63,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-# Planned for one GPU: run as one process on several visible GPUs, transformers would wrap
-# the model in nn.DataParallel and split each batch over all of them (not what was planned).
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 # Local paths are relative to this file's folder, so the script runs from any directory.
 SCRIPT_DIR = Path(__file__).resolve().parent
 MODEL_ID = "meta-llama/Llama-3.2-1B-Instruct"

@@ -51,6 +51,11 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+# Planned for one GPU: on several visible GPUs, transformers would count them all and trl
+# refuses nn.DataParallel. Set before the libraries are imported: bitsandbytes (imported
+# by peft) initialises CUDA on import, and CUDA reads this variable only then.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+
 import torch
 from accelerate import PartialState
 from datasets import Dataset, load_dataset
@@ -59,9 +64,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-# Planned for one GPU: run as one process on several visible GPUs, transformers would wrap
-# the model in nn.DataParallel and split each batch over all of them (not what was planned).
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 # Local paths are relative to this file's folder, so the script runs from any directory.
 SCRIPT_DIR = Path(__file__).resolve().parent
 MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
