@@ -294,6 +294,8 @@ class ChatFormat:
     trl_patches_template: bool
     """trl swaps in its own marked template (get_training_chat_template) for tokenizing."""
     family_description: str | None
+    training_change: str | None
+    """How the marked template renders differently from the model's, and why."""
 
 
 def _dataset_loader(loaded: LoadedSpec) -> str | None:
@@ -378,9 +380,7 @@ def _chat_format(spec: AnySpec, model: ModelSource) -> ChatFormat:
     marked_lines: list[str] | None = None
     trl_patches = False
     if spec.method == "sft" and loss_on == "assistant" and family is not None:
-        if install_chatml:
-            pass  # the installed ChatML carries the markers itself
-        elif family.trl_patches:
+        if family.trl_patches:
             trl_patches = True
         elif family.training is not None:
             marked_lines = _split_template(family.training)
@@ -392,6 +392,7 @@ def _chat_format(spec: AnySpec, model: ModelSource) -> ChatFormat:
         training_template_lines=marked_lines,
         trl_patches_template=trl_patches,
         family_description=family.description if family else None,
+        training_change=family.training_change if family and marked_lines else None,
     )
 
 
@@ -1044,7 +1045,7 @@ def script_context(
         loss_text=_loss_text(spec.method, chat.loss_on),
         format_text=_format_text(chat),
         chatml_tokens=list(CHATML_SPECIAL_TOKENS),
-        chatml_template_lines=_split_template(chat_templates.CHATML.training or ""),
+        chatml_template_lines=_split_template(chat_templates.CHATML.original),
         warnings=[comment_text(text) for text in plan.warnings],
         reasons=reasons,
         plan_values={decision.knob: comment_text(decision.value) for decision in plan.decisions},

@@ -66,6 +66,7 @@ def capture(self, *args, **kwargs):
         "bf16": self.args.bf16,
         "fp16": self.args.fp16,
         "parameter_dtypes": sorted({str(p.dtype) for p in self.model.parameters()}),
+        "chat_template": tok.chat_template,
     }
     with open(out + ".setup", "w", encoding="utf-8") as handle:
         json.dump(setup, handle)
@@ -229,6 +230,56 @@ def test_chat_sft_trains_the_assistant_turns_and_their_end_of_turn_only(
         assert row["trained"] == "".join(f"{text}<|im_end|>" for text in _assistant_texts(source))
         for text in _user_texts(source):
             assert text not in row["trained"]
+
+
+@pytest.fixture(scope="module")
+def mistral_v3_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with Mistral-7B-Instruct-v0.3's chat template (as the catalogue ships
+    it) and its </s> end of turn: peftgen tokenizes with its marked copy of it."""
+    from transformers import AutoTokenizer
+
+    from peftgen.chat_templates import FAMILIES
+
+    folder = tmp_path_factory.mktemp("mistral_v3") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = FAMILIES["mistral_v3"].original
+    tokenizer.eos_token = "</s>"
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_mistral_v3_rows_train_with_their_system_prompt_and_save_the_model_s_template(
+    mistral_v3_model_dir: Path, tmp_path: Path
+) -> None:
+    """Mistral v3's own template drops the system prompt from a conversation ending with
+    the answer (it adds it only to a user turn that is the last message): the row must be
+    trained as inference renders it, system prompt in the last user turn; the tokenizer the
+    trainer saves carries the model's own template, not the marked one."""
+    from peftgen.chat_templates import FAMILIES
+
+    spec = _spec(
+        tmp_path,
+        method="sft",
+        model_dir=mistral_v3_model_dir,
+        data_format="messages",
+        rows=CHAT_ROWS,
+    )
+    rows = _first_batch(_emit(spec, tmp_path / "out"), tmp_path)
+    system = CHAT_ROWS[0]["messages"][0]["content"]
+    assert len(rows) == 2
+    for row in rows:
+        source = next(s for s in CHAT_ROWS if _assistant_texts(s)[-1] in row["input"])
+        if source is CHAT_ROWS[0]:
+            assert f"[INST] {system}\n\nWhat is the body mass index?[/INST]" in row["input"]
+        for text in _assistant_texts(source):
+            assert text in row["trained"]
+        for text in _user_texts(source):
+            assert text not in row["trained"]
+        assert row["trained"].endswith("</s>")
+    setup = json.loads((tmp_path / "batch.json.setup").read_text(encoding="utf-8"))
+    assert setup["chat_template"] == FAMILIES["mistral_v3"].original
 
 
 @pytest.mark.slow

@@ -293,10 +293,12 @@ def test_chatml_adds_tokens_and_trains_embeddings(tmp_path: Path) -> None:
     assert "tokenizer.chat_template = CHATML_TEMPLATE" in train
     namespace: dict[str, object] = {}
     chatml = train[train.index("CHATML_SPECIAL_TOKENS =") : train.index("\n\n\ndef main")]
-    exec(chatml, namespace)  # plain literals: the template the script installs
-    # The data file's template without its leading Jinja comment (which renders as nothing).
+    exec(chatml, namespace)  # plain literals: the templates the script installs
+    # The tokenizer saves plain ChatML; the rows are tokenized with the marked copy (the data
+    # file's template without its leading Jinja comment, which renders as nothing).
+    assert namespace["CHATML_TEMPLATE"] == chat_templates.CHATML.original
     marked = chat_templates.CHATML.training or ""
-    assert namespace["CHATML_TEMPLATE"] == marked[marked.index("-#}") + 3 :].lstrip()
+    assert namespace["TRAINING_CHAT_TEMPLATE"] == marked[marked.index("-#}") + 3 :].lstrip()
 
 
 def test_data_sources_and_eval_split(tmp_path: Path) -> None:

@@ -47,8 +47,8 @@ from importlib import metadata
 from pathlib import Path
 
 # Planned for one GPU: on several visible GPUs, transformers would count them all and trl
-# refuses nn.DataParallel. Set before the libraries are imported: bitsandbytes (imported
-# by peft) initialises CUDA on import, and CUDA reads this variable only then.
+# refuses nn.DataParallel. Set before the libraries are imported: one may initialise CUDA
+# on import (peft's quantization backend does), and CUDA reads this variable only then.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
 import torch

@@ -54,8 +54,8 @@ from importlib import metadata
 from pathlib import Path
 
 # Planned for one GPU: on several visible GPUs, transformers would count them all and trl
-# refuses nn.DataParallel. Set before the libraries are imported: bitsandbytes (imported
-# by peft) initialises CUDA on import, and CUDA reads this variable only then.
+# refuses nn.DataParallel. Set before the libraries are imported: one may initialise CUDA
+# on import (peft's quantization backend does), and CUDA reads this variable only then.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
 import torch
@@ -109,9 +109,12 @@ REPORT_TO = "none"
 # an out-of-memory error shows in the first minute, not after an hour. Nothing is saved.
 SMOKE_STEPS = int(os.environ.get("PEFTGEN_SMOKE_STEPS", "0"))
 
-# The model's own chat template (Mistral-7B-Instruct-v0.3 (tokenizer v3, tool calling)) with {%
-# generation %} markers around each assistant turn and its end-of-turn token: trl's assistant-only
-# loss needs them, and trl 1.16 cannot add them to this template itself.
+# The chat template (Mistral-7B-Instruct-v0.3 (tokenizer v3, tool calling)) with {% generation %}
+# markers around each assistant turn and its end-of-turn token: trl's assistant-only loss needs
+# them, and trl 1.16 cannot add them to this template itself.
+# One change besides the markers: the system message goes into the last user turn, where the model's
+# template puts it at inference; that template adds it only when the user turn is the last message,
+# so a training row, which ends with the answer, would train without it.
 TRAINING_CHAT_TEMPLATE = (
     '{%- if messages[0]["role"] == "system" %}'
     '\n    {%- set system_message = messages[0]["content"] %}'
@@ -123,6 +126,12 @@ TRAINING_CHAT_TEMPLATE = (
     "\n    {%- set tools = none %}"
     "\n{%- endif %}"
     '\n{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}'
+    "\n{%- set last_user = namespace(index=-1) %}"
+    "\n{%- for message in loop_messages %}"
+    '\n    {%- if message["role"] == "user" %}'
+    "\n        {%- set last_user.index = loop.index0 %}"
+    "\n    {%- endif %}"
+    "\n{%- endfor %}"
     "\n\n\n{%- set ns = namespace() %}"
     "\n{%- set ns.index = 0 %}"
     "\n{%- for message in loop_messages %}"
@@ -163,7 +172,7 @@ TRAINING_CHAT_TEMPLATE = (
     "\n            {%- endfor %}"
     '\n            {{- "[/AVAILABLE_TOOLS]" }}'
     "\n            {%- endif %}"
-    "\n        {%- if loop.last and system_message is defined %}"
+    "\n        {%- if loop.index0 == last_user.index and system_message is defined %}"
     '\n            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" '
     "}}"
     "\n        {%- else %}"
@@ -227,9 +236,11 @@ def require(path: str, spec_field: str) -> None:
         raise SystemExit(f"{spec_field}: {path} does not exist")
 
 
-def use_training_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Swap in TRAINING_CHAT_TEMPLATE once it renders conversations exactly as the model's
-    own template does (a changed template on the hub would otherwise train a wrong format)."""
+def use_training_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Tokenize with TRAINING_CHAT_TEMPLATE once it renders every prompt exactly as the
+    model's own template does, and each training conversation as that prompt plus the
+    answer (a changed template on the hub would otherwise train a wrong format). Returns
+    the model's own template, which the saved tokenizer keeps."""
     turns = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "U"},
@@ -237,17 +248,23 @@ def use_training_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
         {"role": "user", "content": "V"},
         {"role": "assistant", "content": "B"},
     ]
-    for messages in (turns, turns[1:], turns[1:4]):
-        own = tokenizer.apply_chat_template(messages, tokenize=False)
-        marked = tokenizer.apply_chat_template(
-            messages, tokenize=False, chat_template=TRAINING_CHAT_TEMPLATE
+
+    def render(messages: list[dict[str, str]], **kwargs: object) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    prompt = render(turns[:4], add_generation_prompt=True)
+    same = all(
+        render(messages) == render(messages, chat_template=TRAINING_CHAT_TEMPLATE)
+        for messages in (turns[:4], turns[1:4], turns[1:])
+    )
+    if not same or not render(turns, chat_template=TRAINING_CHAT_TEMPLATE).startswith(prompt):
+        raise SystemExit(
+            f"{MODEL_ID}'s chat template is not the one this script was generated for; "
+            "regenerate it with peftgen emit, or set training.loss_on: all"
         )
-        if own != marked:
-            raise SystemExit(
-                f"{MODEL_ID}'s chat template is not the one this script was generated for; "
-                "regenerate it with peftgen emit, or set training.loss_on: all"
-            )
+    own_template = tokenizer.chat_template
     tokenizer.chat_template = TRAINING_CHAT_TEMPLATE
+    return own_template
 
 
 def main() -> None:
@@ -263,9 +280,6 @@ def main() -> None:
 
     # --- Load ---
     tokenizer = AutoTokenizer.from_pretrained(MODEL_ID)
-    # It renders exactly like the model's own, so the saved tokenizer behaves the same at
-    # inference; only the loss mask changes.
-    use_training_chat_template(tokenizer)
     # Why 8-bit: precision 8bit set in the spec; peak 12.7 GiB fits the 21.4 GiB budget on NVIDIA
     # A10G
     quantization_config = BitsAndBytesConfig(load_in_8bit=True)
@@ -339,6 +353,9 @@ def main() -> None:
         # prompt and the user's text included.
         assistant_only_loss=True,
     )
+    # The marked template is for tokenizing only (SFTTrainer tokenizes the rows when it is
+    # built); the checkpoints and OUTPUT_DIR keep the model's own, which plain Jinja renders.
+    own_chat_template = use_training_chat_template(tokenizer)
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -347,6 +364,7 @@ def main() -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    tokenizer.chat_template = own_chat_template
     # Cast trl's bf16 trainable weights back to fp32: small updates round away in bf16.
     for parameter in trainer.model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:

@@ -48,15 +48,20 @@ from importlib import metadata
 from pathlib import Path
 
 # Planned for one GPU: on several visible GPUs, transformers would count them all and trl
-# refuses nn.DataParallel. Set before the libraries are imported: bitsandbytes (imported
-# by peft) initialises CUDA on import, and CUDA reads this variable only then.
+# refuses nn.DataParallel. Set before the libraries are imported: one may initialise CUDA
+# on import (peft's quantization backend does), and CUDA reads this variable only then.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+)
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -103,9 +108,20 @@ REPORT_TO = "none"
 SMOKE_STEPS = int(os.environ.get("PEFTGEN_SMOKE_STEPS", "0"))
 
 CHATML_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
-# ChatML; {% generation %} marks what the assistant says, its end of turn included, so the loss can
-# be put on it (and the model learns to stop).
+# ChatML, as the tokenizer saves it for inference.
 CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+
+# The chat template (ChatML, as peftgen installs it on base models and the tiny test model ships)
+# with {% generation %} markers around each assistant turn and its end-of-turn token: trl's
+# assistant-only loss needs them, and trl 1.16 cannot add them to this template itself.
+TRAINING_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -135,6 +151,37 @@ def require(path: str, spec_field: str) -> None:
     """Stop with the spec field to fix when a local input is missing (instead of a hub error)."""
     if not os.path.exists(path):
         raise SystemExit(f"{spec_field}: {path} does not exist")
+
+
+def use_training_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Tokenize with TRAINING_CHAT_TEMPLATE once it renders every prompt exactly as the
+    model's own template does, and each training conversation as that prompt plus the
+    answer (a changed template on the hub would otherwise train a wrong format). Returns
+    the model's own template, which the saved tokenizer keeps."""
+    turns = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "V"},
+        {"role": "assistant", "content": "B"},
+    ]
+
+    def render(messages: list[dict[str, str]], **kwargs: object) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    prompt = render(turns[:4], add_generation_prompt=True)
+    same = all(
+        render(messages) == render(messages, chat_template=TRAINING_CHAT_TEMPLATE)
+        for messages in (turns[:4], turns[1:4], turns[1:])
+    )
+    if not same or not render(turns, chat_template=TRAINING_CHAT_TEMPLATE).startswith(prompt):
+        raise SystemExit(
+            f"{MODEL_ID}'s chat template is not the one this script was generated for; "
+            "regenerate it with peftgen emit, or set training.loss_on: all"
+        )
+    own_template = tokenizer.chat_template
+    tokenizer.chat_template = TRAINING_CHAT_TEMPLATE
+    return own_template
 
 
 def main() -> None:
@@ -227,6 +274,9 @@ def main() -> None:
         # prompt and the user's text included.
         assistant_only_loss=True,
     )
+    # The marked template is for tokenizing only (SFTTrainer tokenizes the rows when it is
+    # built); the checkpoints and OUTPUT_DIR keep the model's own, which plain Jinja renders.
+    own_chat_template = use_training_chat_template(tokenizer)
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -234,6 +284,7 @@ def main() -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    tokenizer.chat_template = own_chat_template
     # fp32 master weights for the full copies (MODULES_TO_SAVE start as copies of the float16 base
     # layers): in 16 bits small updates round away, and fp16 mixed precision refuses fp16 trainable
     # weights.

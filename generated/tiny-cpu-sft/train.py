@@ -48,8 +48,8 @@ from importlib import metadata
 from pathlib import Path
 
 # Planned for one GPU: on several visible GPUs, transformers would count them all and trl
-# refuses nn.DataParallel. Set before the libraries are imported: bitsandbytes (imported
-# by peft) initialises CUDA on import, and CUDA reads this variable only then.
+# refuses nn.DataParallel. Set before the libraries are imported: one may initialise CUDA
+# on import (peft's quantization backend does), and CUDA reads this variable only then.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
 import torch
@@ -97,9 +97,9 @@ REPORT_TO = "none"
 # an out-of-memory error shows in the first minute, not after an hour. Nothing is saved.
 SMOKE_STEPS = int(os.environ.get("PEFTGEN_SMOKE_STEPS", "0"))
 
-# The model's own chat template (ChatML as peftgen installs it on base models (and the tiny test
-# model ships)) with {% generation %} markers around each assistant turn and its end-of-turn token:
-# trl's assistant-only loss needs them, and trl 1.16 cannot add them to this template itself.
+# The chat template (ChatML, as peftgen installs it on base models and the tiny test model ships)
+# with {% generation %} markers around each assistant turn and its end-of-turn token: trl's
+# assistant-only loss needs them, and trl 1.16 cannot add them to this template itself.
 TRAINING_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
@@ -132,9 +132,11 @@ def require(path: str, spec_field: str) -> None:
         raise SystemExit(f"{spec_field}: {path} does not exist")
 
 
-def use_training_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Swap in TRAINING_CHAT_TEMPLATE once it renders conversations exactly as the model's
-    own template does (a changed template on the hub would otherwise train a wrong format)."""
+def use_training_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Tokenize with TRAINING_CHAT_TEMPLATE once it renders every prompt exactly as the
+    model's own template does, and each training conversation as that prompt plus the
+    answer (a changed template on the hub would otherwise train a wrong format). Returns
+    the model's own template, which the saved tokenizer keeps."""
     turns = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "U"},
@@ -142,17 +144,23 @@ def use_training_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
         {"role": "user", "content": "V"},
         {"role": "assistant", "content": "B"},
     ]
-    for messages in (turns, turns[1:], turns[1:4]):
-        own = tokenizer.apply_chat_template(messages, tokenize=False)
-        marked = tokenizer.apply_chat_template(
-            messages, tokenize=False, chat_template=TRAINING_CHAT_TEMPLATE
+
+    def render(messages: list[dict[str, str]], **kwargs: object) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    prompt = render(turns[:4], add_generation_prompt=True)
+    same = all(
+        render(messages) == render(messages, chat_template=TRAINING_CHAT_TEMPLATE)
+        for messages in (turns[:4], turns[1:4], turns[1:])
+    )
+    if not same or not render(turns, chat_template=TRAINING_CHAT_TEMPLATE).startswith(prompt):
+        raise SystemExit(
+            f"{MODEL_ID}'s chat template is not the one this script was generated for; "
+            "regenerate it with peftgen emit, or set training.loss_on: all"
         )
-        if own != marked:
-            raise SystemExit(
-                f"{MODEL_ID}'s chat template is not the one this script was generated for; "
-                "regenerate it with peftgen emit, or set training.loss_on: all"
-            )
+    own_template = tokenizer.chat_template
     tokenizer.chat_template = TRAINING_CHAT_TEMPLATE
+    return own_template
 
 
 def main() -> None:
@@ -170,9 +178,6 @@ def main() -> None:
 
     # --- Load ---
     tokenizer = AutoTokenizer.from_pretrained(MODEL_ID)
-    # It renders exactly like the model's own, so the saved tokenizer behaves the same at
-    # inference; only the loss mask changes.
-    use_training_chat_template(tokenizer)
     # Why bf16: precision bf16 set in the spec; peak 0.5 GiB fits the 1.9 GiB budget on GPU with 2
     # GiB
     model = AutoModelForCausalLM.from_pretrained(
@@ -232,6 +237,9 @@ def main() -> None:
         # prompt and the user's text included.
         assistant_only_loss=True,
     )
+    # The marked template is for tokenizing only (SFTTrainer tokenizes the rows when it is
+    # built); the checkpoints and OUTPUT_DIR keep the model's own, which plain Jinja renders.
+    own_chat_template = use_training_chat_template(tokenizer)
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -239,6 +247,7 @@ def main() -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    tokenizer.chat_template = own_chat_template
 
     world_size = PartialState().num_processes
     effective_batch_size = PER_DEVICE_TRAIN_BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS * world_size

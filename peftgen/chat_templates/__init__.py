@@ -60,8 +60,9 @@ class ChatTemplateFamily:
     original: str
     """The template as the model repository ships it."""
     training: str | None
-    """peftgen's marked template (renders exactly like ``original``); None when trl
-    1.16 patches this family itself, so the generated script must leave it to trl."""
+    """peftgen's marked template (renders exactly like ``original``, but for
+    ``training_change``); None when trl 1.16 patches this family itself, so the generated
+    script must leave it to trl."""
     trl_patches: bool
     """trl 1.16's ``get_training_chat_template`` recognises ``original`` and returns its
     own marked copy (SFTTrainer does that by itself when ``assistant_only_loss=True``)."""
@@ -77,6 +78,9 @@ class ChatTemplateFamily:
     proves the bytes) rather than on the catalogue's say-so."""
     source: str = ""
     """Where ``original`` comes from."""
+    training_change: str | None = None
+    """What ``training`` renders differently from ``original``, besides the markers, and
+    why (the generated script's comment says it); None when it renders identically."""
     also_matches: tuple[str, ...] = field(default=())
     """Other spellings of ``original`` that render identically and that ``identify``
     should also recognise (e.g. ChatML with real newlines instead of ``\\n`` escapes)."""
@@ -193,7 +197,7 @@ _TABLE: tuple[tuple[str, str, bool, str, bool, str], ...] = (
     ),
     (
         "chatml",
-        "ChatML as peftgen installs it on base models (and the tiny test model ships)",
+        "ChatML, as peftgen installs it on base models and the tiny test model ships",
         False,
         "<|im_end|>",
         True,
@@ -211,6 +215,17 @@ _CHATML_REAL_NEWLINES = (
 writes it): renders exactly like ``chatml.jinja``'s ``\\n`` escapes."""
 
 
+TRAINING_CHANGES: dict[str, str] = {
+    "mistral_v3": (
+        "the system message goes into the last user turn, where the model's template puts "
+        "it at inference; that template adds it only when the user turn is the last message, "
+        "so a training row, which ends with the answer, would train without it"
+    ),
+}
+"""Families whose training template renders differently from the original (see
+``ChatTemplateFamily.training_change``); data/README.md says the same."""
+
+
 def _load() -> dict[str, ChatTemplateFamily]:
     families: dict[str, ChatTemplateFamily] = {}
     for name, description, trl_patches, end_of_turn, verified, source in _TABLE:
@@ -223,6 +238,7 @@ def _load() -> dict[str, ChatTemplateFamily]:
             end_of_turn=end_of_turn,
             verified_original=verified,
             source=source,
+            training_change=TRAINING_CHANGES.get(name),
             also_matches=(_CHATML_REAL_NEWLINES,) if name == "chatml" else (),
         )
     return families
