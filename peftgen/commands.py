@@ -668,6 +668,10 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_PRICE_PER_HOUR = 1e6
+"""A price per GPU-hour at or above this is a typo, not a rental."""
+
+
 def parse_prices(arguments: list[str], target_gpu: str) -> dict[str, float]:
     """``--price-per-hour`` values: ``PRICE`` (the target GPU) or ``GPU=PRICE`` (a catalogue
     name or alias), by catalogue GPU name. A bad value is a user error naming the flag."""
@@ -681,17 +685,22 @@ def parse_prices(arguments: list[str], target_gpu: str) -> dict[str, float]:
             price = float(text)
         except ValueError:
             price = -1.0
-        if not 0 <= price < 1e6 or price != price:
+        if not 0 <= price < MAX_PRICE_PER_HOUR or price != price:
             raise UserError.single(
-                f"must be a price per GPU-hour (a number from 0, e.g. 1.89 or a100-80gb=1.89); "
-                f"got {argument!r}",
+                f"must be a price per GPU-hour (a number from 0 to under "
+                f"{MAX_PRICE_PER_HOUR:,.0f}, e.g. 1.89 or a100-80gb=1.89); got {argument!r}",
                 field_path="--price-per-hour",
             )
         if not name.strip():
             prices[target_gpu] = price
             continue
         try:
-            prices[lookup_gpu(name.strip(), instead=None).name] = price
+            gpu = lookup_gpu(
+                name.strip(),
+                instead=None,
+                memory_override="the price is per catalogue card: {gpu}=PRICE",
+            )
+            prices[gpu.name] = price
         except UserError as error:
             raise UserError(
                 [replace(p, field_path="--price-per-hour", file=None) for p in error.problems]

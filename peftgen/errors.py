@@ -33,6 +33,15 @@ CHOICE_SYNONYMS: dict[str, str] = {
     "chosenrejected": "preference",
     "raw": "text",
     "plaintext": "text",
+    # method: other trainers' names, for the supported method of the same kind (a reward
+    # signal: GRPO; preference pairs: DPO), not the closest spelling (ppo -> dpo).
+    "ppo": "grpo",
+    "rlhf": "grpo",
+    "rloo": "grpo",
+    "reinforce": "grpo",
+    "orpo": "dpo",
+    "ipo": "dpo",
+    "simpo": "dpo",
     # precision: the quantization or dtype a user names instead of the load.
     "nf4": "4bit",
     "fp4": "4bit",

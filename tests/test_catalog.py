@@ -263,6 +263,29 @@ def test_unknown_gpu_suggests_close_names() -> None:
     assert problem.line is None and problem.file is None
 
 
+@pytest.mark.parametrize(
+    ("typed", "hint"),
+    [
+        # An AMD card is not a 3090: no did-you-mean with another model number.
+        ("MI300X", "see docs/catalogue.md for the catalogue, or omit hardware.gpu"),
+        ("24GB", "that is a memory size, not a card: omit hardware.gpu and give"),
+        ("RTX 4909", "did you mean 'rtx-4090'"),
+    ],
+)
+def test_gpu_hints_name_what_the_user_meant(typed: str, hint: str) -> None:
+    with pytest.raises(UserError) as caught:
+        lookup_gpu(typed)
+    said = caught.value.problems[0].hint
+    assert said is not None and said.startswith(hint), said
+
+
+def test_a_known_card_with_other_memory_is_told_in_the_words_of_the_place_that_named_it() -> None:
+    with pytest.raises(UserError) as caught:
+        lookup_gpu("RTX 4090 48GB", memory_override="give --gpu {gpu} --vram-gib {gb}")
+    said = caught.value.problems[0].hint
+    assert said == "for a card with other memory, give --gpu rtx-4090 --vram-gib 48"
+
+
 def test_unknown_model_suggests_close_names(tmp_path: Path) -> None:
     with pytest.raises(UserError) as caught:
         lookup_model("llama3-8x", tmp_path, None, False)

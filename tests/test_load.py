@@ -152,6 +152,28 @@ def test_words_other_tools_use_for_a_choice_get_a_did_you_mean(
     assert f"hint: did you mean {meant}?" in err
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "said"),
+    [
+        # Another trainer's name: the supported method of its kind, not the closest spelling.
+        ("method: sft", "method: ppo", ("got 'ppo'\n", "hint: did you mean 'grpo'?")),
+        ("precision: 4bit", "precision: 4", ("got 4\n", "hint: did you mean '4bit'?")),
+    ],
+)
+def test_a_number_or_another_trainer_s_name_gets_the_choice_it_means(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    old: str,
+    new: str,
+    said: tuple[str, str],
+) -> None:
+    values = {"format": "messages", "distributed": "none", "precision": "4bit"}
+    path = _write(tmp_path, SYNONYM_SPEC.format(**values).replace(old, new))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert said[0] in err and said[1] in err
+
+
 def test_validate_in_a_real_process_reports_every_file() -> None:
     """The installed entry point, several files at once: all problems, exit 2, no traceback."""
     names = ["lora_r_zero.yaml", "unknown_method.yaml", "non_utf8.yaml"]

@@ -118,9 +118,14 @@ def _same_memory(gpu: Gpu, gb: float) -> bool:
     return abs(gib - gb) <= max(1.5, 0.06 * gb)
 
 
-def _match_gpu(name: str) -> Gpu | Problem:
+SPEC_MEMORY_OVERRIDE = "set gpu: {gpu} and hardware.vram_gib: {gb}"
+"""How a spec names a card with memory the catalogue's lacks (``lookup_gpu``'s default)."""
+
+
+def _match_gpu(name: str, memory_override: str = SPEC_MEMORY_OVERRIDE) -> Gpu | Problem:
     """The one catalogue card ``name`` means, or the problem with it (unknown, ambiguous,
-    or a memory size the card does not have)."""
+    or a memory size the card does not have: the hint is ``memory_override``, in the
+    words of the place that named the card)."""
     index, ambiguous = _gpu_index(), _ambiguous_gpu_names()
     keys = _gpu_keys(name)
     for key in keys:
@@ -141,8 +146,8 @@ def _match_gpu(name: str) -> Gpu | Problem:
         sizes = ", ".join(f"{g.name} {format_gib(g.memory_bytes)}" for g in variants)
         return Problem(
             f"GPU {name!r}: no catalogue card of that kind has {gb:g} GB ({sizes})",
-            hint=f"for a card with other memory, set gpu: {_gpu_label(variants[0])} and "
-            f"hardware.vram_gib: {gb:g}",
+            hint="for a card with other memory, "
+            + memory_override.format(gpu=_gpu_label(variants[0]), gb=f"{gb:g}"),
         )
     return Problem(f"unknown GPU {name!r}")
 
@@ -193,19 +198,43 @@ def _did_you_mean(name: str, choices: list[str]) -> str | None:
 
 
 def lookup_gpu(
-    name: str, instead: str | None = "omit hardware.gpu and give hardware.vram_gib"
+    name: str,
+    instead: str | None = "omit hardware.gpu and give hardware.vram_gib",
+    memory_override: str = SPEC_MEMORY_OVERRIDE,
 ) -> Gpu:
     """The catalogue GPU for ``name``, or a ``UserError`` with a did-you-mean; without one,
     the hint names the catalogue and ``instead``, what the place that named the GPU allows
-    for a card the catalogue lacks (the spec's ``hardware.vram_gib``)."""
-    found = _match_gpu(name)
+    for a card the catalogue lacks (the spec's ``hardware.vram_gib``), and for a known card
+    with other memory, ``memory_override`` (``{gpu}``, ``{gb}``)."""
+    found = _match_gpu(name, memory_override)
     if isinstance(found, Gpu):
         return found
     if found.hint is not None:
         raise UserError([found])
     otherwise = f", or {instead}" if instead else ""
-    hint = _did_you_mean(name, gpu_names()) or f"see docs/catalogue.md for the catalogue{otherwise}"
+    if _MEMORY_SIZE.fullmatch(name.strip()) and instead:
+        hint = f"that is a memory size, not a card: {instead}"
+    else:
+        hint = _did_you_mean(name, _same_model_number(name, gpu_names())) or (
+            f"see docs/catalogue.md for the catalogue{otherwise}"
+        )
     raise UserError([Problem(found.message, hint=hint)])
+
+
+_MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*(gb|gib|g)?", re.IGNORECASE)
+"""A GPU name that is only a memory size (``24GB``): what ``vram_gib`` is for."""
+
+
+def _same_model_number(name: str, choices: list[str]) -> list[str]:
+    """The choices with a number as long as each in ``name`` (its model number: ``4090``
+    for ``RTX 4909``): a did-you-mean with a number of another length (``MI300X`` ->
+    ``3090``) names another kind of card."""
+    lengths = {len(number) for number in re.findall(r"\d+", name)}
+    return [
+        choice
+        for choice in choices
+        if lengths <= {len(number) for number in re.findall(r"\d+", choice)}
+    ]
 
 
 def lookup_model(

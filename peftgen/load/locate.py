@@ -96,10 +96,15 @@ def sorted_problems(problems: list[Problem]) -> list[Problem]:
 
 
 def did_you_mean(value: object, choices: Iterable[str]) -> str | None:
-    """``did you mean 'x'?`` for a close match, comparing case-, dash- and space-insensitively."""
-    if not isinstance(value, str):
+    """``did you mean 'x'?`` for a close match, comparing case-, dash- and space-insensitively.
+    A number is matched by the choices that hold it (``precision: 4`` -> ``4bit``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        digits = f"{value:g}"
+        matches = [choice for choice in choices if digits in choice][:3]
+    elif isinstance(value, str):
+        matches = close_matches(value, choices)
+    else:
         return None
-    matches = close_matches(value, choices)
     if not matches:
         return None
     return "did you mean " + " or ".join(repr(match) for match in matches) + "?"

@@ -228,7 +228,11 @@ def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None)
     gpu = resolved.gpu
     if gpu_name is not None:
         try:
-            gpu = lookup_gpu(gpu_name, instead="give --vram-gib without --gpu")
+            gpu = lookup_gpu(
+                gpu_name,
+                instead="give --vram-gib without --gpu",
+                memory_override="give --gpu {gpu} --vram-gib {gb}",
+            )
         except UserError as error:
             raise UserError(
                 [replace(p, field_path="--gpu", file=None) for p in error.problems]
