@@ -81,6 +81,7 @@ def resolve(loaded: LoadedSpec) -> Resolved:
         *loaded.warnings,
         *_scaling_warnings(loaded),
         *_missing_data_warnings(loaded),
+        *_unused_quantization_warnings(loaded),
     ]
     arch = _resolve_model(loaded, problems, warnings)
     gpu = _resolve_gpu(loaded, problems)
@@ -268,6 +269,22 @@ def _unloadable_file_problems(loaded: LoadedSpec) -> list[Problem]:
             f"{path!r} is a local path, and the script loads a local data file by its "
             f"suffix ({suffixes}); any other path is read as a hub dataset id",
             hint,
+        )
+    ]
+
+
+def _unused_quantization_warnings(loaded: LoadedSpec) -> list[str]:
+    """``quantization`` holds 4-bit settings: with a precision that never loads 4-bit they
+    do nothing, which the user who wrote them should hear (not a refusal: switching the
+    precision back makes them count)."""
+    spec = loaded.spec
+    if "quantization" not in spec.model_fields_set or spec.precision in ("auto", "4bit"):
+        return []
+    return [
+        loaded.warning(
+            "quantization",
+            f"4-bit settings, unused: precision {spec.precision} loads no 4-bit weights "
+            "(they apply with precision: 4bit, or auto when it picks 4-bit)",
         )
     ]
 

@@ -174,3 +174,11 @@ def test_a_hub_id_that_is_no_local_file_stays_a_hub_id(tmp_path: Path) -> None:
     (tmp_path / "bigbio").mkdir()  # a folder of that owner's name does not make it local
     text = SPEC.replace(str(REPO / "specs" / "data" / "clinical_sft.jsonl"), "bigbio/med_qa")
     assert _resolve(tmp_path, text).spec.dataset.path == "bigbio/med_qa"
+
+
+def test_4bit_settings_with_a_precision_that_loads_no_4bit_weights_warn(tmp_path: Path) -> None:
+    quantization = "quantization:\n  bnb_4bit_quant_type: fp4\n"
+    (warning,) = _resolve(tmp_path, SPEC + "precision: bf16\n" + quantization).warnings
+    assert ":11:1: warning: quantization: 4-bit settings, unused: precision bf16" in warning
+    for precision in ("4bit", "auto"):
+        assert _resolve(tmp_path, SPEC + f"precision: {precision}\n" + quantization).warnings == ()
