@@ -25,6 +25,21 @@ HUB_TIMEOUTS_S = {"HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10"}
 """huggingface_hub's timeouts while peftgen asks it something, unless the user set them."""
 
 
+TRANSFORMERS_OFFLINE_FLAGS = ("TRANSFORMERS_OFFLINE",)
+"""transformers' own offline switch, next to huggingface_hub's (configs, tokenizers)."""
+DATASETS_OFFLINE_FLAGS = ("HF_DATASETS_OFFLINE",)
+"""datasets' own offline switch (hub datasets)."""
+
+
+def hub_offline(library_flags: tuple[str, ...] = ()) -> bool:
+    """The user said the hub is off limits: ``HF_HUB_OFFLINE``, or the reading library's
+    own switch (``library_flags``), set to a true value as huggingface_hub reads one."""
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", *library_flags)
+    )
+
+
 def _endpoint() -> tuple[str, int]:
     """Host and port the hub is reached through: a proxy when one is set, else HF_ENDPOINT."""
     for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):

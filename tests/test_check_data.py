@@ -760,3 +760,29 @@ def test_a_tokenizer_with_gemma_s_template_refuses_the_system_turn_too(
         report.bad_rows == 1
         and "the tokenizer's chat template (gemma)" in report.problems[0].message
     )
+
+
+def test_a_tokenizer_folder_that_loads_nothing_is_the_user_s_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tokenizer names the folder to use: one without tokenizer files stops with exit 2,
+    not a skipped token pass that exits 0."""
+    data = _write_jsonl(tmp_path / "t.jsonl", [{"text": "a note"}])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(
+        capsys, write_spec(tmp_path, data, "sft", "text"), "--tokenizer", str(empty)
+    )
+    assert code == 2
+    assert f"{empty}: no tokenizer loads from this folder (it holds no tokenizer.json" in err
+    assert "Traceback" not in err
+
+
+def test_the_offline_hint_does_not_ask_for_what_is_already_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_jsonl(tmp_path / "t.jsonl", [{"text": "a note"}])
+    code, out, _ = run_cli(capsys, write_spec(tmp_path, data, "sft", "text"))
+    assert code == 0
+    assert "the hub is offline; pass --tokenizer DIR" in out
+    assert "set HF_HUB_OFFLINE=1" not in out

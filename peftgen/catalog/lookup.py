@@ -12,7 +12,6 @@ folder and a catalogue alias resolves to the folder, with a warning; one written
 from __future__ import annotations
 
 import json
-import os
 import re
 from functools import cache
 from pathlib import Path
@@ -576,13 +575,10 @@ def _language_fields(
     return fields
 
 
-def _hub_offline() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(flag.strip().lower() in {"1", "true", "yes", "on"} for flag in flags)
-
-
 def _arch_from_hub(model_id: str, revision: str | None, trust_remote_code: bool) -> ModelArch:
-    if _hub_offline():
+    from peftgen.hub import TRANSFORMERS_OFFLINE_FLAGS, hub_offline
+
+    if hub_offline(TRANSFORMERS_OFFLINE_FLAGS):
         raise UserError(
             [
                 Problem(

@@ -17,6 +17,7 @@ from peftgen.check_data.checker import (
     TokenReport,
 )
 from peftgen.errors import Problem
+from peftgen.hub import TRANSFORMERS_OFFLINE_FLAGS, hub_offline
 
 TRAINED_OPEN = "⟦"
 TRAINED_CLOSE = "⟧"
@@ -52,17 +53,19 @@ def _summary_line(report: DataReport) -> str:
     )
 
 
-NO_TOKENIZER_HINT = (
-    "pass --tokenizer DIR (a folder with the tokenizer files), or set HF_HUB_OFFLINE=1 to "
-    "skip the hub"
-)
-"""What check-data's user can do when no tokenizer loaded (its own flag: the reason itself
-is shared with plan's length_source p99, which has other remedies)."""
+def no_tokenizer_hint() -> str:
+    """What check-data's user can do when no tokenizer loaded (its own flag: the reason
+    itself is shared with plan's length_source p99, which has other remedies); skipping
+    the hub is offered only to whom has not already."""
+    hint = "pass --tokenizer DIR (a folder with the tokenizer files)"
+    if not hub_offline(TRANSFORMERS_OFFLINE_FLAGS):
+        hint += ", or set HF_HUB_OFFLINE=1 to skip the hub"
+    return hint
 
 
 def _skipped_text(tokens: TokenReport) -> str:
     reason = tokens.skipped_reason or "token statistics skipped"
-    return f"{reason}; {NO_TOKENIZER_HINT}" if tokens.tokenizer_source is None else reason
+    return f"{reason}; {no_tokenizer_hint()}" if tokens.tokenizer_source is None else reason
 
 
 def _token_lines(tokens: TokenReport) -> list[str]:

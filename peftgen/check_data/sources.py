@@ -13,7 +13,6 @@ import codecs
 import csv
 import io
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from peftgen.errors import UserError
+from peftgen.hub import DATASETS_OFFLINE_FLAGS, hub_offline
 from peftgen.stack import LOCAL_DATA_LOADERS
 
 UTF8_BOM = codecs.BOM_UTF8
@@ -405,7 +405,7 @@ class HubSource(RowSource):
         self.split = split
 
     def rows(self) -> Iterator[Row]:
-        if _hub_offline():
+        if hub_offline(DATASETS_OFFLINE_FLAGS):
             raise UserError.single(
                 f"{self.dataset_id!r} is not a local file and the hub is offline "
                 "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); point dataset.path at a local "
@@ -440,10 +440,3 @@ class HubSource(RowSource):
                 f"cannot stream hub dataset {self.dataset_id!r} (split {self.split!r}): {error}",
                 field_path="dataset.path",
             ) from None
-
-
-def _hub_offline() -> bool:
-    return any(
-        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )

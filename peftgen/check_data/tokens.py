@@ -25,13 +25,13 @@ without it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftgen.check_data.rows import split_implicit_prompt
 from peftgen.errors import UserError
+from peftgen.hub import TRANSFORMERS_OFFLINE_FLAGS, hub_offline
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def load_tokenizer(
         is_local = folder.is_dir()
     except OSError:  # a name too long for the file system names no folder
         is_local = False
-    if not is_local and _hub_offline():
+    if not is_local and hub_offline(TRANSFORMERS_OFFLINE_FLAGS):
         raise TokenizerUnavailable(
             f"model.id {model_id!r} is not a local folder and the hub is offline"
         )
@@ -110,7 +110,22 @@ def load_tokenizer(
                 trust_remote_code=trust_remote_code,
             )
     except Exception as error:  # network, missing files, a catalogue alias that is no hub id
-        raise TokenizerUnavailable(f"cannot load the tokenizer from {source!r}: {error}") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        if override_dir is not None:  # the user named this folder: their mistake, not a skip
+            files = ("tokenizer.json", "tokenizer_config.json")
+            why = (
+                f": {first_line}"
+                if any((override_dir / name).is_file() for name in files)
+                else f" (it holds no {' or '.join(files)})"
+            )
+            raise UserError.single(
+                f"no tokenizer loads from this folder{why}",
+                file=str(override_dir),
+                hint="give the model's folder, or one tokenizer.save_pretrained wrote",
+            ) from None
+        raise TokenizerUnavailable(
+            f"cannot load the tokenizer from {source!r}: {first_line}"
+        ) from None
     if chat_template == "chatml":
         _install_chatml(tokenizer)
     return LoadedTokenizer(tokenizer, source, _max_positions(folder) if is_local else None)
@@ -142,10 +157,6 @@ def _max_positions(folder: Path) -> int | None:
         return None
     value = config.get("max_position_embeddings") if isinstance(config, dict) else None
     return value if isinstance(value, int) and value > 0 else None
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def needs_chat_template(shape: str) -> bool:
