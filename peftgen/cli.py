@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path, metavar="SPEC")
     p.add_argument("-o", "--output-dir", type=Path, help="write train.py, merge.py, plan.md ...")
     p.add_argument("--force", action="store_true", help="emit even when nothing fits")
+    p.add_argument(
+        "--overwrite-edits",
+        action="store_true",
+        help="replace emitted files edited since (emit refuses otherwise)",
+    )
     _add_gpu_overrides(p)
     p.set_defaults(func=_cmd_emit)
 

@@ -627,7 +627,7 @@ def emit(args: argparse.Namespace) -> int:
         model_source(resolved),
         args.output_dir,
     )
-    write_output_dir(args.output_dir, files)
+    write_output_dir(args.output_dir, files, getattr(args, "overwrite_edits", False))
     for name in files:
         print(f"wrote {args.output_dir / name}", file=sys.stderr)
     return 0

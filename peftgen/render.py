@@ -16,6 +16,7 @@ cannot be written into a script is a ``UserError`` naming the spec file and the 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -1204,10 +1205,43 @@ def resolved_spec_yaml(loaded: LoadedSpec, model: ModelSource, anchor_dir: Path)
     return header + buffer.getvalue()
 
 
-OUTPUT_FILES = ("train.py", "merge.py", "plan.md", "spec.yaml", *LAUNCH_FILES)
+EMITTED_MANIFEST = ".peftgen-emitted.json"
+"""What emit wrote into the folder, by file, as sha256 digests: a later emit that finds a
+file changed since (an edited train.py) refuses rather than overwrite the edit."""
+OUTPUT_FILES = ("train.py", "merge.py", "plan.md", "spec.yaml", *LAUNCH_FILES, EMITTED_MANIFEST)
 
 
-def write_output_dir(directory: Path, files: Mapping[str, str]) -> None:
+def _sha256(text: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(text).hexdigest()
+
+
+def emitted_manifest(files: Mapping[str, str]) -> str:
+    """``EMITTED_MANIFEST``'s text for ``files`` (written as UTF-8 bytes, as emit writes them)."""
+    digests = {name: _sha256(text.encode("utf-8")) for name, text in sorted(files.items())}
+    return json.dumps({"written_by": "peftgen emit", "sha256": digests}, indent=2) + "\n"
+
+
+def _edited_since_emit(target: Path) -> list[str]:
+    """The files emit wrote into ``target`` that have changed since (by the folder's
+    manifest; a folder without one, from an older peftgen, has no record to compare)."""
+    try:
+        record = json.loads((target / EMITTED_MANIFEST).read_text(encoding="utf-8"))
+        digests = dict(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    edited = []
+    for name, digest in sorted(digests.items()):
+        path = target / str(name)
+        if path.is_file() and not path.is_symlink() and _sha256(path.read_bytes()) != digest:
+            edited.append(str(name))
+    return edited
+
+
+def write_output_dir(
+    directory: Path, files: Mapping[str, str], overwrite_edits: bool = False
+) -> None:
     """Write ``files`` into ``directory`` all at once, or not at all.
 
     The files go into a fresh folder beside ``directory`` that is then renamed into place,
@@ -1215,8 +1249,10 @@ def write_output_dir(directory: Path, files: Mapping[str, str]) -> None:
     folder. An existing folder is replaced only when it holds nothing but the plain files
     emit writes: anything else in it (another file, a link, a folder named ``plan.md``)
     might be the user's, and is not ours to delete; of the old folder only emit's files are
-    removed. A new folder gets the permissions the user's umask gives (``mkdtemp`` makes
-    0700), a replaced one keeps its own. Every OS error is a ``UserError`` naming the folder.
+    removed. Nor is a file emit wrote and the user edited since (``EMITTED_MANIFEST``), unless
+    ``overwrite_edits``. A new folder gets the permissions the user's umask gives (``mkdtemp``
+    makes 0700), a replaced one keeps its own. Every OS error is a ``UserError`` naming the
+    folder.
     """
     import contextlib
     import errno
@@ -1255,6 +1291,15 @@ def write_output_dir(directory: Path, files: Mapping[str, str]) -> None:
                     f"the folder holds what emit did not write ({', '.join(foreign[:5])}); "
                     "choose a new or empty folder (nothing was written or deleted)"
                 )
+            edited = [] if overwrite_edits else _edited_since_emit(target)
+            if edited:
+                raise UserError.single(
+                    f"{', '.join(edited)}: changed since emit wrote the folder; emitting would "
+                    "lose the edits (nothing was written or deleted)",
+                    file=str(directory),
+                    hint="carry the change into the spec, or copy the file elsewhere, then emit "
+                    "again; --overwrite-edits replaces it",
+                )
         for parent in target.parents:
             if parent.exists():
                 if not parent.is_dir():
@@ -1269,7 +1314,7 @@ def write_output_dir(directory: Path, files: Mapping[str, str]) -> None:
         raise refuse(f"cannot write the folder: {reason(error)}; nothing was written") from None
     backup: Path | None = None
     try:
-        for name, text in files.items():
+        for name, text in {**files, EMITTED_MANIFEST: emitted_manifest(files)}.items():
             (staging / name).write_text(text, encoding="utf-8")
         os.chmod(staging, mode)
         if target.exists():

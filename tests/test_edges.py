@@ -505,8 +505,28 @@ def test_emit_replaces_only_its_own_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     render.write_output_dir(out, FILES)
     render.write_output_dir(out, {"train.py": "new\n"})
-    assert sorted(p.name for p in out.iterdir()) == ["train.py"]
+    assert sorted(p.name for p in out.iterdir()) == [render.EMITTED_MANIFEST, "train.py"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_emit_refuses_to_overwrite_a_file_edited_since_it_wrote_it(tmp_path: Path) -> None:
+    """The script says to edit the spec, not the file; a user who edited it anyway keeps
+    the edit until they say to drop it."""
+    out = tmp_path / "out"
+    render.write_output_dir(out, FILES)
+    (out / "train.py").write_text("my own change\n", encoding="utf-8")
+    before = tree(tmp_path)
+    with pytest.raises(UserError) as caught:
+        render.write_output_dir(out, {name: "new" for name in FILES})
+    (problem,) = caught.value.problems
+    assert problem.message.startswith("train.py: changed since emit wrote the folder")
+    assert problem.hint is not None and "--overwrite-edits" in problem.hint
+    assert tree(tmp_path) == before
+    render.write_output_dir(out, {name: "new" for name in FILES}, overwrite_edits=True)
+    assert (out / "train.py").read_text(encoding="utf-8") == "new"
+    # Unedited files are replaced without asking, as before.
+    render.write_output_dir(out, {name: "newer" for name in FILES})
+    assert (out / "train.py").read_text(encoding="utf-8") == "newer"
 
 
 def test_emitted_folder_follows_the_umask(tmp_path: Path) -> None:

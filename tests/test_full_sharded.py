@@ -347,6 +347,7 @@ def test_emitted_fsdp_full_config_is_what_accelerate_builds(
 
     emitted = _emit(_staged(FSDP_SPEC, tmp_path), tmp_path / "emitted")
     assert sorted(p.name for p in emitted.iterdir()) == [
+        ".peftgen-emitted.json",
         "accelerate_config.yaml",
         "launch.sh",
         "plan.md",

@@ -46,7 +46,7 @@ def test_every_spec_is_rendered(expected: dict[Path, str]) -> None:
     folders = {path.parent for path in expected}
     assert spec_count >= 7
     assert len(folders) == spec_count
-    single_gpu = {"train.py", "merge.py", "plan.md", "spec.yaml"}
+    single_gpu = {"train.py", "merge.py", "plan.md", "spec.yaml", ".peftgen-emitted.json"}
     for folder in folders:
         names = {path.name for path in expected if path.parent == folder}
         if folder.name == "llama3-70b-qlora-fsdp-2x24gb":

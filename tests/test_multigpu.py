@@ -287,6 +287,7 @@ def test_single_gpu_spec_emits_no_launch_files(tiny_model_dir: Path, tmp_path: P
     text = _tiny_spec(tiny_model_dir, "ddp").replace("  num_gpus: 2\n  distributed: ddp\n", "")
     emitted = _emit(text, tmp_path)
     assert sorted(p.name for p in emitted.iterdir()) == [
+        ".peftgen-emitted.json",
         "merge.py",
         "plan.md",
         "spec.yaml",

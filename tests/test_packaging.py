@@ -82,6 +82,7 @@ def test_installed_wheel_renders_from_its_own_templates(
     assert "BitsAndBytesConfig(" in train
     compile(train, "train.py", "exec")
     assert sorted(p.name for p in out_dir.iterdir()) == [
+        ".peftgen-emitted.json",
         "merge.py",
         "plan.md",
         "spec.yaml",

@@ -410,7 +410,13 @@ def test_emit_to_folder_writes_all_files(tmp_path: Path) -> None:
     spec_path = _spec(tmp_path)
     out = tmp_path / "emitted"
     assert peftgen_main(["emit", str(spec_path), "-o", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["merge.py", "plan.md", "spec.yaml", "train.py"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".peftgen-emitted.json",  # what emit wrote, so a later emit keeps a user's edits
+        "merge.py",
+        "plan.md",
+        "spec.yaml",
+        "train.py",
+    ]
     # The written spec (paths relative to its folder) renders the same script again, but
     # for its hash and its own name in the docstring.
     resolved_spec = out / "spec.yaml"

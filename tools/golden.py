@@ -19,7 +19,13 @@ from pathlib import Path
 
 from peftgen.load import load_spec
 from peftgen.plan import make_plan
-from peftgen.render import model_source, render_all, write_output_dir
+from peftgen.render import (
+    EMITTED_MANIFEST,
+    emitted_manifest,
+    model_source,
+    render_all,
+    write_output_dir,
+)
 from peftgen.report import render_plan_markdown
 from peftgen.resolve import resolve
 
@@ -57,7 +63,7 @@ def expected_files() -> dict[Path, str]:
     expected: dict[Path, str] = {}
     for spec_path in spec_paths():
         name, files = render_spec(spec_path)
-        for file_name, text in files.items():
+        for file_name, text in {**files, EMITTED_MANIFEST: emitted_manifest(files)}.items():
             expected[GENERATED_DIR / name / file_name] = text
     return expected
 
@@ -75,9 +81,10 @@ def main() -> int:
     _ensure_tiny_model()
     by_folder: dict[Path, dict[str, str]] = {}
     for path, text in expected_files().items():
-        by_folder.setdefault(path.parent, {})[path.name] = text
+        if path.name != EMITTED_MANIFEST:  # write_output_dir writes it
+            by_folder.setdefault(path.parent, {})[path.name] = text
     for folder, files in sorted(by_folder.items()):
-        write_output_dir(folder, files)
+        write_output_dir(folder, files, overwrite_edits=True)  # goldens are regenerated
         print(f"wrote {folder}/", file=sys.stderr)
     if GENERATED_DIR.is_dir():
         for stale in sorted(set(GENERATED_DIR.iterdir()) - set(by_folder)):
