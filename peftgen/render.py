@@ -648,6 +648,8 @@ class GrpoView:
     """Full fine-tuning with ``beta > 0``: trl's reference loads in the compute dtype."""
     vllm_kwargs: dict[str, Any]
     vllm_comment: str
+    vllm_requirement: str
+    """The header's vLLM requirement (``stack.VLLM_REQUIREMENT``), quoted in the docstring."""
     vllm_server: bool
     vllm_serve_command: str
 
@@ -752,7 +754,6 @@ METHOD_TITLES: dict[str, str] = {
     "grpo": "Group relative policy optimisation (GRPO)",
 }
 MERGE_LIBRARIES = ("torch", "transformers", "peft", "accelerate")
-VLLM_REQUIREMENT = "vllm>=0.22.0,<=0.31.0"
 
 
 def _stdlib_imports(spec: AnySpec, full: bool) -> list[str]:
@@ -913,6 +914,7 @@ def _grpo_view(
             "colocate": "trl's colocate mode: vLLM shares this GPU",
             "server": "a `trl vllm-serve` process on other GPUs; start it before training",
         }.get(str(grpo.use_vllm), ""),
+        vllm_requirement=stack.VLLM_REQUIREMENT,
         vllm_server=grpo.use_vllm == "server",
         vllm_serve_command=comment_text(
             f"CUDA_VISIBLE_DEVICES={spec.hardware.world_size} trl vllm-serve --model {served} "
@@ -959,7 +961,7 @@ def script_context(
         if isinstance(spec, GrpoRunSpec)
         else None
     )
-    vllm = [VLLM_REQUIREMENT] if grpo is not None and grpo.vllm_kwargs else []
+    vllm = [stack.VLLM_REQUIREMENT] if grpo is not None and grpo.vllm_kwargs else []
     if spec.hardware.distributed.startswith("deepspeed"):
         pinned["deepspeed"] = stack.ENGINE_VERSIONS["deepspeed"]
     model_view = _model_view(values, model, paths, anchor_dir)

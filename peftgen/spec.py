@@ -475,7 +475,7 @@ class GrpoSpec(_Frozen):
     """Generate with vLLM (trl's `use_vllm`): `colocate` runs vLLM inside the training process on
     the same GPU (trl's `vllm_mode="colocate"`), `server` asks a `trl vllm-serve` process on other
     GPUs; `false` generates with `model.generate`; `true` (trl's spelling) is trl's default mode,
-    `colocate`. Needs `pip install vllm` and a CUDA GPU."""
+    `colocate`. Needs vLLM (the script's header names the releases trl accepts) and a CUDA GPU."""
     vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1), NOT_A_BOOL] = 0.3
     """The share of each GPU's memory vLLM takes for its weights and KV cache: colocate, on the
     training GPU (trl's default 0.3); server, on the server's GPU (`trl vllm-serve

@@ -49,6 +49,15 @@ LOCAL_DATA_LOADERS: dict[str, str] = {
 hub dataset. A local file loads as one split, ``train``."""
 
 
+TRL_VLLM_RANGE: tuple[str, str] = ("0.22.0", "0.31.0")
+"""The vLLM releases trl 1.16 accepts (trl/import_utils.py ``is_vllm_available``: it
+warns outside them). Not a pin: which one installs depends on torch and transformers."""
+VLLM_REQUIREMENT = f"vllm>={TRL_VLLM_RANGE[0]},<={TRL_VLLM_RANGE[1]}"
+"""The header's vLLM requirement for GRPO with ``use_vllm``: uv resolves it together with
+the pinned torch and transformers (a bare ``pip install vllm`` takes the newest release,
+outside trl's range, and may replace them)."""
+
+
 PINNED_VERSIONS: dict[str, str] = {
     "torch": "2.13.0",
     "transformers": "5.24.0",

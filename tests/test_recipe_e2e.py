@@ -67,6 +67,7 @@ def capture(self, *args, **kwargs):
         "fp16": self.args.fp16,
         "parameter_dtypes": sorted({str(p.dtype) for p in self.model.parameters()}),
         "chat_template": tok.chat_template,
+        "train_rows": len(self.train_dataset),
     }
     with open(out + ".setup", "w", encoding="utf-8") as handle:
         json.dump(setup, handle)
@@ -419,6 +420,28 @@ def test_grpo_prompts_on_a_chat_model_are_conversations(
     for row in rows:
         assert row["prompt"][0]["role"] == "user"
         assert row["prompt"][0]["content"] in {r["prompt"] for r in rows_in}
+
+
+@pytest.mark.slow
+def test_grpo_smoke_steps_take_the_longest_prompts_each_step_samples(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A GRPO batch counts completions, NUM_GENERATIONS per prompt: a 1-step smoke run at
+    2 completions per step samples 1 prompt, so it keeps the longest prompt alone (it kept
+    2, and trained on whichever came first)."""
+    rows_in = [{"prompt": "Short?"}, {"prompt": "A much longer question about the notes?"}]
+    spec = _spec(
+        tmp_path,
+        method="grpo",
+        model_dir=tiny_model_dir,
+        data_format="prompt",
+        rows=rows_in,
+        extra="grpo:\n  num_generations: 2\n  max_completion_length: 8\n  reward_funcs: [length]\n",
+    )
+    rows = _first_batch(_emit(spec, tmp_path / "out"), tmp_path, PEFTGEN_SMOKE_STEPS="1")
+    setup = json.loads((tmp_path / "batch.json.setup").read_text(encoding="utf-8"))
+    assert setup["train_rows"] == 1
+    assert {row["prompt"][0]["content"] for row in rows} == {rows_in[1]["prompt"]}
 
 
 @pytest.mark.slow

@@ -66,8 +66,6 @@ def test_pinned_versions_are_the_extras_the_headers_and_the_installed_stack() ->
     end-to-end tests exercise the versions the scripts are written for)."""
     from importlib import metadata
 
-    from peftgen.render import VLLM_REQUIREMENT
-
     extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
         "optional-dependencies"
     ]
@@ -79,7 +77,22 @@ def test_pinned_versions_are_the_extras_the_headers_and_the_installed_stack() ->
     for script in scripts:
         dependencies = _header_dependencies(script)
         assert "torch==" + stack.PINNED_VERSIONS["torch"] in dependencies, script
-        assert set(dependencies) <= pins | {VLLM_REQUIREMENT}, script
+        assert set(dependencies) <= pins | {stack.VLLM_REQUIREMENT}, script
     for name, version in (stack.PINNED_VERSIONS | stack.ENGINE_VERSIONS).items():
         # The CPU build of torch reports a local version label: 2.13.0+cpu.
         assert metadata.version(name).split("+")[0] == version, name
+
+
+def test_the_vllm_range_is_the_one_the_pinned_trl_accepts() -> None:
+    """Read from trl's own check (import_utils.is_vllm_available), not restated."""
+    import inspect
+    import re
+
+    from trl import import_utils
+
+    source = inspect.getsource(import_utils.is_vllm_available)
+    bounds = re.search(
+        r'Version\("([\d.]+)"\) <= _vllm_base_version <= Version\("([\d.]+)"\)', source
+    )
+    assert bounds is not None, source
+    assert bounds.groups() == stack.TRL_VLLM_RANGE

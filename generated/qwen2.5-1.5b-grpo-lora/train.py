@@ -201,6 +201,8 @@ def main() -> None:
         # Only the longest rows, so every smoke step meets the worst case for memory.
         sequences = SMOKE_STEPS * PER_DEVICE_TRAIN_BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS
         sequences *= PartialState().num_processes
+        # GRPO's batch counts completions: each prompt row is sampled NUM_GENERATIONS times.
+        sequences //= NUM_GENERATIONS
         train_dataset = longest_rows(train_dataset, sequences)
 
     # --- Trainer ---

@@ -19,8 +19,10 @@ Edit the spec and run `peftgen emit` again rather than editing this file.
 Model: Qwen/Qwen2.5-1.5B-Instruct.
 Target: NVIDIA A100-SXM4-40GB x 1, memory budget 38.0 GiB per GPU.
 Base model loaded in bfloat16 + LoRA.
-GRPO generates with vLLM (trl's colocate mode: vLLM shares this GPU): this path needs `pip install
-vllm` (trl 1.16 supports 0.22 to 0.31) and a CUDA GPU; it cannot run on the CPU.
+GRPO generates with vLLM (trl's colocate mode: vLLM shares this GPU): this path needs a CUDA GPU and
+`vllm>=0.22.0,<=0.31.0` (the releases trl 1.16 accepts); `uv run train.py` picks one that works with
+the pinned torch and transformers, where a bare `pip install vllm` takes the newest and may replace
+them. It cannot run on the CPU.
 Loss on: the sampled completions, weighted by their group-relative rewards.
 Format: conversations rendered with the model's own chat template, prompts as user turns and answers
 as assistant turns, as at inference.
@@ -205,6 +207,8 @@ def main() -> None:
         # Only the longest rows, so every smoke step meets the worst case for memory.
         sequences = SMOKE_STEPS * PER_DEVICE_TRAIN_BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS
         sequences *= PartialState().num_processes
+        # GRPO's batch counts completions: each prompt row is sampled NUM_GENERATIONS times.
+        sequences //= NUM_GENERATIONS
         train_dataset = longest_rows(train_dataset, sequences)
 
     # --- Trainer ---
@@ -237,7 +241,7 @@ def main() -> None:
         max_completion_length=MAX_COMPLETION_LENGTH,
         beta=BETA,
         temperature=TEMPERATURE,
-        # Generation with vLLM (trl's colocate mode: vLLM shares this GPU); needs `pip install vllm`
+        # Generation with vLLM (trl's colocate mode: vLLM shares this GPU); needs the header's vLLM
         # and a CUDA GPU.
         use_vllm=True,
         vllm_mode="colocate",
