@@ -64,7 +64,8 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 MODEL_ID = "meta-llama/Meta-Llama-3-8B-Instruct"
 DATASET_PATH = str((SCRIPT_DIR / "../../specs/data/clinical_preference.jsonl").resolve())
 OUTPUT_DIR = str((SCRIPT_DIR / "../../specs/outputs/llama3-8b-instruct-dpo-lora").resolve())
-# Tokens per prompt + answer; longer pairs are truncated.
+# Tokens per prompt + answer. trl cuts a longer pair at the end (the answer's end of turn
+# first) and drops a row whose prompt alone is this long; `peftgen check-data` counts both.
 MAX_LENGTH = 1024
 # Strength of the pull towards the reference model (the base, adapters disabled).
 BETA = 0.1
