@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 
+from peftgen.errors import UserError
 from peftgen.load import LoadedSpec
 from peftgen.plan import BREAKDOWN_KEYS, Candidate, Decision, GpuTarget, Plan
 from peftgen.render import ModelSource, render_all
@@ -184,13 +185,18 @@ def _plan(precision: str, gpu_name: str = "GPU", reason: str = "why") -> Plan:
 
 
 def _render(raw: dict[str, Any], precision: str) -> dict[str, str] | None:
-    """The emitted files, or None when validation rejects the spec."""
+    """The emitted files, or None when validation rejects the spec (or emit refuses it with
+    a message: an output_dir of ``/`` is the filesystem root)."""
     try:
         spec = SPEC_ADAPTER.validate_python(raw)
     except ValidationError:
         return None
     loaded = LoadedSpec(spec, SPEC_FILE, "", "0" * 64)
-    return render_all(loaded, _plan(precision), "", ModelSource(spec.model.id), OUT_DIR)
+    try:
+        return render_all(loaded, _plan(precision), "", ModelSource(spec.model.id), OUT_DIR)
+    except UserError as refused:
+        assert all(problem.message for problem in refused.problems)
+        return None
 
 
 def _script_path(node: ast.expr) -> str | None:
