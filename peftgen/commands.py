@@ -751,6 +751,7 @@ def calibrate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from peftgen.calibrate import allocator_lines, calibrate_receipts, summary_lines, table_rows
+    from peftgen.errors import printable
 
     result = calibrate_receipts(args.receipts)
     if args.json:
@@ -765,9 +766,9 @@ def calibrate(args: argparse.Namespace) -> int:
         )
     for cells in body:
         # Receipt strings (spec name, device, file name) are data: never rich markup.
-        table.add_row(*(escape(cell) for cell in cells))
+        table.add_row(*(escape(printable(cell)) for cell in cells))
     console = Console(highlight=False, width=200)
     console.print(table)
     for line in [*summary_lines(result), *allocator_lines(result)]:
-        console.print(escape(line), soft_wrap=True)
+        console.print(escape(printable(line)), soft_wrap=True)
     return 0

@@ -13,6 +13,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 
+def printable(text: str) -> str:
+    """``text`` for a terminal: each control or other unprintable character as its Python
+    escape (``\x1b``), so a crafted file name or receipt field cannot move the cursor,
+    recolour or retitle the user's terminal."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def normalise_name(name: str) -> str:
     """Case-, space-, dash- and underscore-insensitive key: "RTX 4090" == "rtx-4090"."""
     return re.sub(r"[\s_\-]+", "", name.strip().lower())

@@ -112,6 +112,19 @@ def test_cli_table(receipts: list[Path], capsys: pytest.CaptureFixture[str]) -> 
     assert "left out of the statistics" in out and "cpu.json" in out
 
 
+def test_receipt_strings_reach_the_terminal_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A crafted receipt's spec name holds a terminal escape (clear the screen, retitle):
+    the table shows it as text, never sends the control bytes."""
+    hostile = "run\x1b[2J\x1b]0;owned\x07[red]x"
+    receipt = _receipt(11 * GIB, 10 * GIB, 16 * GIB, 20 * GIB, hostile)
+    assert peftgen_main(["calibrate", str(_write(tmp_path, "r", receipt))]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "run\\x1b[2J" in out and "[red]x" in out
+
+
 def test_cli_json(receipts: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert peftgen_main(["calibrate", *map(str, receipts), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -786,3 +786,15 @@ def test_the_offline_hint_does_not_ask_for_what_is_already_set(
     assert code == 0
     assert "the hub is offline; pass --tokenizer DIR" in out
     assert "set HF_HUB_OFFLINE=1" not in out
+
+
+def test_the_example_shows_the_data_s_control_characters_escaped(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data row holding a terminal escape is printed as text, not sent to the terminal."""
+    data = _write_jsonl(tmp_path / "t.jsonl", [{"text": "a note\x1b[2J cleared"}])
+    spec = write_spec(tmp_path, data, "sft", "text")
+    code, out, err = run_cli(capsys, spec, "--tokenizer", str(tiny_model_dir))
+    assert code == 0, err
+    assert "\x1b" not in out
+    assert "a note\\x1b[2J cleared" in out

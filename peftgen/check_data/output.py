@@ -16,7 +16,7 @@ from peftgen.check_data.checker import (
     ProgressCallback,
     TokenReport,
 )
-from peftgen.errors import Problem
+from peftgen.errors import Problem, printable
 from peftgen.hub import TRANSFORMERS_OFFLINE_FLAGS, hub_offline
 
 TRAINED_OPEN = "⟦"
@@ -76,7 +76,8 @@ def _token_lines(tokens: TokenReport) -> list[str]:
         f"  example ({tokens.example_location}) as the script tokenizes it; "
         f"trained tokens inside {TRAINED_OPEN} {TRAINED_CLOSE}:"
     )
-    lines += ["    " + line for line in example_text(tokens).splitlines()]
+    # The data's own text: control characters shown escaped, never sent to the terminal.
+    lines += ["    " + printable(line) for line in example_text(tokens).splitlines()]
     lines += _stats_lines(tokens.stats)
     return lines
 
