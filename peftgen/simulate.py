@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import logging
 import math
 import time
 import warnings
@@ -417,6 +418,20 @@ class _StepShape:
     completion_len: int = 0
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """``name``'s log records below ERROR dropped meanwhile: bitsandbytes logs a line per
+    8-bit matmul of the simulated step ("inputs will be cast ... to float16", 416 for a
+    7B model), about fake tensors on the CPU, not about the user's run."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def simulate_candidate(
     resolved: Resolved, precision: str, gpu: Gpu | None = None
 ) -> SimulationResult:
@@ -428,7 +443,7 @@ def simulate_candidate(
     target = gpu or resolved.gpu
     compute_dtype = stack.compute_dtype(precision, target.bf16)
     started = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_logger("bitsandbytes"):
         warnings.simplefilter("ignore")
         result = _simulate(resolved, precision, compute_dtype)
     return dataclasses.replace(result, seconds=time.perf_counter() - started)
