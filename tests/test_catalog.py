@@ -302,6 +302,10 @@ def test_offline_hub_id_says_how_to_fix(tmp_path: Path, monkeypatch: pytest.Monk
     assert problem.hint is not None
     assert "config.json" in problem.hint and "model.id" in problem.hint
     assert "meta-llama/Meta-Llama-3-8B" in problem.hint
+    # The download lands where model.id, read from the spec's folder, looks (tmp_path is
+    # outside the working directory, so the command names it absolutely).
+    assert f"--local-dir {tmp_path.resolve() / 'models' / 'Meta-Llama-3-8X'}`" in problem.hint
+    assert "set model.id: models/Meta-Llama-3-8X (relative to the spec's folder)" in problem.hint
 
 
 def _write_config(folder: Path, config: dict[str, Any]) -> Path:

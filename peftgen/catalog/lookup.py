@@ -12,6 +12,7 @@ folder and a catalogue alias resolves to the folder, with a warning; one written
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import cache
 from pathlib import Path
@@ -280,7 +281,7 @@ def lookup_model(
     if arch is not None:
         return arch
     if HUB_ID.match(model_id):
-        return _arch_from_hub(model_id, revision, trust_remote_code)
+        return _arch_from_hub(model_id, revision, trust_remote_code, base_dir)
     raise UserError([Problem(f"unknown model {model_id!r}", hint=_model_miss_hint(model_id))])
 
 
@@ -575,7 +576,9 @@ def _language_fields(
     return fields
 
 
-def _arch_from_hub(model_id: str, revision: str | None, trust_remote_code: bool) -> ModelArch:
+def _arch_from_hub(
+    model_id: str, revision: str | None, trust_remote_code: bool, base_dir: Path
+) -> ModelArch:
     from peftgen.hub import TRANSFORMERS_OFFLINE_FLAGS, hub_offline
 
     if hub_offline(TRANSFORMERS_OFFLINE_FLAGS):
@@ -584,7 +587,7 @@ def _arch_from_hub(model_id: str, revision: str | None, trust_remote_code: bool)
                 Problem(
                     f"model {model_id!r} is not in the catalogue and the hub is offline "
                     "(HF_HUB_OFFLINE is set)",
-                    hint=_hub_fix_hint(model_id),
+                    hint=_hub_fix_hint(model_id, base_dir),
                 )
             ]
         )
@@ -597,7 +600,7 @@ def _arch_from_hub(model_id: str, revision: str | None, trust_remote_code: bool)
                 Problem(
                     f"model {model_id!r} is not in the catalogue and the hub cannot be reached "
                     f"({unreachable}); set HF_HUB_OFFLINE=1 to skip the hub when offline",
-                    hint=_hub_fix_hint(model_id),
+                    hint=_hub_fix_hint(model_id, base_dir),
                 )
             ]
         )
@@ -609,7 +612,7 @@ def _arch_from_hub(model_id: str, revision: str | None, trust_remote_code: bool)
                 Problem(
                     f"model {model_id!r} is not in the catalogue; fetching a hub model's config "
                     "needs transformers: pip install 'peftgen[train]'",
-                    hint=_hub_fix_hint(model_id),
+                    hint=_hub_fix_hint(model_id, base_dir),
                 )
             ]
         ) from None
@@ -625,7 +628,7 @@ def _arch_from_hub(model_id: str, revision: str | None, trust_remote_code: bool)
                 Problem(
                     f"model {model_id!r} is not in the catalogue and its config could not be "
                     f"fetched: {message}",
-                    hint=_hub_fix_hint(model_id),
+                    hint=_hub_fix_hint(model_id, base_dir),
                 )
             ]
         ) from error
@@ -640,11 +643,22 @@ def _arch_from_hub(model_id: str, revision: str | None, trust_remote_code: bool)
     )
 
 
-def _hub_fix_hint(model_id: str) -> str:
+def _hub_fix_hint(model_id: str, base_dir: Path) -> str:
+    """Download into a folder beside the spec and name it as the spec names paths: the
+    command's folder as the shell sees it (from the working directory), model.id's
+    relative to the spec's folder, so the two meet wherever the user runs peftgen."""
+    folder = f"models/{model_id.split('/')[-1]}"
+    target = base_dir.resolve() / folder
+    try:
+        shown = os.path.relpath(target)
+    except ValueError:  # another drive (Windows)
+        shown = str(target)
+    if shown.startswith(".."):
+        shown = str(target)
     fix = (
         "download its config.json into a folder (e.g. `hf download "
-        f"{model_id} config.json tokenizer_config.json --local-dir models/"
-        f"{model_id.split('/')[-1]}`) and set model.id to that folder"
+        f"{model_id} config.json tokenizer_config.json --local-dir {shown}`) and set "
+        f"model.id: {folder} (relative to the spec's folder)"
     )
     close = _did_you_mean(model_id, model_names())
     return f"{close} Or {fix}" if close else f"{fix}, or pick a catalogue id (docs/catalogue.md)"
