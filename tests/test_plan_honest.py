@@ -1017,3 +1017,28 @@ def test_the_fits_row_names_every_phase_that_is_over(capsys: pytest.CaptureFixtu
             else "no"
         )
         assert expected in fits_row, (c.precision, fits_row)
+
+
+def test_a_named_chat_template_says_which_modules_it_trains_in_full(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ChatML on a base model trains embed_tokens and lm_head in full though the spec does
+    not list them: the plan says so (and counts them, as when they are listed)."""
+    example = REPO / "specs" / "smollm2-360m-chatml-lora.yaml"
+    text = example.read_text(encoding="utf-8")
+    assert "  modules_to_save: [embed_tokens, lm_head]\n" in text
+    unlisted = tmp_path / "unlisted.yaml"
+    unlisted.write_text(
+        text.replace("  modules_to_save: [embed_tokens, lm_head]\n", "").replace(
+            "path: data/", f"path: {REPO / 'specs' / 'data'}/"
+        ),
+        encoding="utf-8",
+    )
+    assert main(["plan", str(unlisted), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert main(["plan", str(example), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert data["trainable_parameters"] == listed["trainable_parameters"]
+    (note,) = (n for n in data["notes"] if n.startswith("dataset.chat_template"))
+    assert "embed_tokens and lm_head grow and are trained in full" in note
+    assert not [n for n in listed["notes"] if n.startswith("dataset.chat_template")]

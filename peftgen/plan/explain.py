@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peftgen.catalog import Gpu
 from peftgen.catalog.structure import SDPA_REFUSED_TYPES
+from peftgen.chat_templates import CHATML_SPECIAL_TOKENS
 from peftgen.memory import (
     PAGED_OPTIMIZERS,
     EstimateInput,
@@ -27,6 +28,7 @@ from peftgen.spec import (
     STATE_SHARDING_ENGINES,
     AnySpec,
     LoadPrecision,
+    trained_modules_to_save,
 )
 from peftgen.stack import INT8_SHARDING_REFUSED, format_gib
 from peftgen.throughput import checkpointing_extra_compute_fraction
@@ -100,6 +102,22 @@ def full_and_vllm_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[
     return notes
 
 
+def _installed_template_notes(spec: AnySpec) -> list[str]:
+    """The modules a named chat template trains in full though the spec does not list them:
+    its marker tokens grow the embeddings and the head (the memory table counts them)."""
+    if spec.dataset.chat_template is None or spec.finetuning != "lora":
+        return []
+    added = [m for m in trained_modules_to_save(spec) if m not in spec.lora.modules_to_save]
+    if not added:
+        return []
+    return [
+        f"dataset.chat_template: {spec.dataset.chat_template} adds its marker tokens "
+        f"({', '.join(CHATML_SPECIAL_TOKENS)}), so {' and '.join(added)} grow and are "
+        "trained in full and saved with the adapter (peft's modules_to_save; the trainable "
+        "parameters above count them)"
+    ]
+
+
 def shown_parameters(resolved: Resolved) -> int:
     return base_parameter_count(resolved.arch)
 
@@ -121,6 +139,7 @@ def plan_notes(resolved: Resolved, gpu: Gpu, shown: Candidate) -> list[str]:
             f"{format_gib(generation)}, no gradients; training: activations and logits "
             f"{format_gib(activation + logits)} plus gradients); the {other} phase peaks lower"
         )
+    notes.extend(_installed_template_notes(spec))
     hardware = spec.hardware
     if hardware.distributed in PARAMETER_SHARDING_ENGINES and "8bit" in spec_precisions(
         ("bf16", "8bit"), spec
