@@ -462,6 +462,7 @@ def test_a_host_ram_misfit_is_not_headlined_as_negative_gpu_overrun(tmp_path: Pa
         assert "GiB over the" not in report.split("Or:")[0]
         host = f"{shown['host_memory_bytes'] / 2**30:.2f} GiB of host memory per node"
         assert f"GiB budget, but it needs {host}, over the 16 GiB" in report
+        assert "✗ no (host RAM)" in report  # the fits row names what is over
 
 
 def test_report_says_tight_exactly_when_the_plan_does(tmp_path: Path) -> None:

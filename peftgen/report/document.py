@@ -108,6 +108,11 @@ def _context(data: ReportData, charts: dict[str, Any]) -> dict[str, Any]:
         ),
         "components": COMPONENTS,
         "candidate_status": {c.precision: fit_status(c) for c in plan.candidates},
+        # What keeps a candidate out besides its training peak: "loading", "host RAM".
+        "other_misfits": {
+            c.precision: ", ".join(p for p in c.phases_over(plan.budget_bytes) if p != "training")
+            for c in plan.candidates
+        },
         "status_labels": STATUS_LABELS,
         "interval_factors": (UNDER_PREDICTION_FACTOR, SHARDED_UNDER_PREDICTION_FACTOR),
         "interval_unscaled": UNSCALED,
