@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
+    from peftgen.load import LoadedSpec
     from peftgen.resolve import Resolved
     from peftgen.simulate import SimulationResult
 
@@ -235,6 +236,43 @@ def _file_has_mapping(path: _Path, field_path: str) -> bool:
     return isinstance(node, dict)
 
 
+def _refuse_what_the_named_gpu_cannot_run(resolved: Resolved, args: argparse.Namespace) -> None:
+    """``--gpu`` / ``--vram-gib`` plan for another card: the spec's demands of a card
+    (bf16, FlashAttention-2) are checked against it as ``validate`` checks the spec's own,
+    instead of planning a precision the spec does not allow (a bf16 spec planned 4-bit for
+    a T4, and emitted as such with --force)."""
+    if args.gpu is None and args.vram_gib is None:
+        return
+    from peftgen.errors import UserError
+    from peftgen.plan import target_gpu
+    from peftgen.resolve import gpu_problems
+
+    problems = gpu_problems(resolved.loaded, target_gpu(resolved, args.gpu, args.vram_gib))
+    if problems:
+        flag = f"--gpu {args.gpu}" if args.gpu is not None else f"--vram-gib {args.vram_gib:g}"
+        raise UserError(
+            [replace(p, hint=f"{p.hint} ({flag} plans for this card)") for p in problems]
+        )
+
+
+def _with_command_line_gpu(resolved: Resolved, args: argparse.Namespace) -> LoadedSpec:
+    """The spec emit writes, with ``--gpu`` / ``--vram-gib`` as its hardware, so the
+    emitted spec.yaml renders the train.py beside it (it kept the file's GPU)."""
+    if args.gpu is None and args.vram_gib is None:
+        return resolved.loaded
+    from dataclasses import replace as replaced
+
+    from peftgen.overrides import apply_changes
+    from peftgen.plan import target_gpu
+
+    changes: dict[str, object] = {"hardware.vram_gib": args.vram_gib}
+    if args.gpu is not None:  # the named card's own memory unless --vram-gib says otherwise
+        gpu = target_gpu(resolved, args.gpu, None)
+        changes["hardware.gpu"] = gpu.aliases[0] if gpu.aliases else gpu.name
+    loaded = resolved.loaded
+    return replaced(loaded, spec=apply_changes(loaded.spec, changes))
+
+
 def plan(args: argparse.Namespace) -> int:
     """Print the memory plan (a table, or ``--json``); exit 3 when nothing fits.
 
@@ -244,6 +282,7 @@ def plan(args: argparse.Namespace) -> int:
     from peftgen.plan import make_plan
 
     resolved = _for_planning(_resolve_with_set(args.spec, getattr(args, "set", None) or []))
+    _refuse_what_the_named_gpu_cannot_run(resolved, args)
     for warning in resolved.warnings:
         print(warning, file=sys.stderr)
     result = make_plan(resolved, args.gpu, args.vram_gib)
@@ -597,6 +636,7 @@ def emit(args: argparse.Namespace) -> int:
     from peftgen.resolve import resolve
 
     resolved = resolve(load_spec(args.spec))
+    _refuse_what_the_named_gpu_cannot_run(resolved, args)
     planned = _for_planning(resolved)
     result = make_plan(planned, args.gpu, args.vram_gib)
     for warning in resolved.warnings:
@@ -621,7 +661,7 @@ def emit(args: argparse.Namespace) -> int:
         sys.stdout.write(render_train_script(resolved.loaded, result, model_source(resolved)))
         return 0
     files = render_all(
-        resolved.loaded,
+        _with_command_line_gpu(resolved, args),
         result,
         render_plan_markdown(result, planned),
         model_source(resolved),
@@ -640,6 +680,7 @@ def report(args: argparse.Namespace) -> int:
     from peftgen.resolve import resolve
 
     resolved = resolve(load_spec(args.spec))
+    _refuse_what_the_named_gpu_cannot_run(resolved, args)
     for warning in resolved.warnings:
         print(warning, file=sys.stderr)
     planned = _for_planning(resolved)

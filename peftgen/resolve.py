@@ -92,7 +92,7 @@ def resolve(loaded: LoadedSpec) -> Resolved:
         warnings.extend(_length_warnings(loaded, arch))
         warnings.extend(_chat_template_warnings(loaded, arch))
     if gpu is not None:
-        problems.extend(_gpu_problems(loaded, gpu))
+        problems.extend(gpu_problems(loaded, gpu))
         warnings.extend(_memory_warnings(loaded, gpu))
     if problems or arch is None or gpu is None:
         raise UserError(sorted(problems, key=lambda p: (p.line or 0, p.column or 0)))
@@ -416,7 +416,10 @@ def _architecture_problems(loaded: LoadedSpec, arch: ModelArch) -> list[Problem]
     return problems
 
 
-def _gpu_problems(loaded: LoadedSpec, gpu: Gpu) -> list[Problem]:
+def gpu_problems(loaded: LoadedSpec, gpu: Gpu) -> list[Problem]:
+    """What the spec asks of the card that ``gpu`` cannot do (bf16, FlashAttention-2):
+    checked for the spec's GPU here, and for a GPU named on the command line by the
+    commands that plan for one (``--gpu``, ``--vram-gib``)."""
     spec = loaded.spec
     problems: list[Problem] = []
     if spec.precision == "bf16" and not gpu.bf16:

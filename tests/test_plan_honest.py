@@ -1042,3 +1042,35 @@ def test_a_named_chat_template_says_which_modules_it_trains_in_full(
     (note,) = (n for n in data["notes"] if n.startswith("dataset.chat_template"))
     assert "embed_tokens and lm_head grow and are trained in full" in note
     assert not [n for n in listed["notes"] if n.startswith("dataset.chat_template")]
+
+
+@pytest.mark.parametrize("command", ["plan", "report", "emit"])
+def test_a_command_line_gpu_is_held_to_the_spec_s_demands_like_the_spec_s_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """precision: bf16 on a T4 is refused by validate; --gpu t4 is refused the same way
+    (exit 2 at the precision line), not planned 4-bit and emitted as such with --force."""
+    spec = _edited_file(tmp_path, AUTO_SPEC, {"precision": "bf16"}, 0)
+    extra = ["--force", "-o", str(tmp_path / "out")] if command == "emit" else []
+    assert main([command, str(spec), "--gpu", "t4", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "precision: Tesla T4 (compute capability 7.5) has no bfloat16" in err
+    assert "(--gpu t4 plans for this card)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_emit_writes_the_command_line_gpu_into_spec_yaml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The emitted spec.yaml renders the train.py beside it: with --gpu it names that card."""
+    out = tmp_path / "out"
+    assert main(["emit", str(AUTO_SPEC), "--gpu", "t4", "-o", str(out)]) == 0
+    again = tmp_path / "again"
+    assert main(["emit", str(out / "spec.yaml"), "-o", str(again)]) == 0
+    capsys.readouterr()
+    first, second = ((f / "train.py").read_text(encoding="utf-8") for f in (out, again))
+    strip = [line for line in first.splitlines() if "sha256" not in line and "spec `" not in line]
+    assert strip == [
+        line for line in second.splitlines() if "sha256" not in line and "spec `" not in line
+    ]
+    assert "Target: Tesla T4" in first

@@ -219,6 +219,8 @@ def _misfit_text(
     )
     peak = f"{peaks} at {format_gib(candidate.peak_reserved_bytes)}"
     over = candidate.phases_over(budget)
+    if not over and candidate.fits_high:  # not chosen for another reason: the spec's own
+        return f"{peak}, fits"
     if not over:  # fits at the estimate, not at the upper end
         return f"{peak}, up to {format_gib(candidate.peak_reserved_bytes_high)}, {budget_text}"
     on_gpu = [peak] if "training" in over else []
@@ -255,6 +257,17 @@ def plan_decisions(
             f"{_misfit_text(fixed, budget, over_budget, host_limit)}"
             + (f"; precision: auto would load {auto}" if auto is not None else "")
             + f" (peaks: {peaks})"
+        )
+    elif chosen is None and spec.precision != "auto":
+        # The spec fixes a precision this GPU cannot load (bf16 on a card without it).
+        reason = (
+            f"{spec.precision} (set in the spec) cannot load on {gpu.name}"
+            + ("" if gpu.bf16 else " (no native bfloat16)")
+            + "; "
+            + "; ".join(
+                f"{c.precision} {_misfit_text(c, budget, 'over budget', host_limit, would=True)}"
+                for c in candidates
+            )
         )
     elif chosen is None:
         reason = f"{gpu.name}, {format_gib(budget)} budget: " + "; ".join(
