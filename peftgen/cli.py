@@ -172,7 +172,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(error), file=sys.stderr)
         return error.exit_code
     except BrokenPipeError:
-        return 1
+        return _closed_pipe_exit_code()
+
+
+CLOSED_PIPE_EXIT_CODE = 141
+"""128 + SIGPIPE: what a shell reports for a program whose reader closed the pipe
+(``| head -1``); Python turns SIGPIPE into BrokenPipeError instead of dying of it."""
+
+
+def _closed_pipe_exit_code() -> int:
+    """Point stdout at /dev/null, so the interpreter's final flush of what the closed pipe
+    did not take does not print a second error."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return CLOSED_PIPE_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -30,6 +30,19 @@ if TYPE_CHECKING:
     from peftgen.simulate import SimulationResult
 
 
+def _console(**options: Any) -> Console:
+    """A rich console whose closed pipe (``| head -1``) is a ``BrokenPipeError`` for the CLI
+    to answer with the shell's code (rich's own exits 1, a code that means a bug here)."""
+    from rich.console import Console
+
+    class _PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    return _PipeConsole(**options)
+
+
 def validate(args: argparse.Namespace) -> int:
     """Check every spec file; report all problems of all files (exit 2), else one ok line each.
 
@@ -343,13 +356,12 @@ def _require_simulation_stack() -> None:
 
 def _print_simulation(result: Plan, simulation: SimulationResult) -> None:
     """Analytic and simulated side by side: per category at the peak, then per phase."""
-    from rich.console import Console
     from rich.table import Table
 
     from peftgen.simulate import CATEGORIES
 
     analytic = next(c for c in result.candidates if c.precision == simulation.precision)
-    console = Console(highlight=False)
+    console = _console(highlight=False)
     console.print(
         f"[bold]simulated one step[/] at {simulation.precision} on fake tensors in "
         f"{simulation.seconds:.0f} s: peak allocated "
@@ -465,11 +477,10 @@ def _print_plan(
     result: Plan, written_model_id: str | None = None, console: Console | None = None
 ) -> None:
     """The rich table: components x precisions, fit marks, chosen column highlighted."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console(highlight=False)
+    console = console or _console(highlight=False)
     console.print(escape(plan_header(result, written_model_id)))
     trainable, total = result.trainable_parameters, result.total_parameters
     console.print(
@@ -787,7 +798,6 @@ def check_data(args: argparse.Namespace) -> int:
 
 def calibrate(args: argparse.Namespace) -> int:
     """Predicted vs measured peak memory per receipt, and the error statistics (or ``--json``)."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -808,7 +818,7 @@ def calibrate(args: argparse.Namespace) -> int:
     for cells in body:
         # Receipt strings (spec name, device, file name) are data: never rich markup.
         table.add_row(*(escape(printable(cell)) for cell in cells))
-    console = Console(highlight=False, width=200)
+    console = _console(highlight=False, width=200)
     console.print(table)
     for line in [*summary_lines(result), *allocator_lines(result)]:
         console.print(escape(printable(line)), soft_wrap=True)

@@ -1299,8 +1299,8 @@ def write_output_dir(
                     f"{', '.join(edited)}: changed since emit wrote the folder; emitting would "
                     "lose the edits (nothing was written or deleted)",
                     file=str(directory),
-                    hint="carry the change into the spec, or copy the file elsewhere, then emit "
-                    "again; --overwrite-edits replaces it",
+                    hint="carry the change into the spec, or move the file out of the folder, "
+                    "then emit again; --overwrite-edits replaces it",
                 )
         for parent in target.parents:
             if parent.exists():

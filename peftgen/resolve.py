@@ -280,6 +280,8 @@ def _unused_quantization_warnings(loaded: LoadedSpec) -> list[str]:
     spec = loaded.spec
     if "quantization" not in spec.model_fields_set or spec.precision in ("auto", "4bit"):
         return []
+    if spec.quantization == type(spec.quantization)():
+        return []  # the defaults written out (emit's spec.yaml writes every section)
     return [
         loaded.warning(
             "quantization",

@@ -917,3 +917,28 @@ def test_a_local_data_file_that_is_not_there_is_warned_about(
     (tmp_path / "rows.jsonl").write_text("", encoding="utf-8")
     code, _, err = run(capsys, "validate", str(spec))
     assert code == 0 and "no file at" not in err
+
+
+@pytest.mark.parametrize("command", ["plan", "validate"])
+def test_a_closed_output_pipe_exits_as_the_shell_reports_it(command: str) -> None:
+    """``peftgen plan SPEC | head -1``: the reader is gone before the table is written.
+    Rich's own answer was exit 1 (a bug, by the README's exit codes) with nothing said."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe fails: a reader that has already exited
+    try:
+        spec = REPO / "specs" / "llama3-8b-clinical-qlora.yaml"
+        result = subprocess.run(
+            [sys.executable, "-m", "peftgen", command, str(spec)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert result.stderr == ""

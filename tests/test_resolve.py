@@ -182,3 +182,10 @@ def test_4bit_settings_with_a_precision_that_loads_no_4bit_weights_warn(tmp_path
     assert ":11:1: warning: quantization: 4-bit settings, unused: precision bf16" in warning
     for precision in ("4bit", "auto"):
         assert _resolve(tmp_path, SPEC + f"precision: {precision}\n" + quantization).warnings == ()
+
+
+def test_the_default_quantization_section_emit_writes_out_does_not_warn(tmp_path: Path) -> None:
+    """emit's spec.yaml writes every section, quantization's defaults included: fed back
+    in with precision bf16 it must not warn about settings nobody chose."""
+    defaults = "quantization:\n  bnb_4bit_quant_type: nf4\n  bnb_4bit_use_double_quant: true\n"
+    assert _resolve(tmp_path, SPEC + "precision: bf16\n" + defaults).warnings == ()
