@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the VRAM advisor report")
     p.add_argument("spec", type=Path, metavar="SPEC")
     p.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
-    p.add_argument("--format", choices=["html", "md"], default="html")
+    p.add_argument(
+        "--format",
+        choices=["html", "md"],
+        help="default: md for an -o file named .md, else html",
+    )
     p.add_argument(
         "--price-per-hour",
         action="append",

@@ -700,7 +700,7 @@ def report(args: argparse.Namespace) -> int:
     data = report_data(planned, result, prices)
     output: Path | None = args.output
     charts: dict[str, str] = {}
-    if args.format == "html":
+    if report_format(args.format, output) == "html":
         text = render_html(data)
     elif output is None:
         text = render_markdown(data, charts="inline").text
@@ -718,6 +718,14 @@ def report(args: argparse.Namespace) -> int:
     for path in (output, *(output.parent / name for name in charts)):
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def report_format(chosen: str | None, output: Path | None) -> str:
+    """``--format``, else what the output file's name says (``-o report.md`` is Markdown;
+    it got HTML), else HTML."""
+    if chosen is not None:
+        return chosen
+    return "md" if output is not None and output.suffix.lower() in (".md", ".markdown") else "html"
 
 
 MAX_PRICE_PER_HOUR = 1e6

@@ -727,3 +727,17 @@ def test_sharded_report_shows_loading_peak_and_host_memory(
     assert rows["Host memory per node (not GPU)"] == [
         gib(c["host_memory_bytes"]) for c in candidates
     ]
+
+
+def test_an_output_named_md_is_markdown_unless_format_says_otherwise(tmp_path: Path) -> None:
+    """``-o report.md`` without --format wrote HTML into a .md file."""
+    spec = REPO / "specs" / "llama3-8b-clinical-qlora.yaml"
+    for name, args, starts in [
+        ("a.md", [], "# VRAM report"),
+        ("b.md", ["--format", "html"], "<!DOCTYPE html>"),
+        ("c.html", [], "<!DOCTYPE html>"),
+    ]:
+        out = tmp_path / name
+        code, _ = run_cli("report", str(spec), "-o", str(out), *args)
+        assert code == 0
+        assert out.read_text(encoding="utf-8").startswith(starts), name
