@@ -773,10 +773,14 @@ def check_data(args: argparse.Namespace) -> int:
     from peftgen.check_data import check_dataset
     from peftgen.check_data.output import printed_problems, progress_bar, report_json, report_text
     from peftgen.errors import UserError
+    from peftgen.resolve import unloadable_data_problems
 
     if args.limit is not None and args.limit < 1:
         raise UserError.single(f"must be at least 1; got {args.limit}", field_path="--limit")
     loaded = load_spec(args.spec)
+    unloadable = unloadable_data_problems(loaded)  # validate's rule, before any hub call
+    if unloadable:
+        raise UserError(unloadable)
     try:
         with progress_bar(f"checking {loaded.spec.dataset.path}") as progress:
             result = check_dataset(

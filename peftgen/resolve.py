@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -235,7 +236,7 @@ def _dataset_problems(loaded: LoadedSpec) -> list[Problem]:
     """A local file loads as one split named ``train``; another split fails at run time."""
     dataset = loaded.spec.dataset
     if not is_local_dataset(dataset.path):
-        return _unloadable_file_problems(loaded)
+        return unloadable_data_problems(loaded)
     if dataset.split == "train":
         return []
     return [
@@ -247,15 +248,24 @@ def _dataset_problems(loaded: LoadedSpec) -> list[Problem]:
     ]
 
 
-def _unloadable_file_problems(loaded: LoadedSpec) -> list[Problem]:
-    """A ``dataset.path`` without a data suffix is a hub id, so the script would ask the hub
-    for it; when it names a file (it exists, or is spelled as a path), the user meant that
-    file, and the script could not load it: refused here rather than a hub error at run time."""
+def unloadable_data_problems(loaded: LoadedSpec) -> list[Problem]:
+    """``unloadable_local_data`` for the spec, read from its folder (``check-data`` asks too)."""
     path = loaded.spec.dataset.path
-    file = from_spec_dir(path, loaded.path.parent)
-    spelled_as_path = path.startswith(("/", "./", "../", "~")) or "\\" in path
-    if not (file.is_file() or spelled_as_path):
+    found = unloadable_local_data(path, from_spec_dir(path, loaded.path.parent))
+    if found is None:
         return []
+    return [loaded.problem("dataset.path", *found)]
+
+
+def unloadable_local_data(path: str, file: Path) -> tuple[str, str] | None:
+    """(message, hint) when ``dataset.path`` (``file``, as the spec means it) names a local
+    file or folder the script cannot load. A path without a data suffix is a hub id, so the
+    script would ask the hub for it; when it names a file (it exists, or is spelled as a
+    path), the user meant that file: refused here rather than a hub error at run time.
+    """
+    spelled_as_path = path.startswith(("/", "./", "../", "~")) or "\\" in path
+    if Path(path).suffix.lower() in LOCAL_DATA_LOADERS or not (file.is_file() or spelled_as_path):
+        return None
     suffixes = ", ".join(LOCAL_DATA_LOADERS)
     if file.is_dir():
         hint = f"name one data file in that folder ({suffixes})"
@@ -263,14 +273,11 @@ def _unloadable_file_problems(loaded: LoadedSpec) -> list[Problem]:
         hint = f"decompress it to a {suffixes} file"
     else:
         hint = f"convert it to a {suffixes} file"
-    return [
-        loaded.problem(
-            "dataset.path",
-            f"{path!r} is a local path, and the script loads a local data file by its "
-            f"suffix ({suffixes}); any other path is read as a hub dataset id",
-            hint,
-        )
-    ]
+    message = (
+        f"{path!r} is a local path, and the script loads a local data file by its suffix "
+        f"({suffixes}); any other path is read as a hub dataset id"
+    )
+    return message, hint
 
 
 def _unused_quantization_warnings(loaded: LoadedSpec) -> list[str]:

@@ -798,3 +798,23 @@ def test_the_example_shows_the_data_s_control_characters_escaped(
     assert code == 0, err
     assert "\x1b" not in out
     assert "a note\\x1b[2J cleared" in out
+
+
+def test_a_local_file_the_script_cannot_load_is_refused_as_validate_refuses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .txt beside the spec, checked from another folder: validate's message, not "not a
+    local file and the hub is offline"."""
+    (tmp_path / "notes.txt").write_text("a note\n", encoding="utf-8")
+    spec = write_spec(tmp_path, tmp_path / "notes.txt", "sft", "text")
+    spec.write_text(
+        spec.read_text(encoding="utf-8").replace(str(tmp_path / "notes.txt"), "notes.txt"),
+        encoding="utf-8",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(capsys, spec)
+    assert code == 2
+    assert "'notes.txt' is a local path, and the script loads a local data file by its" in err
+    assert "hub" not in err.split("hub dataset id")[-1]
