@@ -468,8 +468,10 @@ def full_finetuning_text(result: Plan) -> str | None:
         f"{format_gib(full.peak_reserved_bytes, 2)}, up to "
         f"{format_gib(full.peak_reserved_bytes_high, 2)}, {verdict} (weights "
         f"{b.weights_bytes / GIB:.2f}, gradients {b.gradient_bytes / GIB:.2f}, optimizer "
-        f"{b.optimizer_bytes / GIB:.2f}, activations {b.activation_bytes / GIB:.2f}, logits "
-        f"{b.logits_bytes / GIB:.2f} GiB; fp32 masters under {full.precision} autocast)"
+        f"{b.optimizer_bytes / GIB:.2f}, activations {b.activation_bytes / GIB:.2f}, at the "
+        f"LM head {b.logits_bytes / GIB:.2f} GiB: logits, the head's fp32 gradient buffer "
+        "and, with gradient checkpointing, autocast's cached 16-bit copy of every weight; "
+        f"fp32 masters under {full.precision} autocast)"
     )
 
 

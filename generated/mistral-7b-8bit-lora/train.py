@@ -296,8 +296,9 @@ def main() -> None:
 
     # --- Adapters ---
     # Adapter weights in fp32: trl 1.16 casts the trainable weights of 8/4-bit models to bf16, whose
-    # coarse steps round small updates away (at learning rate 5e-6, 10 AdamW steps change 12% of
-    # lora_A's entries); the script casts them back to fp32
+    # coarse steps round small updates away (measured: after 10 AdamW steps at learning rate 5e-6,
+    # 88% of a bf16 lora_A's entries had not moved; in fp32 almost all had); the script casts them
+    # back to fp32
     peft_config = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,
