@@ -306,6 +306,34 @@ def test_host_memory_too_small_does_not_fit_and_says_so(
     assert _plan_json(roomy, capsys)["fits"] is True
 
 
+def test_when_loading_is_what_the_host_cannot_hold_the_advice_is_a_bigger_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """64 GiB of host RAM: the offloaded state (about 39 GiB) fits, loading (every process
+    reads the 4-bit 70B, about 76 GiB) does not. Turning offload off does not help (it was
+    the only suggestion, and off it suggested on again); the RAM the run needs does."""
+    text = EXAMPLE_70B.read_text(encoding="utf-8")
+    spec = tmp_path / "host-64.yaml"
+    spec.write_text(
+        text.replace("cpu_offload: true", "cpu_offload: true\n  host_memory_gib: 64"),
+        encoding="utf-8",
+    )
+    data = _plan_json(spec, capsys)
+    assert data["fits"] is False
+    changes = [s["change"] for s in data["suggestions"]]
+    assert {"hardware.cpu_offload": False} not in changes
+    (bigger,) = (c for c in changes if "hardware.host_memory_gib" in c)
+    applied = tmp_path / "host-bigger.yaml"
+    applied.write_text(
+        text.replace(
+            "cpu_offload: true",
+            f"cpu_offload: true\n  host_memory_gib: {bigger['hardware.host_memory_gib']}",
+        ),
+        encoding="utf-8",
+    )
+    assert _plan_json(applied, capsys)["fits"] is True
+
+
 def test_emitted_fsdp_qlora_script_quantizes_in_host_memory(tmp_path: Path) -> None:
     out = tmp_path / "70b"
     assert peftgen_main(["emit", str(EXAMPLE_70B), "-o", str(out), "--force"]) == 0

@@ -3,6 +3,7 @@ its numbers, ranked by how little it disrupts the spec."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -12,6 +13,8 @@ from pydantic import ValidationError
 from peftgen.catalog import Gpu, gpu_catalogue, lookup_gpu
 from peftgen.memory import (
     PAGED_OPTIMIZERS,
+    host_load_bytes,
+    host_offload_bytes,
 )
 from peftgen.overrides import apply_changes
 from peftgen.plan.candidates import (
@@ -21,7 +24,7 @@ from peftgen.plan.candidates import (
     largest_fitting,
 )
 from peftgen.plan.explain import bitsandbytes_optimizer_allowed
-from peftgen.plan.inputs import MIN_MAX_LENGTH, planned_precisions
+from peftgen.plan.inputs import MIN_MAX_LENGTH, estimate_input, planned_precisions
 from peftgen.plan.types import Candidate, Suggestion
 from peftgen.resolve import Resolved
 from peftgen.spec import (
@@ -178,12 +181,8 @@ def _precision_and_memory_edits(search: _Search, candidates: tuple[Candidate, ..
             {"training.gradient_checkpointing": True},
             "keeps one layer's activations instead of all",
         )
-    if hardware.cpu_offload and not search.base.host_fits:
-        search.add(
-            "keep sharded state on the GPUs (host RAM too small)",
-            {"hardware.cpu_offload": False},
-            "the offloaded shards need more host memory than hardware.host_memory_gib",
-        )
+    if not search.base.host_fits:
+        _host_memory_edits(search)
     if hardware.distributed in STATE_SHARDING_ENGINES and not hardware.cpu_offload:
         search.add(
             "offload sharded state to host memory",
@@ -207,6 +206,37 @@ def _precision_and_memory_edits(search: _Search, candidates: tuple[Candidate, ..
             {"training.optim": "paged_adamw_8bit"},
             "optimizer state in 8 bits, paged to host memory under pressure",
         )
+
+
+def _host_memory_edits(search: _Search) -> None:
+    """The host's RAM is short: keep the state on the GPUs when the offloaded state is
+    what does not fit (not when loading is: every process reading a quantized checkpoint
+    needs that RAM with or without offload), and a machine with the RAM the run needs."""
+    spec = search.resolved.loaded.spec
+    hardware = spec.hardware
+    limit_bytes = int((hardware.host_memory_gib or 0) * GIB)
+    inputs = estimate_input(search.resolved, search.base.precision, gpu=search.gpu)
+    gpus = max(1, inputs.world_size // max(1, inputs.num_nodes))
+    if hardware.cpu_offload and gpus * host_offload_bytes(inputs) > limit_bytes:
+        search.add(
+            "keep sharded state on the GPUs (host RAM too small)",
+            {"hardware.cpu_offload": False},
+            "the offloaded shards need more host memory than hardware.host_memory_gib",
+        )
+    needed_gib = math.ceil(search.base.host_memory_bytes / GIB)
+    loading = host_load_bytes(inputs, gpus) >= gpus * host_offload_bytes(inputs)
+    search.add(
+        f"a machine with {needed_gib} GiB of RAM per node",
+        {"hardware.host_memory_gib": needed_gib},
+        "loading reads the checkpoint into host memory"
+        + (
+            ", once per process for a quantized model"
+            if inputs.precision in ("8bit", "4bit")
+            else ""
+        )
+        if loading
+        else "the offloaded state of every GPU on the node lives in host memory",
+    )
 
 
 def _micro_batch_edit(search: _Search) -> dict[str, Any]:
@@ -369,6 +399,7 @@ DISRUPTION = {
     "grpo.max_completion_length": 4,
     "lora.r": 5,
     "hardware.cpu_offload": 6,
+    "hardware.host_memory_gib": 7,
     "hardware.gpu": 7,
     "hardware.vram_gib": 7,
     "hardware.num_gpus": 7,
