@@ -736,3 +736,19 @@ def test_the_one_gpu_pin_is_set_before_bitsandbytes_initialises_cuda(tmp_path: P
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "first CUDA query saw CUDA_VISIBLE_DEVICES = 0" in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+def test_a_row_without_an_assistant_turn_stops_the_script_naming_the_rows(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """trl 1.16 stops at the first batch with "no assistant tokens ... {% generation %}",
+    which blames the chat template; the script names the data's rows instead."""
+    rows = [*CHAT_ROWS, {"messages": [{"role": "user", "content": "Unanswered?"}]}]
+    spec = _spec(
+        tmp_path, method="sft", model_dir=tiny_model_dir, data_format="messages", rows=rows
+    )
+    result = _run_script(_emit(spec, tmp_path / "out"), tmp_path, PEFTGEN_SMOKE_STEPS="1")
+    assert result.returncode == 1
+    assert "dataset.path: 1 of 3 rows have no assistant turn (the first is row 3)" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -310,6 +310,19 @@ def main() -> None:
 
     # --- Data ---
     dataset = load_dataset("json", data_files=DATASET_PATH, split="train")
+    # A row without an assistant turn has nothing to train; trl would stop at the first
+    # batch blaming the chat template ("no assistant tokens"). Name the rows instead.
+    unanswered = [
+        index
+        for index, turns in enumerate(dataset["messages"])
+        if not any(turn["role"] == "assistant" for turn in turns)
+    ]
+    if unanswered:
+        raise SystemExit(
+            f"dataset.path: {len(unanswered)} of {len(dataset)} rows have no assistant turn "
+            f"(the first is row {unanswered[0] + 1}), so nothing in them is trained; "
+            "`peftgen check-data` lists each bad row"
+        )
     splits = dataset.train_test_split(test_size=EVAL_FRACTION, seed=SEED)
     train_dataset, eval_dataset = splits["train"], splits["test"]
     if SMOKE_STEPS:
