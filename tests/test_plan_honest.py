@@ -294,7 +294,8 @@ CLEAN_SPEC = str(SPECS / "llama3-8b-clinical-qlora.yaml")
         (
             ["plan", CLEAN_SPEC, "--gpu", "zz-9"],
             "peftgen plan: --gpu: unknown GPU",
-            "--vram-gib",
+            # --vram-gib alone would keep the spec's card (its bf16, its speed)
+            "peftgen plan SPEC --set hardware.gpu=null --set hardware.vram_gib=GIB",
         ),
         (
             ["report", CLEAN_SPEC, "--format", "md", "--price-per-hour", "zz-9=1.5"],
@@ -312,7 +313,7 @@ def test_an_option_error_names_the_command_and_the_option_not_the_spec(
     assert captured.err.startswith(head), captured.err
     assert "<spec>" not in captured.err and captured.out == ""
     # The hint offers what the command line allows, not a spec edit.
-    assert "hardware." not in captured.err
+    assert "omit hardware.gpu" not in captured.err and "give hardware." not in captured.err
     if alternative is not None:
         assert alternative in captured.err
 

@@ -230,7 +230,10 @@ def target_gpu(resolved: Resolved, gpu_name: str | None, vram_gib: float | None)
         try:
             gpu = lookup_gpu(
                 gpu_name,
-                instead="give --vram-gib without --gpu",
+                # --vram-gib alone keeps the spec's card (its bf16, its speed), so an
+                # uncatalogued card is an unnamed one: plan's --set can say that.
+                instead="plan it as an unnamed card: peftgen plan SPEC --set hardware.gpu=null "
+                "--set hardware.vram_gib=GIB",
                 memory_override="give --gpu {gpu} --vram-gib {gb}",
             )
         except UserError as error:
