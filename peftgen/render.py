@@ -1164,10 +1164,19 @@ def render_all(
     }
 
 
+YAML_1_1_BOOLEANS = frozenset(["y", "yes", "n", "no", "on", "off", "true", "false"])
+"""Words YAML 1.1 readers (PyYAML, many editors' tools) read as booleans; YAML 1.2, which
+peftgen reads, keeps ``save_strategy: no`` a string. Written quoted, the value is the same
+in both."""
+
+
 def _yaml_string(representer: Any, value: str) -> Any:
-    """Printable ASCII as ruamel likes it; anything else double-quoted, where YAML escapes
-    line and paragraph separators (``\\x85``, ``\\u2028``) that a plain scalar would fold."""
+    """Printable ASCII as ruamel likes it, quoted where YAML 1.1 would read a boolean;
+    anything else double-quoted, where YAML escapes line and paragraph separators
+    (``\\x85``, ``\\u2028``) that a plain scalar would fold."""
     style = None if re.fullmatch(r"[\x20-\x7e]*", value) else '"'
+    if style is None and value.lower() in YAML_1_1_BOOLEANS:
+        style = "'"
     return representer.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 

@@ -516,3 +516,13 @@ def test_emit_never_imports_the_training_stack(tmp_path: Path) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "0 []"
+
+
+def test_the_emitted_spec_reads_the_same_in_a_yaml_1_1_reader() -> None:
+    """PyYAML (YAML 1.1) reads a plain ``no`` as False; peftgen (YAML 1.2) as "no". The
+    emitted spec.yaml quotes such words, so both read the spec train.py came from."""
+    import yaml
+
+    written = (REPO / "generated" / "tiny-cpu-sft" / "spec.yaml").read_text(encoding="utf-8")
+    assert "save_strategy: 'no'" in written
+    assert yaml.safe_load(written)["training"]["save_strategy"] == "no"
