@@ -523,6 +523,7 @@ def test_the_emitted_spec_reads_the_same_in_a_yaml_1_1_reader() -> None:
     emitted spec.yaml quotes such words, so both read the spec train.py came from."""
     import yaml
 
-    written = (REPO / "generated" / "tiny-cpu-sft" / "spec.yaml").read_text(encoding="utf-8")
+    repo = Path(__file__).resolve().parents[1]
+    written = (repo / "generated" / "tiny-cpu-sft" / "spec.yaml").read_text(encoding="utf-8")
     assert "save_strategy: 'no'" in written
     assert yaml.safe_load(written)["training"]["save_strategy"] == "no"
