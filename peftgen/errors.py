@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 def printable(text: str) -> str:
     """``text`` for a terminal: each control or other unprintable character as its Python
-    escape (``\x1b``), so a crafted file name or receipt field cannot move the cursor,
+    escape (``\\x1b``), so a crafted file name or receipt field cannot move the cursor,
     recolour or retitle the user's terminal."""
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
@@ -62,9 +62,23 @@ CHOICE_SYNONYMS: dict[str, str] = {
     # hardware.distributed
     "single": "none",
     "singlegpu": "none",
+    # keys: other tools' names (peft's config, trl's and transformers' older arguments)
+    "rank": "r",
+    "lorarank": "r",
+    "lr": "learning_rate",
+    "seqlen": "max_length",
+    "cutofflen": "max_length",
+    "contextlength": "max_length",
+    "batchsize": "per_device_train_batch_size",
+    "microbatchsize": "per_device_train_batch_size",
+    "gradaccum": "gradient_accumulation_steps",
+    "gradientaccumulation": "gradient_accumulation_steps",
+    "epochs": "num_train_epochs",
+    "gpus": "num_gpus",
+    "nodes": "num_nodes",
 }
-"""Words people write for a spec choice, normalised (``normalise_name``): offered only when
-the word they stand for is among the field's choices."""
+"""Words people write for a spec choice or key, normalised (``normalise_name``): offered
+only when the word they stand for is among the field's choices (or the mapping's keys)."""
 
 
 def close_matches(name: str, choices: Iterable[str], limit: int = 3) -> list[str]:
@@ -76,7 +90,7 @@ def close_matches(name: str, choices: Iterable[str], limit: int = 3) -> list[str
     wanted = normalise_name(name)
     if wanted in keyed:
         return [keyed[wanted]]
-    synonym = CHOICE_SYNONYMS.get(wanted)
+    synonym = normalise_name(CHOICE_SYNONYMS.get(wanted, ""))
     if synonym in keyed:
         return [keyed[synonym]]
     if len(wanted) >= 3:

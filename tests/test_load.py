@@ -158,6 +158,13 @@ def test_words_other_tools_use_for_a_choice_get_a_did_you_mean(
         # Another trainer's name: the supported method of its kind, not the closest spelling.
         ("method: sft", "method: ppo", ("got 'ppo'\n", "hint: did you mean 'grpo'?")),
         ("precision: 4bit", "precision: 4", ("got 4\n", "hint: did you mean '4bit'?")),
+        # Other tools' key names: peft's rank, an lr, a batch size.
+        ("precision: 4bit", "precision: 4bit\nlora:\n  rank: 8", ("`rank`", "mean 'r'?")),
+        (
+            "precision: 4bit",
+            "precision: 4bit\ntraining:\n  lr: 0.0001",
+            ("`lr`", "did you mean 'learning_rate'?"),
+        ),
     ],
 )
 def test_a_number_or_another_trainer_s_name_gets_the_choice_it_means(
