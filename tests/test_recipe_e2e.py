@@ -402,19 +402,24 @@ def test_dpo_keeps_rows_that_are_conversations_already(
         assert system not in row["trained"]
 
 
+def _grpo_spec(tmp_path: Path, model_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """A GRPO spec on ``rows``: 2 completions per prompt of up to 8 tokens, length reward."""
+    return _spec(
+        tmp_path,
+        method="grpo",
+        model_dir=model_dir,
+        data_format="prompt",
+        rows=rows,
+        extra="grpo:\n  num_generations: 2\n  max_completion_length: 8\n  reward_funcs: [length]\n",
+    )
+
+
 @pytest.mark.slow
 def test_grpo_prompts_on_a_chat_model_are_conversations(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     rows_in = [{"prompt": "What is the body mass index?"}, {"prompt": "Summarise the note."}]
-    spec = _spec(
-        tmp_path,
-        method="grpo",
-        model_dir=tiny_model_dir,
-        data_format="prompt",
-        rows=rows_in,
-        extra="grpo:\n  num_generations: 2\n  max_completion_length: 8\n  reward_funcs: [length]\n",
-    )
+    spec = _grpo_spec(tmp_path, tiny_model_dir, rows_in)
     rows = _first_batch(_emit(spec, tmp_path / "out"), tmp_path)
     assert rows
     for row in rows:
@@ -430,14 +435,7 @@ def test_grpo_smoke_steps_take_the_longest_prompts_each_step_samples(
     2 completions per step samples 1 prompt, so it keeps the longest prompt alone (it kept
     2, and trained on whichever came first)."""
     rows_in = [{"prompt": "Short?"}, {"prompt": "A much longer question about the notes?"}]
-    spec = _spec(
-        tmp_path,
-        method="grpo",
-        model_dir=tiny_model_dir,
-        data_format="prompt",
-        rows=rows_in,
-        extra="grpo:\n  num_generations: 2\n  max_completion_length: 8\n  reward_funcs: [length]\n",
-    )
+    spec = _grpo_spec(tmp_path, tiny_model_dir, rows_in)
     rows = _first_batch(_emit(spec, tmp_path / "out"), tmp_path, PEFTGEN_SMOKE_STEPS="1")
     setup = json.loads((tmp_path / "batch.json.setup").read_text(encoding="utf-8"))
     assert setup["train_rows"] == 1
