@@ -1244,6 +1244,8 @@ def _edited_since_emit(target: Path) -> list[str]:
         return []
     edited = []
     for name, digest in sorted(digests.items()):
+        if name not in OUTPUT_FILES:  # only emit's own names, never a path elsewhere
+            continue
         path = target / str(name)
         if path.is_file() and not path.is_symlink() and _sha256(path.read_bytes()) != digest:
             edited.append(str(name))

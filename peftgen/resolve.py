@@ -39,9 +39,9 @@ from peftgen.spec import (
 from peftgen.stack import GIB, LOCAL_DATA_LOADERS, format_gib
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+"""Non-linear (or output) modules peft can train in full through ``modules_to_save``."""
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 """Compressed data files: the hint says to decompress, not to convert."""
-"""Non-linear (or output) modules peft can train in full through ``modules_to_save``."""
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ def unloadable_local_data(path: str, file: Path) -> tuple[str, str] | None:
     path), the user meant that file: refused here rather than a hub error at run time.
     """
     spelled_as_path = path.startswith(("/", "./", "../", "~")) or "\\" in path
-    if Path(path).suffix.lower() in LOCAL_DATA_LOADERS or not (file.is_file() or spelled_as_path):
+    if is_local_dataset(path) or not (file.is_file() or spelled_as_path):
         return None
     suffixes = ", ".join(LOCAL_DATA_LOADERS)
     if file.is_dir():
