@@ -221,8 +221,9 @@ def lookup_gpu(
     raise UserError([Problem(found.message, hint=hint)])
 
 
-_MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*(gb|gib|g)?", re.IGNORECASE)
-"""A GPU name that is only a memory size (``24GB``): what ``vram_gib`` is for."""
+_MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*(gb|gib)", re.IGNORECASE)
+"""A GPU name that is only a memory size with its unit (``24GB``; a bare number is a model
+number, ``3050``): what ``vram_gib`` is for."""
 
 
 def _same_model_number(name: str, choices: list[str]) -> list[str]:
